@@ -1,0 +1,127 @@
+//! Error types of the engine. Every error names the field or structure at fault and the value found,
+//! so that the one line a user sees tells what is wrong.
+
+use std::path::PathBuf;
+
+use crate::qcow2::header::HeaderError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image header or its extensions are invalid or unsupported.
+    #[error("{path}: {source}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: HeaderError,
+    },
+
+    /// Metadata deeper in the image (L1/L2 tables, snapshot table, compressed data) is inconsistent.
+    #[error("{path}: {source}")]
+    Metadata {
+        path: PathBuf,
+        #[source]
+        source: MetadataError,
+    },
+
+    /// The backing chain cannot be assembled.
+    #[error("{0}")]
+    Chain(#[from] ChainError),
+
+    /// An operating-system error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The errno a file-system caller should see for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Inconsistent metadata found while mapping or reading.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("{table} entry {index}: offset {offset:#x} is not aligned to the cluster size")]
+    Unaligned {
+        table: &'static str,
+        index: u64,
+        offset: u64,
+    },
+    #[error("{table} entry {index}: offset {offset:#x} points into the image header")]
+    PointsAtHeader {
+        table: &'static str,
+        index: u64,
+        offset: u64,
+    },
+    #[error("{what} at {offset:#x} (+{len} bytes) lies past the maximum host offset")]
+    OffsetTooLarge {
+        what: &'static str,
+        offset: u64,
+        len: u64,
+    },
+    #[error(
+        "L2 entry for guest offset {guest:#x}: subcluster {subcluster} is marked both allocated and zero (bitmap {bitmap:#018x})"
+    )]
+    SubclusterAllocatedAndZero {
+        guest: u64,
+        subcluster: u32,
+        bitmap: u64,
+    },
+    #[error(
+        "L2 entry for guest offset {guest:#x}: subclusters are marked allocated (bitmap {bitmap:#018x}) but the cluster has no host offset"
+    )]
+    SubclusterWithoutCluster { guest: u64, bitmap: u64 },
+    #[error(
+        "L2 entry for guest offset {guest:#x}: compressed cluster has a non-zero subcluster bitmap {bitmap:#018x}"
+    )]
+    CompressedWithBitmap { guest: u64, bitmap: u64 },
+    #[error("compressed cluster at host offset {offset:#x} ({len} bytes): {reason}")]
+    Compressed {
+        offset: u64,
+        len: u64,
+        reason: String,
+    },
+    #[error("snapshot table: {0}")]
+    SnapshotTable(String),
+    #[error("snapshot {id:?}: L1 table: {reason}")]
+    SnapshotL1 { id: String, reason: String },
+}
+
+/// Errors assembling a backing chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("{path}: the backing chain loops back to {again}, which would be an infinite loop")]
+    Loop { path: PathBuf, again: PathBuf },
+    #[error("{path}: backing chain is deeper than {max} layers")]
+    TooDeep { path: PathBuf, max: usize },
+    #[error("{path}: backing file {backing:?} cannot be opened: {source}")]
+    BackingMissing {
+        path: PathBuf,
+        backing: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: backing file {backing:?} is not a regular file")]
+    BackingNotRegular { path: PathBuf, backing: String },
+    #[error("{path}: backing format {format:?} is not supported (only qcow2 and raw)")]
+    UnsupportedBackingFormat { path: PathBuf, format: String },
+    #[error("{path}: is not in qcow2 format (snapfs mounts qcow2 images only; raw files can only be backing files)")]
+    NotQcow2 { path: PathBuf },
+}
