@@ -98,6 +98,12 @@ pub enum MetadataError {
         len: u64,
         reason: String,
     },
+    #[error("cannot read {what} at {offset:#x}: {reason}")]
+    Read {
+        what: &'static str,
+        offset: u64,
+        reason: String,
+    },
     #[error("snapshot table: {0}")]
     SnapshotTable(String),
     #[error("snapshot {id:?}: L1 table: {reason}")]

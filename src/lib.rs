@@ -1,4 +1,12 @@
 //! snapfs: every point in time of a qcow2 disk image chain as an ordinary file.
 
+pub mod catalog;
+pub mod cli;
+pub mod chain;
 pub mod error;
+pub mod fs;
+pub mod info;
+pub mod mount;
+pub mod report;
 pub mod qcow2;
+pub mod view;

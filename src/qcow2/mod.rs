@@ -1,4 +1,15 @@
 //! The qcow2 format engine. It knows nothing of FUSE: it opens images, maps guest offsets to host
 //! offsets and reads data.
 
+pub mod cache;
+pub mod compress;
 pub mod header;
+pub mod image;
+pub mod l1;
+pub mod mapping;
+pub mod offsets;
+pub mod snapshot;
+
+pub use image::{Caches, OpenOptions, Qcow2Image};
+pub use mapping::Mapping;
+pub use offsets::{Geometry, GuestOffset, HostOffset};

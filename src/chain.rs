@@ -1,0 +1,237 @@
+//! Opening a backing chain: the top qcow2 image, then each backing file in turn, qcow2 or raw.
+//!
+//! A relative backing file name is resolved against the directory of the image that names it
+//! (not the current directory). The format comes from the backing-format header extension, else
+//! from the qcow2 magic. A file that appears twice is a loop; a chain deeper than [`MAX_DEPTH`]
+//! is refused.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{ChainError, Error, Result};
+use crate::qcow2::image::{file_size, read_or_zero};
+use crate::qcow2::{Caches, OpenOptions, Qcow2Image};
+
+/// The deepest chain snapfs opens. Real chains are a handful of layers; thousands are an attack.
+pub const MAX_DEPTH: usize = 256;
+
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// A raw backing file: every byte is guest data.
+#[derive(Debug)]
+pub struct RawImage {
+    pub path: PathBuf,
+    pub file: File,
+    pub size: u64,
+}
+
+impl RawImage {
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_or_zero(&self.file, buf, offset)
+            .map_err(|e| Error::io(format!("{}: read at {offset:#x}", self.path.display()), e))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+/// One file of the chain.
+#[derive(Debug)]
+pub enum Layer {
+    Qcow2(Qcow2Image),
+    Raw(RawImage),
+}
+
+impl Layer {
+    pub fn path(&self) -> &Path {
+        match self {
+            Layer::Qcow2(q) => q.path(),
+            Layer::Raw(r) => &r.path,
+        }
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            Layer::Qcow2(q) => q.virtual_size(),
+            Layer::Raw(r) => r.size,
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            Layer::Qcow2(_) => Format::Qcow2,
+            Layer::Raw(_) => Format::Raw,
+        }
+    }
+
+    pub fn file(&self) -> &File {
+        match self {
+            Layer::Qcow2(q) => q.file(),
+            Layer::Raw(r) => &r.file,
+        }
+    }
+
+    pub fn as_qcow2(&self) -> Option<&Qcow2Image> {
+        match self {
+            Layer::Qcow2(q) => Some(q),
+            Layer::Raw(_) => None,
+        }
+    }
+}
+
+/// The layers of a chain, top (the active image) first.
+#[derive(Debug)]
+pub struct Chain {
+    pub layers: Vec<Arc<Layer>>,
+}
+
+impl Chain {
+    /// Opens the chain whose top is `top`, which must be a qcow2 image.
+    pub fn open(top: &Path, caches: Arc<Caches>, options: OpenOptions) -> Result<Chain> {
+        let top_path = absolute(top)?;
+        let mut seen = vec![canonical(&top_path)?];
+        let file = open_file(&top_path, options.writable)
+            .map_err(|e| Error::io(format!("cannot open {}", top_path.display()), e))?;
+        if !has_qcow2_magic(&file) {
+            return Err(ChainError::NotQcow2 { path: top_path }.into());
+        }
+        let image = Qcow2Image::from_file(&top_path, file, caches.clone())?;
+        let mut layers = vec![Arc::new(Layer::Qcow2(image))];
+
+        loop {
+            let Some(Layer::Qcow2(overlay)) = layers.last().map(|l| l.as_ref()) else {
+                break;
+            };
+            let Some(name) = overlay.header().backing_file.clone() else {
+                break;
+            };
+            let overlay_path = overlay.path().to_owned();
+            let format = overlay.header().backing_format.clone();
+            if layers.len() >= MAX_DEPTH {
+                return Err(ChainError::TooDeep {
+                    path: top_path,
+                    max: MAX_DEPTH,
+                }
+                .into());
+            }
+            let path = resolve_backing(&overlay_path, &name)?;
+            let missing = |source| ChainError::BackingMissing {
+                path: overlay_path.clone(),
+                backing: name.clone(),
+                source,
+            };
+            let real = std::fs::canonicalize(&path).map_err(missing)?;
+            if seen.contains(&real) {
+                return Err(ChainError::Loop {
+                    path: overlay_path,
+                    again: real,
+                }
+                .into());
+            }
+            seen.push(real);
+            // Backing files are only read.
+            let file = open_file(&path, false).map_err(missing)?;
+            let meta = file.metadata().map_err(missing)?;
+            {
+                use std::os::unix::fs::FileTypeExt;
+                let kind = meta.file_type();
+                if !(kind.is_file() || kind.is_block_device()) {
+                    return Err(ChainError::BackingNotRegular {
+                        path: overlay_path,
+                        backing: name,
+                    }
+                    .into());
+                }
+            }
+            let is_qcow2 = match format.as_deref() {
+                Some("qcow2") => true,
+                Some("raw") => false,
+                None => has_qcow2_magic(&file),
+                Some(other) => {
+                    return Err(ChainError::UnsupportedBackingFormat {
+                        path: overlay_path,
+                        format: other.to_owned(),
+                    }
+                    .into());
+                }
+            };
+            let layer = if is_qcow2 {
+                Layer::Qcow2(Qcow2Image::from_file(&path, file, caches.clone())?)
+            } else {
+                let size = file_size(&file)
+                    .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+                Layer::Raw(RawImage { path, file, size })
+            };
+            layers.push(Arc::new(layer));
+        }
+        Ok(Chain { layers })
+    }
+
+    pub fn top(&self) -> &Arc<Layer> {
+        &self.layers[0]
+    }
+}
+
+fn open_file(path: &Path, writable: bool) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+}
+
+fn has_qcow2_magic(file: &File) -> bool {
+    let mut magic = [0u8; 4];
+    read_or_zero(file, &mut magic, 0).is_ok() && magic == QCOW2_MAGIC
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path)
+        .map_err(|e| Error::io(format!("cannot resolve {}", path.display()), e))
+}
+
+fn canonical(path: &Path) -> Result<PathBuf> {
+    std::fs::canonicalize(path)
+        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
+}
+
+/// Resolves a backing file name as QEMU does for plain file names: relative to the directory of
+/// the overlay. Protocol and `json:` names are refused.
+fn resolve_backing(overlay: &Path, name: &str) -> Result<PathBuf> {
+    if name.starts_with("json:") || (name.contains("://") && !name.starts_with('/')) {
+        return Err(ChainError::UnsupportedBackingFormat {
+            path: overlay.to_owned(),
+            format: format!("protocol in backing file name {name:?}"),
+        }
+        .into());
+    }
+    let name = Path::new(name.strip_prefix("file:").unwrap_or(name));
+    if name.is_absolute() {
+        return Ok(name.to_owned());
+    }
+    let dir = overlay.parent().unwrap_or(Path::new("/"));
+    Ok(dir.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_backing_names_resolve_against_the_overlay() {
+        let p = resolve_backing(Path::new("/vm/disks/top.qcow2"), "base.qcow2").unwrap();
+        assert_eq!(p, Path::new("/vm/disks/base.qcow2"));
+        let p = resolve_backing(Path::new("/vm/disks/top.qcow2"), "../b/base.raw").unwrap();
+        assert_eq!(p, Path::new("/vm/disks/../b/base.raw"));
+        let p = resolve_backing(Path::new("/vm/top.qcow2"), "/abs/base").unwrap();
+        assert_eq!(p, Path::new("/abs/base"));
+        let p = resolve_backing(Path::new("/vm/top.qcow2"), "file:base").unwrap();
+        assert_eq!(p, Path::new("/vm/base"));
+        assert!(resolve_backing(Path::new("/vm/top.qcow2"), "json:{}").is_err());
+        assert!(resolve_backing(Path::new("/vm/top.qcow2"), "nbd://host/x").is_err());
+    }
+}

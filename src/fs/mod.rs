@@ -1,0 +1,333 @@
+//! The FUSE adapter: presents a [`Catalog`] of views as files. All format knowledge stays in the
+//! engine; this module only translates requests.
+
+mod nodes;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use fuser::{
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use parking_lot::Mutex;
+
+use crate::catalog::{Catalog, ViewEntry};
+use crate::info;
+pub use nodes::Ownership;
+use nodes::{Node, TTL};
+
+/// Largest request we ask the kernel for (reads and writes): 1 MiB, FUSE's `max_pages` of 256.
+pub const MAX_REQUEST: u32 = 1 << 20;
+
+pub struct SnapFs {
+    catalog: Arc<Catalog>,
+    owner: Ownership,
+    info_json: Vec<u8>,
+    /// Open handles per inode: a command may not change or remove a view that is open.
+    open_handles: Mutex<HashMap<u64, u32>>,
+}
+
+thread_local! {
+    /// Each FUSE worker thread reuses one read buffer instead of allocating per request.
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn errno(e: &crate::error::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+impl SnapFs {
+    pub fn new(catalog: Arc<Catalog>, owner: Ownership) -> Self {
+        let mut info_json = serde_json::to_vec_pretty(&info::catalog_info(&catalog))
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+        info_json.push(b'\n');
+        SnapFs {
+            catalog,
+            owner,
+            info_json,
+            open_handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
+        Node::from_ino(ino.0, &self.catalog).ok_or(Errno::ENOENT)
+    }
+
+    fn attr(&self, node: Node) -> Result<fuser::FileAttr, Errno> {
+        Ok(match node.view(&self.catalog) {
+            Some(entry) => {
+                let allocated = entry.view.allocated_bytes().map_err(|e| {
+                    log::error!("{}: {e}", entry.file_name);
+                    errno(&e)
+                })?;
+                let mtime = match node {
+                    Node::Live => Some(self.owner.image_mtime),
+                    _ => entry.created,
+                };
+                self.owner
+                    .attr(node, entry.view.size(), allocated, mtime)
+            }
+            None if node == Node::InfoJson => {
+                let len = self.info_json.len() as u64;
+                self.owner.attr(node, len, len, None)
+            }
+            None => self.owner.attr(node, 0, 0, None),
+        })
+    }
+
+    fn xattrs(entry: &ViewEntry) -> Vec<(&'static str, String)> {
+        let mut list = vec![
+            ("user.snapfs.kind", entry.kind.as_str().to_owned()),
+            ("user.snapfs.id", entry.id.clone()),
+            ("user.snapfs.layer", entry.layer_path.display().to_string()),
+            ("user.snapfs.vm-state-size", entry.vm_state_size.to_string()),
+        ];
+        if let Some(t) = entry.created.filter(|t| *t >= std::time::UNIX_EPOCH) {
+            list.push(("user.snapfs.created", info::rfc3339(t)));
+        }
+        if let Some(p) = &entry.parent {
+            list.push(("user.snapfs.parent", p.clone()));
+        }
+        if let Some(d) = &entry.description {
+            list.push(("user.snapfs.description", d.clone()));
+        }
+        list
+    }
+}
+
+/// Answers an xattr request: the size when `size` is 0, ERANGE when the buffer is too small.
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if (size as usize) < data.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for SnapFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_REQUEST);
+        let _ = config.set_max_readahead(MAX_REQUEST);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let result = self.node(parent).and_then(|dir| {
+            let child = dir
+                .children(&self.catalog)
+                .into_iter()
+                .find(|(_, n)| OsStr::new(n) == name)
+                .map(|(node, _)| node)
+                .ok_or(Errno::ENOENT)?;
+            self.attr(child)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino).and_then(|n| self.attr(n)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let open_flags = match node {
+            Node::Root | Node::SnapshotsDir => return reply.error(Errno::EISDIR),
+            // Writes to the live disk come with the engine's write path; until then it is read-only.
+            Node::Live if wants_write => return reply.error(Errno::EROFS),
+            Node::Live => FopenFlags::FOPEN_KEEP_CACHE,
+            _ if wants_write => return reply.error(Errno::EACCES),
+            // Snapshot files never change while they exist: keep their pages across opens.
+            Node::Snapshot(_) | Node::InfoJson => FopenFlags::FOPEN_KEEP_CACHE,
+        };
+        *self.open_handles.lock().entry(ino.0).or_insert(0) += 1;
+        reply.opened(FileHandle(0), open_flags);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut open = self.open_handles.lock();
+        if let Some(n) = open.get_mut(&ino.0) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ino.0);
+            }
+        }
+        reply.ok();
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if node == Node::InfoJson {
+            let start = (offset as usize).min(self.info_json.len());
+            let end = start.saturating_add(size as usize).min(self.info_json.len());
+            return reply.data(&self.info_json[start..end]);
+        }
+        let Some(entry) = node.view(&self.catalog) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let view = &entry.view;
+        let len = view.size().saturating_sub(offset).min(size as u64) as usize;
+        READ_BUF.with_borrow_mut(|buf| {
+            // Every byte is overwritten by the read, so a reused buffer needs no clearing.
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            match view.read_at(&mut buf[..len], offset) {
+                Ok(()) => reply.data(&buf[..len]),
+                Err(e) => {
+                    log::error!("{}: read {len} bytes at {offset:#x}: {e}", entry.file_name);
+                    reply.error(errno(&e));
+                }
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let dir = match self.node(ino) {
+            Ok(n) if n.kind() == FileType::Directory => n,
+            Ok(_) => return reply.error(Errno::ENOTDIR),
+            Err(e) => return reply.error(e),
+        };
+        let mut entries = vec![
+            (dir, ".".to_owned()),
+            (dir.parent(), "..".to_owned()),
+        ];
+        entries.extend(dir.children(&self.catalog));
+        for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(node.ino()), (i + 1) as u64, node.kind(), name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let used: u64 = std::iter::once(&self.catalog.live)
+            .chain(&self.catalog.snapshots)
+            .map(|v| v.view.size())
+            .sum();
+        let files = self.catalog.snapshots.len() as u64 + 4;
+        reply.statfs(used.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        match Self::xattrs(entry).into_iter().find(|(n, _)| OsStr::new(n) == name) {
+            Some((_, value)) => reply_xattr(reply, size, value.as_bytes()),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut names = Vec::new();
+        if let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) {
+            for (name, _) in Self::xattrs(entry) {
+                names.extend_from_slice(name.as_bytes());
+                names.push(0);
+            }
+        }
+        reply_xattr(reply, size, &names);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::ENXIO);
+        };
+        let found = match whence {
+            libc::SEEK_DATA => entry.view.seek_data(offset),
+            libc::SEEK_HOLE => entry.view.seek_hole(offset),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match found {
+            Ok(Some(pos)) => reply.offset(pos as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => {
+                log::error!("{}: lseek at {offset:#x}: {e}", entry.file_name);
+                reply.error(errno(&e));
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! What `snapfs info` prints and `info.json` holds: the chain (field names as
+//! `qemu-img info --backing-chain --output=json` spells them) and every view.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::catalog::{Catalog, ViewEntry};
+use crate::chain::{Chain, Layer};
+use crate::qcow2::header::CompressionType;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ChainInfo {
+    pub chain: Vec<LayerInfo>,
+    pub views: Vec<ViewInfo>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LayerInfo {
+    pub filename: String,
+    pub format: &'static str,
+    pub virtual_size: u64,
+    pub actual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<String>,
+    pub dirty_flag: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<Qcow2Specific>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Specific {
+    pub compat: &'static str,
+    pub compression_type: &'static str,
+    pub lazy_refcounts: bool,
+    pub refcount_bits: u32,
+    pub corrupt: bool,
+    pub extended_l2: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_sec: u64,
+    pub vm_clock_nsec: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+    pub disk_size: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ViewInfo {
+    /// Path inside the mount (`live.raw`, `snapshots/NAME.raw`).
+    pub file: String,
+    pub kind: &'static str,
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub layer: String,
+    pub vm_state_size: u64,
+}
+
+/// RFC 3339 in UTC, to the second.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub fn layer_info(layer: &Layer) -> LayerInfo {
+    use std::os::unix::fs::MetadataExt;
+    let actual_size = layer
+        .file()
+        .metadata()
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0);
+    let mut info = LayerInfo {
+        filename: layer.path().display().to_string(),
+        format: match layer {
+            Layer::Qcow2(_) => "qcow2",
+            Layer::Raw(_) => "raw",
+        },
+        virtual_size: layer.virtual_size(),
+        actual_size,
+        cluster_size: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        dirty_flag: false,
+        format_specific: None,
+        snapshots: Vec::new(),
+    };
+    let Layer::Qcow2(image) = layer else {
+        return info;
+    };
+    let h = image.header();
+    info.cluster_size = Some(h.cluster_size());
+    info.backing_filename = h.backing_file.clone();
+    info.backing_filename_format = h.backing_format.clone();
+    info.dirty_flag = h.is_dirty();
+    info.format_specific = Some(Qcow2Specific {
+        compat: if h.version == 2 { "0.10" } else { "1.1" },
+        compression_type: match h.compression_type {
+            CompressionType::Deflate => "zlib",
+            CompressionType::Zstd => "zstd",
+        },
+        lazy_refcounts: h.compatible_features & crate::qcow2::header::compatible::LAZY_REFCOUNTS
+            != 0,
+        refcount_bits: h.refcount_bits(),
+        corrupt: h.is_corrupt(),
+        extended_l2: h.extended_l2(),
+    });
+    info.snapshots = image
+        .snapshots()
+        .iter()
+        .map(|s| SnapshotInfo {
+            id: s.id_str(),
+            name: String::from_utf8_lossy(&s.name).into_owned(),
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            icount: s.icount,
+            disk_size: image.snapshot_size(s),
+        })
+        .collect();
+    info
+}
+
+pub fn chain_layers(chain: &Chain) -> Vec<LayerInfo> {
+    let mut layers: Vec<LayerInfo> = chain.layers.iter().map(|l| layer_info(l)).collect();
+    for i in 1..layers.len() {
+        layers[i - 1].full_backing_filename = Some(layers[i].filename.clone());
+    }
+    layers
+}
+
+fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
+    ViewInfo {
+        file: format!("{dir}{}", entry.file_name),
+        kind: entry.kind.as_str(),
+        id: entry.id.clone(),
+        name: entry.tag.clone(),
+        size: entry.view.size(),
+        created: entry.created.filter(|t| *t >= UNIX_EPOCH).map(rfc3339),
+        parent: entry.parent.clone(),
+        description: entry.description.clone(),
+        layer: entry.layer_path.display().to_string(),
+        vm_state_size: entry.vm_state_size,
+    }
+}
+
+pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
+    let mut views = vec![view_info(&catalog.live, "")];
+    views.extend(
+        catalog
+            .snapshots
+            .iter()
+            .map(|v| view_info(v, "snapshots/")),
+    );
+    ChainInfo {
+        chain: chain_layers(&catalog.chain),
+        views,
+    }
+}

@@ -1,0 +1,299 @@
+//! Mounting: options, the FUSE session, running in the background, and clean shutdown on
+//! SIGTERM/SIGINT or unmount.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::catalog::Catalog;
+use crate::chain::Chain;
+use crate::cli::{MountArgs, parse_size};
+use crate::fs::{Ownership, SnapFs};
+use crate::qcow2::{Caches, OpenOptions};
+
+/// Default metadata cache budget: 32 MiB of L2 tables covers 256 GiB of a 64 KiB-cluster disk.
+const DEFAULT_CACHE: u64 = 32 << 20;
+
+/// Everything `mount` was asked for, after merging `-o` options with flags.
+#[derive(Debug, Clone)]
+pub struct MountSettings {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub read_only: bool,
+    pub acl: SessionACL,
+    pub default_permissions: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub cache: u64,
+    pub threads: usize,
+    pub libvirt: Option<PathBuf>,
+    pub libvirt_write: bool,
+}
+
+impl MountSettings {
+    pub fn from_args(args: &MountArgs) -> Result<Self, String> {
+        let mut s = MountSettings {
+            image: args.image.clone(),
+            mountpoint: args.mountpoint.clone(),
+            foreground: args.foreground,
+            read_only: args.read_only,
+            acl: SessionACL::Owner,
+            default_permissions: false,
+            uid: None,
+            gid: None,
+            cache: DEFAULT_CACHE,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
+            libvirt: args.libvirt.clone(),
+            libvirt_write: false,
+        };
+        for opt in args.options.iter().flat_map(|o| o.split(',')) {
+            let (key, value) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            let need = || value.ok_or_else(|| format!("mount option {key} needs a value"));
+            let number = || -> Result<u32, String> {
+                need()?
+                    .parse()
+                    .map_err(|_| format!("mount option {opt}: not a number"))
+            };
+            match key {
+                "" | "defaults" | "auto" | "noauto" | "nofail" | "_netdev" | "user" | "users"
+                | "nouser" | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "atime"
+                | "noatime" | "relatime" => {}
+                k if k.starts_with("x-") || k == "comment" => {}
+                "ro" => s.read_only = true,
+                "rw" => s.read_only = false,
+                "allow_other" => s.acl = SessionACL::All,
+                "allow_root" => s.acl = SessionACL::RootAndOwner,
+                "default_permissions" => s.default_permissions = true,
+                "uid" => s.uid = Some(number()?),
+                "gid" => s.gid = Some(number()?),
+                "cache" => s.cache = parse_size(need()?)?,
+                "threads" => s.threads = number()? as usize,
+                "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
+                "libvirt-write" => s.libvirt_write = true,
+                _ => return Err(format!("unknown mount option {opt:?}")),
+            }
+        }
+        if let Some(c) = &args.cache {
+            s.cache = parse_size(c)?;
+        }
+        if let Some(t) = args.threads {
+            s.threads = t;
+        }
+        if s.threads == 0 || s.threads > 64 {
+            return Err(format!("threads={} is out of range (1 to 64)", s.threads));
+        }
+        s.cache = s.cache.max(1 << 20);
+        Ok(s)
+    }
+}
+
+/// Opens the chain, then mounts; returns when the file system is unmounted.
+pub fn mount(settings: MountSettings) -> Result<(), String> {
+    let caches = Caches::new(settings.cache);
+    let chain = Chain::open(&settings.image, caches, OpenOptions::default())
+        .map_err(|e| e.to_string())?;
+    let chain = Arc::new(chain);
+    let catalog = Arc::new(Catalog::build(chain.clone()).map_err(|e| e.to_string())?);
+    let meta = chain
+        .top()
+        .file()
+        .metadata()
+        .map_err(|e| format!("{}: {e}", settings.image.display()))?;
+    let owner = Ownership {
+        uid: settings.uid.unwrap_or(meta.uid()),
+        gid: settings.gid.unwrap_or(meta.gid()),
+        mode: (meta.mode() & 0o777) as u16,
+        image_mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        writable: false,
+    };
+    if !settings.mountpoint.is_dir() {
+        return Err(format!(
+            "mount point {} is not a directory",
+            settings.mountpoint.display()
+        ));
+    }
+    let fs = SnapFs::new(catalog, owner);
+    let config = fuse_config(&settings, &chain.top().path().to_owned());
+
+    let ready = if settings.foreground {
+        None
+    } else {
+        Some(daemonize()?)
+    };
+    let result = serve(fs, &settings.mountpoint, &config, ready);
+    if let Err(e) = &result {
+        log::error!("{e}");
+    }
+    result
+}
+
+fn fuse_config(settings: &MountSettings, image: &Path) -> Config {
+    let mut options = vec![
+        MountOption::FSName(image.display().to_string()),
+        MountOption::Subtype("snapfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    options.push(if settings.read_only {
+        MountOption::RO
+    } else {
+        MountOption::RW
+    });
+    if settings.default_permissions {
+        options.push(MountOption::DefaultPermissions);
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = settings.acl;
+    config.n_threads = Some(settings.threads);
+    config.clone_fd = true;
+    config
+}
+
+/// Mounts and serves. `ready` is the pipe to the waiting parent of a background mount: it learns
+/// that the mount is up (or why it failed) through it.
+fn serve(fs: SnapFs, mountpoint: &Path, config: &Config, ready: Option<File>) -> Result<(), String> {
+    let signals = block_shutdown_signals();
+    let session = fuser::Session::new(fs, mountpoint, config);
+    let mut session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot mount on {}: {e}", mountpoint.display());
+            if let Some(mut pipe) = ready {
+                let _ = pipe.write_all(msg.as_bytes());
+            }
+            return Err(msg);
+        }
+    };
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if wait_for_signal(&signals) {
+                log::info!("signal received: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    log::error!("unmount: {e}");
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    if let Some(mut pipe) = ready {
+        let _ = pipe.write_all(b"ok");
+        redirect_stdio_to_null();
+    }
+    session
+        .run()
+        .map_err(|e| format!("FUSE session ended with an error: {e}"))
+}
+
+/// Forks. The parent waits until the child reports that the mount is ready and exits with its
+/// outcome; the child returns the pipe to report on.
+fn daemonize() -> Result<File, String> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the descriptors are fresh and owned by nothing else.
+    let (read_end, write_end) = unsafe {
+        (
+            File::from(OwnedFd::from_raw_fd(fds[0])),
+            File::from(OwnedFd::from_raw_fd(fds[1])),
+        )
+    };
+    // SAFETY: no other thread exists yet (the FUSE threads start after this), so the child
+    // inherits a consistent process.
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            // SAFETY: setsid has no memory-safety preconditions.
+            unsafe { libc::setsid() };
+            Ok(write_end)
+        }
+        _child => {
+            drop(write_end);
+            let mut answer = String::new();
+            let mut read_end = read_end;
+            let _ = read_end.read_to_string(&mut answer);
+            if answer == "ok" {
+                std::process::exit(0);
+            }
+            if answer.is_empty() {
+                answer = "the mount process exited before the mount was ready".into();
+            }
+            eprintln!("snapfs: {answer}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn redirect_stdio_to_null() {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors; /dev/null stays open until then.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in this thread and every thread started after it, so that
+/// only the signal thread receives them.
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set, then pthread_sigmask on the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> bool {
+    let mut sig = 0;
+    // SAFETY: sigwait on a valid, initialised set.
+    unsafe { libc::sigwait(set, &mut sig) == 0 }
+}
+
+/// `snapfs umount`: unmounts MOUNTPOINT (the daemon then flushes and exits).
+pub fn umount(mountpoint: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| format!("invalid mount point {}", mountpoint.display()))?;
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EPERM) {
+        // Not root: the setuid helper may unmount a FUSE mount its user owns.
+        let status = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(mountpoint)
+            .status();
+        if let Ok(s) = status
+            && s.success()
+        {
+            return Ok(());
+        }
+    }
+    let hint = match err.raw_os_error() {
+        Some(libc::EBUSY) => " (a file in it is still open; close it and retry)",
+        Some(libc::EINVAL) => " (it is not a mount point)",
+        _ => "",
+    };
+    Err(format!("cannot unmount {}: {err}{hint}", mountpoint.display()))
+}

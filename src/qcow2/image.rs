@@ -1,0 +1,373 @@
+//! One open qcow2 file: its header, active L1 table and snapshot table, and the read side of the
+//! format (mapping guest offsets and reading data, compressed or not).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, MetadataError, Result};
+use crate::qcow2::cache::{ByteLru, CacheKey};
+use crate::qcow2::compress;
+use crate::qcow2::header::Header;
+use crate::qcow2::l1::L1Table;
+use crate::qcow2::mapping::{self, CompressedCluster, L2Source, L2Table, Mapping};
+use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
+use crate::qcow2::snapshot::{self, Snapshot};
+
+/// Bytes read from the start of the file for the header: the largest cluster 0 (2 MiB) plus the
+/// longest backing file name that may start at its end.
+const HEADER_READ_LEN: u64 = (2 << 20) + 1024;
+/// QEMU's `QCOW_MAX_L1_SIZE`: an L1 table larger than 32 MiB is refused.
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+/// The caches every image of a mount shares.
+pub struct Caches {
+    pub l2: ByteLru<L2Table>,
+    /// Decompressed clusters, so that small reads of one compressed cluster decode it once.
+    pub clusters: ByteLru<Arc<[u8]>>,
+}
+
+impl Caches {
+    /// Caches within `budget` bytes in all: 7/8 for L2 tables, 1/8 for decompressed clusters.
+    pub fn new(budget: u64) -> Arc<Self> {
+        Arc::new(Caches {
+            l2: ByteLru::new(budget - budget / 8),
+            clusters: ByteLru::new(budget / 8),
+        })
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    pub writable: bool,
+}
+
+static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Qcow2Image {
+    id: u64,
+    path: PathBuf,
+    file: File,
+    file_len: u64,
+    header: Header,
+    geometry: Geometry,
+    active_l1: RwLock<Arc<L1Table>>,
+    snapshots: Vec<Snapshot>,
+    caches: Arc<Caches>,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("path", &self.path)
+            .field("size", &self.header.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`, filling with zeros what lies past the end of the file
+/// (QEMU reads beyond EOF as zeros, metadata included).
+pub(crate) fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Qcow2Image {
+    /// Opens and validates `path`. The file must start with the qcow2 magic.
+    pub fn open(path: &Path, caches: Arc<Caches>, options: OpenOptions) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(options.writable)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+        Self::from_file(path, file, caches)
+    }
+
+    /// Validates an already opened file as a qcow2 image.
+    pub fn from_file(path: &Path, file: File, caches: Arc<Caches>) -> Result<Self> {
+        let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
+        let file_len = file_size(&file).map_err(|e| io("cannot get the file size", e))?;
+        let mut start = vec![0u8; file_len.min(HEADER_READ_LEN) as usize];
+        read_or_zero(&file, &mut start, 0).map_err(|e| io("cannot read the header", e))?;
+        let header = Header::parse(&start, file_len).map_err(|source| Error::Header {
+            path: path.to_owned(),
+            source,
+        })?;
+        let geometry = Geometry::new(header.cluster_bits, header.extended_l2());
+        let mut image = Qcow2Image {
+            id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
+            path: path.to_owned(),
+            file,
+            file_len,
+            header,
+            geometry,
+            active_l1: RwLock::new(Arc::new(L1Table::default())),
+            snapshots: Vec::new(),
+            caches,
+        };
+        let active = image
+            .read_l1(
+                image.header.l1_table_offset,
+                image.header.l1_size as u64,
+                "active L1 table",
+            )
+            .map_err(|e| image.metadata_error(e))?;
+        *image.active_l1.get_mut() = Arc::new(active);
+        image.snapshots = image.read_snapshot_table()?;
+        Ok(image)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    pub fn active_l1(&self) -> Arc<L1Table> {
+        self.active_l1.read().clone()
+    }
+
+    /// Reads an L1 table of `entries` entries at `offset`. Only the part inside the file is read:
+    /// memory follows the file's real size, not the declared one.
+    fn read_l1(
+        &self,
+        offset: u64,
+        entries: u64,
+        what: &'static str,
+    ) -> Result<L1Table, MetadataError> {
+        let bytes = entries
+            .checked_mul(8)
+            .filter(|&b| b <= MAX_L1_BYTES)
+            .ok_or(MetadataError::OffsetTooLarge {
+                what,
+                offset,
+                len: entries.saturating_mul(8),
+            })?;
+        if self.geometry.in_cluster(offset) != 0 {
+            return Err(MetadataError::Unaligned {
+                table: what,
+                index: 0,
+                offset,
+            });
+        }
+        if entries > 0 && offset == 0 {
+            return Err(MetadataError::PointsAtHeader {
+                table: what,
+                index: 0,
+                offset,
+            });
+        }
+        let in_file = self.file_len.saturating_sub(offset).min(bytes);
+        let mut buf = vec![0u8; in_file as usize];
+        read_or_zero(&self.file, &mut buf, offset).map_err(|e| MetadataError::Read {
+            what,
+            offset,
+            reason: e.to_string(),
+        })?;
+        Ok(L1Table::from_be_bytes(&buf, entries))
+    }
+
+    fn read_snapshot_table(&self) -> Result<Vec<Snapshot>> {
+        let count = self.header.nb_snapshots;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let offset = self.header.snapshots_offset;
+        let in_file = self
+            .file_len
+            .saturating_sub(offset)
+            .min(snapshot::MAX_TABLE_SIZE);
+        let mut buf = vec![0u8; in_file as usize];
+        read_or_zero(&self.file, &mut buf, offset).map_err(|e| {
+            Error::io(
+                format!("{}: cannot read the snapshot table", self.path.display()),
+                e,
+            )
+        })?;
+        snapshot::parse_table(&buf, count).map_err(|e| self.metadata_error(e))
+    }
+
+    /// Loads the L1 table of an internal snapshot, checking it as QEMU does before using it.
+    pub fn snapshot_l1(&self, snap: &Snapshot) -> Result<L1Table> {
+        let err = |reason: String| {
+            self.metadata_error(MetadataError::SnapshotL1 {
+                id: snap.id_str(),
+                reason,
+            })
+        };
+        let size = snap.disk_size.unwrap_or(self.header.size);
+        let needed = self.geometry.l1_entries_for(size);
+        if (snap.l1_size as u64) < needed {
+            return Err(err(format!(
+                "l1_size {} is too small for a disk of {size} bytes (needs {needed})",
+                snap.l1_size
+            )));
+        }
+        self.read_l1(snap.l1_table_offset, snap.l1_size as u64, "snapshot L1 table")
+            .map_err(|e| err(e.to_string()))
+    }
+
+    /// The disk size an internal snapshot had.
+    pub fn snapshot_size(&self, snap: &Snapshot) -> u64 {
+        snap.disk_size.unwrap_or(self.header.size)
+    }
+
+    pub(crate) fn metadata_error(&self, source: MetadataError) -> Error {
+        Error::Metadata {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Maps the guest range at `guest` (at most `max_len` bytes) through `l1`.
+    pub fn map(&self, l1: &L1Table, guest: u64, max_len: u64) -> Result<Mapping> {
+        mapping::map_range(self, &self.geometry, l1, GuestOffset(guest), max_len)
+    }
+
+    /// Reads uncompressed data at `host`.
+    pub fn read_data(&self, host: HostOffset, buf: &mut [u8]) -> Result<()> {
+        read_or_zero(&self.file, buf, host.0).map_err(|e| {
+            Error::io(
+                format!(
+                    "{}: reading {} bytes at {host}",
+                    self.path.display(),
+                    buf.len()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Copies `buf.len()` bytes starting `skip` bytes into the decompressed `cluster`.
+    pub fn read_compressed(
+        &self,
+        cluster: CompressedCluster,
+        skip: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let data = self.decompressed(cluster)?;
+        let start = skip as usize;
+        let src = data.get(start..start + buf.len()).ok_or_else(|| {
+            self.metadata_error(MetadataError::Compressed {
+                offset: cluster.host.0,
+                len: cluster.len,
+                reason: format!("read of {} bytes at {skip} exceeds the cluster", buf.len()),
+            })
+        })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn decompressed(&self, cluster: CompressedCluster) -> Result<Arc<[u8]>> {
+        let key = CacheKey {
+            image: self.id,
+            offset: cluster.host.0,
+        };
+        let cluster_size = self.geometry.cluster_size();
+        self.caches.clusters.get_or_load(key, || {
+            let bad = |reason: String| {
+                self.metadata_error(MetadataError::Compressed {
+                    offset: cluster.host.0,
+                    len: cluster.len,
+                    reason,
+                })
+            };
+            if cluster.host.0 >= self.file_len {
+                return Err(bad(format!(
+                    "data starts past the end of the file ({} bytes)",
+                    self.file_len
+                )));
+            }
+            let mut input = vec![0u8; cluster.len as usize];
+            self.read_data(cluster.host, &mut input)?;
+            let mut out = vec![0u8; cluster_size as usize];
+            compress::decompress(self.header.compression_type, &input, &mut out).map_err(bad)?;
+            Ok((Arc::from(out), cluster_size))
+        })
+    }
+
+    fn load_l2(&self, offset: HostOffset) -> Result<L2Table> {
+        let size = self.geometry.cluster_size() as usize;
+        let mut bytes = vec![0u8; size];
+        self.read_data(offset, &mut bytes)?;
+        let words: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        Ok(Arc::from(words))
+    }
+}
+
+impl L2Source for Qcow2Image {
+    fn l2_table(&self, l1_index: u64, offset: HostOffset) -> Result<L2Table> {
+        if offset.0 < self.geometry.cluster_size() {
+            return Err(self.metadata_error(MetadataError::PointsAtHeader {
+                table: "L1",
+                index: l1_index,
+                offset: offset.0,
+            }));
+        }
+        let key = CacheKey {
+            image: self.id,
+            offset: offset.0,
+        };
+        let cost = self.geometry.cluster_size();
+        self.caches
+            .l2
+            .get_or_load(key, || self.load_l2(offset).map(|t| (t, cost)))
+    }
+
+    fn metadata_error(&self, error: MetadataError) -> Error {
+        Qcow2Image::metadata_error(self, error)
+    }
+}
+
+/// The size of a regular file or a block device.
+pub(crate) fn file_size(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    // Block devices report 0 in st_size; their size is where the end is.
+    let mut f = file;
+    f.seek(std::io::SeekFrom::End(0))
+}

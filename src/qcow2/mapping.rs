@@ -1,0 +1,387 @@
+//! The cluster mapper: guest offset -> where its bytes are.
+//!
+//! An L2 entry (standard, 64 bits) is, from the spec:
+//! - bit 63: COPIED; bit 62: compressed;
+//! - standard cluster: bit 0 "all bits read as zero", bits 9–55 host offset (0 = unallocated);
+//! - compressed cluster: a descriptor of `x = 62 - (cluster_bits - 8)` bits of byte offset and the
+//!   count of additional 512-byte sectors above them.
+//!
+//! With extended L2 entries (128 bits) a second word holds a bitmap for 32 subclusters: bits 0–31
+//! "allocated" (data at host offset + subcluster offset), bits 32–63 "reads as zero"; neither means
+//! the subcluster falls through to the backing file. Bit 0 of the first word is then reserved.
+
+use std::sync::Arc;
+
+use crate::error::MetadataError;
+use crate::qcow2::l1::L1Table;
+use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
+
+pub const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub const L2_COPIED: u64 = 1 << 63;
+pub const L2_COMPRESSED: u64 = 1 << 62;
+pub const L2_ZERO: u64 = 1;
+
+/// One L2 table, entries decoded to host byte order. Extended L2 tables hold two words per entry.
+pub type L2Table = Arc<[u64]>;
+
+/// Where the data of a compressed cluster lies in the image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CompressedCluster {
+    /// Byte offset of the compressed stream (not aligned).
+    pub host: HostOffset,
+    /// Bytes to read: `(n + 1) * 512 - (offset & 511)`.
+    pub len: u64,
+}
+
+impl CompressedCluster {
+    pub fn from_entry(entry: u64, geometry: &Geometry) -> Self {
+        let x = geometry.compressed_offset_bits();
+        let offset = entry & ((1u64 << x) - 1);
+        let extra_sectors = (entry & ((1u64 << 62) - 1)) >> x;
+        CompressedCluster {
+            host: HostOffset(offset),
+            len: (extra_sectors + 1) * 512 - (offset & 511),
+        }
+    }
+}
+
+/// What a guest range maps to, for the length `len` starting at the offset asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Data stored uncompressed at `host`, contiguous for `len` bytes.
+    Data { host: HostOffset, len: u64 },
+    /// Part of one compressed cluster: `skip` bytes into the decompressed cluster, `len` bytes.
+    Compressed {
+        cluster: CompressedCluster,
+        skip: u64,
+        len: u64,
+    },
+    /// Reads as zeros.
+    Zero { len: u64 },
+    /// Not allocated in this image: the backing file (or zeros) shows through.
+    Unallocated { len: u64 },
+}
+
+impl Mapping {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Mapping::Data { len, .. }
+            | Mapping::Compressed { len, .. }
+            | Mapping::Zero { len }
+            | Mapping::Unallocated { len } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where the mapper gets L2 tables from (the image, through the cache).
+pub trait L2Source {
+    /// Loads the L2 table at `offset`, named by L1 entry `l1_index` (for error messages).
+    fn l2_table(&self, l1_index: u64, offset: HostOffset) -> crate::error::Result<L2Table>;
+    /// Wraps a metadata error with the image's name.
+    fn metadata_error(&self, error: MetadataError) -> crate::error::Error;
+}
+
+/// The state of one cluster or subcluster, as an L2 entry describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// Data at this host offset (already including the subcluster's offset).
+    Data(HostOffset),
+    Compressed(CompressedCluster),
+    Zero,
+    Unallocated,
+}
+
+/// Maps the guest range starting at `guest`, at most `max_len` bytes, through `l1`.
+///
+/// Returns the longest prefix of the range that maps the same way: contiguous host data, all zero,
+/// or all unallocated. Compressed clusters are returned one at a time.
+pub fn map_range(
+    source: &impl L2Source,
+    geometry: &Geometry,
+    l1: &L1Table,
+    guest: GuestOffset,
+    max_len: u64,
+) -> crate::error::Result<Mapping> {
+    let unit_size = geometry.subcluster_size();
+    let mut pos = guest.0;
+    let end = guest.0.saturating_add(max_len);
+    let mut first: Option<Unit> = None;
+    let mut first_skip = 0;
+
+    'tables: while pos < end {
+        let l1_index = geometry.l1_index(GuestOffset(pos));
+        let table_end = (l1_index + 1)
+            .checked_mul(geometry.l2_coverage())
+            .map_or(end, |e| e.min(end));
+        let Some(l2_offset) = l1.l2_offset(l1_index) else {
+            if !continues(first, Unit::Unallocated, 0) {
+                break;
+            }
+            first.get_or_insert(Unit::Unallocated);
+            pos = table_end;
+            continue;
+        };
+        if geometry.in_cluster(l2_offset.0) != 0 {
+            return Err(source.metadata_error(MetadataError::Unaligned {
+                table: "L1",
+                index: l1_index,
+                offset: l2_offset.0,
+            }));
+        }
+        let table = source.l2_table(l1_index, l2_offset)?;
+        while pos < table_end {
+            let unit = unit_at(geometry, &table, GuestOffset(pos))
+                .map_err(|e| source.metadata_error(e))?;
+            let unit_end = ((pos / unit_size) + 1)
+                .saturating_mul(unit_size)
+                .min(end);
+            if first.is_none() {
+                first_skip = match unit {
+                    Unit::Compressed(_) => geometry.in_cluster(pos),
+                    _ => pos % unit_size,
+                };
+            }
+            if !continues(first, unit, pos - (guest.0 - guest.0 % unit_size)) {
+                break 'tables;
+            }
+            first.get_or_insert(unit);
+            if let Unit::Compressed(_) = unit {
+                // One compressed cluster per mapping: the caller decompresses it as a whole.
+                let cluster_end = (pos | (geometry.cluster_size() - 1)).saturating_add(1);
+                pos = cluster_end.min(end);
+                break 'tables;
+            }
+            pos = unit_end;
+        }
+    }
+
+    let len = pos.min(end) - guest.0;
+    Ok(match first.unwrap_or(Unit::Unallocated) {
+        Unit::Data(host) => Mapping::Data {
+            host: HostOffset(host.0 + first_skip),
+            len,
+        },
+        Unit::Compressed(cluster) => Mapping::Compressed {
+            cluster,
+            skip: first_skip,
+            len,
+        },
+        Unit::Zero => Mapping::Zero { len },
+        Unit::Unallocated => Mapping::Unallocated { len },
+    })
+}
+
+/// Whether `next`, `distance` guest bytes after the start of the run's first unit, continues the
+/// run that `first` started. Data continues only where the host data is contiguous too;
+/// compressed clusters never continue a run.
+fn continues(first: Option<Unit>, next: Unit, distance: u64) -> bool {
+    match (first, next) {
+        (None, _) => true,
+        (Some(Unit::Zero), Unit::Zero) | (Some(Unit::Unallocated), Unit::Unallocated) => true,
+        (Some(Unit::Data(start)), Unit::Data(h)) => start.0.checked_add(distance) == Some(h.0),
+        _ => false,
+    }
+}
+
+/// Decodes the entry covering `guest` in `table`.
+fn unit_at(geometry: &Geometry, table: &[u64], guest: GuestOffset) -> Result<Unit, MetadataError> {
+    let index = geometry.l2_index(guest);
+    let words = geometry.l2_entry_words();
+    let entry = table.get(index * words).copied().unwrap_or(0);
+    if entry & L2_COMPRESSED != 0 {
+        return Ok(Unit::Compressed(CompressedCluster::from_entry(
+            entry, geometry,
+        )));
+    }
+    let host = entry & L2_OFFSET_MASK;
+    if host != 0 && geometry.in_cluster(host) != 0 {
+        return Err(MetadataError::Unaligned {
+            table: "L2",
+            index: index as u64,
+            offset: host,
+        });
+    }
+    if !geometry.extended_l2 {
+        return Ok(if entry & L2_ZERO != 0 {
+            Unit::Zero
+        } else if host == 0 {
+            Unit::Unallocated
+        } else {
+            Unit::Data(HostOffset(host))
+        });
+    }
+
+    let bitmap = table.get(index * words + 1).copied().unwrap_or(0);
+    let allocated = bitmap & 0xffff_ffff;
+    let zero = bitmap >> 32;
+    if allocated & zero != 0 {
+        return Err(MetadataError::SubclusterAllocatedAndZero {
+            guest: guest.0,
+            subcluster: (allocated & zero).trailing_zeros(),
+            bitmap,
+        });
+    }
+    if host == 0 && allocated != 0 {
+        return Err(MetadataError::SubclusterWithoutCluster {
+            guest: guest.0,
+            bitmap,
+        });
+    }
+    let sub = (geometry.in_cluster(guest.0) >> geometry.subcluster_bits()) as u32;
+    Ok(if zero & (1 << sub) != 0 {
+        Unit::Zero
+    } else if allocated & (1 << sub) != 0 {
+        Unit::Data(HostOffset(host + ((sub as u64) << geometry.subcluster_bits())))
+    } else {
+        Unit::Unallocated
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeImage {
+        tables: HashMap<u64, L2Table>,
+    }
+
+    impl L2Source for FakeImage {
+        fn l2_table(&self, _l1_index: u64, offset: HostOffset) -> crate::error::Result<L2Table> {
+            Ok(self.tables[&offset.0].clone())
+        }
+        fn metadata_error(&self, error: MetadataError) -> crate::error::Error {
+            crate::error::Error::Metadata {
+                path: "fake".into(),
+                source: error,
+            }
+        }
+    }
+
+    /// 4 KiB clusters: 512 entries per L2 table, 2 MiB per table.
+    fn setup(entries: &[(usize, u64)]) -> (FakeImage, Geometry, L1Table) {
+        let g = Geometry::new(12, false);
+        let mut t = vec![0u64; 512];
+        for &(i, e) in entries {
+            t[i] = e;
+        }
+        let img = FakeImage {
+            tables: HashMap::from([(0x10000, t.into())]),
+        };
+        (img, g, L1Table::new(vec![0x10000], 4))
+    }
+
+    #[test]
+    fn contiguous_data_merges_into_one_run() {
+        let (img, g, l1) = setup(&[(0, 0x20000), (1, 0x21000), (2, 0x22000), (3, 0x40000)]);
+        let m = map_range(&img, &g, &l1, GuestOffset(100), 1 << 20).unwrap();
+        assert_eq!(
+            m,
+            Mapping::Data {
+                host: HostOffset(0x20000 + 100),
+                len: 3 * 4096 - 100
+            }
+        );
+        let m = map_range(&img, &g, &l1, GuestOffset(3 * 4096), 1 << 20).unwrap();
+        assert_eq!(
+            m,
+            Mapping::Data {
+                host: HostOffset(0x40000),
+                len: 4096
+            }
+        );
+    }
+
+    #[test]
+    fn zero_and_unallocated_runs_cross_tables() {
+        let (img, g, l1) = setup(&[(0, L2_ZERO), (1, L2_ZERO | 0x30000), (5, 0x50000)]);
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(0), 1 << 30).unwrap(),
+            Mapping::Zero { len: 8192 }
+        );
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(8192), 1 << 30).unwrap(),
+            Mapping::Unallocated { len: 3 * 4096 }
+        );
+        // From entry 6 to the end of table 0 and then through unallocated L1 entries.
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(6 * 4096), 10 << 20).unwrap(),
+            Mapping::Unallocated { len: 10 << 20 }
+        );
+    }
+
+    #[test]
+    fn compressed_cluster_is_its_own_run() {
+        let g = Geometry::new(12, false);
+        let x = g.compressed_offset_bits();
+        let entry = L2_COMPRESSED | (2 << x) | 0x12345;
+        let (img, g, l1) = setup(&[(0, entry), (1, entry)]);
+        let m = map_range(&img, &g, &l1, GuestOffset(10), 1 << 20).unwrap();
+        assert_eq!(
+            m,
+            Mapping::Compressed {
+                cluster: CompressedCluster {
+                    host: HostOffset(0x12345),
+                    len: 3 * 512 - 0x145
+                },
+                skip: 10,
+                len: 4096 - 10
+            }
+        );
+    }
+
+    #[test]
+    fn unaligned_data_offset_is_an_error() {
+        let (img, g, l1) = setup(&[(0, 0x20200)]);
+        let err = map_range(&img, &g, &l1, GuestOffset(0), 4096).unwrap_err();
+        assert!(err.to_string().contains("not aligned"), "{err}");
+    }
+
+    #[test]
+    fn extended_l2_subclusters() {
+        // 64 KiB clusters with 2 KiB subclusters.
+        let g = Geometry::new(16, true);
+        let mut t = vec![0u64; 4096 * 2];
+        // Cluster 0 at 0x100000: subclusters 0-1 allocated, 2 zero, 3.. unallocated.
+        t[0] = 0x100000;
+        t[1] = 0b11 | (0b100 << 32);
+        let img = FakeImage {
+            tables: HashMap::from([(0x10000, t.into())]),
+        };
+        let l1 = L1Table::new(vec![0x10000], 1);
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(1000), 1 << 20).unwrap(),
+            Mapping::Data {
+                host: HostOffset(0x100000 + 1000),
+                len: 4096 - 1000
+            }
+        );
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(4096), 1 << 20).unwrap(),
+            Mapping::Zero { len: 2048 }
+        );
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(6144), 1 << 20).unwrap(),
+            Mapping::Unallocated { len: 1 << 20 }
+        );
+    }
+
+    #[test]
+    fn extended_l2_invalid_bitmaps() {
+        let g = Geometry::new(16, true);
+        let mut t = vec![0u64; 4096 * 2];
+        t[1] = 1; // allocated bit without a host offset
+        t[2] = 0x200000;
+        t[3] = 1 | (1 << 32); // allocated and zero
+        let img = FakeImage {
+            tables: HashMap::from([(0x10000, t.into())]),
+        };
+        let l1 = L1Table::new(vec![0x10000], 1);
+        assert!(map_range(&img, &g, &l1, GuestOffset(0), 512).is_err());
+        assert!(map_range(&img, &g, &l1, GuestOffset(65536), 512).is_err());
+    }
+}

@@ -1,0 +1,73 @@
+//! `snapfs info`: the chain and its snapshots, as text or JSON.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::catalog::Catalog;
+use crate::chain::Chain;
+use crate::info;
+use crate::qcow2::{Caches, OpenOptions};
+
+pub fn info(image: &Path, json: bool) -> Result<(), String> {
+    let chain = Chain::open(image, Caches::new(1 << 20), OpenOptions::default())
+        .map_err(|e| e.to_string())?;
+    let catalog = Catalog::build(Arc::new(chain)).map_err(|e| e.to_string())?;
+    let report = info::catalog_info(&catalog);
+    if json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        println!("{text}");
+        return Ok(());
+    }
+    for (depth, layer) in report.chain.iter().enumerate() {
+        let indent = "  ".repeat(depth);
+        println!("{indent}image: {}", layer.filename);
+        println!("{indent}file format: {}", layer.format);
+        println!("{indent}virtual size: {} ({} bytes)", human(layer.virtual_size), layer.virtual_size);
+        println!("{indent}disk size: {}", human(layer.actual_size));
+        if let Some(cs) = layer.cluster_size {
+            println!("{indent}cluster_size: {cs}");
+        }
+        if let Some(b) = &layer.backing_filename {
+            println!("{indent}backing file: {b}");
+        }
+        if !layer.snapshots.is_empty() {
+            println!("{indent}Snapshot list:");
+            println!("{indent}{:<6} {:<24} {:>10} {:<20} {:>12}", "ID", "TAG", "VM SIZE", "DATE", "DISK SIZE");
+            for s in &layer.snapshots {
+                let date = info::rfc3339(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.date_sec.into()),
+                );
+                println!(
+                    "{indent}{:<6} {:<24} {:>10} {:<20} {:>12}",
+                    s.id,
+                    s.name,
+                    human(s.vm_state_size),
+                    date,
+                    human(s.disk_size)
+                );
+            }
+        }
+    }
+    println!("Views:");
+    for v in &report.views {
+        println!("  {:<40} {:<9} {:>10}", v.file, v.kind, human(v.size));
+    }
+    Ok(())
+}
+
+/// Sizes as qemu-img prints them: `64 MiB`, `1.5 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{} {}", value as u64, UNITS[unit])
+    } else {
+        format!("{value:.3} {}", UNITS[unit])
+            .replace(".000 ", " ")
+    }
+}

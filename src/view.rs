@@ -1,0 +1,257 @@
+//! A view: one point in time of the whole disk, read through the backing chain.
+//!
+//! A view starts at one layer of the chain with one L1 table (the layer's active L1, or an internal
+//! snapshot's), and falls through to the layers below wherever that table leaves a range
+//! unallocated. Each backing layer is read through its own active L1 and is limited to its own
+//! virtual size (reads past it are zeros, as QEMU reads a short backing file).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::chain::{Chain, Layer};
+use crate::error::{Error, Result};
+use crate::qcow2::Mapping;
+use crate::qcow2::l1::L1Table;
+
+/// Which L1 table a view starts from.
+#[derive(Debug, Clone)]
+pub enum StartTable {
+    /// The layer's active L1 table, read afresh on every access (it changes with writes).
+    Active,
+    /// A fixed table: an internal snapshot's.
+    Snapshot(Arc<L1Table>),
+}
+
+/// Whether a range holds data or reads as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    Data,
+    Hole,
+}
+
+#[derive(Debug)]
+pub struct View {
+    chain: Arc<Chain>,
+    layer: usize,
+    table: StartTable,
+    size: u64,
+    allocated: Mutex<Option<u64>>,
+}
+
+impl View {
+    /// The view of layer `layer` of `chain`, starting from `table`, `size` bytes long.
+    pub fn new(chain: Arc<Chain>, layer: usize, table: StartTable, size: u64) -> Self {
+        View {
+            chain,
+            layer,
+            table,
+            size,
+            allocated: Mutex::new(None),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn chain(&self) -> &Arc<Chain> {
+        &self.chain
+    }
+
+    /// Index in the chain of the layer this view starts at.
+    pub fn layer_index(&self) -> usize {
+        self.layer
+    }
+
+    pub fn layer(&self) -> &Arc<Layer> {
+        &self.chain.layers[self.layer]
+    }
+
+    fn start_l1(&self) -> Option<Arc<L1Table>> {
+        match &self.table {
+            StartTable::Active => None,
+            StartTable::Snapshot(t) => Some(t.clone()),
+        }
+    }
+
+    /// Fills `buf` with the view's bytes at `offset`; bytes past the end read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let l1 = self.start_l1();
+        read_layer(&self.chain, self.layer, l1.as_deref(), self.size, buf, offset)
+    }
+
+    /// Whether the range at `offset` holds data or a hole, and for how many bytes (at most
+    /// `max_len`). Data anywhere in the chain counts; zero clusters and unallocated ranges through
+    /// every layer are holes.
+    pub fn extent_at(&self, offset: u64, max_len: u64) -> Result<(Extent, u64)> {
+        let l1 = self.start_l1();
+        extent_layer(&self.chain, self.layer, l1.as_deref(), self.size, offset, max_len)
+    }
+
+    /// `lseek(SEEK_DATA)`: the first data offset at or after `offset`, `None` if there is none.
+    pub fn seek_data(&self, offset: u64) -> Result<Option<u64>> {
+        self.seek(offset, Extent::Data)
+    }
+
+    /// `lseek(SEEK_HOLE)`: the first hole at or after `offset` (the end of the view counts as a
+    /// hole); `None` if `offset` is past the end.
+    pub fn seek_hole(&self, offset: u64) -> Result<Option<u64>> {
+        if offset >= self.size {
+            return Ok(None);
+        }
+        Ok(Some(self.seek(offset, Extent::Hole)?.unwrap_or(self.size)))
+    }
+
+    fn seek(&self, mut offset: u64, want: Extent) -> Result<Option<u64>> {
+        while offset < self.size {
+            let (extent, len) = self.extent_at(offset, self.size - offset)?;
+            if extent == want {
+                return Ok(Some(offset));
+            }
+            offset += len.max(1);
+        }
+        Ok(None)
+    }
+
+    /// Bytes of the view that hold data (what `st_blocks` reports). Computed once and kept until
+    /// [`View::invalidate`].
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        if let Some(n) = *self.allocated.lock() {
+            return Ok(n);
+        }
+        let mut total = 0;
+        let mut offset = 0;
+        while offset < self.size {
+            let (extent, len) = self.extent_at(offset, self.size - offset)?;
+            if extent == Extent::Data {
+                total += len;
+            }
+            offset += len.max(1);
+        }
+        *self.allocated.lock() = Some(total);
+        Ok(total)
+    }
+
+    /// Forgets cached facts after the content changed.
+    pub fn invalidate(&self) {
+        *self.allocated.lock() = None;
+    }
+}
+
+/// Splits `buf` at the layer's end: the part past `limit` reads as zeros.
+fn clip(buf: &mut [u8], offset: u64, limit: u64) -> &mut [u8] {
+    let inside = limit.saturating_sub(offset).min(buf.len() as u64) as usize;
+    let (head, tail) = buf.split_at_mut(inside);
+    tail.fill(0);
+    head
+}
+
+fn read_layer(
+    chain: &Chain,
+    depth: usize,
+    l1: Option<&L1Table>,
+    limit: u64,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
+    let buf = clip(buf, offset, limit);
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let image = match chain.layers[depth].as_ref() {
+        Layer::Raw(raw) => return raw.read(buf, offset),
+        Layer::Qcow2(image) => image,
+    };
+    let active;
+    let l1 = match l1 {
+        Some(t) => t,
+        None => {
+            active = image.active_l1();
+            &active
+        }
+    };
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let mapping = image.map(l1, pos, (buf.len() - done) as u64)?;
+        let chunk = &mut buf[done..done + mapping.len() as usize];
+        match mapping {
+            Mapping::Data { host, .. } => image.read_data(host, chunk)?,
+            Mapping::Compressed { cluster, skip, .. } => {
+                image.read_compressed(cluster, skip, chunk)?
+            }
+            Mapping::Zero { .. } => chunk.fill(0),
+            Mapping::Unallocated { .. } => match chain.layers.get(depth + 1) {
+                Some(below) => {
+                    read_layer(chain, depth + 1, None, below.virtual_size(), chunk, pos)?
+                }
+                None => chunk.fill(0),
+            },
+        }
+        done += chunk.len();
+    }
+    Ok(())
+}
+
+fn extent_layer(
+    chain: &Chain,
+    depth: usize,
+    l1: Option<&L1Table>,
+    limit: u64,
+    offset: u64,
+    max_len: u64,
+) -> Result<(Extent, u64)> {
+    if offset >= limit {
+        return Ok((Extent::Hole, max_len));
+    }
+    let max_len = max_len.min(limit - offset);
+    let image = match chain.layers[depth].as_ref() {
+        Layer::Raw(raw) => return raw_extent(raw, offset, max_len),
+        Layer::Qcow2(image) => image,
+    };
+    let active;
+    let l1 = match l1 {
+        Some(t) => t,
+        None => {
+            active = image.active_l1();
+            &active
+        }
+    };
+    Ok(match image.map(l1, offset, max_len)? {
+        Mapping::Data { len, .. } | Mapping::Compressed { len, .. } => (Extent::Data, len),
+        Mapping::Zero { len } => (Extent::Hole, len),
+        Mapping::Unallocated { len } => match chain.layers.get(depth + 1) {
+            Some(below) => extent_layer(chain, depth + 1, None, below.virtual_size(), offset, len)?,
+            None => (Extent::Hole, len),
+        },
+    })
+}
+
+/// Data and holes of a raw file, as its own file system reports them.
+fn raw_extent(raw: &crate::chain::RawImage, offset: u64, max_len: u64) -> Result<(Extent, u64)> {
+    let fd = raw.file.as_raw_fd();
+    let seek = |whence| {
+        // SAFETY: lseek on a file descriptor we own; it only moves the file position, which no
+        // other code relies on (all reads use pread).
+        let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    };
+    let io = |e| Error::io(format!("{}: lseek", raw.path.display()), e);
+    match seek(libc::SEEK_DATA) {
+        Ok(data) if data == offset => {
+            let hole = seek(libc::SEEK_HOLE).map_err(io)?;
+            Ok((Extent::Data, (hole - offset).clamp(1, max_len)))
+        }
+        Ok(data) => Ok((Extent::Hole, (data - offset).min(max_len))),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((Extent::Hole, max_len)),
+        // A file system without SEEK_DATA support: everything is data.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((Extent::Data, max_len)),
+        Err(e) => Err(io(e)),
+    }
+}
