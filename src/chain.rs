@@ -43,7 +43,7 @@ pub enum Format {
 /// One file of the chain.
 #[derive(Debug)]
 pub enum Layer {
-    Qcow2(Qcow2Image),
+    Qcow2(Box<Qcow2Image>),
     Raw(RawImage),
 }
 
@@ -100,13 +100,10 @@ impl Chain {
         if !has_qcow2_magic(&file) {
             return Err(ChainError::NotQcow2 { path: top_path }.into());
         }
-        let image = Qcow2Image::from_file(&top_path, file, caches.clone())?;
-        let mut layers = vec![Arc::new(Layer::Qcow2(image))];
+        let image = Qcow2Image::from_file(&top_path, file, caches.clone(), options)?;
+        let mut layers = vec![Arc::new(Layer::Qcow2(Box::new(image)))];
 
-        loop {
-            let Some(Layer::Qcow2(overlay)) = layers.last().map(|l| l.as_ref()) else {
-                break;
-            };
+        while let Some(Layer::Qcow2(overlay)) = layers.last().map(|l| l.as_ref()) {
             let Some(name) = overlay.header().backing_file.clone() else {
                 break;
             };
@@ -161,7 +158,12 @@ impl Chain {
                 }
             };
             let layer = if is_qcow2 {
-                Layer::Qcow2(Qcow2Image::from_file(&path, file, caches.clone())?)
+                Layer::Qcow2(Box::new(Qcow2Image::from_file(
+                    &path,
+                    file,
+                    caches.clone(),
+                    OpenOptions::default(),
+                )?))
             } else {
                 let size = file_size(&file)
                     .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;

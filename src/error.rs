@@ -29,6 +29,45 @@ pub enum Error {
     #[error("{0}")]
     Chain(#[from] ChainError),
 
+    /// Refcount metadata could not be updated.
+    #[error("{path}: {source}")]
+    Refcount {
+        path: PathBuf,
+        #[source]
+        source: crate::qcow2::refcount::RefcountError,
+    },
+
+    /// A write would have overwritten metadata: the image is marked corrupt, as QEMU does.
+    #[error(
+        "{path}: {what} at {offset:#x} would overwrite {metadata}; the image is now marked corrupt (run `qemu-img check -r all`)"
+    )]
+    Overlap {
+        path: PathBuf,
+        what: &'static str,
+        offset: u64,
+        metadata: String,
+    },
+
+    /// The image is marked corrupt: nothing more is written to it.
+    #[error("{path}: the image is marked corrupt; writes are refused (run `qemu-img check -r all`)")]
+    MarkedCorrupt { path: PathBuf },
+
+    /// The image can only be opened read-only.
+    #[error("{path}: {reason}")]
+    NeedsReadOnly { path: PathBuf, reason: String },
+
+    /// A request that the image cannot carry out (EINVAL).
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+
+    /// A write past the end of the disk (ENOSPC, as a block device answers).
+    #[error("write at {offset:#x} is past the end of the disk ({size} bytes)")]
+    PastEnd { offset: u64, size: u64 },
+
+    /// The mount or image is read-only.
+    #[error("{path}: read-only")]
+    ReadOnly { path: PathBuf },
+
     /// An operating-system error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -50,6 +89,16 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Refcount { source, .. } => match source {
+                crate::qcow2::refcount::RefcountError::Io { source, .. } => {
+                    source.raw_os_error().unwrap_or(libc::EIO)
+                }
+                crate::qcow2::refcount::RefcountError::Overflow { .. } => libc::EINVAL,
+                _ => libc::EIO,
+            },
+            Error::Invalid { .. } => libc::EINVAL,
+            Error::PastEnd { .. } => libc::ENOSPC,
+            Error::ReadOnly { .. } | Error::NeedsReadOnly { .. } => libc::EROFS,
             _ => libc::EIO,
         }
     }

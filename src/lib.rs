@@ -6,6 +6,7 @@ pub mod chain;
 pub mod error;
 pub mod fs;
 pub mod info;
+pub mod libvirt;
 pub mod mount;
 pub mod report;
 pub mod qcow2;

@@ -12,6 +12,7 @@ use fuser::{Config, MountOption, SessionACL};
 
 use crate::catalog::Catalog;
 use crate::chain::Chain;
+use crate::error::Error;
 use crate::cli::{MountArgs, parse_size};
 use crate::fs::{Ownership, SnapFs};
 use crate::qcow2::{Caches, OpenOptions};
@@ -99,8 +100,15 @@ impl MountSettings {
 /// Opens the chain, then mounts; returns when the file system is unmounted.
 pub fn mount(settings: MountSettings) -> Result<(), String> {
     let caches = Caches::new(settings.cache);
-    let chain = Chain::open(&settings.image, caches, OpenOptions::default())
-        .map_err(|e| e.to_string())?;
+    let writable = !settings.read_only;
+    let chain = match Chain::open(&settings.image, caches.clone(), OpenOptions { writable }) {
+        Err(Error::NeedsReadOnly { path, reason }) => {
+            eprintln!("snapfs: {}: {reason}", path.display());
+            Chain::open(&settings.image, caches, OpenOptions { writable: false })
+        }
+        other => other,
+    }
+    .map_err(|e| e.to_string())?;
     let chain = Arc::new(chain);
     let catalog = Arc::new(Catalog::build(chain.clone()).map_err(|e| e.to_string())?);
     let meta = chain
@@ -113,7 +121,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         gid: settings.gid.unwrap_or(meta.gid()),
         mode: (meta.mode() & 0o777) as u16,
         image_mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-        writable: false,
+        writable: catalog.live.view.is_writable(),
     };
     if !settings.mountpoint.is_dir() {
         return Err(format!(
@@ -122,7 +130,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         ));
     }
     let fs = SnapFs::new(catalog, owner);
-    let config = fuse_config(&settings, &chain.top().path().to_owned());
+    let config = fuse_config(&settings, chain.top().path(), !owner.writable);
 
     let ready = if settings.foreground {
         None
@@ -136,14 +144,14 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     result
 }
 
-fn fuse_config(settings: &MountSettings, image: &Path) -> Config {
+fn fuse_config(settings: &MountSettings, image: &Path, read_only: bool) -> Config {
     let mut options = vec![
         MountOption::FSName(image.display().to_string()),
         MountOption::Subtype("snapfs".into()),
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    options.push(if settings.read_only {
+    options.push(if read_only {
         MountOption::RO
     } else {
         MountOption::RW

@@ -52,8 +52,73 @@ impl View {
         }
     }
 
+    /// The view's size now: a view of a layer's active state follows the layer (the live disk
+    /// can grow); a snapshot's size is fixed.
     pub fn size(&self) -> u64 {
-        self.size
+        match self.table {
+            StartTable::Active => self.layer().virtual_size(),
+            StartTable::Snapshot(_) => self.size,
+        }
+    }
+
+    /// The writable top image, if this is the live view of a writable chain.
+    fn writable_image(&self) -> Result<&crate::qcow2::Qcow2Image> {
+        match (&self.table, self.layer().as_ref()) {
+            (StartTable::Active, Layer::Qcow2(image)) if self.layer == 0 && image.is_writable() => {
+                Ok(image)
+            }
+            _ => Err(Error::ReadOnly {
+                path: self.layer().path().to_owned(),
+            }),
+        }
+    }
+
+    /// Reads what the layers below this view's layer show (for copy-on-write).
+    fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        match self.chain.layers.get(self.layer + 1) {
+            Some(below) => read_layer(&self.chain, self.layer + 1, None, below.virtual_size(), buf, offset),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` of the live disk.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        let image = self.writable_image()?;
+        let result = image.write_at(data, offset, &|buf, pos| self.read_below(buf, pos));
+        self.invalidate();
+        result
+    }
+
+    /// Makes a range of the live disk read as zeros, releasing its clusters where it can.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        let image = self.writable_image()?;
+        let has_backing = self.chain.layers.len() > self.layer + 1;
+        let result =
+            image.zero_range(offset, len, &|buf, pos| self.read_below(buf, pos), has_backing);
+        self.invalidate();
+        result
+    }
+
+    /// Grows the live disk.
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let result = self.writable_image()?.grow(new_size);
+        self.invalidate();
+        result
+    }
+
+    /// Makes the live disk's writes durable.
+    pub fn flush(&self) -> Result<()> {
+        match self.writable_image() {
+            Ok(image) => image.flush(),
+            Err(_) => Ok(()),
+        }
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable_image().is_ok()
     }
 
     pub fn chain(&self) -> &Arc<Chain> {
@@ -79,7 +144,7 @@ impl View {
     /// Fills `buf` with the view's bytes at `offset`; bytes past the end read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let l1 = self.start_l1();
-        read_layer(&self.chain, self.layer, l1.as_deref(), self.size, buf, offset)
+        read_layer(&self.chain, self.layer, l1.as_deref(), self.size(), buf, offset)
     }
 
     /// Whether the range at `offset` holds data or a hole, and for how many bytes (at most
@@ -87,7 +152,7 @@ impl View {
     /// every layer are holes.
     pub fn extent_at(&self, offset: u64, max_len: u64) -> Result<(Extent, u64)> {
         let l1 = self.start_l1();
-        extent_layer(&self.chain, self.layer, l1.as_deref(), self.size, offset, max_len)
+        extent_layer(&self.chain, self.layer, l1.as_deref(), self.size(), offset, max_len)
     }
 
     /// `lseek(SEEK_DATA)`: the first data offset at or after `offset`, `None` if there is none.
@@ -98,15 +163,17 @@ impl View {
     /// `lseek(SEEK_HOLE)`: the first hole at or after `offset` (the end of the view counts as a
     /// hole); `None` if `offset` is past the end.
     pub fn seek_hole(&self, offset: u64) -> Result<Option<u64>> {
-        if offset >= self.size {
+        let size = self.size();
+        if offset >= size {
             return Ok(None);
         }
-        Ok(Some(self.seek(offset, Extent::Hole)?.unwrap_or(self.size)))
+        Ok(Some(self.seek(offset, Extent::Hole)?.unwrap_or(size)))
     }
 
     fn seek(&self, mut offset: u64, want: Extent) -> Result<Option<u64>> {
-        while offset < self.size {
-            let (extent, len) = self.extent_at(offset, self.size - offset)?;
+        let size = self.size();
+        while offset < size {
+            let (extent, len) = self.extent_at(offset, size - offset)?;
             if extent == want {
                 return Ok(Some(offset));
             }
@@ -123,8 +190,9 @@ impl View {
         }
         let mut total = 0;
         let mut offset = 0;
-        while offset < self.size {
-            let (extent, len) = self.extent_at(offset, self.size - offset)?;
+        let size = self.size();
+        while offset < size {
+            let (extent, len) = self.extent_at(offset, size - offset)?;
             if extent == Extent::Data {
                 total += len;
             }
@@ -164,6 +232,7 @@ fn read_layer(
         Layer::Raw(raw) => return raw.read(buf, offset),
         Layer::Qcow2(image) => image,
     };
+    let _guard = l1.is_none().then(|| image.read_guard());
     let active;
     let l1 = match l1 {
         Some(t) => t,
@@ -172,27 +241,15 @@ fn read_layer(
             &active
         }
     };
-    let mut done = 0usize;
-    while done < buf.len() {
-        let pos = offset + done as u64;
-        let mapping = image.map(l1, pos, (buf.len() - done) as u64)?;
-        let chunk = &mut buf[done..done + mapping.len() as usize];
-        match mapping {
-            Mapping::Data { host, .. } => image.read_data(host, chunk)?,
-            Mapping::Compressed { cluster, skip, .. } => {
-                image.read_compressed(cluster, skip, chunk)?
+    image.read_through(l1, buf, offset, &|chunk, pos| {
+        match chain.layers.get(depth + 1) {
+            Some(below) => read_layer(chain, depth + 1, None, below.virtual_size(), chunk, pos),
+            None => {
+                chunk.fill(0);
+                Ok(())
             }
-            Mapping::Zero { .. } => chunk.fill(0),
-            Mapping::Unallocated { .. } => match chain.layers.get(depth + 1) {
-                Some(below) => {
-                    read_layer(chain, depth + 1, None, below.virtual_size(), chunk, pos)?
-                }
-                None => chunk.fill(0),
-            },
         }
-        done += chunk.len();
-    }
-    Ok(())
+    })
 }
 
 fn extent_layer(

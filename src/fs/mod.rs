@@ -148,8 +148,11 @@ impl Filesystem for SnapFs {
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let open_flags = match node {
             Node::Root | Node::SnapshotsDir => return reply.error(Errno::EISDIR),
-            // Writes to the live disk come with the engine's write path; until then it is read-only.
-            Node::Live if wants_write => return reply.error(Errno::EROFS),
+            Node::Live if wants_write && !self.catalog.live.view.is_writable() => {
+                return reply.error(Errno::EROFS);
+            }
+            // Every change of the live disk goes through the kernel (or invalidates its pages), so
+            // its page cache stays valid across opens.
             Node::Live => FopenFlags::FOPEN_KEEP_CACHE,
             _ if wants_write => return reply.error(Errno::EACCES),
             // Snapshot files never change while they exist: keep their pages across opens.
@@ -233,12 +236,130 @@ impl Filesystem for SnapFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        if ino.0 != nodes::LIVE {
+            return reply.ok();
+        }
+        match self.catalog.live.view.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                log::error!("live.raw: fsync: {e}");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        if ino.0 != nodes::LIVE {
+            return reply.error(Errno::EBADF);
+        }
+        let view = &self.catalog.live.view;
+        let size = view.size();
+        if offset >= size && !data.is_empty() {
+            return reply.error(Errno::ENOSPC);
+        }
+        // A write that runs past the end is cut short, as a block device does.
+        let len = (size - offset).min(data.len() as u64) as usize;
+        match view.write_at(&data[..len], offset) {
+            Ok(()) => reply.written(len as u32),
+            Err(e) => {
+                log::error!("live.raw: write {len} bytes at {offset:#x}: {e}");
+                reply.error(errno(&e));
+            }
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if let Some(new_size) = size {
+            if node != Node::Live {
+                return reply.error(Errno::EACCES);
+            }
+            let view = &self.catalog.live.view;
+            if new_size != view.size() {
+                if let Err(e) = view.grow(new_size) {
+                    log::warn!("live.raw: resize to {new_size}: {e}");
+                    return reply.error(errno(&e));
+                }
+            }
+        }
+        // Owner, mode and times follow the image file; changing them is accepted and ignored, as
+        // on file systems without such metadata.
+        match self.attr(node) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino.0 != nodes::LIVE {
+            return reply.error(Errno::EBADF);
+        }
+        let view = &self.catalog.live.view;
+        let zeroing = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let result = if zeroing {
+            view.zero_range(offset, length)
+        } else if offset.saturating_add(length) <= view.size() || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+            // Plain preallocation inside the disk: every block already exists.
+            Ok(())
+        } else {
+            view.grow(offset.saturating_add(length).next_multiple_of(512))
+        };
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                log::error!("live.raw: fallocate mode {mode:#x} {length} bytes at {offset:#x}: {e}");
+                reply.error(errno(&e));
+            }
+        }
     }
 
     fn readdir(

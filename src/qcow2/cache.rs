@@ -83,12 +83,7 @@ impl<V: Clone> ByteLru<V> {
             shard.bytes -= old;
         }
         shard.bytes += bytes;
-        while shard.bytes > self.budget_per_shard && shard.entries.len() > 1 {
-            match shard.entries.pop_lru() {
-                Some((_, (_, cost))) => shard.bytes -= cost,
-                None => break,
-            }
-        }
+        self.evict(&mut shard);
     }
 
     /// Looks `key` up, loading and inserting it with `load` on a miss.
@@ -103,6 +98,49 @@ impl<V: Clone> ByteLru<V> {
         let (value, bytes) = load()?;
         self.insert(key, value.clone(), bytes);
         Ok(value)
+    }
+
+    /// Like [`ByteLru::get_or_load`], but the loaded value is kept only if `still_valid()` holds
+    /// when it is inserted (checked under the shard lock, so a concurrent [`ByteLru::publish`] of
+    /// a newer value is never overwritten by a stale load).
+    pub fn get_or_load_checked<E>(
+        &self,
+        key: CacheKey,
+        load: impl FnOnce() -> Result<(V, u64), E>,
+        still_valid: impl FnOnce() -> bool,
+    ) -> Result<V, E> {
+        if let Some(v) = self.get(&key) {
+            return Ok(v);
+        }
+        let (value, bytes) = load()?;
+        let mut shard = self.shard(&key).lock();
+        if still_valid() && !shard.entries.contains(&key) {
+            shard.entries.put(key, (value.clone(), bytes));
+            shard.bytes += bytes;
+            self.evict(&mut shard);
+        }
+        Ok(value)
+    }
+
+    /// Replaces the value at `key` with a newer one; `before` runs under the shard lock first
+    /// (it bumps the generation that [`ByteLru::get_or_load_checked`] checks).
+    pub fn publish(&self, key: CacheKey, value: V, bytes: u64, before: impl FnOnce()) {
+        let mut shard = self.shard(&key).lock();
+        before();
+        if let Some((_, old)) = shard.entries.put(key, (value, bytes)) {
+            shard.bytes -= old;
+        }
+        shard.bytes += bytes;
+        self.evict(&mut shard);
+    }
+
+    fn evict(&self, shard: &mut Shard<V>) {
+        while shard.bytes > self.budget_per_shard && shard.entries.len() > 1 {
+            match shard.entries.pop_lru() {
+                Some((_, (_, cost))) => shard.bytes -= cost,
+                None => break,
+            }
+        }
     }
 
     /// Drops every item of `image` at `offset` (after the table there changed or was freed).

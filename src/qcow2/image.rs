@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::error::{Error, MetadataError, Result};
 use crate::qcow2::cache::{ByteLru, CacheKey};
@@ -17,6 +17,7 @@ use crate::qcow2::l1::L1Table;
 use crate::qcow2::mapping::{self, CompressedCluster, L2Source, L2Table, Mapping};
 use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
 use crate::qcow2::snapshot::{self, Snapshot};
+use crate::qcow2::write::Writer;
 
 /// Bytes read from the start of the file for the header: the largest cluster 0 (2 MiB) plus the
 /// longest backing file name that may start at its end.
@@ -26,6 +27,7 @@ const MAX_L1_BYTES: u64 = 32 << 20;
 
 /// The caches every image of a mount shares.
 pub struct Caches {
+    budget: u64,
     pub l2: ByteLru<L2Table>,
     /// Decompressed clusters, so that small reads of one compressed cluster decode it once.
     pub clusters: ByteLru<Arc<[u8]>>,
@@ -35,9 +37,15 @@ impl Caches {
     /// Caches within `budget` bytes in all: 7/8 for L2 tables, 1/8 for decompressed clusters.
     pub fn new(budget: u64) -> Arc<Self> {
         Arc::new(Caches {
+            budget,
             l2: ByteLru::new(budget - budget / 8),
             clusters: ByteLru::new(budget / 8),
         })
+    }
+
+    /// The L2 part of the budget (refcount blocks of writable images take a share of it too).
+    pub fn l2_budget(&self) -> u64 {
+        self.budget - self.budget / 8
     }
 }
 
@@ -50,15 +58,25 @@ pub struct OpenOptions {
 static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 
 pub struct Qcow2Image {
-    id: u64,
-    path: PathBuf,
-    file: File,
+    pub(super) id: u64,
+    pub(super) path: PathBuf,
+    pub(super) file: File,
     file_len: u64,
-    header: Header,
-    geometry: Geometry,
-    active_l1: RwLock<Arc<L1Table>>,
+    pub(super) header: Header,
+    pub(super) geometry: Geometry,
+    /// The virtual size now (it changes when the disk grows).
+    pub(super) size: AtomicU64,
+    pub(super) active_l1: RwLock<Arc<L1Table>>,
     snapshots: Vec<Snapshot>,
-    caches: Arc<Caches>,
+    pub(super) caches: Arc<Caches>,
+    /// Bumped whenever an L2 table of this image is rewritten, so that a concurrent load of the
+    /// old contents is not cached over the new ones.
+    pub(super) l2_generation: AtomicU64,
+    /// The write side; `None` for images opened read-only.
+    pub(super) writer: Option<Mutex<Writer>>,
+    /// Readers of the active state hold this shared; freeing clusters takes it exclusively, so
+    /// that no read still in flight can see a freed cluster reused.
+    pub(super) reclaim: RwLock<()>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -96,11 +114,17 @@ impl Qcow2Image {
             .write(options.writable)
             .open(path)
             .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        Self::from_file(path, file, caches)
+        Self::from_file(path, file, caches, options)
     }
 
-    /// Validates an already opened file as a qcow2 image.
-    pub fn from_file(path: &Path, file: File, caches: Arc<Caches>) -> Result<Self> {
+    /// Validates an already opened file as a qcow2 image; with `options.writable` the file must be
+    /// open for writing and the write side is set up.
+    pub fn from_file(
+        path: &Path,
+        file: File,
+        caches: Arc<Caches>,
+        options: OpenOptions,
+    ) -> Result<Self> {
         let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
         let file_len = file_size(&file).map_err(|e| io("cannot get the file size", e))?;
         let mut start = vec![0u8; file_len.min(HEADER_READ_LEN) as usize];
@@ -110,6 +134,7 @@ impl Qcow2Image {
             source,
         })?;
         let geometry = Geometry::new(header.cluster_bits, header.extended_l2());
+        let size = AtomicU64::new(header.size);
         let mut image = Qcow2Image {
             id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
@@ -117,9 +142,13 @@ impl Qcow2Image {
             file_len,
             header,
             geometry,
+            size,
             active_l1: RwLock::new(Arc::new(L1Table::default())),
             snapshots: Vec::new(),
             caches,
+            l2_generation: AtomicU64::new(0),
+            writer: None,
+            reclaim: RwLock::new(()),
         };
         let active = image
             .read_l1(
@@ -130,7 +159,47 @@ impl Qcow2Image {
             .map_err(|e| image.metadata_error(e))?;
         *image.active_l1.get_mut() = Arc::new(active);
         image.snapshots = image.read_snapshot_table()?;
+        if options.writable {
+            let writer = Writer::open(&image)?;
+            image.writer = Some(Mutex::new(writer));
+        }
         Ok(image)
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Held while reading the active state (see `reclaim`).
+    pub fn read_guard(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        self.writer.as_ref().map(|_| self.reclaim.read())
+    }
+
+    /// Reads guest bytes at `offset` as this image shows them through `l1`; `backing` supplies
+    /// what unallocated ranges show.
+    pub fn read_through(
+        &self,
+        l1: &L1Table,
+        buf: &mut [u8],
+        offset: u64,
+        backing: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let mapping = self.map(l1, pos, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + mapping.len() as usize];
+            match mapping {
+                Mapping::Data { host, .. } => self.read_data(host, chunk)?,
+                Mapping::Compressed { cluster, skip, .. } => {
+                    self.read_compressed(cluster, skip, chunk)?
+                }
+                Mapping::Zero { .. } => chunk.fill(0),
+                Mapping::Unallocated { .. } => backing(chunk, pos)?,
+            }
+            done += chunk.len();
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -146,7 +215,7 @@ impl Qcow2Image {
     }
 
     pub fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn file_len(&self) -> u64 {
@@ -350,9 +419,12 @@ impl L2Source for Qcow2Image {
             offset: offset.0,
         };
         let cost = self.geometry.cluster_size();
-        self.caches
-            .l2
-            .get_or_load(key, || self.load_l2(offset).map(|t| (t, cost)))
+        let generation = self.l2_generation.load(Ordering::Acquire);
+        self.caches.l2.get_or_load_checked(
+            key,
+            || self.load_l2(offset).map(|t| (t, cost)),
+            || self.l2_generation.load(Ordering::Acquire) == generation,
+        )
     }
 
     fn metadata_error(&self, error: MetadataError) -> Error {

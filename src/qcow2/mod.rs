@@ -6,9 +6,12 @@ pub mod compress;
 pub mod header;
 pub mod image;
 pub mod l1;
+pub mod lock;
 pub mod mapping;
 pub mod offsets;
+pub mod refcount;
 pub mod snapshot;
+pub mod write;
 
 pub use image::{Caches, OpenOptions, Qcow2Image};
 pub use mapping::Mapping;

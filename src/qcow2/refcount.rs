@@ -1,0 +1,437 @@
+//! Reference counts and cluster allocation.
+//!
+//! From the spec: "qcow2 manages the allocation of host clusters by maintaining a reference count
+//! for each host cluster ... The refcount table has a variable size and contains pointers to
+//! refcount blocks. Each refcount block is one cluster and contains `cluster_size * 8 /
+//! refcount_bits` entries." Entries of 8 bits or more are big-endian; narrower ones are packed into
+//! bytes from the least significant bit up.
+//!
+//! Every change is written through to the file at once, in an order that makes a crash leave at
+//! most leaked clusters: a refcount is raised on disk before anything points at its cluster, and
+//! lowered only after the last pointer is gone (the callers' job). A new refcount block lives in
+//! the first cluster of the range it describes, so it always counts itself; a missing block means
+//! the whole range is free, so that first cluster is held back for the block.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use lru::LruCache;
+
+use crate::error::MetadataError;
+use crate::qcow2::header::Header;
+use crate::qcow2::image::read_or_zero;
+
+/// Bits 9–63 of a refcount table entry: the offset of a refcount block.
+const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+/// Why a refcount operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RefcountError {
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error("refcount of cluster at {offset:#x} would exceed the maximum {max} of {bits}-bit refcounts")]
+    Overflow { offset: u64, max: u64, bits: u32 },
+    #[error("refcount of cluster at {offset:#x} would drop below zero")]
+    Underflow { offset: u64 },
+    #[error("writing refcount metadata at {offset:#x}: {source}")]
+    Io {
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, RefcountError>;
+
+/// The refcount table and a cache of refcount blocks.
+pub struct Refcounts {
+    cluster_bits: u32,
+    /// log2 of the refcount width in bits.
+    order: u32,
+    /// log2 of the entries in one refcount block.
+    block_bits: u32,
+    table_offset: u64,
+    /// Refcount table entries (block offsets; 0 = no block).
+    table: Vec<u64>,
+    /// How many entries the on-disk table has room for.
+    table_capacity: u64,
+    blocks: LruCache<u64, Vec<u8>>,
+    /// No free cluster lies below this index.
+    free_hint: u64,
+}
+
+fn io_err(offset: u64) -> impl FnOnce(std::io::Error) -> RefcountError {
+    move |source| RefcountError::Io { offset, source }
+}
+
+fn write_all(file: &File, buf: &[u8], offset: u64) -> Result<()> {
+    file.write_all_at(buf, offset).map_err(io_err(offset))
+}
+
+impl Refcounts {
+    /// Loads the refcount table described by `header`. `cache_blocks` bounds the blocks kept.
+    pub fn load(file: &File, header: &Header, file_len: u64, cache_blocks: usize) -> Result<Self> {
+        let cluster_size = header.cluster_size();
+        let capacity = header.refcount_table_clusters as u64 * cluster_size / 8;
+        let offset = header.refcount_table_offset;
+        // Memory follows what the file holds, not what the header claims.
+        let in_file = file_len.saturating_sub(offset).min(capacity * 8);
+        let mut bytes = vec![0u8; in_file as usize];
+        read_or_zero(file, &mut bytes, offset).map_err(|e| MetadataError::Read {
+            what: "refcount table",
+            offset,
+            reason: e.to_string(),
+        })?;
+        let mut table = Vec::with_capacity(bytes.len() / 8);
+        for (i, c) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            let block = entry & REFTABLE_OFFSET_MASK;
+            if block & (cluster_size - 1) != 0 {
+                return Err(MetadataError::Unaligned {
+                    table: "refcount table",
+                    index: i as u64,
+                    offset: block,
+                }
+                .into());
+            }
+            if block != 0 && block < cluster_size {
+                return Err(MetadataError::PointsAtHeader {
+                    table: "refcount table",
+                    index: i as u64,
+                    offset: block,
+                }
+                .into());
+            }
+            table.push(block);
+        }
+        let order = header.refcount_order;
+        Ok(Refcounts {
+            cluster_bits: header.cluster_bits,
+            order,
+            block_bits: header.cluster_bits + 3 - order,
+            table_offset: offset,
+            table,
+            table_capacity: capacity,
+            blocks: LruCache::new(
+                std::num::NonZeroUsize::new(cache_blocks.max(4)).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
+            free_hint: 0,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn bits(&self) -> u32 {
+        1 << self.order
+    }
+
+    pub fn max_refcount(&self) -> u64 {
+        if self.bits() == 64 {
+            u64::MAX
+        } else {
+            (1 << self.bits()) - 1
+        }
+    }
+
+    pub fn table_offset(&self) -> u64 {
+        self.table_offset
+    }
+
+    pub fn table_clusters(&self) -> u64 {
+        (self.table_capacity * 8).div_ceil(self.cluster_size())
+    }
+
+    /// Offsets of every refcount block (for overlap checks).
+    pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table.iter().copied().filter(|&b| b != 0)
+    }
+
+    fn block_of(&self, cluster: u64) -> (usize, usize) {
+        (
+            (cluster >> self.block_bits) as usize,
+            (cluster & ((1 << self.block_bits) - 1)) as usize,
+        )
+    }
+
+    fn block_entry(&self, index: usize) -> u64 {
+        self.table.get(index).copied().unwrap_or(0)
+    }
+
+    /// The block at `offset`, loaded into the cache.
+    fn block(&mut self, file: &File, offset: u64) -> Result<&mut Vec<u8>> {
+        if !self.blocks.contains(&offset) {
+            let mut data = vec![0u8; self.cluster_size() as usize];
+            read_or_zero(file, &mut data, offset).map_err(|e| MetadataError::Read {
+                what: "refcount block",
+                offset,
+                reason: e.to_string(),
+            })?;
+            self.blocks.put(offset, data);
+        }
+        self.blocks
+            .get_mut(&offset)
+            .ok_or(RefcountError::Underflow { offset })
+    }
+
+    /// The refcount of the cluster with index `cluster` (host offset >> cluster_bits).
+    pub fn get(&mut self, file: &File, cluster: u64) -> Result<u64> {
+        let (b, i) = self.block_of(cluster);
+        let block = self.block_entry(b);
+        if block == 0 {
+            return Ok(0);
+        }
+        let order = self.order;
+        Ok(read_entry(self.block(file, block)?, i, order))
+    }
+
+    /// Sets the refcount of `cluster`, creating its refcount block (and growing the table) if
+    /// needed, and writes the change through.
+    fn set(&mut self, file: &File, cluster: u64, value: u64) -> Result<()> {
+        let (b, i) = self.block_of(cluster);
+        self.ensure_block(file, b)?;
+        let block = self.block_entry(b);
+        let order = self.order;
+        let data = self.block(file, block)?;
+        let (start, len) = write_entry(data, i, order, value);
+        let bytes = data[start..start + len].to_vec();
+        write_all(file, &bytes, block + start as u64)?;
+        if value == 0 {
+            self.free_hint = self.free_hint.min(cluster);
+        }
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of the cluster at host `offset`; returns the new value.
+    pub fn update(&mut self, file: &File, offset: u64, delta: i64) -> Result<u64> {
+        let cluster = offset >> self.cluster_bits;
+        let old = self.get(file, cluster)?;
+        let new = if delta >= 0 {
+            old.checked_add(delta as u64)
+                .filter(|&v| v <= self.max_refcount())
+                .ok_or(RefcountError::Overflow {
+                    offset,
+                    max: self.max_refcount(),
+                    bits: self.bits(),
+                })?
+        } else {
+            old.checked_sub(delta.unsigned_abs())
+                .ok_or(RefcountError::Underflow { offset })?
+        };
+        self.set(file, cluster, new)?;
+        Ok(new)
+    }
+
+    /// Whether the cluster may be handed out: refcount 0, and not the first cluster of a range
+    /// whose refcount block does not exist yet (that cluster is kept for the block itself).
+    fn is_free(&mut self, file: &File, cluster: u64) -> Result<bool> {
+        let (b, i) = self.block_of(cluster);
+        if self.block_entry(b) == 0 {
+            return Ok(i != 0);
+        }
+        Ok(self.get(file, cluster)? == 0)
+    }
+
+    fn find_free_run(&mut self, file: &File, count: u64) -> Result<u64> {
+        let mut start = self.free_hint.max(1);
+        let mut cluster = start;
+        while cluster - start < count {
+            if self.is_free(file, cluster)? {
+                cluster += 1;
+            } else {
+                cluster += 1;
+                start = cluster;
+            }
+        }
+        Ok(start)
+    }
+
+    /// Allocates `count` contiguous clusters with refcount 1; returns the host offset of the first.
+    pub fn allocate(&mut self, file: &File, count: u64) -> Result<u64> {
+        loop {
+            let first = self.find_free_run(file, count)?;
+            let last_block = ((first + count - 1) >> self.block_bits) as usize;
+            if last_block as u64 >= self.table_capacity {
+                self.grow_table(file, last_block as u64 + 1)?;
+                continue;
+            }
+            for cluster in first..first + count {
+                self.set(file, cluster, 1)?;
+            }
+            if self.free_hint == first {
+                self.free_hint = first + count;
+            }
+            return Ok(first << self.cluster_bits);
+        }
+    }
+
+    /// Drops one reference to each of `count` clusters from host `offset`.
+    pub fn free(&mut self, file: &File, offset: u64, count: u64) -> Result<()> {
+        for n in 0..count {
+            self.update(file, offset + (n << self.cluster_bits), -1)?;
+        }
+        Ok(())
+    }
+
+    /// Creates refcount block `index` if it does not exist, in the first cluster of its range.
+    fn ensure_block(&mut self, file: &File, index: usize) -> Result<()> {
+        if index as u64 >= self.table_capacity {
+            self.grow_table(file, index as u64 + 1)?;
+        }
+        if self.block_entry(index) != 0 {
+            return Ok(());
+        }
+        let offset = ((index as u64) << self.block_bits) << self.cluster_bits;
+        let mut data = vec![0u8; self.cluster_size() as usize];
+        write_entry(&mut data, 0, self.order, 1);
+        // The block first, then the table entry that points at it.
+        write_all(file, &data, offset)?;
+        if self.table.len() <= index {
+            self.table.resize(index + 1, 0);
+        }
+        self.table[index] = offset;
+        write_all(file, &offset.to_be_bytes(), self.table_offset + index as u64 * 8)?;
+        self.blocks.put(offset, data);
+        Ok(())
+    }
+
+    /// Moves the refcount table to a larger place holding at least `min_entries` entries:
+    /// write the new table, switch the header to it in one write, then free the old one.
+    fn grow_table(&mut self, file: &File, min_entries: u64) -> Result<()> {
+        let per_cluster = self.cluster_size() / 8;
+        let mut entries = min_entries
+            .max(self.table_capacity * 2)
+            .max(per_cluster)
+            .next_multiple_of(per_cluster);
+        let (first, clusters) = loop {
+            let clusters = entries / per_cluster;
+            let first = self.find_free_run(file, clusters)?;
+            let last_block = (first + clusters - 1) >> self.block_bits;
+            if last_block < entries {
+                break (first, clusters);
+            }
+            entries = (last_block + 1).next_multiple_of(per_cluster);
+        };
+        let old_offset = self.table_offset;
+        let old_clusters = self.table_clusters();
+        // From here on new blocks are entered in the new table only (the old on-disk table keeps
+        // its size); blocks the new table's own clusters need are created now.
+        let old_capacity = self.table_capacity;
+        self.table_capacity = entries;
+        for cluster in first..first + clusters {
+            let (b, _) = self.block_of(cluster);
+            if self.block_entry(b) == 0 {
+                self.create_block_in_memory(file, b, old_capacity)?;
+            }
+        }
+        for cluster in first..first + clusters {
+            let (b, i) = self.block_of(cluster);
+            let block = self.block_entry(b);
+            let order = self.order;
+            let data = self.block(file, block)?;
+            let (start, len) = write_entry(data, i, order, 1);
+            let bytes = data[start..start + len].to_vec();
+            write_all(file, &bytes, block + start as u64)?;
+        }
+        let new_offset = first << self.cluster_bits;
+        let mut bytes = vec![0u8; (entries * 8) as usize];
+        for (i, e) in self.table.iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        write_all(file, &bytes, new_offset)?;
+        file.sync_data().map_err(io_err(new_offset))?;
+        // The switch: refcount_table_offset (48) and refcount_table_clusters (56) in one write.
+        let mut header = [0u8; 12];
+        header[..8].copy_from_slice(&new_offset.to_be_bytes());
+        header[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        write_all(file, &header, 48)?;
+        self.table_offset = new_offset;
+        self.free_hint = self.free_hint.min(old_offset >> self.cluster_bits);
+        self.free(file, old_offset, old_clusters)
+    }
+
+    /// Creates block `index` at the first cluster of its range; its table entry is written to the
+    /// on-disk table only where that table has room (`disk_capacity`).
+    fn create_block_in_memory(&mut self, file: &File, index: usize, disk_capacity: u64) -> Result<()> {
+        let offset = ((index as u64) << self.block_bits) << self.cluster_bits;
+        let mut data = vec![0u8; self.cluster_size() as usize];
+        write_entry(&mut data, 0, self.order, 1);
+        write_all(file, &data, offset)?;
+        if self.table.len() <= index {
+            self.table.resize(index + 1, 0);
+        }
+        self.table[index] = offset;
+        if (index as u64) < disk_capacity {
+            write_all(file, &offset.to_be_bytes(), self.table_offset + index as u64 * 8)?;
+        }
+        self.blocks.put(offset, data);
+        Ok(())
+    }
+}
+
+/// Reads entry `index` of a refcount block of 2^`order`-bit entries.
+pub fn read_entry(block: &[u8], index: usize, order: u32) -> u64 {
+    let bits = 1usize << order;
+    if bits >= 8 {
+        let bytes = bits / 8;
+        block[index * bytes..(index + 1) * bytes]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | b as u64)
+    } else {
+        let bit = index * bits;
+        ((block[bit / 8] >> (bit % 8)) as u64) & ((1 << bits) - 1)
+    }
+}
+
+/// Writes entry `index`; returns the byte range of the block that changed.
+pub fn write_entry(block: &mut [u8], index: usize, order: u32, value: u64) -> (usize, usize) {
+    let bits = 1usize << order;
+    if bits >= 8 {
+        let bytes = bits / 8;
+        let start = index * bytes;
+        let be = value.to_be_bytes();
+        block[start..start + bytes].copy_from_slice(&be[8 - bytes..]);
+        (start, bytes)
+    } else {
+        let bit = index * bits;
+        let mask = (((1u16 << bits) - 1) as u8) << (bit % 8);
+        let byte = &mut block[bit / 8];
+        *byte = (*byte & !mask) | (((value as u8) << (bit % 8)) & mask);
+        (bit / 8, 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_of_every_width() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits as usize;
+            for i in 0..n {
+                write_entry(&mut block, i, order, (i as u64 * 7) & max);
+            }
+            for i in 0..n {
+                assert_eq!(read_entry(&block, i, order), (i as u64 * 7) & max, "order {order} entry {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn narrow_entries_pack_from_the_low_bit() {
+        let mut block = vec![0u8; 8];
+        write_entry(&mut block, 0, 0, 1);
+        write_entry(&mut block, 3, 0, 1);
+        assert_eq!(block[0], 0b1001);
+        write_entry(&mut block, 1, 2, 0xf);
+        assert_eq!(block[0], 0xf0 | 0b1001 & 0x0f);
+        let mut block = vec![0u8; 8];
+        write_entry(&mut block, 1, 4, 0x1234);
+        assert_eq!(&block[..4], &[0, 0, 0x12, 0x34]);
+    }
+}

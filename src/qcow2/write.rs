@@ -1,0 +1,634 @@
+//! The write side of an image: allocating writes, copy-on-write of clusters and L2 tables shared
+//! with internal snapshots, discard, growing the disk, and flushing.
+//!
+//! Every metadata change is written through at once, in QEMU's order, so that a process killed at
+//! any point leaves at most leaked clusters:
+//! - a cluster's refcount is raised before any L1/L2 entry points at it;
+//! - guest data (and the copied-on-write rest of its cluster) is written before the L2 entry that
+//!   maps it; a new L2 table is written before the L1 entry that points at it;
+//! - a refcount is lowered only after the entry that referenced the cluster is gone.
+//!
+//! COPIED (bit 63 of L1 and L2 entries) is set exactly on entries whose cluster has refcount 1:
+//! only those are written in place; anything else is copied to a new cluster first.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::error::{Error, Result};
+use crate::qcow2::cache::CacheKey;
+use crate::qcow2::header::{autoclear, incompatible};
+use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
+use crate::qcow2::mapping::{
+    CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2_ZERO, L2Table,
+};
+use crate::qcow2::offsets::HostOffset;
+use crate::qcow2::refcount::{RefcountError, Refcounts};
+
+/// Extended L2 bitmap: every subcluster allocated.
+const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
+/// Extended L2 bitmap: every subcluster reads as zero.
+const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+
+/// What supplies the guest data below this image (the backing chain), for copy-on-write.
+pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
+
+/// Kinds of metadata whose clusters a data write must never touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetadataKind {
+    Header,
+    ActiveL1,
+    RefcountTable,
+    RefcountBlock,
+    ActiveL2,
+    SnapshotTable,
+    SnapshotL1,
+}
+
+/// State of the write side, behind the image's writer mutex.
+pub struct Writer {
+    refcounts: Refcounts,
+    l1_offset: u64,
+    /// Clusters holding metadata, by cluster index (QEMU's overlap checks, all of them but the
+    /// inactive L2 tables).
+    metadata: std::collections::HashMap<u64, MetadataKind>,
+    corrupt: bool,
+}
+
+impl Writer {
+    /// Sets up writing: refuses images QEMU would repair first, clears autoclear bits that we do
+    /// not maintain (their data would go stale), and indexes the metadata clusters.
+    pub(super) fn open(image: &Qcow2Image) -> Result<Writer> {
+        let h = &image.header;
+        let path = image.path.clone();
+        if h.is_corrupt() {
+            return Err(Error::NeedsReadOnly {
+                path,
+                reason: "the image is marked corrupt; mounting read-only (repair it with `qemu-img check -r all`)".into(),
+            });
+        }
+        if h.is_dirty() {
+            return Err(Error::NeedsReadOnly {
+                path,
+                reason: "the image is dirty (lazy refcounts were not written back); mounting read-only (repair it with `qemu-img check -r all`)".into(),
+            });
+        }
+        if h.version >= 3 && h.autoclear_features != 0 {
+            // Bitmaps would not follow our writes; clearing the bit tells QEMU they are stale.
+            let cleared = 0u64;
+            image
+                .file
+                .write_all_at(&cleared.to_be_bytes(), 88)
+                .map_err(|e| Error::io(format!("{}: clearing autoclear features", path.display()), e))?;
+            log::info!(
+                "{}: cleared autoclear features {:#x}{}",
+                path.display(),
+                h.autoclear_features,
+                if h.autoclear_features & autoclear::BITMAPS != 0 {
+                    " (persistent bitmaps are now marked inconsistent)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let cache_blocks = (image.caches.l2_budget() / 16 / image.geometry.cluster_size()) as usize;
+        let refcounts = Refcounts::load(&image.file, h, image.file_len(), cache_blocks)
+            .map_err(|source| Error::Refcount { path: path.clone(), source })?;
+        let mut writer = Writer {
+            refcounts,
+            l1_offset: h.l1_table_offset,
+            metadata: Default::default(),
+            corrupt: false,
+        };
+        writer.index_metadata(image);
+        Ok(writer)
+    }
+
+    fn index_metadata(&mut self, image: &Qcow2Image) {
+        let cs = image.geometry.cluster_size();
+        let bits = image.geometry.cluster_bits;
+        let h = &image.header;
+        let mut add = |offset: u64, len: u64, kind| {
+            if len == 0 {
+                return;
+            }
+            for c in (offset >> bits)..=((offset + len - 1) >> bits) {
+                self.metadata.insert(c, kind);
+            }
+        };
+        add(0, cs, MetadataKind::Header);
+        let l1 = image.active_l1();
+        add(h.l1_table_offset, l1.declared_len() * 8, MetadataKind::ActiveL1);
+        add(
+            self.refcounts.table_offset(),
+            self.refcounts.table_clusters() * cs,
+            MetadataKind::RefcountTable,
+        );
+        for block in self.refcounts.block_offsets().collect::<Vec<_>>() {
+            add(block, cs, MetadataKind::RefcountBlock);
+        }
+        for e in l1.entries() {
+            let off = e & L1_OFFSET_MASK;
+            if off != 0 {
+                add(off, cs, MetadataKind::ActiveL2);
+            }
+        }
+        if h.nb_snapshots > 0 {
+            let len: u64 = image.snapshots().iter().map(|s| s.encoded_len() as u64).sum();
+            add(h.snapshots_offset, len, MetadataKind::SnapshotTable);
+            for s in image.snapshots() {
+                add(s.l1_table_offset, s.l1_size as u64 * 8, MetadataKind::SnapshotL1);
+            }
+        }
+    }
+
+    fn add_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32, kind: MetadataKind) {
+        for c in 0..clusters {
+            self.metadata.insert((offset >> cluster_bits) + c, kind);
+        }
+    }
+
+    fn remove_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32) {
+        for c in 0..clusters {
+            self.metadata.remove(&((offset >> cluster_bits) + c));
+        }
+    }
+}
+
+/// One L2 table being changed: its entries, where it lives, and which entries changed.
+struct L2Edit {
+    offset: u64,
+    words: Vec<u64>,
+    words_per_entry: usize,
+    changed: Option<(usize, usize)>,
+}
+
+impl L2Edit {
+    fn entry(&self, index: usize) -> (u64, u64) {
+        let w = index * self.words_per_entry;
+        let bitmap = if self.words_per_entry == 2 { self.words[w + 1] } else { 0 };
+        (self.words[w], bitmap)
+    }
+
+    fn set(&mut self, index: usize, entry: u64, bitmap: u64) {
+        let w = index * self.words_per_entry;
+        self.words[w] = entry;
+        if self.words_per_entry == 2 {
+            self.words[w + 1] = bitmap;
+        }
+        self.changed = Some(match self.changed {
+            None => (index, index),
+            Some((a, b)) => (a.min(index), b.max(index)),
+        });
+    }
+}
+
+/// References a cluster held before an entry was changed, to drop once the entry is written.
+enum OldReference {
+    Cluster(u64),
+    Compressed(CompressedCluster),
+}
+
+impl Qcow2Image {
+    fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
+        let w = self
+            .writer
+            .as_ref()
+            .ok_or_else(|| Error::ReadOnly { path: self.path.clone() })?
+            .lock();
+        if w.corrupt {
+            return Err(Error::MarkedCorrupt { path: self.path.clone() });
+        }
+        Ok(w)
+    }
+
+    fn refcount_err(&self) -> impl Fn(RefcountError) -> Error + '_ {
+        |source| Error::Refcount { path: self.path.clone(), source }
+    }
+
+    fn write_file(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(format!("{}: writing {what} at {offset:#x}", self.path.display()), e)
+        })
+    }
+
+    /// QEMU's overlap check: refuses (and marks the image corrupt) a write of `len` bytes at
+    /// `offset` that would land on metadata.
+    fn check_overlap(&self, w: &mut Writer, what: &'static str, offset: u64, len: u64) -> Result<()> {
+        let bits = self.geometry.cluster_bits;
+        if len == 0 {
+            return Ok(());
+        }
+        for c in (offset >> bits)..=((offset + len - 1) >> bits) {
+            if let Some(kind) = w.metadata.get(&c) {
+                let metadata = format!("{kind:?} metadata (cluster {:#x})", c << bits);
+                log::error!("{}: Marking image as corrupt: {what} at {offset:#x} overlaps {metadata}", self.path.display());
+                w.corrupt = true;
+                let flags = self.header.incompatible_features | incompatible::CORRUPT;
+                let _ = self.file.write_all_at(&flags.to_be_bytes(), 72);
+                let _ = self.file.sync_data();
+                return Err(Error::Overlap { path: self.path.clone(), what, offset, metadata });
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_l2(&self, offset: u64, table: L2Table) {
+        let key = CacheKey { image: self.id, offset };
+        self.caches.l2.publish(key, table, self.geometry.cluster_size(), || {
+            self.l2_generation.fetch_add(1, Ordering::AcqRel);
+        });
+    }
+
+    fn set_l1_entry(&self, w: &mut Writer, index: u64, entry: u64) -> Result<()> {
+        self.write_file(&entry.to_be_bytes(), w.l1_offset + index * 8, "L1 entry")?;
+        let mut l1 = self.active_l1.write();
+        let mut entries = l1.entries().to_vec();
+        if entries.len() <= index as usize {
+            entries.resize(index as usize + 1, 0);
+        }
+        entries[index as usize] = entry;
+        *l1 = Arc::new(L1Table::new(entries, l1.declared_len()));
+        Ok(())
+    }
+
+    /// The L2 table for `l1_index`, ready to be changed in place: allocated if missing, copied if
+    /// shared with a snapshot (COPIED clear).
+    fn writable_l2(&self, w: &mut Writer, l1_index: u64) -> Result<L2Edit> {
+        let l1 = self.active_l1();
+        let entry = l1.entry(l1_index);
+        let old = entry & L1_OFFSET_MASK;
+        let words_per_entry = self.geometry.l2_entry_words();
+        let cs = self.geometry.cluster_size();
+        if old != 0 && entry & COPIED != 0 {
+            let table = crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?;
+            return Ok(L2Edit { offset: old, words: table.to_vec(), words_per_entry, changed: None });
+        }
+        let words: Vec<u64> = if old == 0 {
+            vec![0; (cs / 8) as usize]
+        } else {
+            crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?.to_vec()
+        };
+        let new = w.refcounts.allocate(&self.file, 1).map_err(self.refcount_err())?;
+        self.check_overlap(w, "new L2 table", new, cs)?;
+        let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
+        self.write_file(&bytes, new, "L2 table")?;
+        w.add_metadata(new, 1, self.geometry.cluster_bits, MetadataKind::ActiveL2);
+        self.publish_l2(new, Arc::from(words.clone()));
+        self.set_l1_entry(w, l1_index, new | COPIED)?;
+        if old != 0 {
+            let left = w.refcounts.update(&self.file, old, -1).map_err(self.refcount_err())?;
+            if left == 0 {
+                w.remove_metadata(old, 1, self.geometry.cluster_bits);
+            }
+        }
+        Ok(L2Edit { offset: new, words, words_per_entry, changed: None })
+    }
+
+    /// Writes the changed entries of `edit` and makes them visible to readers.
+    fn commit_l2(&self, edit: L2Edit) -> Result<()> {
+        let Some((first, last)) = edit.changed else {
+            return Ok(());
+        };
+        let w = edit.words_per_entry;
+        let bytes: Vec<u8> = edit.words[first * w..(last + 1) * w]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        self.write_file(&bytes, edit.offset + (first * w * 8) as u64, "L2 entries")?;
+        self.publish_l2(edit.offset, Arc::from(edit.words));
+        Ok(())
+    }
+
+    /// Drops references held by entries that were just overwritten.
+    fn release(&self, w: &mut Writer, old: Vec<OldReference>) -> Result<()> {
+        if old.is_empty() {
+            return Ok(());
+        }
+        // Wait for reads that may still use the old mapping before a cluster can be reused.
+        let _quiet = self.reclaim.write();
+        let bits = self.geometry.cluster_bits;
+        for r in old {
+            match r {
+                OldReference::Cluster(host) => {
+                    w.refcounts.update(&self.file, host, -1).map_err(self.refcount_err())?;
+                }
+                OldReference::Compressed(c) => {
+                    let first = c.host.0 >> bits;
+                    let last = (c.host.0 + c.len - 1) >> bits;
+                    for cluster in first..=last {
+                        w.refcounts.update(&self.file, cluster << bits, -1).map_err(self.refcount_err())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What an entry held that a replacement must release.
+    fn old_reference(&self, entry: u64) -> Option<OldReference> {
+        if entry & L2_COMPRESSED != 0 {
+            return Some(OldReference::Compressed(CompressedCluster::from_entry(entry, &self.geometry)));
+        }
+        match entry & L2_OFFSET_MASK {
+            0 => None,
+            host => Some(OldReference::Cluster(host)),
+        }
+    }
+
+    /// Whether the cluster of `entry` is ours alone (refcount 1) and holds its data in place.
+    fn owned_host(&self, entry: u64) -> Option<u64> {
+        let host = entry & L2_OFFSET_MASK;
+        let plain = entry & L2_COMPRESSED == 0 && (self.geometry.extended_l2 || entry & L2_ZERO == 0);
+        (plain && host != 0 && entry & L2_COPIED != 0).then_some(host)
+    }
+
+    /// Writes `data` at guest `offset` of the active disk.
+    pub fn write_at(&self, data: &[u8], offset: u64, backing: BackingRead) -> Result<()> {
+        let size = self.virtual_size();
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
+            return Err(Error::PastEnd { offset, size });
+        }
+        let mut w = self.writer()?;
+        let coverage = self.geometry.l2_coverage();
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let table_end = (pos / coverage + 1) * coverage;
+            let n = ((table_end - pos) as usize).min(data.len() - done);
+            self.write_in_table(&mut w, &data[done..done + n], pos, backing)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes a range that lies within one L2 table.
+    fn write_in_table(&self, w: &mut Writer, data: &[u8], offset: u64, backing: BackingRead) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let mut edit = self.writable_l2(w, g.l1_index(crate::qcow2::GuestOffset(offset)))?;
+        let mut old_refs = Vec::new();
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let index = g.l2_index(crate::qcow2::GuestOffset(pos));
+            let (entry, _) = edit.entry(index);
+            if let Some(host) = self.owned_host(entry) {
+                // In place: extend over following clusters whose host data is contiguous.
+                let mut end = ((pos / cs) + 1) * cs;
+                let mut next = index + 1;
+                while end < offset + data.len() as u64 && next < g.l2_entries() as usize {
+                    match self.owned_host(edit.entry(next).0) {
+                        Some(h) if h == host + (next - index) as u64 * cs => {
+                            end += cs;
+                            next += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                let end = end.min(offset + data.len() as u64);
+                let chunk = &data[done..(end - offset) as usize];
+                let host_pos = host + g.in_cluster(pos);
+                if g.extended_l2 {
+                    self.write_subclusters_in_place(w, &mut edit, index, pos, chunk, backing)?;
+                    done += ((pos / cs + 1) * cs).min(end).saturating_sub(pos) as usize;
+                    continue;
+                }
+                self.check_overlap(w, "guest data", host_pos, chunk.len() as u64)?;
+                self.write_file(chunk, host_pos, "guest data")?;
+                done += chunk.len();
+                continue;
+            }
+            // A run of clusters that need a new home, allocated together so one write fills them.
+            let mut count = 1;
+            let last = (offset + data.len() as u64 - 1) / cs;
+            while pos / cs + count <= last
+                && index + (count as usize) < g.l2_entries() as usize
+                && self.owned_host(edit.entry(index + count as usize).0).is_none()
+            {
+                count += 1;
+            }
+            let run_start = pos - g.in_cluster(pos);
+            let run_len = count * cs;
+            let mut buf = vec![0u8; run_len as usize];
+            let write_from = (pos - run_start) as usize;
+            let write_to = ((offset + data.len() as u64).min(run_start + run_len) - run_start) as usize;
+            // Only the first and last cluster can be partly written: fill them from what the disk
+            // shows now.
+            let first_partial = write_from > 0;
+            let last_partial = write_to < run_len as usize;
+            if first_partial {
+                self.read_current(&mut buf[..cs as usize], run_start, backing)?;
+            }
+            if last_partial && !(count == 1 && first_partial) {
+                let last_start = (run_len - cs) as usize;
+                self.read_current(&mut buf[last_start..], run_start + last_start as u64, backing)?;
+            }
+            buf[write_from..write_to].copy_from_slice(&data[done..done + (write_to - write_from)]);
+            let host = w.refcounts.allocate(&self.file, count).map_err(self.refcount_err())?;
+            self.check_overlap(w, "new data cluster", host, run_len)?;
+            self.write_file(&buf, host, "guest data")?;
+            for i in 0..count as usize {
+                let (old, _) = edit.entry(index + i);
+                if let Some(r) = self.old_reference(old) {
+                    old_refs.push(r);
+                }
+                let new_host = host + i as u64 * cs;
+                edit.set(index + i, new_host | L2_COPIED, if g.extended_l2 { ALL_ALLOCATED } else { 0 });
+            }
+            done += write_to - write_from;
+        }
+        self.commit_l2(edit)?;
+        self.release(w, old_refs)
+    }
+
+    /// Extended L2, cluster ours: writes the subclusters touched by `data` at `pos` in place,
+    /// filling the unwritten parts of newly allocated subclusters from what they showed before.
+    fn write_subclusters_in_place(
+        &self,
+        w: &mut Writer,
+        edit: &mut L2Edit,
+        index: usize,
+        pos: u64,
+        data: &[u8],
+        backing: BackingRead,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let sc = g.subcluster_size();
+        let cluster_start = pos - g.in_cluster(pos);
+        let end = (pos + data.len() as u64).min(cluster_start + cs);
+        let (entry, bitmap) = edit.entry(index);
+        let host = entry & L2_OFFSET_MASK;
+        let span_start = pos - pos % sc;
+        let span_end = end.div_ceil(sc) * sc;
+        let mut buf = vec![0u8; (span_end - span_start) as usize];
+        let first_sub = ((span_start - cluster_start) / sc) as u32;
+        let last_sub = ((span_end - cluster_start) / sc) as u32;
+        let needs_fill = pos != span_start || end != span_end;
+        if needs_fill {
+            self.read_current(&mut buf, span_start, backing)?;
+        }
+        let from = (pos - span_start) as usize;
+        buf[from..from + (end - pos) as usize].copy_from_slice(&data[..(end - pos) as usize]);
+        let host_pos = host + (span_start - cluster_start);
+        self.check_overlap(w, "guest data", host_pos, buf.len() as u64)?;
+        self.write_file(&buf, host_pos, "guest data")?;
+        let mut alloc = bitmap & ALL_ALLOCATED;
+        let mut zero = bitmap >> 32;
+        for s in first_sub..last_sub {
+            alloc |= 1 << s;
+            zero &= !(1u64 << s);
+        }
+        let new_bitmap = alloc | (zero << 32);
+        if new_bitmap != bitmap {
+            edit.set(index, entry, new_bitmap);
+        }
+        Ok(())
+    }
+
+    /// Reads what the active disk shows at `offset` now (for copy-on-write).
+    fn read_current(&self, buf: &mut [u8], offset: u64, backing: BackingRead) -> Result<()> {
+        let l1 = self.active_l1();
+        self.read_through(&l1, buf, offset, backing)
+    }
+
+    /// Makes the range read as zeros (discard, `fallocate` PUNCH_HOLE / ZERO_RANGE): whole
+    /// clusters become zero clusters (or unallocated where nothing shows through) and their host
+    /// clusters are released; partial clusters at the edges are written with zeros.
+    pub fn zero_range(&self, offset: u64, len: u64, backing: BackingRead, has_backing: bool) -> Result<()> {
+        let size = self.virtual_size();
+        let end = offset.saturating_add(len).min(size);
+        if offset >= end {
+            return Ok(());
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let first_full = offset.div_ceil(cs) * cs;
+        let last_full = end / cs * cs;
+        let zero_flag_ok = self.header.version >= 3;
+        if first_full >= last_full || (!zero_flag_ok && has_backing) {
+            // No whole cluster, or no way to mark one as zero over a backing file (v2).
+            return self.write_zeros(offset, end - offset, backing);
+        }
+        if offset < first_full {
+            self.write_zeros(offset, first_full - offset, backing)?;
+        }
+        {
+            let mut w = self.writer()?;
+            let coverage = g.l2_coverage();
+            let mut pos = first_full;
+            while pos < last_full {
+                let table_end = ((pos / coverage + 1) * coverage).min(last_full);
+                let l1_index = g.l1_index(crate::qcow2::GuestOffset(pos));
+                if self.active_l1().l2_offset(l1_index).is_none() && !has_backing {
+                    pos = table_end; // Unallocated with nothing below: already reads as zeros.
+                    continue;
+                }
+                let mut edit = self.writable_l2(&mut w, l1_index)?;
+                let mut old_refs = Vec::new();
+                while pos < table_end {
+                    let index = g.l2_index(crate::qcow2::GuestOffset(pos));
+                    let (entry, bitmap) = edit.entry(index);
+                    let (new_entry, new_bitmap) = match (zero_flag_ok, g.extended_l2) {
+                        (true, false) => (L2_ZERO, 0),
+                        (true, true) => (0, ALL_ZERO),
+                        (false, _) => (0, 0),
+                    };
+                    if (entry, bitmap) != (new_entry, new_bitmap) {
+                        if let Some(r) = self.old_reference(entry) {
+                            old_refs.push(r);
+                        }
+                        edit.set(index, new_entry, new_bitmap);
+                    }
+                    pos += cs;
+                }
+                self.commit_l2(edit)?;
+                self.release(&mut w, old_refs)?;
+            }
+        }
+        if last_full < end {
+            self.write_zeros(last_full, end - last_full, backing)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64, backing: BackingRead) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = CHUNK.min(offset + len - pos);
+            self.write_at(&zeros[..n as usize], pos, backing)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Grows the virtual disk to `new_size` bytes (like `qemu-img resize`): the L1 table grows
+    /// first if it must, then the size field changes. Shrinking is refused.
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        let invalid = |reason: String| Error::Invalid { path: self.path.clone(), reason };
+        let size = self.virtual_size();
+        if new_size < size {
+            return Err(invalid(format!(
+                "shrinking the disk from {size} to {new_size} bytes is not supported"
+            )));
+        }
+        if new_size % 512 != 0 {
+            return Err(invalid(format!("the new size {new_size} is not a multiple of 512")));
+        }
+        if new_size == size {
+            return Ok(());
+        }
+        if self.header.version < 3 && !self.snapshots().is_empty() {
+            return Err(invalid("a version 2 image with snapshots cannot be resized".into()));
+        }
+        let mut w = self.writer()?;
+        let g = self.geometry;
+        let needed = g.l1_entries_for(new_size);
+        let l1 = self.active_l1();
+        if needed > l1.declared_len() {
+            if needed * 8 > 32 << 20 {
+                return Err(invalid(format!("{new_size} bytes need an L1 table larger than 32 MiB")));
+            }
+            let cs = g.cluster_size();
+            let clusters = (needed * 8).div_ceil(cs);
+            let new_offset = w.refcounts.allocate(&self.file, clusters).map_err(self.refcount_err())?;
+            self.check_overlap(&mut w, "new L1 table", new_offset, clusters * cs)?;
+            let mut bytes = vec![0u8; (clusters * cs) as usize];
+            for (i, e) in l1.entries().iter().enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            self.write_file(&bytes, new_offset, "L1 table")?;
+            self.file
+                .sync_data()
+                .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))?;
+            // l1_size (36) and l1_table_offset (40) switch together in one write.
+            let mut field = [0u8; 12];
+            field[..4].copy_from_slice(&(needed as u32).to_be_bytes());
+            field[4..].copy_from_slice(&new_offset.to_be_bytes());
+            self.write_file(&field, 36, "header L1 fields")?;
+            let old_offset = w.l1_offset;
+            let old_clusters = (l1.declared_len() * 8).div_ceil(cs);
+            w.l1_offset = new_offset;
+            *self.active_l1.write() = Arc::new(L1Table::new(l1.entries().to_vec(), needed));
+            w.remove_metadata(old_offset, old_clusters, g.cluster_bits);
+            w.add_metadata(new_offset, clusters, g.cluster_bits, MetadataKind::ActiveL1);
+            w.refcounts
+                .free(&self.file, old_offset, old_clusters)
+                .map_err(self.refcount_err())?;
+        }
+        self.write_file(&new_size.to_be_bytes(), 24, "header size")?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))
+    }
+}
