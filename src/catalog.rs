@@ -6,13 +6,16 @@
 //! snapshot inside a backing layer `B` is `B@TAG.raw`. A tag that is empty, repeated within its
 //! image, not UTF-8, or not a valid file name gets `id-ID.raw`; any remaining clash gets `~N`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::RwLock;
+
 use crate::chain::{Chain, Layer};
 use crate::error::Result;
+use crate::qcow2::snapshot::Snapshot;
 use crate::view::{StartTable, View};
 
 /// File name length limit of Linux file systems.
@@ -52,22 +55,44 @@ pub struct ViewEntry {
     pub description: Option<String>,
     /// The file that holds this view's own clusters.
     pub layer_path: PathBuf,
+    /// Index of that file in the chain.
+    pub layer: usize,
+    /// The raw qcow2 snapshot id, for internal snapshots.
+    pub snapshot_id: Option<Vec<u8>>,
     pub vm_state_size: u64,
     pub view: Arc<View>,
+}
+
+/// The snapshot views, keyed by a number that stays theirs for the life of the mount.
+#[derive(Debug, Default)]
+struct Views {
+    by_key: BTreeMap<u64, Arc<ViewEntry>>,
+    next_key: u64,
+    names: Names,
+}
+
+impl Views {
+    fn insert(&mut self, entry: ViewEntry) -> (u64, Arc<ViewEntry>) {
+        let key = self.next_key;
+        self.next_key += 1;
+        let entry = Arc::new(entry);
+        self.by_key.insert(key, entry.clone());
+        (key, entry)
+    }
 }
 
 /// Every view of a chain.
 #[derive(Debug)]
 pub struct Catalog {
     pub chain: Arc<Chain>,
-    pub live: ViewEntry,
-    pub snapshots: Vec<ViewEntry>,
+    pub live: Arc<ViewEntry>,
+    views: RwLock<Views>,
 }
 
 impl Catalog {
     pub fn build(chain: Arc<Chain>) -> Result<Catalog> {
         let top = chain.top().clone();
-        let live = ViewEntry {
+        let live = Arc::new(ViewEntry {
             file_name: "live.raw".into(),
             kind: ViewKind::Live,
             id: "0".into(),
@@ -76,6 +101,8 @@ impl Catalog {
             parent: None,
             description: None,
             layer_path: top.path().to_owned(),
+            layer: 0,
+            snapshot_id: None,
             vm_state_size: 0,
             view: Arc::new(View::new(
                 chain.clone(),
@@ -83,18 +110,17 @@ impl Catalog {
                 StartTable::Active,
                 top.virtual_size(),
             )),
-        };
+        });
 
-        let mut names = Names::default();
-        let mut snapshots = Vec::new();
+        let mut views = Views::default();
         for (depth, layer) in chain.layers.iter().enumerate() {
             let prefix = if depth == 0 {
                 String::new()
             } else {
                 let stem = layer_stem(layer);
-                let name = names.claim(&stem, || format!("layer-{depth}"));
+                let name = views.names.claim(&stem, || format!("layer-{depth}"));
                 let below = chain.layers.get(depth + 1).map(file_name_of);
-                snapshots.push(ViewEntry {
+                views.insert(ViewEntry {
                     file_name: format!("{name}{SUFFIX}"),
                     kind: ViewKind::External,
                     id: depth.to_string(),
@@ -103,6 +129,8 @@ impl Catalog {
                     parent: below,
                     description: None,
                     layer_path: layer.path().to_owned(),
+                    layer: depth,
+                    snapshot_id: None,
                     vm_state_size: 0,
                     view: Arc::new(View::new(
                         chain.clone(),
@@ -116,45 +144,108 @@ impl Catalog {
             let Layer::Qcow2(image) = layer.as_ref() else {
                 continue;
             };
-            let tags: Vec<&[u8]> = image.snapshots().iter().map(|s| &s.name[..]).collect();
-            for snap in image.snapshots() {
-                let id = snap.id_str();
-                let repeated = tags.iter().filter(|t| **t == &snap.name[..]).count() > 1;
-                let wanted = match snap.name_str() {
-                    Some(tag) if !repeated => format!("{prefix}{tag}"),
-                    _ => format!("{prefix}id-{id}"),
-                };
-                let name = names.claim(&wanted, || format!("{prefix}id-{id}"));
-                let l1 = image.snapshot_l1(snap)?;
-                snapshots.push(ViewEntry {
-                    file_name: format!("{name}{SUFFIX}"),
-                    kind: ViewKind::Internal,
-                    id: id.clone(),
-                    tag: String::from_utf8_lossy(&snap.name).into_owned(),
-                    created: Some(UNIX_EPOCH + Duration::new(snap.date_sec.into(), snap.date_nsec)),
-                    parent: None,
-                    description: None,
-                    layer_path: image.path().to_owned(),
-                    vm_state_size: snap.vm_state_size,
-                    view: Arc::new(View::new(
-                        chain.clone(),
-                        depth,
-                        StartTable::Snapshot(Arc::new(l1)),
-                        image.snapshot_size(snap),
-                    )),
-                });
+            let snapshots = image.snapshots();
+            for snap in snapshots.iter() {
+                let repeated = snapshots.iter().filter(|t| t.name == snap.name).count() > 1;
+                let entry = internal_entry(&chain, depth, image, snap, &prefix, repeated, &mut views.names)?;
+                views.insert(entry);
             }
         }
         Ok(Catalog {
             chain,
             live,
-            snapshots,
+            views: RwLock::new(views),
         })
     }
 
-    pub fn find(&self, file_name: &str) -> Option<&ViewEntry> {
-        self.snapshots.iter().find(|v| v.file_name == file_name)
+    /// The snapshot views with their keys, in key order.
+    pub fn snapshots(&self) -> Vec<(u64, Arc<ViewEntry>)> {
+        self.views
+            .read()
+            .by_key
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
     }
+
+    pub fn get(&self, key: u64) -> Option<Arc<ViewEntry>> {
+        self.views.read().by_key.get(&key).cloned()
+    }
+
+    pub fn find(&self, file_name: &str) -> Option<(u64, Arc<ViewEntry>)> {
+        self.views
+            .read()
+            .by_key
+            .iter()
+            .find(|(_, v)| v.file_name == file_name)
+            .map(|(k, v)| (*k, v.clone()))
+    }
+
+    /// The view a command names: `NAME` or `NAME.raw`.
+    pub fn find_by_name(&self, name: &str) -> Option<(u64, Arc<ViewEntry>)> {
+        self.find(&format!("{name}{SUFFIX}"))
+            .or_else(|| self.find(name).filter(|_| name.ends_with(SUFFIX)))
+    }
+
+    /// Whether `NAME` would be a valid snapshot file name (`NAME.raw`).
+    pub fn is_valid_name(name: &str) -> bool {
+        is_valid_name(name)
+    }
+
+    /// Adds the view of a snapshot just created in the top image.
+    pub fn add_internal(
+        &self,
+        snap: &Snapshot,
+        description: Option<String>,
+    ) -> Result<(u64, Arc<ViewEntry>)> {
+        let image = self.chain.top_image();
+        let mut views = self.views.write();
+        let mut entry = internal_entry(&self.chain, 0, image, snap, "", false, &mut views.names)?;
+        entry.description = description;
+        Ok(views.insert(entry))
+    }
+
+    /// Removes a view (its name is not handed out again during this mount).
+    pub fn remove(&self, key: u64) -> Option<Arc<ViewEntry>> {
+        self.views.write().by_key.remove(&key)
+    }
+}
+
+fn internal_entry(
+    chain: &Arc<Chain>,
+    depth: usize,
+    image: &crate::qcow2::Qcow2Image,
+    snap: &Snapshot,
+    prefix: &str,
+    repeated: bool,
+    names: &mut Names,
+) -> Result<ViewEntry> {
+    let id = snap.id_str();
+    let wanted = match snap.name_str() {
+        Some(tag) if !repeated => format!("{prefix}{tag}"),
+        _ => format!("{prefix}id-{id}"),
+    };
+    let name = names.claim(&wanted, || format!("{prefix}id-{id}"));
+    let l1 = image.snapshot_l1(snap)?;
+    Ok(ViewEntry {
+        file_name: format!("{name}{SUFFIX}"),
+        kind: ViewKind::Internal,
+        id,
+        tag: String::from_utf8_lossy(&snap.name).into_owned(),
+        created: Some(UNIX_EPOCH + Duration::new(snap.date_sec.into(), snap.date_nsec.min(999_999_999))),
+        parent: None,
+        description: None,
+        layer_path: image.path().to_owned(),
+        layer: depth,
+        snapshot_id: Some(snap.id.clone()),
+        vm_state_size: snap.vm_state_size,
+        view: Arc::new(View::new(
+            chain.clone(),
+            depth,
+            StartTable::Snapshot(Arc::new(l1)),
+            image.snapshot_size(snap),
+        )),
+    })
 }
 
 fn file_name_of(layer: &Arc<Layer>) -> String {
@@ -179,7 +270,7 @@ fn file_mtime(layer: &Arc<Layer>) -> Option<SystemTime> {
 }
 
 /// Names handed out so far in `snapshots/`.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Names {
     taken: HashSet<String>,
     counters: HashMap<String, u32>,

@@ -177,6 +177,14 @@ impl Chain {
     pub fn top(&self) -> &Arc<Layer> {
         &self.layers[0]
     }
+
+    /// The top image (a chain's top is always qcow2: [`Chain::open`] refuses anything else).
+    pub fn top_image(&self) -> &Qcow2Image {
+        match self.layers[0].as_ref() {
+            Layer::Qcow2(image) => image,
+            Layer::Raw(_) => unreachable!("Chain::open only accepts a qcow2 top image"),
+        }
+    }
 }
 
 fn open_file(path: &Path, writable: bool) -> std::io::Result<File> {

@@ -176,9 +176,9 @@ pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
     let mut views = vec![view_info(&catalog.live, "")];
     views.extend(
         catalog
-            .snapshots
+            .snapshots()
             .iter()
-            .map(|v| view_info(v, "snapshots/")),
+            .map(|(_, v)| view_info(v, "snapshots/")),
     );
     ChainInfo {
         chain: chain_layers(&catalog.chain),

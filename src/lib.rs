@@ -3,6 +3,7 @@
 pub mod catalog;
 pub mod cli;
 pub mod chain;
+pub mod control;
 pub mod error;
 pub mod fs;
 pub mod info;

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use fuser::{Config, MountOption, SessionACL};
 
@@ -14,6 +14,7 @@ use crate::catalog::Catalog;
 use crate::chain::Chain;
 use crate::error::Error;
 use crate::cli::{MountArgs, parse_size};
+use crate::control::Controller;
 use crate::fs::{Ownership, SnapFs};
 use crate::qcow2::{Caches, OpenOptions};
 
@@ -129,7 +130,9 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
             settings.mountpoint.display()
         ));
     }
-    let fs = SnapFs::new(catalog, owner);
+    let controller = Arc::new(Controller::new(catalog.clone(), owner.writable));
+    let notifier = Arc::new(OnceLock::new());
+    let fs = SnapFs::new(catalog, controller, owner, notifier.clone());
     let config = fuse_config(&settings, chain.top().path(), !owner.writable);
 
     let ready = if settings.foreground {
@@ -137,7 +140,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     } else {
         Some(daemonize()?)
     };
-    let result = serve(fs, &settings.mountpoint, &config, ready);
+    let result = serve(fs, &settings.mountpoint, &config, ready, &notifier);
     if let Err(e) = &result {
         log::error!("{e}");
     }
@@ -169,7 +172,13 @@ fn fuse_config(settings: &MountSettings, image: &Path, read_only: bool) -> Confi
 
 /// Mounts and serves. `ready` is the pipe to the waiting parent of a background mount: it learns
 /// that the mount is up (or why it failed) through it.
-fn serve(fs: SnapFs, mountpoint: &Path, config: &Config, ready: Option<File>) -> Result<(), String> {
+fn serve(
+    fs: SnapFs,
+    mountpoint: &Path,
+    config: &Config,
+    ready: Option<File>,
+    notifier: &OnceLock<fuser::Notifier>,
+) -> Result<(), String> {
     let signals = block_shutdown_signals();
     let session = fuser::Session::new(fs, mountpoint, config);
     let mut session = match session {
@@ -182,6 +191,7 @@ fn serve(fs: SnapFs, mountpoint: &Path, config: &Config, ready: Option<File>) ->
             return Err(msg);
         }
     };
+    let _ = notifier.set(session.notifier());
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("signals".into())

@@ -1,21 +1,23 @@
-//! The FUSE adapter: presents a [`Catalog`] of views as files. All format knowledge stays in the
-//! engine; this module only translates requests.
+//! The FUSE adapter: presents a [`Catalog`] of views and the control files as a file tree. All
+//! format knowledge stays in the engine and all command logic in [`crate::control`]; this module
+//! translates requests and tells the kernel what changed.
 
 mod nodes;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use fuser::{
     Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use parking_lot::Mutex;
 
 use crate::catalog::{Catalog, ViewEntry};
+use crate::control::{Controller, Effect, Target};
 use crate::info;
 pub use nodes::Ownership;
 use nodes::{Node, TTL};
@@ -25,10 +27,12 @@ pub const MAX_REQUEST: u32 = 1 << 20;
 
 pub struct SnapFs {
     catalog: Arc<Catalog>,
+    controller: Arc<Controller>,
     owner: Ownership,
-    info_json: Vec<u8>,
     /// Open handles per inode: a command may not change or remove a view that is open.
     open_handles: Mutex<HashMap<u64, u32>>,
+    /// Set once the session exists; used to tell the kernel about changes.
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 thread_local! {
@@ -41,20 +45,30 @@ fn errno(e: &crate::error::Error) -> Errno {
 }
 
 impl SnapFs {
-    pub fn new(catalog: Arc<Catalog>, owner: Ownership) -> Self {
-        let mut info_json = serde_json::to_vec_pretty(&info::catalog_info(&catalog))
-            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
-        info_json.push(b'\n');
+    pub fn new(
+        catalog: Arc<Catalog>,
+        controller: Arc<Controller>,
+        owner: Ownership,
+        notifier: Arc<OnceLock<Notifier>>,
+    ) -> Self {
         SnapFs {
             catalog,
+            controller,
             owner,
-            info_json,
             open_handles: Mutex::new(HashMap::new()),
+            notifier,
         }
     }
 
     fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
         Node::from_ino(ino.0, &self.catalog).ok_or(Errno::ENOENT)
+    }
+
+    fn info_json(&self) -> Vec<u8> {
+        let mut json = serde_json::to_vec_pretty(&info::catalog_info(&self.catalog))
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+        json.push(b'\n');
+        json
     }
 
     fn attr(&self, node: Node) -> Result<fuser::FileAttr, Errno> {
@@ -72,11 +86,49 @@ impl SnapFs {
                     .attr(node, entry.view.size(), allocated, mtime)
             }
             None if node == Node::InfoJson => {
-                let len = self.info_json.len() as u64;
+                let len = self.info_json().len() as u64;
                 self.owner.attr(node, len, len, None)
             }
             None => self.owner.attr(node, 0, 0, None),
         })
+    }
+
+    fn is_open(&self, target: Target) -> bool {
+        let ino = match target {
+            Target::Live => nodes::LIVE,
+            Target::Snapshot(key) => nodes::FIRST_SNAPSHOT + key,
+        };
+        self.open_handles.lock().contains_key(&ino)
+    }
+
+    /// Tells the kernel what a command changed: dropped names, new names, stale live pages.
+    fn announce(&self, effect: &Effect) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        if effect.live_changed
+            && let Err(e) = notifier.inval_inode(INodeNo(nodes::LIVE), 0, 0)
+        {
+            log::debug!("invalidating live.raw: {e}");
+        }
+        let names: Vec<(u64, String)> = effect
+            .removed
+            .iter()
+            .chain(&effect.added)
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        // Entry invalidation may wait for directory locks the kernel holds while it waits for
+        // this request's reply, so it runs on its own thread.
+        let notifier = notifier.clone();
+        std::thread::spawn(move || {
+            for (_, name) in names {
+                let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
+            }
+            let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
+        });
     }
 
     fn xattrs(entry: &ViewEntry) -> Vec<(&'static str, String)> {
@@ -117,14 +169,16 @@ impl Filesystem for SnapFs {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        if let Err(e) = self.catalog.live.view.flush() {
+            log::error!("flushing live.raw at unmount: {e}");
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = self.node(parent).and_then(|dir| {
-            let child = dir
-                .children(&self.catalog)
-                .into_iter()
-                .find(|(_, n)| OsStr::new(n) == name)
-                .map(|(node, _)| node)
-                .ok_or(Errno::ENOENT)?;
+            let name = name.to_str().ok_or(Errno::ENOENT)?;
+            let child = dir.child(&self.catalog, name).ok_or(Errno::ENOENT)?;
             self.attr(child)
         });
         match result {
@@ -146,17 +200,25 @@ impl Filesystem for SnapFs {
             Err(e) => return reply.error(e),
         };
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
         let open_flags = match node {
-            Node::Root | Node::SnapshotsDir => return reply.error(Errno::EISDIR),
+            Node::Root | Node::SnapshotsDir | Node::ControlDir => {
+                return reply.error(Errno::EISDIR);
+            }
             Node::Live if wants_write && !self.catalog.live.view.is_writable() => {
                 return reply.error(Errno::EROFS);
             }
-            // Every change of the live disk goes through the kernel (or invalidates its pages), so
+            // Every change of the live disk goes through the kernel (or is announced to it), so
             // its page cache stays valid across opens.
             Node::Live => FopenFlags::FOPEN_KEEP_CACHE,
-            _ if wants_write => return reply.error(Errno::EACCES),
+            // Each write to a command file is one command: no caching, no merging.
+            Node::Command(_) if wants_read => return reply.error(Errno::EACCES),
+            Node::Command(_) => FopenFlags::FOPEN_DIRECT_IO,
+            Node::Status | Node::InfoJson if wants_write => return reply.error(Errno::EACCES),
+            Node::Status | Node::InfoJson => FopenFlags::FOPEN_DIRECT_IO,
+            Node::Snapshot(_) if wants_write => return reply.error(Errno::EACCES),
             // Snapshot files never change while they exist: keep their pages across opens.
-            Node::Snapshot(_) | Node::InfoJson => FopenFlags::FOPEN_KEEP_CACHE,
+            Node::Snapshot(_) => FopenFlags::FOPEN_KEEP_CACHE,
         };
         *self.open_handles.lock().entry(ino.0).or_insert(0) += 1;
         reply.opened(FileHandle(0), open_flags);
@@ -197,10 +259,15 @@ impl Filesystem for SnapFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        if node == Node::InfoJson {
-            let start = (offset as usize).min(self.info_json.len());
-            let end = start.saturating_add(size as usize).min(self.info_json.len());
-            return reply.data(&self.info_json[start..end]);
+        let text = match node {
+            Node::InfoJson => Some(self.info_json()),
+            Node::Status => Some(self.controller.status_text().into_bytes()),
+            _ => None,
+        };
+        if let Some(text) = text {
+            let start = (offset as usize).min(text.len());
+            let end = start.saturating_add(size as usize).min(text.len());
+            return reply.data(&text[start..end]);
         }
         let Some(entry) = node.view(&self.catalog) else {
             return reply.error(Errno::EISDIR);
@@ -220,6 +287,52 @@ impl Filesystem for SnapFs {
                 }
             }
         });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        match self.node(ino) {
+            Ok(Node::Live) => {}
+            Ok(Node::Command(kind)) => {
+                let result = self.controller.run(kind, data, &|t| self.is_open(t));
+                return match result {
+                    Ok(effect) => {
+                        self.announce(&effect);
+                        reply.written(data.len() as u32)
+                    }
+                    Err(e) => {
+                        log::warn!("control/{}: {}", kind.file_name(), e.message);
+                        reply.error(Errno::from_i32(e.errno))
+                    }
+                };
+            }
+            Ok(_) => return reply.error(Errno::EBADF),
+            Err(e) => return reply.error(e),
+        }
+        let view = &self.catalog.live.view;
+        let size = view.size();
+        if offset >= size && !data.is_empty() {
+            return reply.error(Errno::ENOSPC);
+        }
+        // A write that runs past the end is cut short, as a block device does.
+        let len = (size - offset).min(data.len() as u64) as usize;
+        match view.write_at(&data[..len], offset) {
+            Ok(()) => reply.written(len as u32),
+            Err(e) => {
+                log::error!("live.raw: write {len} bytes at {offset:#x}: {e}");
+                reply.error(errno(&e));
+            }
+        }
     }
 
     fn flush(
@@ -253,37 +366,6 @@ impl Filesystem for SnapFs {
         }
     }
 
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: fuser::WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
-        reply: fuser::ReplyWrite,
-    ) {
-        if ino.0 != nodes::LIVE {
-            return reply.error(Errno::EBADF);
-        }
-        let view = &self.catalog.live.view;
-        let size = view.size();
-        if offset >= size && !data.is_empty() {
-            return reply.error(Errno::ENOSPC);
-        }
-        // A write that runs past the end is cut short, as a block device does.
-        let len = (size - offset).min(data.len() as u64) as usize;
-        match view.write_at(&data[..len], offset) {
-            Ok(()) => reply.written(len as u32),
-            Err(e) => {
-                log::error!("live.raw: write {len} bytes at {offset:#x}: {e}");
-                reply.error(errno(&e));
-            }
-        }
-    }
-
     fn setattr(
         &self,
         _req: &Request,
@@ -306,20 +388,23 @@ impl Filesystem for SnapFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        if let Some(new_size) = size {
-            if node != Node::Live {
-                return reply.error(Errno::EACCES);
-            }
-            let view = &self.catalog.live.view;
-            if new_size != view.size() {
-                if let Err(e) = view.grow(new_size) {
+        match (node, size) {
+            (Node::Live, Some(new_size)) => {
+                let view = &self.catalog.live.view;
+                if new_size != view.size()
+                    && let Err(e) = view.grow(new_size)
+                {
                     log::warn!("live.raw: resize to {new_size}: {e}");
                     return reply.error(errno(&e));
                 }
             }
+            // `echo NAME > control/create` truncates before it writes: nothing to truncate.
+            (Node::Command(_), Some(_)) => {}
+            (_, Some(_)) => return reply.error(Errno::EACCES),
+            // Owner, mode and times follow the image file; changes are accepted and ignored, as
+            // on file systems without such metadata.
+            (_, None) => {}
         }
-        // Owner, mode and times follow the image file; changing them is accepted and ignored, as
-        // on file systems without such metadata.
         match self.attr(node) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
@@ -337,21 +422,23 @@ impl Filesystem for SnapFs {
         reply: ReplyEmpty,
     ) {
         if ino.0 != nodes::LIVE {
-            return reply.error(Errno::EBADF);
+            return reply.error(Errno::EOPNOTSUPP);
         }
         let view = &self.catalog.live.view;
-        let zeroing = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
-        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 {
             return reply.error(Errno::EOPNOTSUPP);
         }
+        let zeroing = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
+        let end = offset.saturating_add(length);
         let result = if zeroing {
             view.zero_range(offset, length)
-        } else if offset.saturating_add(length) <= view.size() || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+        } else if end <= view.size() || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
             // Plain preallocation inside the disk: every block already exists.
             Ok(())
         } else {
-            view.grow(offset.saturating_add(length).next_multiple_of(512))
+            view.grow(end.next_multiple_of(512))
         };
         match result {
             Ok(()) => reply.ok(),
@@ -375,10 +462,7 @@ impl Filesystem for SnapFs {
             Ok(_) => return reply.error(Errno::ENOTDIR),
             Err(e) => return reply.error(e),
         };
-        let mut entries = vec![
-            (dir, ".".to_owned()),
-            (dir.parent(), "..".to_owned()),
-        ];
+        let mut entries = vec![(dir, ".".to_owned()), (dir.parent(), "..".to_owned())];
         entries.extend(dir.children(&self.catalog));
         for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(node.ino()), (i + 1) as u64, node.kind(), name) {
@@ -389,11 +473,10 @@ impl Filesystem for SnapFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let used: u64 = std::iter::once(&self.catalog.live)
-            .chain(&self.catalog.snapshots)
-            .map(|v| v.view.size())
-            .sum();
-        let files = self.catalog.snapshots.len() as u64 + 4;
+        let snapshots = self.catalog.snapshots();
+        let used: u64 = snapshots.iter().map(|(_, v)| v.view.size()).sum::<u64>()
+            + self.catalog.live.view.size();
+        let files = snapshots.len() as u64 + 10;
         reply.statfs(used.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 
@@ -401,7 +484,10 @@ impl Filesystem for SnapFs {
         let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
             return reply.error(Errno::NO_XATTR);
         };
-        match Self::xattrs(entry).into_iter().find(|(n, _)| OsStr::new(n) == name) {
+        match Self::xattrs(&entry)
+            .into_iter()
+            .find(|(n, _)| OsStr::new(n) == name)
+        {
             Some((_, value)) => reply_xattr(reply, size, value.as_bytes()),
             None => reply.error(Errno::NO_XATTR),
         }
@@ -410,7 +496,7 @@ impl Filesystem for SnapFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let mut names = Vec::new();
         if let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) {
-            for (name, _) in Self::xattrs(entry) {
+            for (name, _) in Self::xattrs(&entry) {
                 names.extend_from_slice(name.as_bytes());
                 names.push(0);
             }

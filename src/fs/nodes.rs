@@ -1,16 +1,23 @@
 //! The file tree a mount shows, as inode numbers, and the attributes of each node.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 
 use crate::catalog::{Catalog, ViewEntry};
+use crate::control::CommandKind;
 
 pub const ROOT: u64 = 1;
 pub const SNAPSHOTS_DIR: u64 = 2;
 pub const LIVE: u64 = 3;
 pub const INFO_JSON: u64 = 4;
-/// Snapshot view `i` of the catalog is inode `FIRST_SNAPSHOT + i`.
+pub const CONTROL_DIR: u64 = 5;
+pub const STATUS: u64 = 6;
+/// `control/create` .. `control/commit` are 10..13.
+const FIRST_COMMAND: u64 = 10;
+/// Snapshot view with catalog key `k` is inode `FIRST_SNAPSHOT + k`; keys are never reused
+/// during a mount, so neither are inode numbers.
 pub const FIRST_SNAPSHOT: u64 = 100;
 
 /// What an inode number stands for.
@@ -20,7 +27,10 @@ pub enum Node {
     SnapshotsDir,
     Live,
     InfoJson,
-    Snapshot(usize),
+    ControlDir,
+    Status,
+    Command(CommandKind),
+    Snapshot(u64),
 }
 
 impl Node {
@@ -30,8 +40,13 @@ impl Node {
             SNAPSHOTS_DIR => Node::SnapshotsDir,
             LIVE => Node::Live,
             INFO_JSON => Node::InfoJson,
-            n if n >= FIRST_SNAPSHOT && ((n - FIRST_SNAPSHOT) as usize) < catalog.snapshots.len() => {
-                Node::Snapshot((n - FIRST_SNAPSHOT) as usize)
+            CONTROL_DIR => Node::ControlDir,
+            STATUS => Node::Status,
+            n if (FIRST_COMMAND..FIRST_COMMAND + CommandKind::ALL.len() as u64).contains(&n) => {
+                Node::Command(CommandKind::ALL[(n - FIRST_COMMAND) as usize])
+            }
+            n if n >= FIRST_SNAPSHOT && catalog.get(n - FIRST_SNAPSHOT).is_some() => {
+                Node::Snapshot(n - FIRST_SNAPSHOT)
             }
             _ => return None,
         })
@@ -43,13 +58,22 @@ impl Node {
             Node::SnapshotsDir => SNAPSHOTS_DIR,
             Node::Live => LIVE,
             Node::InfoJson => INFO_JSON,
-            Node::Snapshot(i) => FIRST_SNAPSHOT + i as u64,
+            Node::ControlDir => CONTROL_DIR,
+            Node::Status => STATUS,
+            Node::Command(kind) => {
+                FIRST_COMMAND
+                    + CommandKind::ALL
+                        .iter()
+                        .position(|k| *k == kind)
+                        .unwrap_or(0) as u64
+            }
+            Node::Snapshot(key) => FIRST_SNAPSHOT + key,
         }
     }
 
     pub fn kind(self) -> FileType {
         match self {
-            Node::Root | Node::SnapshotsDir => FileType::Directory,
+            Node::Root | Node::SnapshotsDir | Node::ControlDir => FileType::Directory,
             _ => FileType::RegularFile,
         }
     }
@@ -60,29 +84,47 @@ impl Node {
             Node::Root => vec![
                 (Node::Live, "live.raw".into()),
                 (Node::SnapshotsDir, "snapshots".into()),
+                (Node::ControlDir, "control".into()),
                 (Node::InfoJson, "info.json".into()),
             ],
             Node::SnapshotsDir => catalog
-                .snapshots
+                .snapshots()
+                .into_iter()
+                .map(|(key, v)| (Node::Snapshot(key), v.file_name.clone()))
+                .collect(),
+            Node::ControlDir => CommandKind::ALL
                 .iter()
-                .enumerate()
-                .map(|(i, v)| (Node::Snapshot(i), v.file_name.clone()))
+                .map(|k| (Node::Command(*k), k.file_name().to_owned()))
+                .chain([(Node::Status, "status".to_owned())])
                 .collect(),
             _ => Vec::new(),
+        }
+    }
+
+    /// Looks a name up in a directory without listing it whole.
+    pub fn child(self, catalog: &Catalog, name: &str) -> Option<Node> {
+        match self {
+            Node::SnapshotsDir => catalog.find(name).map(|(key, _)| Node::Snapshot(key)),
+            _ => self
+                .children(catalog)
+                .into_iter()
+                .find(|(_, n)| n == name)
+                .map(|(node, _)| node),
         }
     }
 
     pub fn parent(self) -> Node {
         match self {
             Node::Snapshot(_) => Node::SnapshotsDir,
+            Node::Command(_) | Node::Status => Node::ControlDir,
             _ => Node::Root,
         }
     }
 
-    pub fn view(self, catalog: &Catalog) -> Option<&ViewEntry> {
+    pub fn view(self, catalog: &Catalog) -> Option<Arc<ViewEntry>> {
         match self {
-            Node::Live => Some(&catalog.live),
-            Node::Snapshot(i) => catalog.snapshots.get(i),
+            Node::Live => Some(catalog.live.clone()),
+            Node::Snapshot(key) => catalog.get(key),
             _ => None,
         }
     }
@@ -100,11 +142,20 @@ pub struct Ownership {
 }
 
 impl Ownership {
-    pub fn attr(&self, node: Node, size: u64, allocated: u64, mtime: Option<SystemTime>) -> FileAttr {
+    pub fn attr(
+        &self,
+        node: Node,
+        size: u64,
+        allocated: u64,
+        mtime: Option<SystemTime>,
+    ) -> FileAttr {
         let read_bits = self.mode & 0o444;
         let perm = match node {
-            Node::Root | Node::SnapshotsDir => read_bits | (read_bits >> 2) | 0o200 & self.mode,
+            Node::Root | Node::SnapshotsDir | Node::ControlDir => {
+                read_bits | (read_bits >> 2) | (0o200 & self.mode)
+            }
             Node::Live if self.writable => self.mode & 0o666,
+            Node::Command(_) => 0o200,
             _ => read_bits,
         };
         let time = mtime.unwrap_or(self.image_mtime).max(UNIX_EPOCH);
@@ -118,7 +169,11 @@ impl Ownership {
             crtime: time,
             kind: node.kind(),
             perm,
-            nlink: if node.kind() == FileType::Directory { 2 } else { 1 },
+            nlink: if node.kind() == FileType::Directory {
+                2
+            } else {
+                1
+            },
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
@@ -128,6 +183,6 @@ impl Ownership {
     }
 }
 
-/// How long the kernel may keep names and attributes: views never change while they exist, and the
-/// live view's size changes only through this file system, which tells the kernel.
+/// How long the kernel may keep names and attributes. Changes made through control commands are
+/// announced to the kernel, so a longer time would be safe; one second bounds any missed case.
 pub const TTL: Duration = Duration::from_secs(1);

@@ -61,13 +61,12 @@ pub struct Qcow2Image {
     pub(super) id: u64,
     pub(super) path: PathBuf,
     pub(super) file: File,
-    file_len: u64,
     pub(super) header: Header,
     pub(super) geometry: Geometry,
     /// The virtual size now (it changes when the disk grows).
     pub(super) size: AtomicU64,
     pub(super) active_l1: RwLock<Arc<L1Table>>,
-    snapshots: Vec<Snapshot>,
+    pub(super) snapshots: RwLock<Arc<Vec<Snapshot>>>,
     pub(super) caches: Arc<Caches>,
     /// Bumped whenever an L2 table of this image is rewritten, so that a concurrent load of the
     /// old contents is not cached over the new ones.
@@ -139,12 +138,11 @@ impl Qcow2Image {
             id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
             file,
-            file_len,
             header,
             geometry,
             size,
             active_l1: RwLock::new(Arc::new(L1Table::default())),
-            snapshots: Vec::new(),
+            snapshots: RwLock::new(Arc::new(Vec::new())),
             caches,
             l2_generation: AtomicU64::new(0),
             writer: None,
@@ -158,7 +156,7 @@ impl Qcow2Image {
             )
             .map_err(|e| image.metadata_error(e))?;
         *image.active_l1.get_mut() = Arc::new(active);
-        image.snapshots = image.read_snapshot_table()?;
+        *image.snapshots.get_mut() = Arc::new(image.read_snapshot_table()?);
         if options.writable {
             let writer = Writer::open(&image)?;
             image.writer = Some(Mutex::new(writer));
@@ -218,16 +216,18 @@ impl Qcow2Image {
         self.size.load(Ordering::Acquire)
     }
 
+    /// The image file's length now (a writable image grows while it is open).
     pub fn file_len(&self) -> u64 {
-        self.file_len
+        file_size(&self.file).unwrap_or(0)
     }
 
     pub fn file(&self) -> &File {
         &self.file
     }
 
-    pub fn snapshots(&self) -> &[Snapshot] {
-        &self.snapshots
+    /// The internal snapshots now (the list is replaced as a whole when it changes).
+    pub fn snapshots(&self) -> Arc<Vec<Snapshot>> {
+        self.snapshots.read().clone()
     }
 
     pub fn active_l1(&self) -> Arc<L1Table> {
@@ -236,7 +236,7 @@ impl Qcow2Image {
 
     /// Reads an L1 table of `entries` entries at `offset`. Only the part inside the file is read:
     /// memory follows the file's real size, not the declared one.
-    fn read_l1(
+    pub(super) fn read_l1(
         &self,
         offset: u64,
         entries: u64,
@@ -264,7 +264,7 @@ impl Qcow2Image {
                 offset,
             });
         }
-        let in_file = self.file_len.saturating_sub(offset).min(bytes);
+        let in_file = self.file_len().saturating_sub(offset).min(bytes);
         let mut buf = vec![0u8; in_file as usize];
         read_or_zero(&self.file, &mut buf, offset).map_err(|e| MetadataError::Read {
             what,
@@ -281,7 +281,7 @@ impl Qcow2Image {
         }
         let offset = self.header.snapshots_offset;
         let in_file = self
-            .file_len
+            .file_len()
             .saturating_sub(offset)
             .min(snapshot::MAX_TABLE_SIZE);
         let mut buf = vec![0u8; in_file as usize];
@@ -379,10 +379,10 @@ impl Qcow2Image {
                     reason,
                 })
             };
-            if cluster.host.0 >= self.file_len {
+            let file_len = self.file_len();
+            if cluster.host.0 >= file_len {
                 return Err(bad(format!(
-                    "data starts past the end of the file ({} bytes)",
-                    self.file_len
+                    "data starts past the end of the file ({file_len} bytes)"
                 )));
             }
             let mut input = vec![0u8; cluster.len as usize];

@@ -24,10 +24,10 @@
 //! *exclusive* (`F_WRLCK`) lock could be placed (`qemu_lock_fd_test()`), which is refused exactly
 //! when another open file description holds a shared lock there:
 //!
-//! * on byte 200 + i for each permission it holds ("Failed to get \"write\" lock": somebody does
+//! * on byte 200 + i for each permission it holds (`Failed to get "write" lock`: somebody does
 //!   not share what we need);
-//! * on byte 100 + i for each permission it does not share ("Failed to get shared \"write\"
-//!   lock": somebody holds what we cannot tolerate).
+//! * on byte 100 + i for each permission it does not share (`Failed to get shared "write"
+//!   lock`: somebody holds what we cannot tolerate).
 //!
 //! Locking before checking (as `raw_handle_perm_lock()` does) closes the race between two
 //! openers: whichever checks second sees the other.
@@ -55,8 +55,8 @@
 //!   opened read-only by QEMU and so may be mounted read-only;
 //! * read-only opens coexist with one another, and with `qemu-img info`;
 //! * while snapfs holds an image, read-only or read-write, QEMU tools cannot open it for writing
-//!   ("Failed to get \"write\" lock"); while it holds it read-write, even a plain
-//!   `qemu-img info` fails ("Failed to get shared \"write\" lock") but `qemu-img info -U` works.
+//!   (`Failed to get "write" lock`); while it holds it read-write, even a plain
+//!   `qemu-img info` fails (`Failed to get shared "write" lock`) but `qemu-img info -U` works.
 //!
 //! # Lifetime
 //!
@@ -202,10 +202,10 @@ impl fmt::Display for LockMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Conflict {
     /// Another opener holds a permission we do not share: its byte 100 + i is locked. QEMU says
-    /// "Failed to get shared \"<perm>\" lock".
+    /// `Failed to get shared "<perm>" lock`.
     Holds(Perm),
     /// Another opener does not share a permission we hold: its byte 200 + i is locked. QEMU says
-    /// "Failed to get \"<perm>\" lock".
+    /// `Failed to get "<perm>" lock`.
     Unshares(Perm),
 }
 

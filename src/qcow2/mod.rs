@@ -11,6 +11,7 @@ pub mod mapping;
 pub mod offsets;
 pub mod refcount;
 pub mod snapshot;
+pub mod snapshot_ops;
 pub mod write;
 
 pub use image::{Caches, OpenOptions, Qcow2Image};

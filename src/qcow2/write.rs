@@ -36,7 +36,7 @@ pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
 
 /// Kinds of metadata whose clusters a data write must never touch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MetadataKind {
+pub(super) enum MetadataKind {
     Header,
     ActiveL1,
     RefcountTable,
@@ -48,8 +48,10 @@ enum MetadataKind {
 
 /// State of the write side, behind the image's writer mutex.
 pub struct Writer {
-    refcounts: Refcounts,
-    l1_offset: u64,
+    pub(super) refcounts: Refcounts,
+    pub(super) l1_offset: u64,
+    /// Where the snapshot table is and how many bytes it takes.
+    pub(super) snapshot_table: (u64, u64),
     /// Clusters holding metadata, by cluster index (QEMU's overlap checks, all of them but the
     /// inactive L2 tables).
     metadata: std::collections::HashMap<u64, MetadataKind>,
@@ -98,6 +100,10 @@ impl Writer {
         let mut writer = Writer {
             refcounts,
             l1_offset: h.l1_table_offset,
+            snapshot_table: (
+                h.snapshots_offset,
+                image.snapshots().iter().map(|s| s.encoded_len() as u64).sum(),
+            ),
             metadata: Default::default(),
             corrupt: false,
         };
@@ -137,19 +143,19 @@ impl Writer {
         if h.nb_snapshots > 0 {
             let len: u64 = image.snapshots().iter().map(|s| s.encoded_len() as u64).sum();
             add(h.snapshots_offset, len, MetadataKind::SnapshotTable);
-            for s in image.snapshots() {
+            for s in image.snapshots().iter() {
                 add(s.l1_table_offset, s.l1_size as u64 * 8, MetadataKind::SnapshotL1);
             }
         }
     }
 
-    fn add_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32, kind: MetadataKind) {
+    pub(super) fn add_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32, kind: MetadataKind) {
         for c in 0..clusters {
             self.metadata.insert((offset >> cluster_bits) + c, kind);
         }
     }
 
-    fn remove_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32) {
+    pub(super) fn remove_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32) {
         for c in 0..clusters {
             self.metadata.remove(&((offset >> cluster_bits) + c));
         }
@@ -185,13 +191,13 @@ impl L2Edit {
 }
 
 /// References a cluster held before an entry was changed, to drop once the entry is written.
-enum OldReference {
+pub(super) enum OldReference {
     Cluster(u64),
     Compressed(CompressedCluster),
 }
 
 impl Qcow2Image {
-    fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
+    pub(super) fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
         let w = self
             .writer
             .as_ref()
@@ -203,11 +209,11 @@ impl Qcow2Image {
         Ok(w)
     }
 
-    fn refcount_err(&self) -> impl Fn(RefcountError) -> Error + '_ {
+    pub(super) fn refcount_err(&self) -> impl Fn(RefcountError) -> Error + '_ {
         |source| Error::Refcount { path: self.path.clone(), source }
     }
 
-    fn write_file(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+    pub(super) fn write_file(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io(format!("{}: writing {what} at {offset:#x}", self.path.display()), e)
         })
@@ -215,7 +221,7 @@ impl Qcow2Image {
 
     /// QEMU's overlap check: refuses (and marks the image corrupt) a write of `len` bytes at
     /// `offset` that would land on metadata.
-    fn check_overlap(&self, w: &mut Writer, what: &'static str, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn check_overlap(&self, w: &mut Writer, what: &'static str, offset: u64, len: u64) -> Result<()> {
         let bits = self.geometry.cluster_bits;
         if len == 0 {
             return Ok(());
@@ -234,14 +240,14 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn publish_l2(&self, offset: u64, table: L2Table) {
+    pub(super) fn publish_l2(&self, offset: u64, table: L2Table) {
         let key = CacheKey { image: self.id, offset };
         self.caches.l2.publish(key, table, self.geometry.cluster_size(), || {
             self.l2_generation.fetch_add(1, Ordering::AcqRel);
         });
     }
 
-    fn set_l1_entry(&self, w: &mut Writer, index: u64, entry: u64) -> Result<()> {
+    pub(super) fn set_l1_entry(&self, w: &mut Writer, index: u64, entry: u64) -> Result<()> {
         self.write_file(&entry.to_be_bytes(), w.l1_offset + index * 8, "L1 entry")?;
         let mut l1 = self.active_l1.write();
         let mut entries = l1.entries().to_vec();
@@ -302,7 +308,7 @@ impl Qcow2Image {
     }
 
     /// Drops references held by entries that were just overwritten.
-    fn release(&self, w: &mut Writer, old: Vec<OldReference>) -> Result<()> {
+    pub(super) fn release(&self, w: &mut Writer, old: Vec<OldReference>) -> Result<()> {
         if old.is_empty() {
             return Ok(());
         }
@@ -586,43 +592,49 @@ impl Qcow2Image {
             return Err(invalid("a version 2 image with snapshots cannot be resized".into()));
         }
         let mut w = self.writer()?;
-        let g = self.geometry;
-        let needed = g.l1_entries_for(new_size);
-        let l1 = self.active_l1();
-        if needed > l1.declared_len() {
-            if needed * 8 > 32 << 20 {
-                return Err(invalid(format!("{new_size} bytes need an L1 table larger than 32 MiB")));
-            }
-            let cs = g.cluster_size();
-            let clusters = (needed * 8).div_ceil(cs);
-            let new_offset = w.refcounts.allocate(&self.file, clusters).map_err(self.refcount_err())?;
-            self.check_overlap(&mut w, "new L1 table", new_offset, clusters * cs)?;
-            let mut bytes = vec![0u8; (clusters * cs) as usize];
-            for (i, e) in l1.entries().iter().enumerate() {
-                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-            }
-            self.write_file(&bytes, new_offset, "L1 table")?;
-            self.file
-                .sync_data()
-                .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))?;
-            // l1_size (36) and l1_table_offset (40) switch together in one write.
-            let mut field = [0u8; 12];
-            field[..4].copy_from_slice(&(needed as u32).to_be_bytes());
-            field[4..].copy_from_slice(&new_offset.to_be_bytes());
-            self.write_file(&field, 36, "header L1 fields")?;
-            let old_offset = w.l1_offset;
-            let old_clusters = (l1.declared_len() * 8).div_ceil(cs);
-            w.l1_offset = new_offset;
-            *self.active_l1.write() = Arc::new(L1Table::new(l1.entries().to_vec(), needed));
-            w.remove_metadata(old_offset, old_clusters, g.cluster_bits);
-            w.add_metadata(new_offset, clusters, g.cluster_bits, MetadataKind::ActiveL1);
-            w.refcounts
-                .free(&self.file, old_offset, old_clusters)
-                .map_err(self.refcount_err())?;
+        let needed = self.geometry.l1_entries_for(new_size);
+        if needed > self.active_l1().declared_len() {
+            self.grow_l1(&mut w, needed)?;
         }
         self.write_file(&new_size.to_be_bytes(), 24, "header size")?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
+    }
+
+    /// Moves the active L1 table to new clusters with room for `needed` entries: write the copy,
+    /// flush, switch `l1_size` (36) and `l1_table_offset` (40) in one header write, free the old.
+    pub(super) fn grow_l1(&self, w: &mut Writer, needed: u64) -> Result<()> {
+        let g = self.geometry;
+        let l1 = self.active_l1();
+        if needed * 8 > 32 << 20 {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!("{needed} L1 entries need a table larger than 32 MiB"),
+            });
+        }
+        let cs = g.cluster_size();
+        let clusters = (needed * 8).div_ceil(cs);
+        let new_offset = w.refcounts.allocate(&self.file, clusters).map_err(self.refcount_err())?;
+        self.check_overlap(w, "new L1 table", new_offset, clusters * cs)?;
+        let mut bytes = vec![0u8; (clusters * cs) as usize];
+        for (i, e) in l1.entries().iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        self.write_file(&bytes, new_offset, "L1 table")?;
+        self.flush()?;
+        let mut field = [0u8; 12];
+        field[..4].copy_from_slice(&(needed as u32).to_be_bytes());
+        field[4..].copy_from_slice(&new_offset.to_be_bytes());
+        self.write_file(&field, 36, "header L1 fields")?;
+        let old_offset = w.l1_offset;
+        let old_clusters = (l1.declared_len() * 8).div_ceil(cs);
+        w.l1_offset = new_offset;
+        *self.active_l1.write() = Arc::new(L1Table::new(l1.entries().to_vec(), needed));
+        w.remove_metadata(old_offset, old_clusters, g.cluster_bits);
+        w.add_metadata(new_offset, clusters, g.cluster_bits, MetadataKind::ActiveL1);
+        w.refcounts
+            .free(&self.file, old_offset, old_clusters)
+            .map_err(self.refcount_err())
     }
 
     /// Makes everything written so far durable.

@@ -1,0 +1,407 @@
+//! The control files' commands: parsing what was written, running it against the catalog, and the
+//! status log that `control/status` shows. No FUSE here: the file system passes the bytes in and
+//! gets an outcome (or an errno with a message) back.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::catalog::{Catalog, ViewEntry, ViewKind};
+use crate::info::rfc3339;
+
+/// Largest command accepted: a name, a description, maybe a path.
+pub const MAX_COMMAND_LEN: usize = 4096;
+/// Lines of history `control/status` keeps.
+const STATUS_LINES: usize = 64;
+
+/// The control files that take commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    Create,
+    Revert,
+    Delete,
+    Commit,
+}
+
+impl CommandKind {
+    pub const ALL: [CommandKind; 4] = [
+        CommandKind::Create,
+        CommandKind::Revert,
+        CommandKind::Delete,
+        CommandKind::Commit,
+    ];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            CommandKind::Create => "create",
+            CommandKind::Revert => "revert",
+            CommandKind::Delete => "delete",
+            CommandKind::Commit => "commit",
+        }
+    }
+}
+
+/// A parsed command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Create {
+        name: String,
+        description: Option<String>,
+    },
+    CreateExternal {
+        name: String,
+        file: Option<String>,
+    },
+    Revert {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    Commit {
+        layer: Option<String>,
+    },
+}
+
+/// A refused or failed command: the errno the writer gets and the message `status` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    pub errno: i32,
+    pub message: String,
+}
+
+impl CommandError {
+    fn new(errno: i32, message: impl Into<String>) -> Self {
+        CommandError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::error::Error> for CommandError {
+    fn from(e: crate::error::Error) -> Self {
+        CommandError::new(e.errno(), e.to_string())
+    }
+}
+
+/// Parses what was written to control file `kind`.
+pub fn parse(kind: CommandKind, input: &[u8]) -> Result<Command, CommandError> {
+    let invalid = |m: String| CommandError::new(libc::EINVAL, m);
+    if input.len() > MAX_COMMAND_LEN {
+        return Err(invalid(format!(
+            "command is {} bytes long; at most {MAX_COMMAND_LEN} are accepted",
+            input.len()
+        )));
+    }
+    let text = std::str::from_utf8(input)
+        .map_err(|_| invalid("command is not valid UTF-8".into()))?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(invalid(
+            "command contains a line break or control character; write one command per write"
+                .into(),
+        ));
+    }
+    let text = text.trim();
+    let (first, rest) = match text.split_once(char::is_whitespace) {
+        Some((a, b)) => (a, b.trim()),
+        None => (text, ""),
+    };
+    let need_name = |what: &str| -> Result<String, CommandError> {
+        if first.is_empty() {
+            Err(invalid(format!("{what} needs a snapshot name")))
+        } else {
+            Ok(first.to_owned())
+        }
+    };
+    match kind {
+        CommandKind::Create => {
+            let name = need_name("create")?;
+            let mut words = rest.split_whitespace();
+            if words.next() == Some("--external") {
+                let file = words.next().map(str::to_owned);
+                if words.next().is_some() {
+                    return Err(invalid("usage: NAME --external [FILE]".into()));
+                }
+                return Ok(Command::CreateExternal { name, file });
+            }
+            Ok(Command::Create {
+                name,
+                description: (!rest.is_empty()).then(|| rest.to_owned()),
+            })
+        }
+        CommandKind::Revert | CommandKind::Delete => {
+            let name = need_name(kind.file_name())?;
+            if !rest.is_empty() {
+                return Err(invalid(format!(
+                    "usage: echo NAME > control/{} (one name only)",
+                    kind.file_name()
+                )));
+            }
+            Ok(if kind == CommandKind::Revert {
+                Command::Revert { name }
+            } else {
+                Command::Delete { name }
+            })
+        }
+        CommandKind::Commit => {
+            if !rest.is_empty() {
+                return Err(invalid("usage: echo [LAYER] > control/commit".into()));
+            }
+            Ok(Command::Commit {
+                layer: (!first.is_empty()).then(|| first.to_owned()),
+            })
+        }
+    }
+}
+
+/// What a command changed, so that the file system can tell the kernel.
+#[derive(Debug, Default)]
+pub struct Effect {
+    /// Views that appeared: key and file name.
+    pub added: Vec<(u64, String)>,
+    /// Views that disappeared.
+    pub removed: Vec<(u64, String)>,
+    /// The live disk's content or size changed.
+    pub live_changed: bool,
+}
+
+/// Which file a command would change or remove; the file system answers whether it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Live,
+    Snapshot(u64),
+}
+
+/// Runs commands one at a time and keeps their outcomes.
+pub struct Controller {
+    catalog: Arc<Catalog>,
+    writable: bool,
+    running: Mutex<()>,
+    status: Mutex<VecDeque<String>>,
+}
+
+impl Controller {
+    pub fn new(catalog: Arc<Catalog>, writable: bool) -> Self {
+        Controller {
+            catalog,
+            writable,
+            running: Mutex::new(()),
+            status: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Adds a line to the status log (also used for reports such as unreadable metadata).
+    pub fn note(&self, line: String) {
+        let mut status = self.status.lock();
+        if status.len() == STATUS_LINES {
+            status.pop_front();
+        }
+        status.push_back(line);
+    }
+
+    /// What `control/status` shows.
+    pub fn status_text(&self) -> String {
+        let mut text = String::new();
+        for line in self.status.lock().iter() {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Parses and runs one command written to `kind`; `is_open` tells whether a file is open.
+    pub fn run(
+        &self,
+        kind: CommandKind,
+        input: &[u8],
+        is_open: &dyn Fn(Target) -> bool,
+    ) -> Result<Effect, CommandError> {
+        let _one_at_a_time = self.running.lock();
+        let started = SystemTime::now();
+        let command = parse(kind, input);
+        let label = match &command {
+            Ok(Command::Create { name, .. } | Command::CreateExternal { name, .. })
+            | Ok(Command::Revert { name } | Command::Delete { name }) => {
+                format!("{} {name}", kind.file_name())
+            }
+            Ok(Command::Commit { layer }) => {
+                format!("commit {}", layer.as_deref().unwrap_or("(top)"))
+            }
+            Err(_) => kind.file_name().to_owned(),
+        };
+        let result = command.and_then(|c| self.execute(c, is_open));
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => format!("error: {}", e.message),
+        };
+        self.note(format!("{} {label}: {outcome}", rfc3339(started)));
+        result
+    }
+
+    fn execute(
+        &self,
+        command: Command,
+        is_open: &dyn Fn(Target) -> bool,
+    ) -> Result<Effect, CommandError> {
+        if !self.writable {
+            return Err(CommandError::new(
+                libc::EROFS,
+                "the mount is read-only; remount read-write to change snapshots",
+            ));
+        }
+        match command {
+            Command::Create { name, description } => self.create(&name, description),
+            Command::CreateExternal { .. } => Err(CommandError::new(
+                libc::EOPNOTSUPP,
+                "external snapshots (--external) are not supported yet",
+            )),
+            Command::Revert { name } => self.revert(&name, is_open),
+            Command::Delete { name } => self.delete(&name, is_open),
+            Command::Commit { .. } => Err(CommandError::new(
+                libc::EOPNOTSUPP,
+                "commit is not supported yet",
+            )),
+        }
+    }
+
+    fn top_image(&self) -> Result<&crate::qcow2::Qcow2Image, CommandError> {
+        Ok(self.catalog.chain.top_image())
+    }
+
+    fn find(&self, name: &str) -> Result<(u64, Arc<ViewEntry>), CommandError> {
+        self.catalog.find_by_name(name).ok_or_else(|| {
+            CommandError::new(libc::ENOENT, format!("no snapshot named {name:?}"))
+        })
+    }
+
+    /// The view must be an internal snapshot of the top image.
+    fn internal_of_top(&self, entry: &ViewEntry, verb: &str) -> Result<Vec<u8>, CommandError> {
+        match (&entry.kind, entry.layer, &entry.snapshot_id) {
+            (ViewKind::Internal, 0, Some(id)) => Ok(id.clone()),
+            (ViewKind::Internal, _, _) => Err(CommandError::new(
+                libc::EROFS,
+                format!(
+                    "{} is stored in backing file {}, which snapfs does not write; cannot {verb} it",
+                    entry.file_name,
+                    entry.layer_path.display()
+                ),
+            )),
+            _ => Err(CommandError::new(
+                libc::EOPNOTSUPP,
+                format!("{verb} of an external snapshot (a chain layer) is not supported yet"),
+            )),
+        }
+    }
+
+    fn create(&self, name: &str, description: Option<String>) -> Result<Effect, CommandError> {
+        if !Catalog::is_valid_name(name) {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!("{name:?} is not a valid snapshot name (no '/', not '.' or '..', at most 251 bytes)"),
+            ));
+        }
+        let image = self.top_image()?;
+        let taken = self.catalog.find_by_name(name).is_some()
+            || image.snapshots().iter().any(|s| s.name == name.as_bytes());
+        if taken {
+            return Err(CommandError::new(
+                libc::EEXIST,
+                format!("a snapshot named {name:?} already exists"),
+            ));
+        }
+        let snap = image.create_snapshot(name)?;
+        let (key, entry) = self.catalog.add_internal(&snap, description)?;
+        Ok(Effect {
+            added: vec![(key, entry.file_name.clone())],
+            ..Effect::default()
+        })
+    }
+
+    fn revert(&self, name: &str, is_open: &dyn Fn(Target) -> bool) -> Result<Effect, CommandError> {
+        let (_, entry) = self.find(name)?;
+        let id = self.internal_of_top(&entry, "revert to")?;
+        if is_open(Target::Live) {
+            return Err(CommandError::new(
+                libc::EBUSY,
+                "live.raw is open; close it (stop the VM, detach loop devices) before reverting",
+            ));
+        }
+        self.top_image()?.apply_snapshot(&id)?;
+        self.catalog.live.view.invalidate();
+        Ok(Effect {
+            live_changed: true,
+            ..Effect::default()
+        })
+    }
+
+    fn delete(&self, name: &str, is_open: &dyn Fn(Target) -> bool) -> Result<Effect, CommandError> {
+        let (key, entry) = self.find(name)?;
+        let id = self.internal_of_top(&entry, "delete")?;
+        if is_open(Target::Snapshot(key)) {
+            return Err(CommandError::new(
+                libc::EBUSY,
+                format!("{} is open (a backup may be reading it); close it first", entry.file_name),
+            ));
+        }
+        self.top_image()?.delete_snapshot(&id)?;
+        self.catalog.remove(key);
+        self.catalog.live.view.invalidate();
+        Ok(Effect {
+            removed: vec![(key, entry.file_name.clone())],
+            ..Effect::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_commands() {
+        assert_eq!(
+            parse(CommandKind::Create, b"pkg-updated after apt upgrade\n"),
+            Ok(Command::Create {
+                name: "pkg-updated".into(),
+                description: Some("after apt upgrade".into())
+            })
+        );
+        assert_eq!(
+            parse(CommandKind::Create, b"s1\n"),
+            Ok(Command::Create { name: "s1".into(), description: None })
+        );
+        assert_eq!(
+            parse(CommandKind::Create, b"s2 --external /vm/new.qcow2"),
+            Ok(Command::CreateExternal { name: "s2".into(), file: Some("/vm/new.qcow2".into()) })
+        );
+        assert_eq!(parse(CommandKind::Revert, b"s1\n"), Ok(Command::Revert { name: "s1".into() }));
+        assert_eq!(parse(CommandKind::Commit, b"\n"), Ok(Command::Commit { layer: None }));
+        assert_eq!(
+            parse(CommandKind::Commit, b"base"),
+            Ok(Command::Commit { layer: Some("base".into()) })
+        );
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        for (kind, input) in [
+            (CommandKind::Create, &b"\n"[..]),
+            (CommandKind::Create, b""),
+            (CommandKind::Delete, b"a b"),
+            (CommandKind::Revert, b"a\nb\n"),
+            (CommandKind::Create, b"\xff\xfe"),
+            (CommandKind::Create, b"a\0b"),
+            (CommandKind::Commit, b"a b"),
+        ] {
+            let e = parse(kind, input).unwrap_err();
+            assert_eq!(e.errno, libc::EINVAL, "{input:?}: {}", e.message);
+        }
+        let long = vec![b'a'; MAX_COMMAND_LEN + 1];
+        assert_eq!(parse(CommandKind::Create, &long).unwrap_err().errno, libc::EINVAL);
+    }
+}
