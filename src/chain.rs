@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::error::{ChainError, Error, Result};
 use crate::qcow2::image::{file_size, read_or_zero};
+use crate::qcow2::lock::{ImageLock, LockMode};
 use crate::qcow2::{Caches, OpenOptions, Qcow2Image};
 
 /// The deepest chain snapfs opens. Real chains are a handful of layers; thousands are an attack.
@@ -100,6 +101,12 @@ impl Chain {
         if !has_qcow2_magic(&file) {
             return Err(ChainError::NotQcow2 { path: top_path }.into());
         }
+        let top_mode = if options.writable {
+            LockMode::ReadWrite
+        } else {
+            LockMode::ReadOnly
+        };
+        take_lock(&file, &top_path, top_mode, options.lock)?;
         let image = Qcow2Image::from_file(&top_path, file, caches.clone(), options)?;
         let mut layers = vec![Arc::new(Layer::Qcow2(Box::new(image)))];
 
@@ -133,6 +140,7 @@ impl Chain {
             seen.push(real);
             // Backing files are only read.
             let file = open_file(&path, false).map_err(missing)?;
+            take_lock(&file, &path, LockMode::ReadOnly, options.lock)?;
             let meta = file.metadata().map_err(missing)?;
             {
                 use std::os::unix::fs::FileTypeExt;
@@ -162,7 +170,10 @@ impl Chain {
                     &path,
                     file,
                     caches.clone(),
-                    OpenOptions::default(),
+                    OpenOptions {
+                        writable: false,
+                        ..options
+                    },
                 )?))
             } else {
                 let size = file_size(&file)
@@ -185,6 +196,18 @@ impl Chain {
             Layer::Raw(_) => unreachable!("Chain::open only accepts a qcow2 top image"),
         }
     }
+}
+
+/// Takes QEMU's locks on an image file; they last as long as the file stays open.
+fn take_lock(file: &File, path: &Path, mode: LockMode, wanted: bool) -> Result<()> {
+    if !wanted {
+        return Ok(());
+    }
+    let lock = ImageLock::acquire(file, path, mode)?;
+    if let Some(warning) = lock.warning() {
+        log::warn!("{warning}");
+    }
+    Ok(())
 }
 
 fn open_file(path: &Path, writable: bool) -> std::io::Result<File> {

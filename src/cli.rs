@@ -23,6 +23,21 @@ pub enum Command {
     Umount {
         mountpoint: PathBuf,
     },
+    /// Create, revert to or delete a snapshot of a mounted disk (writes control/create,
+    /// control/revert or control/delete).
+    #[command(after_help = "Examples:\n  snapfs snapshot create /mnt/vm pkg-updated \"after apt upgrade\"\n  \
+                            snapfs snapshot revert /mnt/vm pkg-updated\n  \
+                            snapfs snapshot delete /mnt/vm pkg-updated")]
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+    /// Merge a layer (default: the top image) into its backing file (writes control/commit).
+    #[command(after_help = "Example:\n  snapfs commit /mnt/vm")]
+    Commit {
+        mountpoint: PathBuf,
+        layer: Option<String>,
+    },
     /// Show the chain and every snapshot of IMAGE.
     #[command(after_help = "Example:\n  snapfs info --json vm.qcow2")]
     Info {
@@ -31,6 +46,21 @@ pub enum Command {
         json: bool,
         image: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotAction {
+    /// Take an internal snapshot of the live disk.
+    Create {
+        mountpoint: PathBuf,
+        name: String,
+        /// Free text kept with the snapshot.
+        description: Vec<String>,
+    },
+    /// Make the live disk equal to snapshot NAME (live.raw must not be open).
+    Revert { mountpoint: PathBuf, name: String },
+    /// Remove snapshot NAME (its file must not be open).
+    Delete { mountpoint: PathBuf, name: String },
 }
 
 #[derive(Debug, Args)]

@@ -68,6 +68,10 @@ pub enum Error {
     #[error("{path}: read-only")]
     ReadOnly { path: PathBuf },
 
+    /// Another process has the image open in a way that conflicts.
+    #[error(transparent)]
+    Locked(#[from] crate::qcow2::lock::LockError),
+
     /// An operating-system error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -99,6 +103,7 @@ impl Error {
             Error::Invalid { .. } => libc::EINVAL,
             Error::PastEnd { .. } => libc::ENOSPC,
             Error::ReadOnly { .. } | Error::NeedsReadOnly { .. } => libc::EROFS,
+            Error::Locked(_) => libc::EBUSY,
             _ => libc::EIO,
         }
     }

@@ -102,10 +102,18 @@ impl MountSettings {
 pub fn mount(settings: MountSettings) -> Result<(), String> {
     let caches = Caches::new(settings.cache);
     let writable = !settings.read_only;
-    let chain = match Chain::open(&settings.image, caches.clone(), OpenOptions { writable }) {
+    let options = OpenOptions {
+        writable,
+        lock: true,
+    };
+    let chain = match Chain::open(&settings.image, caches.clone(), options) {
         Err(Error::NeedsReadOnly { path, reason }) => {
             eprintln!("snapfs: {}: {reason}", path.display());
-            Chain::open(&settings.image, caches, OpenOptions { writable: false })
+            let read_only = OpenOptions {
+                writable: false,
+                ..options
+            };
+            Chain::open(&settings.image, caches, read_only)
         }
         other => other,
     }

@@ -9,6 +9,7 @@ use crate::info;
 use crate::qcow2::{Caches, OpenOptions};
 
 pub fn info(image: &Path, json: bool) -> Result<(), String> {
+    // A short look, like `qemu-img info -U`: no locks, so it works on images in use.
     let chain = Chain::open(image, Caches::new(1 << 20), OpenOptions::default())
         .map_err(|e| e.to_string())?;
     let catalog = Catalog::build(Arc::new(chain)).map_err(|e| e.to_string())?;
@@ -69,5 +70,30 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{value:.3} {}", UNITS[unit])
             .replace(".000 ", " ")
+    }
+}
+
+/// Runs one command through a mount's control file and prints its status line.
+pub fn control_command(mountpoint: &Path, file: &str, command: &str) -> Result<(), String> {
+    use std::io::Write;
+    let control = mountpoint.join("control");
+    let path = control.join(file);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e} (is a snapfs file system mounted there?)", path.display()))?;
+    let result = f.write_all(format!("{command}\n").as_bytes());
+    drop(f);
+    let status = std::fs::read_to_string(control.join("status")).unwrap_or_default();
+    let last = status.lines().last().unwrap_or("").to_owned();
+    match result {
+        Ok(()) => {
+            println!("{last}");
+            Ok(())
+        }
+        Err(e) if last.contains(": error: ") => Err(last
+            .split_once(": error: ")
+            .map_or(e.to_string(), |(_, m)| m.to_owned())),
+        Err(e) => Err(format!("{file} {command}: {e}")),
     }
 }

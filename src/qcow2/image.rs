@@ -53,6 +53,9 @@ impl Caches {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
     pub writable: bool,
+    /// Take QEMU's image locks (a short look such as `snapfs info` does without, like
+    /// `qemu-img info -U`).
+    pub lock: bool,
 }
 
 static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
