@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::chain::{Chain, Layer};
 use crate::error::Result;
@@ -63,105 +63,85 @@ pub struct ViewEntry {
     pub view: Arc<View>,
 }
 
-/// The snapshot views, keyed by a number that stays theirs for the life of the mount.
-#[derive(Debug, Default)]
-struct Views {
+/// The views of one chain, keyed by a number that stays theirs for the life of the mount.
+#[derive(Debug, Clone)]
+struct State {
+    chain: Arc<Chain>,
+    live: Arc<ViewEntry>,
     by_key: BTreeMap<u64, Arc<ViewEntry>>,
-    next_key: u64,
-    names: Names,
 }
 
-impl Views {
-    fn insert(&mut self, entry: ViewEntry) -> (u64, Arc<ViewEntry>) {
-        let key = self.next_key;
-        self.next_key += 1;
-        let entry = Arc::new(entry);
-        self.by_key.insert(key, entry.clone());
-        (key, entry)
-    }
+/// Identifies a view across chain changes: the file behind it and, for an internal snapshot,
+/// its id.
+type Identity = (PathBuf, Option<Vec<u8>>);
+
+/// The views of the chain being replaced, by identity, with their keys.
+type Previous = BTreeMap<Identity, (u64, Arc<ViewEntry>)>;
+
+fn identity(entry: &ViewEntry) -> Identity {
+    (entry.layer_path.clone(), entry.snapshot_id.clone())
 }
 
-/// Every view of a chain.
+/// Every view of a chain. The chain can change under a mount (commit, external snapshots): the
+/// catalog then swaps in views of the new chain, keeping each surviving view's key and name.
 #[derive(Debug)]
 pub struct Catalog {
-    pub chain: Arc<Chain>,
-    pub live: Arc<ViewEntry>,
-    views: RwLock<Views>,
+    state: RwLock<Arc<State>>,
+    naming: Mutex<Naming>,
+}
+
+/// What names have been handed out, and which layers carry a snapshot name.
+#[derive(Debug, Default)]
+struct Naming {
+    names: Names,
+    next_key: u64,
+    /// External snapshot names of layers (from `create --external` or libvirt metadata).
+    layer_names: HashMap<PathBuf, String>,
+}
+
+/// Which views a chain change added and removed.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub added: Vec<(u64, String)>,
+    pub removed: Vec<(u64, String)>,
 }
 
 impl Catalog {
     pub fn build(chain: Arc<Chain>) -> Result<Catalog> {
-        let top = chain.top().clone();
-        let live = Arc::new(ViewEntry {
-            file_name: "live.raw".into(),
-            kind: ViewKind::Live,
-            id: "0".into(),
-            tag: file_name_of(&top),
-            created: file_mtime(&top),
-            parent: None,
-            description: None,
-            layer_path: top.path().to_owned(),
-            layer: 0,
-            snapshot_id: None,
-            vm_state_size: 0,
-            view: Arc::new(View::new(
-                chain.clone(),
-                0,
-                StartTable::Active,
-                top.virtual_size(),
-            )),
-        });
+        Self::build_named(chain, HashMap::new())
+    }
 
-        let mut views = Views::default();
-        for (depth, layer) in chain.layers.iter().enumerate() {
-            let prefix = if depth == 0 {
-                String::new()
-            } else {
-                let stem = layer_stem(layer);
-                let name = views.names.claim(&stem, || format!("layer-{depth}"));
-                let below = chain.layers.get(depth + 1).map(file_name_of);
-                views.insert(ViewEntry {
-                    file_name: format!("{name}{SUFFIX}"),
-                    kind: ViewKind::External,
-                    id: depth.to_string(),
-                    tag: file_name_of(layer),
-                    created: file_mtime(layer),
-                    parent: below,
-                    description: None,
-                    layer_path: layer.path().to_owned(),
-                    layer: depth,
-                    snapshot_id: None,
-                    vm_state_size: 0,
-                    view: Arc::new(View::new(
-                        chain.clone(),
-                        depth,
-                        StartTable::Active,
-                        layer.virtual_size(),
-                    )),
-                });
-                format!("{name}@")
-            };
-            let Layer::Qcow2(image) = layer.as_ref() else {
-                continue;
-            };
-            let snapshots = image.snapshots();
-            for snap in snapshots.iter() {
-                let repeated = snapshots.iter().filter(|t| t.name == snap.name).count() > 1;
-                let entry = internal_entry(&chain, depth, image, snap, &prefix, repeated, &mut views.names)?;
-                views.insert(entry);
-            }
-        }
+    /// Builds the catalog with external snapshot names for some layers.
+    pub fn build_named(
+        chain: Arc<Chain>,
+        layer_names: HashMap<PathBuf, String>,
+    ) -> Result<Catalog> {
+        let mut naming = Naming {
+            layer_names,
+            ..Naming::default()
+        };
+        let state = build_state(chain, &BTreeMap::new(), &mut naming, &mut Vec::new())?;
         Ok(Catalog {
-            chain,
-            live,
-            views: RwLock::new(views),
+            state: RwLock::new(Arc::new(state)),
+            naming: Mutex::new(naming),
         })
+    }
+
+    fn state(&self) -> Arc<State> {
+        self.state.read().clone()
+    }
+
+    pub fn chain(&self) -> Arc<Chain> {
+        self.state().chain.clone()
+    }
+
+    pub fn live(&self) -> Arc<ViewEntry> {
+        self.state().live.clone()
     }
 
     /// The snapshot views with their keys, in key order.
     pub fn snapshots(&self) -> Vec<(u64, Arc<ViewEntry>)> {
-        self.views
-            .read()
+        self.state()
             .by_key
             .iter()
             .map(|(k, v)| (*k, v.clone()))
@@ -169,11 +149,11 @@ impl Catalog {
     }
 
     pub fn get(&self, key: u64) -> Option<Arc<ViewEntry>> {
-        self.views.read().by_key.get(&key).cloned()
+        self.state.read().by_key.get(&key).cloned()
     }
 
     pub fn find(&self, file_name: &str) -> Option<(u64, Arc<ViewEntry>)> {
-        self.views
+        self.state
             .read()
             .by_key
             .iter()
@@ -198,17 +178,187 @@ impl Catalog {
         snap: &Snapshot,
         description: Option<String>,
     ) -> Result<(u64, Arc<ViewEntry>)> {
-        let image = self.chain.top_image();
-        let mut views = self.views.write();
-        let mut entry = internal_entry(&self.chain, 0, image, snap, "", false, &mut views.names)?;
+        let mut naming = self.naming.lock();
+        let mut state = self.state.write();
+        let image = state.chain.top_image();
+        let mut entry = internal_entry(&state.chain, 0, image, snap, "", false, &mut naming.names)?;
         entry.description = description;
-        Ok(views.insert(entry))
+        let key = naming.next_key;
+        naming.next_key += 1;
+        let entry = Arc::new(entry);
+        let mut next = State::clone(&state);
+        next.by_key.insert(key, entry.clone());
+        *state = Arc::new(next);
+        Ok((key, entry))
     }
 
     /// Removes a view (its name is not handed out again during this mount).
     pub fn remove(&self, key: u64) -> Option<Arc<ViewEntry>> {
-        self.views.write().by_key.remove(&key)
+        let mut state = self.state.write();
+        let mut next = State::clone(&state);
+        let removed = next.by_key.remove(&key);
+        *state = Arc::new(next);
+        removed
     }
+
+    /// Gives a layer an external snapshot name (used for its view from the next rebuild on).
+    pub fn name_layer(&self, path: PathBuf, name: String) {
+        self.naming.lock().layer_names.insert(path, name);
+    }
+
+    /// Switches to the views of `chain`. Views that still exist keep their keys and names (and
+    /// descriptions); the rest are reported removed, new ones added.
+    pub fn rebuild(&self, chain: Arc<Chain>) -> Result<Changes> {
+        let mut naming = self.naming.lock();
+        let mut state = self.state.write();
+        let mut previous = Previous::new();
+        for (k, v) in &state.by_key {
+            previous.insert(identity(v), (*k, v.clone()));
+        }
+        let mut added = Vec::new();
+        let next = build_state(chain, &previous, &mut naming, &mut added)?;
+        let removed = state
+            .by_key
+            .iter()
+            .filter(|(k, _)| !next.by_key.contains_key(k))
+            .map(|(k, v)| (*k, v.file_name.clone()))
+            .collect();
+        *state = Arc::new(next);
+        Ok(Changes { added, removed })
+    }
+}
+
+/// Builds the views of `chain`. A view whose identity is in `previous` keeps its key, name and
+/// description; others get fresh keys (reported in `added`).
+fn build_state(
+    chain: Arc<Chain>,
+    previous: &Previous,
+    naming: &mut Naming,
+    added: &mut Vec<(u64, String)>,
+) -> Result<State> {
+    let top = chain.top().clone();
+    let live = Arc::new(ViewEntry {
+        file_name: "live.raw".into(),
+        kind: ViewKind::Live,
+        id: "0".into(),
+        tag: file_name_of(&top),
+        created: file_mtime(&top),
+        parent: None,
+        description: None,
+        layer_path: top.path().to_owned(),
+        layer: 0,
+        snapshot_id: None,
+        vm_state_size: 0,
+        view: Arc::new(View::new(
+            chain.clone(),
+            0,
+            StartTable::Active,
+            top.virtual_size(),
+        )),
+    });
+    let mut by_key = BTreeMap::new();
+    let mut place =
+        |mut entry: ViewEntry, naming: &mut Naming, wanted: &str, fallback: String| match previous
+            .get(&identity(&entry))
+        {
+            Some((key, old)) => {
+                entry.file_name = old.file_name.clone();
+                entry.description = entry.description.take().or_else(|| old.description.clone());
+                by_key.insert(*key, Arc::new(entry));
+                old.file_name.trim_end_matches(SUFFIX).to_owned()
+            }
+            None => {
+                let name = naming.names.claim(wanted, || fallback.clone());
+                entry.file_name = format!("{name}{SUFFIX}");
+                let key = naming.next_key;
+                naming.next_key += 1;
+                added.push((key, entry.file_name.clone()));
+                by_key.insert(key, Arc::new(entry));
+                name
+            }
+        };
+    for (depth, layer) in chain.layers.iter().enumerate() {
+        let prefix = if depth == 0 {
+            String::new()
+        } else {
+            let wanted = naming
+                .layer_names
+                .get(layer.path())
+                .cloned()
+                .unwrap_or_else(|| layer_stem(layer));
+            let entry = ViewEntry {
+                file_name: String::new(),
+                kind: ViewKind::External,
+                id: depth.to_string(),
+                tag: file_name_of(layer),
+                created: file_mtime(layer),
+                parent: chain.layers.get(depth + 1).map(file_name_of),
+                description: None,
+                layer_path: layer.path().to_owned(),
+                layer: depth,
+                snapshot_id: None,
+                vm_state_size: 0,
+                view: Arc::new(View::new(
+                    chain.clone(),
+                    depth,
+                    StartTable::Active,
+                    layer.virtual_size(),
+                )),
+            };
+            let name = place(entry, naming, &wanted, format!("layer-{depth}"));
+            format!("{name}@")
+        };
+        let Layer::Qcow2(image) = layer.as_ref() else {
+            continue;
+        };
+        let snapshots = image.snapshots();
+        for snap in snapshots.iter() {
+            let repeated = snapshots.iter().filter(|t| t.name == snap.name).count() > 1;
+            let id = snap.id_str();
+            let wanted = match snap.name_str() {
+                Some(tag) if !repeated => format!("{prefix}{tag}"),
+                _ => format!("{prefix}id-{id}"),
+            };
+            let entry = snapshot_entry(&chain, depth, image, snap)?;
+            place(entry, naming, &wanted, format!("{prefix}id-{id}"));
+        }
+    }
+    Ok(State {
+        chain,
+        live,
+        by_key,
+    })
+}
+
+/// The view of internal snapshot `snap` of layer `depth` (its file name is set by the caller).
+fn snapshot_entry(
+    chain: &Arc<Chain>,
+    depth: usize,
+    image: &crate::qcow2::Qcow2Image,
+    snap: &Snapshot,
+) -> Result<ViewEntry> {
+    let l1 = image.snapshot_l1(snap)?;
+    Ok(ViewEntry {
+        file_name: String::new(),
+        kind: ViewKind::Internal,
+        id: snap.id_str(),
+        tag: String::from_utf8_lossy(&snap.name).into_owned(),
+        created: Some(
+            UNIX_EPOCH + Duration::new(snap.date_sec.into(), snap.date_nsec.min(999_999_999)),
+        ),
+        parent: None,
+        description: None,
+        layer_path: image.path().to_owned(),
+        layer: depth,
+        snapshot_id: Some(snap.id.clone()),
+        vm_state_size: snap.vm_state_size,
+        view: Arc::new(View::new(
+            chain.clone(),
+            depth,
+            StartTable::Snapshot(Arc::new(l1)),
+            image.snapshot_size(snap),
+        )),
+    })
 }
 
 fn internal_entry(
@@ -226,26 +376,9 @@ fn internal_entry(
         _ => format!("{prefix}id-{id}"),
     };
     let name = names.claim(&wanted, || format!("{prefix}id-{id}"));
-    let l1 = image.snapshot_l1(snap)?;
-    Ok(ViewEntry {
-        file_name: format!("{name}{SUFFIX}"),
-        kind: ViewKind::Internal,
-        id,
-        tag: String::from_utf8_lossy(&snap.name).into_owned(),
-        created: Some(UNIX_EPOCH + Duration::new(snap.date_sec.into(), snap.date_nsec.min(999_999_999))),
-        parent: None,
-        description: None,
-        layer_path: image.path().to_owned(),
-        layer: depth,
-        snapshot_id: Some(snap.id.clone()),
-        vm_state_size: snap.vm_state_size,
-        view: Arc::new(View::new(
-            chain.clone(),
-            depth,
-            StartTable::Snapshot(Arc::new(l1)),
-            image.snapshot_size(snap),
-        )),
-    })
+    let mut entry = snapshot_entry(chain, depth, image, snap)?;
+    entry.file_name = format!("{name}{SUFFIX}");
+    Ok(entry)
 }
 
 fn file_name_of(layer: &Arc<Layer>) -> String {
@@ -270,7 +403,7 @@ fn file_mtime(layer: &Arc<Layer>) -> Option<SystemTime> {
 }
 
 /// Names handed out so far in `snapshots/`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Names {
     taken: HashSet<String>,
     counters: HashMap<String, u32>,

@@ -24,13 +24,74 @@ const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 pub struct RawImage {
     pub path: PathBuf,
     pub file: File,
-    pub size: u64,
+    size: std::sync::atomic::AtomicU64,
 }
 
 impl RawImage {
+    pub fn new(path: PathBuf, file: File, size: u64) -> Self {
+        RawImage {
+            path,
+            file,
+            size: size.into(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         read_or_zero(&self.file, buf, offset)
             .map_err(|e| Error::io(format!("{}: read at {offset:#x}", self.path.display()), e))
+    }
+
+    /// Writes guest data (used when a commit lands in a raw backing file).
+    pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io(format!("{}: write at {offset:#x}", self.path.display()), e))
+    }
+
+    /// Makes a range read as zeros, deallocating it where the file system can.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on a descriptor we own, with a range and mode checked by the kernel.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        // No hole punching here (a block device, an old file system): write zeros.
+        let zeros = vec![0u8; (1u64 << 20).min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+            self.write(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Grows the file (a commit of a larger overlay into a smaller raw base).
+    pub fn grow(&self, size: u64) -> Result<()> {
+        self.file
+            .set_len(size)
+            .map_err(|e| Error::io(format!("{}: resize to {size}", self.path.display()), e))?;
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))
     }
 }
 
@@ -59,7 +120,7 @@ impl Layer {
     pub fn virtual_size(&self) -> u64 {
         match self {
             Layer::Qcow2(q) => q.virtual_size(),
-            Layer::Raw(r) => r.size,
+            Layer::Raw(r) => r.size(),
         }
     }
 
@@ -138,8 +199,10 @@ impl Chain {
                 .into());
             }
             seen.push(real);
-            // Backing files are only read.
-            let file = open_file(&path, false).map_err(missing)?;
+            // Backing files are read, and written only by commands that rearrange the chain (with
+            // their locks upgraded for the time): a writable mount opens them read-write where the
+            // file permits it.
+            let file = open_backing(&path, options.writable).map_err(missing)?;
             take_lock(&file, &path, LockMode::ReadOnly, options.lock)?;
             let meta = file.metadata().map_err(missing)?;
             {
@@ -178,7 +241,7 @@ impl Chain {
             } else {
                 let size = file_size(&file)
                     .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
-                Layer::Raw(RawImage { path, file, size })
+                Layer::Raw(RawImage::new(path, file, size))
             };
             layers.push(Arc::new(layer));
         }
@@ -210,6 +273,21 @@ fn take_lock(file: &File, path: &Path, mode: LockMode, wanted: bool) -> Result<(
     Ok(())
 }
 
+fn open_backing(path: &Path, writable: bool) -> std::io::Result<File> {
+    if writable {
+        match open_file(path, true) {
+            Ok(f) => return Ok(f),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    open_file(path, false)
+}
+
 fn open_file(path: &Path, writable: bool) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
@@ -228,8 +306,7 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 }
 
 fn canonical(path: &Path) -> Result<PathBuf> {
-    std::fs::canonicalize(path)
-        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
+    std::fs::canonicalize(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))
 }
 
 /// Resolves a backing file name as QEMU does for plain file names: relative to the directory of

@@ -15,19 +15,21 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount the chain whose top (active) file is IMAGE.
-    #[command(after_help = "Example:\n  snapfs mount /var/lib/libvirt/images/vm.qcow2 /mnt/vm\n  \
-                            ls -l /mnt/vm/snapshots/")]
+    #[command(
+        after_help = "Example:\n  snapfs mount /var/lib/libvirt/images/vm.qcow2 /mnt/vm\n  \
+                            ls -l /mnt/vm/snapshots/"
+    )]
     Mount(MountArgs),
     /// Flush and unmount a snapfs mount.
     #[command(after_help = "Example:\n  snapfs umount /mnt/vm")]
-    Umount {
-        mountpoint: PathBuf,
-    },
+    Umount { mountpoint: PathBuf },
     /// Create, revert to or delete a snapshot of a mounted disk (writes control/create,
     /// control/revert or control/delete).
-    #[command(after_help = "Examples:\n  snapfs snapshot create /mnt/vm pkg-updated \"after apt upgrade\"\n  \
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot create /mnt/vm pkg-updated \"after apt upgrade\"\n  \
                             snapfs snapshot revert /mnt/vm pkg-updated\n  \
-                            snapfs snapshot delete /mnt/vm pkg-updated")]
+                            snapfs snapshot delete /mnt/vm pkg-updated"
+    )]
     Snapshot {
         #[command(subcommand)]
         action: SnapshotAction,
@@ -96,7 +98,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("invalid size {text:?} (expected e.g. 64M)"))?;
-    let shift = match unit.to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+    let shift = match unit
+        .to_ascii_lowercase()
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+    {
         "" => 0,
         "k" => 10,
         "m" => 20,

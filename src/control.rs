@@ -96,8 +96,8 @@ pub fn parse(kind: CommandKind, input: &[u8]) -> Result<Command, CommandError> {
             input.len()
         )));
     }
-    let text = std::str::from_utf8(input)
-        .map_err(|_| invalid("command is not valid UTF-8".into()))?;
+    let text =
+        std::str::from_utf8(input).map_err(|_| invalid("command is not valid UTF-8".into()))?;
     let text = text.strip_suffix('\n').unwrap_or(text);
     let text = text.strip_suffix('\r').unwrap_or(text);
     if text.chars().any(|c| c.is_control() && c != '\t') {
@@ -168,6 +168,8 @@ pub struct Effect {
     pub removed: Vec<(u64, String)>,
     /// The live disk's content or size changed.
     pub live_changed: bool,
+    /// Said after "ok" in the status line (files that left the chain, the new top).
+    pub detail: Option<String>,
 }
 
 /// Which file a command would change or remove; the file system answers whether it is open.
@@ -183,6 +185,8 @@ pub struct Controller {
     writable: bool,
     running: Mutex<()>,
     status: Mutex<VecDeque<String>>,
+    /// The progress line of the command running now.
+    progress: Mutex<Option<String>>,
 }
 
 impl Controller {
@@ -192,6 +196,7 @@ impl Controller {
             writable,
             running: Mutex::new(()),
             status: Mutex::new(VecDeque::new()),
+            progress: Mutex::new(None),
         }
     }
 
@@ -208,6 +213,10 @@ impl Controller {
     pub fn status_text(&self) -> String {
         let mut text = String::new();
         for line in self.status.lock().iter() {
+            text.push_str(line);
+            text.push('\n');
+        }
+        if let Some(line) = self.progress.lock().as_ref() {
             text.push_str(line);
             text.push('\n');
         }
@@ -234,8 +243,13 @@ impl Controller {
             }
             Err(_) => kind.file_name().to_owned(),
         };
-        let result = command.and_then(|c| self.execute(c, is_open));
+        let result = command.and_then(|c| self.execute(c, &label, is_open));
+        *self.progress.lock() = None;
         let outcome = match &result {
+            Ok(Effect {
+                detail: Some(detail),
+                ..
+            }) => format!("ok ({detail})"),
             Ok(_) => "ok".to_owned(),
             Err(e) => format!("error: {}", e.message),
         };
@@ -246,6 +260,7 @@ impl Controller {
     fn execute(
         &self,
         command: Command,
+        label: &str,
         is_open: &dyn Fn(Target) -> bool,
     ) -> Result<Effect, CommandError> {
         if !self.writable {
@@ -256,27 +271,140 @@ impl Controller {
         }
         match command {
             Command::Create { name, description } => self.create(&name, description),
-            Command::CreateExternal { .. } => Err(CommandError::new(
-                libc::EOPNOTSUPP,
-                "external snapshots (--external) are not supported yet",
-            )),
+            Command::CreateExternal { name, file } => self.create_external(&name, file.as_deref()),
             Command::Revert { name } => self.revert(&name, is_open),
-            Command::Delete { name } => self.delete(&name, is_open),
-            Command::Commit { .. } => Err(CommandError::new(
-                libc::EOPNOTSUPP,
-                "commit is not supported yet",
+            Command::Delete { name } => self.delete(&name, label, is_open),
+            Command::Commit { layer } => self.commit(layer.as_deref(), label, is_open),
+        }
+    }
+
+    /// A progress reporter that keeps `control/status`'s last line current.
+    fn reporter<'a>(&'a self, label: &'a str) -> impl Fn(u64, u64) + 'a {
+        move |done, total| {
+            let percent = (done * 100).checked_div(total).unwrap_or(100);
+            *self.progress.lock() = Some(format!(
+                "{label}: {percent}% ({} of {})",
+                crate::report::human(done),
+                crate::report::human(total)
+            ));
+        }
+    }
+
+    /// Switches the catalog to `chain` and says what changed.
+    fn switch_chain(&self, chain: Arc<crate::chain::Chain>) -> Result<Effect, CommandError> {
+        let changes = self.catalog.rebuild(chain)?;
+        Ok(Effect {
+            added: changes.added,
+            removed: changes.removed,
+            ..Effect::default()
+        })
+    }
+
+    /// EBUSY if any of `targets` is open.
+    fn refuse_if_open(
+        &self,
+        targets: &[(Target, String)],
+        is_open: &dyn Fn(Target) -> bool,
+    ) -> Result<(), CommandError> {
+        match targets.iter().find(|(t, _)| is_open(*t)) {
+            Some((_, name)) => Err(CommandError::new(
+                libc::EBUSY,
+                format!(
+                    "{name} is open and this command would change or remove it; close it first"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Views whose content depends on layer `index` of the chain at or below it: its own view
+    /// (unless it is the top) and its internal snapshots.
+    fn views_of_layer(&self, index: usize) -> Vec<(Target, String)> {
+        self.catalog
+            .snapshots()
+            .into_iter()
+            .filter(|(_, v)| v.layer == index)
+            .map(|(k, v)| (Target::Snapshot(k), v.file_name.clone()))
+            .collect()
+    }
+
+    fn layer_index(&self, name: &str) -> Result<usize, CommandError> {
+        let (_, entry) = self.find(name)?;
+        match entry.kind {
+            ViewKind::External => Ok(entry.layer),
+            _ => Err(CommandError::new(
+                libc::EINVAL,
+                format!("{name} is not a layer of the chain (an external snapshot)"),
             )),
         }
     }
 
-    fn top_image(&self) -> Result<&crate::qcow2::Qcow2Image, CommandError> {
-        Ok(self.catalog.chain.top_image())
+    fn commit(
+        &self,
+        layer: Option<&str>,
+        label: &str,
+        is_open: &dyn Fn(Target) -> bool,
+    ) -> Result<Effect, CommandError> {
+        let index = match layer {
+            None => 0,
+            Some(name) => self.layer_index(name)?,
+        };
+        let chain = self.catalog.chain();
+        if index + 1 >= chain.layers.len() {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!(
+                    "{} has no backing file to commit into",
+                    chain.layers[index].path().display()
+                ),
+            ));
+        }
+        // The layer below changes content; the committed layer's views change (the top's
+        // snapshots read a changed backing file) or leave the chain (an inner layer).
+        let busy: Vec<(Target, String)> = self
+            .catalog
+            .snapshots()
+            .into_iter()
+            .filter(|(_, v)| {
+                v.layer == index || (v.layer == index + 1 && v.kind == ViewKind::External)
+            })
+            .map(|(k, v)| (Target::Snapshot(k), v.file_name.clone()))
+            .collect();
+        self.refuse_if_open(&busy, is_open)?;
+        let report = self.reporter(label);
+        let new_chain = crate::ops::commit(&chain, index, &report)?;
+        self.switch_chain(new_chain)
+    }
+
+    fn create_external(&self, name: &str, file: Option<&str>) -> Result<Effect, CommandError> {
+        if !Catalog::is_valid_name(name) {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!(
+                    "{name:?} is not a valid snapshot name (no '/', not '.' or '..', at most 251 bytes)"
+                ),
+            ));
+        }
+        if self.catalog.find_by_name(name).is_some() {
+            return Err(CommandError::new(
+                libc::EEXIST,
+                format!("a snapshot named {name:?} already exists"),
+            ));
+        }
+        let chain = self.catalog.chain();
+        let top_path = chain.top().path().to_owned();
+        let path = crate::ops::external::overlay_path(&top_path, name, file);
+        let new_chain = crate::ops::create_external(&chain, &path)?;
+        self.catalog.name_layer(top_path, name.to_owned());
+        let mut effect = self.switch_chain(new_chain)?;
+        effect.detail = Some(format!("the live disk is now {}", path.display()));
+        Ok(effect)
     }
 
     fn find(&self, name: &str) -> Result<(u64, Arc<ViewEntry>), CommandError> {
-        self.catalog.find_by_name(name).ok_or_else(|| {
-            CommandError::new(libc::ENOENT, format!("no snapshot named {name:?}"))
-        })
+        self.catalog
+            .find_by_name(name)
+            .ok_or_else(|| CommandError::new(libc::ENOENT, format!("no snapshot named {name:?}")))
     }
 
     /// The view must be an internal snapshot of the top image.
@@ -292,8 +420,11 @@ impl Controller {
                 ),
             )),
             _ => Err(CommandError::new(
-                libc::EOPNOTSUPP,
-                format!("{verb} of an external snapshot (a chain layer) is not supported yet"),
+                libc::EINVAL,
+                format!(
+                    "{} is not an internal snapshot; cannot {verb} it",
+                    entry.file_name
+                ),
             )),
         }
     }
@@ -302,10 +433,13 @@ impl Controller {
         if !Catalog::is_valid_name(name) {
             return Err(CommandError::new(
                 libc::EINVAL,
-                format!("{name:?} is not a valid snapshot name (no '/', not '.' or '..', at most 251 bytes)"),
+                format!(
+                    "{name:?} is not a valid snapshot name (no '/', not '.' or '..', at most 251 bytes)"
+                ),
             ));
         }
-        let image = self.top_image()?;
+        let chain = self.catalog.chain();
+        let image = chain.top_image();
         let taken = self.catalog.find_by_name(name).is_some()
             || image.snapshots().iter().any(|s| s.name == name.as_bytes());
         if taken {
@@ -324,33 +458,84 @@ impl Controller {
 
     fn revert(&self, name: &str, is_open: &dyn Fn(Target) -> bool) -> Result<Effect, CommandError> {
         let (_, entry) = self.find(name)?;
-        let id = self.internal_of_top(&entry, "revert to")?;
-        if is_open(Target::Live) {
-            return Err(CommandError::new(
+        let live_open = || {
+            CommandError::new(
                 libc::EBUSY,
                 "live.raw is open; close it (stop the VM, detach loop devices) before reverting",
-            ));
+            )
+        };
+        if entry.kind == ViewKind::External {
+            if is_open(Target::Live) {
+                return Err(live_open());
+            }
+            // The top's snapshots will read through another backing file; the layers between
+            // leave the chain.
+            let mut busy = self.views_of_layer(0);
+            for between in 1..entry.layer {
+                busy.extend(self.views_of_layer(between));
+            }
+            self.refuse_if_open(&busy, is_open)?;
+            let chain = self.catalog.chain();
+            let new_chain = crate::ops::revert_to_layer(&chain, entry.layer)?;
+            let removed: Vec<String> = chain.layers[1..entry.layer]
+                .iter()
+                .map(|l| l.path().display().to_string())
+                .collect();
+            let mut effect = self.switch_chain(new_chain)?;
+            effect.live_changed = true;
+            self.catalog.live().view.invalidate();
+            if !removed.is_empty() {
+                effect.detail = Some(format!(
+                    "left the chain, files kept: {}",
+                    removed.join(", ")
+                ));
+            }
+            return Ok(effect);
         }
-        self.top_image()?.apply_snapshot(&id)?;
-        self.catalog.live.view.invalidate();
+        let id = self.internal_of_top(&entry, "revert to")?;
+        if is_open(Target::Live) {
+            return Err(live_open());
+        }
+        self.catalog.chain().top_image().apply_snapshot(&id)?;
+        self.catalog.live().view.invalidate();
         Ok(Effect {
             live_changed: true,
             ..Effect::default()
         })
     }
 
-    fn delete(&self, name: &str, is_open: &dyn Fn(Target) -> bool) -> Result<Effect, CommandError> {
+    fn delete(
+        &self,
+        name: &str,
+        label: &str,
+        is_open: &dyn Fn(Target) -> bool,
+    ) -> Result<Effect, CommandError> {
         let (key, entry) = self.find(name)?;
+        if entry.kind == ViewKind::External {
+            self.refuse_if_open(&self.views_of_layer(entry.layer), is_open)?;
+            let chain = self.catalog.chain();
+            let report = self.reporter(label);
+            let new_chain = crate::ops::pull_into_above(&chain, entry.layer, &report)?;
+            let mut effect = self.switch_chain(new_chain)?;
+            effect.detail = Some(format!(
+                "{} left the chain; the file stays on disk",
+                entry.layer_path.display()
+            ));
+            return Ok(effect);
+        }
         let id = self.internal_of_top(&entry, "delete")?;
         if is_open(Target::Snapshot(key)) {
             return Err(CommandError::new(
                 libc::EBUSY,
-                format!("{} is open (a backup may be reading it); close it first", entry.file_name),
+                format!(
+                    "{} is open (a backup may be reading it); close it first",
+                    entry.file_name
+                ),
             ));
         }
-        self.top_image()?.delete_snapshot(&id)?;
+        self.catalog.chain().top_image().delete_snapshot(&id)?;
         self.catalog.remove(key);
-        self.catalog.live.view.invalidate();
+        self.catalog.live().view.invalidate();
         Ok(Effect {
             removed: vec![(key, entry.file_name.clone())],
             ..Effect::default()
@@ -373,17 +558,31 @@ mod tests {
         );
         assert_eq!(
             parse(CommandKind::Create, b"s1\n"),
-            Ok(Command::Create { name: "s1".into(), description: None })
+            Ok(Command::Create {
+                name: "s1".into(),
+                description: None
+            })
         );
         assert_eq!(
             parse(CommandKind::Create, b"s2 --external /vm/new.qcow2"),
-            Ok(Command::CreateExternal { name: "s2".into(), file: Some("/vm/new.qcow2".into()) })
+            Ok(Command::CreateExternal {
+                name: "s2".into(),
+                file: Some("/vm/new.qcow2".into())
+            })
         );
-        assert_eq!(parse(CommandKind::Revert, b"s1\n"), Ok(Command::Revert { name: "s1".into() }));
-        assert_eq!(parse(CommandKind::Commit, b"\n"), Ok(Command::Commit { layer: None }));
+        assert_eq!(
+            parse(CommandKind::Revert, b"s1\n"),
+            Ok(Command::Revert { name: "s1".into() })
+        );
+        assert_eq!(
+            parse(CommandKind::Commit, b"\n"),
+            Ok(Command::Commit { layer: None })
+        );
         assert_eq!(
             parse(CommandKind::Commit, b"base"),
-            Ok(Command::Commit { layer: Some("base".into()) })
+            Ok(Command::Commit {
+                layer: Some("base".into())
+            })
         );
     }
 
@@ -402,6 +601,9 @@ mod tests {
             assert_eq!(e.errno, libc::EINVAL, "{input:?}: {}", e.message);
         }
         let long = vec![b'a'; MAX_COMMAND_LEN + 1];
-        assert_eq!(parse(CommandKind::Create, &long).unwrap_err().errno, libc::EINVAL);
+        assert_eq!(
+            parse(CommandKind::Create, &long).unwrap_err().errno,
+            libc::EINVAL
+        );
     }
 }

@@ -49,7 +49,9 @@ pub enum Error {
     },
 
     /// The image is marked corrupt: nothing more is written to it.
-    #[error("{path}: the image is marked corrupt; writes are refused (run `qemu-img check -r all`)")]
+    #[error(
+        "{path}: the image is marked corrupt; writes are refused (run `qemu-img check -r all`)"
+    )]
     MarkedCorrupt { path: PathBuf },
 
     /// The image can only be opened read-only.
@@ -63,6 +65,11 @@ pub enum Error {
     /// A write past the end of the disk (ENOSPC, as a block device answers).
     #[error("write at {offset:#x} is past the end of the disk ({size} bytes)")]
     PastEnd { offset: u64, size: u64 },
+
+    /// The image stopped being the top of the chain while a write was on its way (the caller
+    /// retries on the new top).
+    #[error("{path}: no longer the active image")]
+    Retired { path: PathBuf },
 
     /// The mount or image is read-only.
     #[error("{path}: read-only")]
@@ -182,6 +189,8 @@ pub enum ChainError {
     BackingNotRegular { path: PathBuf, backing: String },
     #[error("{path}: backing format {format:?} is not supported (only qcow2 and raw)")]
     UnsupportedBackingFormat { path: PathBuf, format: String },
-    #[error("{path}: is not in qcow2 format (snapfs mounts qcow2 images only; raw files can only be backing files)")]
+    #[error(
+        "{path}: is not in qcow2 format (snapfs mounts qcow2 images only; raw files can only be backing files)"
+    )]
     NotQcow2 { path: PathBuf },
 }

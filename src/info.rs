@@ -116,8 +116,8 @@ pub fn layer_info(layer: &Layer) -> LayerInfo {
     };
     let h = image.header();
     info.cluster_size = Some(h.cluster_size());
-    info.backing_filename = h.backing_file.clone();
-    info.backing_filename_format = h.backing_format.clone();
+    info.backing_filename = image.backing_file();
+    info.backing_filename_format = image.backing_format();
     info.dirty_flag = h.is_dirty();
     info.format_specific = Some(Qcow2Specific {
         compat: if h.version == 2 { "0.10" } else { "1.1" },
@@ -173,7 +173,7 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
 }
 
 pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
-    let mut views = vec![view_info(&catalog.live, "")];
+    let mut views = vec![view_info(&catalog.live(), "")];
     views.extend(
         catalog
             .snapshots()
@@ -181,7 +181,7 @@ pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
             .map(|(_, v)| view_info(v, "snapshots/")),
     );
     ChainInfo {
-        chain: chain_layers(&catalog.chain),
+        chain: chain_layers(&catalog.chain()),
         views,
     }
 }

@@ -1,14 +1,15 @@
 //! snapfs: every point in time of a qcow2 disk image chain as an ordinary file.
 
 pub mod catalog;
-pub mod cli;
 pub mod chain;
+pub mod cli;
 pub mod control;
 pub mod error;
 pub mod fs;
 pub mod info;
 pub mod libvirt;
 pub mod mount;
-pub mod report;
+pub mod ops;
 pub mod qcow2;
+pub mod report;
 pub mod view;

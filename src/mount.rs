@@ -12,9 +12,9 @@ use fuser::{Config, MountOption, SessionACL};
 
 use crate::catalog::Catalog;
 use crate::chain::Chain;
-use crate::error::Error;
 use crate::cli::{MountArgs, parse_size};
 use crate::control::Controller;
+use crate::error::Error;
 use crate::fs::{Ownership, SnapFs};
 use crate::qcow2::{Caches, OpenOptions};
 
@@ -130,7 +130,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         gid: settings.gid.unwrap_or(meta.gid()),
         mode: (meta.mode() & 0o777) as u16,
         image_mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-        writable: catalog.live.view.is_writable(),
+        writable: catalog.live().view.is_writable(),
     };
     if !settings.mountpoint.is_dir() {
         return Err(format!(
@@ -212,13 +212,91 @@ fn serve(
             }
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    let pid_file = PidFile::create(mountpoint);
     if let Some(mut pipe) = ready {
         let _ = pipe.write_all(b"ok");
         redirect_stdio_to_null();
     }
-    session
+    let result = session
         .run()
-        .map_err(|e| format!("FUSE session ended with an error: {e}"))
+        .map_err(|e| format!("FUSE session ended with an error: {e}"));
+    // The session's end flushed the live disk (destroy); the locks go with the process.
+    drop(pid_file);
+    result
+}
+
+/// `RUNTIME/snapfs/MOUNTPOINT.pid` names the process serving a mount, so that `snapfs umount`
+/// can wait for it to finish and tell a dead one from a live one.
+struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    fn path_for(mountpoint: &Path) -> Option<PathBuf> {
+        let canonical = std::fs::canonicalize(mountpoint).ok()?;
+        let dir = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|_| !nix_is_root())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/run"))
+            .join("snapfs");
+        let mut name = String::new();
+        for b in canonical.as_os_str().as_encoded_bytes() {
+            match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'-' | b'_' => {
+                    name.push(*b as char)
+                }
+                _ => name.push_str(&format!("%{b:02X}")),
+            }
+        }
+        Some(dir.join(format!("{name}.pid")))
+    }
+
+    fn create(mountpoint: &Path) -> PidFile {
+        let Some(path) = Self::path_for(mountpoint) else {
+            return PidFile(None);
+        };
+        let written = path
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::write(&path, format!("{}\n", std::process::id())));
+        match written {
+            Ok(()) => PidFile(Some(path)),
+            Err(e) => {
+                log::warn!("cannot write {}: {e}", path.display());
+                PidFile(None)
+            }
+        }
+    }
+
+    fn read(mountpoint: &Path) -> Option<(PathBuf, i32)> {
+        let path = Self::path_for(mountpoint)?;
+        let pid = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+        Some((path, pid))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether `pid` is a running process (a zombie, killed but not yet reaped, is not).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// Forks. The parent waits until the child reports that the mount is ready and exits with its
@@ -264,7 +342,11 @@ fn daemonize() -> Result<File, String> {
 }
 
 fn redirect_stdio_to_null() {
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         use std::os::fd::AsRawFd;
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors; /dev/null stays open until then.
@@ -294,16 +376,46 @@ fn wait_for_signal(set: &libc::sigset_t) -> bool {
     unsafe { libc::sigwait(set, &mut sig) == 0 }
 }
 
-/// `snapfs umount`: unmounts MOUNTPOINT (the daemon then flushes and exits).
+/// `snapfs umount`: unmounts MOUNTPOINT and waits until the process serving it has flushed and
+/// exited. A mount whose process died is detached and reported.
 pub fn umount(mountpoint: &Path) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
+    let server = PidFile::read(mountpoint);
     let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| format!("invalid mount point {}", mountpoint.display()))?;
+    if let Some((pid_path, pid)) = &server
+        && !process_alive(*pid)
+    {
+        // SAFETY: umount2 with a valid C string.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_file(pid_path);
+        eprintln!(
+            "snapfs: the process serving {} (pid {pid}) had died; its stale mount was removed",
+            mountpoint.display()
+        );
+        return Ok(());
+    }
     // SAFETY: umount2 with a valid C string.
     if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        if let Some((_, pid)) = server {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while process_alive(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         return Ok(());
     }
     let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOTCONN) {
+        // The serving process is gone (the kernel says the transport is not connected).
+        // SAFETY: umount2 with a valid C string.
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        eprintln!(
+            "snapfs: the process serving {} had died; its stale mount was removed",
+            mountpoint.display()
+        );
+        return Ok(());
+    }
     if err.raw_os_error() == Some(libc::EPERM) {
         // Not root: the setuid helper may unmount a FUSE mount its user owns.
         let status = std::process::Command::new("fusermount3")
@@ -321,5 +433,8 @@ pub fn umount(mountpoint: &Path) -> Result<(), String> {
         Some(libc::EINVAL) => " (it is not a mount point)",
         _ => "",
     };
-    Err(format!("cannot unmount {}: {err}{hint}", mountpoint.display()))
+    Err(format!(
+        "cannot unmount {}: {err}{hint}",
+        mountpoint.display()
+    ))
 }

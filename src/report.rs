@@ -23,7 +23,11 @@ pub fn info(image: &Path, json: bool) -> Result<(), String> {
         let indent = "  ".repeat(depth);
         println!("{indent}image: {}", layer.filename);
         println!("{indent}file format: {}", layer.format);
-        println!("{indent}virtual size: {} ({} bytes)", human(layer.virtual_size), layer.virtual_size);
+        println!(
+            "{indent}virtual size: {} ({} bytes)",
+            human(layer.virtual_size),
+            layer.virtual_size
+        );
         println!("{indent}disk size: {}", human(layer.actual_size));
         if let Some(cs) = layer.cluster_size {
             println!("{indent}cluster_size: {cs}");
@@ -33,7 +37,10 @@ pub fn info(image: &Path, json: bool) -> Result<(), String> {
         }
         if !layer.snapshots.is_empty() {
             println!("{indent}Snapshot list:");
-            println!("{indent}{:<6} {:<24} {:>10} {:<20} {:>12}", "ID", "TAG", "VM SIZE", "DATE", "DISK SIZE");
+            println!(
+                "{indent}{:<6} {:<24} {:>10} {:<20} {:>12}",
+                "ID", "TAG", "VM SIZE", "DATE", "DISK SIZE"
+            );
             for s in &layer.snapshots {
                 let date = info::rfc3339(
                     std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.date_sec.into()),
@@ -68,8 +75,7 @@ pub fn human(bytes: u64) -> String {
     if unit == 0 || value.fract() == 0.0 {
         format!("{} {}", value as u64, UNITS[unit])
     } else {
-        format!("{value:.3} {}", UNITS[unit])
-            .replace(".000 ", " ")
+        format!("{value:.3} {}", UNITS[unit]).replace(".000 ", " ")
     }
 }
 
@@ -81,7 +87,12 @@ pub fn control_command(mountpoint: &Path, file: &str, command: &str) -> Result<(
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
-        .map_err(|e| format!("{}: {e} (is a snapfs file system mounted there?)", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "{}: {e} (is a snapfs file system mounted there?)",
+                path.display()
+            )
+        })?;
     let result = f.write_all(format!("{command}\n").as_bytes());
     drop(f);
     let status = std::fs::read_to_string(control.join("status")).unwrap_or_default();

@@ -76,7 +76,14 @@ impl View {
     /// Reads what the layers below this view's layer show (for copy-on-write).
     fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         match self.chain.layers.get(self.layer + 1) {
-            Some(below) => read_layer(&self.chain, self.layer + 1, None, below.virtual_size(), buf, offset),
+            Some(below) => read_layer(
+                &self.chain,
+                self.layer + 1,
+                None,
+                below.virtual_size(),
+                buf,
+                offset,
+            ),
             None => {
                 buf.fill(0);
                 Ok(())
@@ -96,8 +103,12 @@ impl View {
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
         let image = self.writable_image()?;
         let has_backing = self.chain.layers.len() > self.layer + 1;
-        let result =
-            image.zero_range(offset, len, &|buf, pos| self.read_below(buf, pos), has_backing);
+        let result = image.zero_range(
+            offset,
+            len,
+            &|buf, pos| self.read_below(buf, pos),
+            has_backing,
+        );
         self.invalidate();
         result
     }
@@ -144,7 +155,14 @@ impl View {
     /// Fills `buf` with the view's bytes at `offset`; bytes past the end read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let l1 = self.start_l1();
-        read_layer(&self.chain, self.layer, l1.as_deref(), self.size(), buf, offset)
+        read_layer(
+            &self.chain,
+            self.layer,
+            l1.as_deref(),
+            self.size(),
+            buf,
+            offset,
+        )
     }
 
     /// Whether the range at `offset` holds data or a hole, and for how many bytes (at most
@@ -152,7 +170,14 @@ impl View {
     /// every layer are holes.
     pub fn extent_at(&self, offset: u64, max_len: u64) -> Result<(Extent, u64)> {
         let l1 = self.start_l1();
-        extent_layer(&self.chain, self.layer, l1.as_deref(), self.size(), offset, max_len)
+        extent_layer(
+            &self.chain,
+            self.layer,
+            l1.as_deref(),
+            self.size(),
+            offset,
+            max_len,
+        )
     }
 
     /// `lseek(SEEK_DATA)`: the first data offset at or after `offset`, `None` if there is none.
@@ -216,6 +241,18 @@ fn clip(buf: &mut [u8], offset: u64, limit: u64) -> &mut [u8] {
     head
 }
 
+/// Reads guest bytes as layer `depth` of `chain` shows them in its active state (through the
+/// layers below it), zeros past its end.
+pub fn read_chain(chain: &Chain, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+    match chain.layers.get(depth) {
+        Some(layer) => read_layer(chain, depth, None, layer.virtual_size(), buf, offset),
+        None => {
+            buf.fill(0);
+            Ok(())
+        }
+    }
+}
+
 fn read_layer(
     chain: &Chain,
     depth: usize,
@@ -241,15 +278,18 @@ fn read_layer(
             &active
         }
     };
-    image.read_through(l1, buf, offset, &|chunk, pos| {
-        match chain.layers.get(depth + 1) {
+    image.read_through(
+        l1,
+        buf,
+        offset,
+        &|chunk, pos| match chain.layers.get(depth + 1) {
             Some(below) => read_layer(chain, depth + 1, None, below.virtual_size(), chunk, pos),
             None => {
                 chunk.fill(0);
                 Ok(())
             }
-        }
-    })
+        },
+    )
 }
 
 fn extent_layer(

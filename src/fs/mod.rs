@@ -11,8 +11,8 @@ use std::sync::{Arc, OnceLock};
 
 use fuser::{
     Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use parking_lot::Mutex;
 
@@ -82,8 +82,7 @@ impl SnapFs {
                     Node::Live => Some(self.owner.image_mtime),
                     _ => entry.created,
                 };
-                self.owner
-                    .attr(node, entry.view.size(), allocated, mtime)
+                self.owner.attr(node, entry.view.size(), allocated, mtime)
             }
             None if node == Node::InfoJson => {
                 let len = self.info_json().len() as u64;
@@ -170,7 +169,7 @@ impl Filesystem for SnapFs {
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.catalog.live.view.flush() {
+        if let Err(e) = self.catalog.live().view.flush() {
             log::error!("flushing live.raw at unmount: {e}");
         }
     }
@@ -205,7 +204,7 @@ impl Filesystem for SnapFs {
             Node::Root | Node::SnapshotsDir | Node::ControlDir => {
                 return reply.error(Errno::EISDIR);
             }
-            Node::Live if wants_write && !self.catalog.live.view.is_writable() => {
+            Node::Live if wants_write && !self.catalog.live().view.is_writable() => {
                 return reply.error(Errno::EROFS);
             }
             // Every change of the live disk goes through the kernel (or is announced to it), so
@@ -319,20 +318,28 @@ impl Filesystem for SnapFs {
             Ok(_) => return reply.error(Errno::EBADF),
             Err(e) => return reply.error(e),
         }
-        let view = &self.catalog.live.view;
-        let size = view.size();
-        if offset >= size && !data.is_empty() {
-            return reply.error(Errno::ENOSPC);
-        }
-        // A write that runs past the end is cut short, as a block device does.
-        let len = (size - offset).min(data.len() as u64) as usize;
-        match view.write_at(&data[..len], offset) {
-            Ok(()) => reply.written(len as u32),
-            Err(e) => {
-                log::error!("live.raw: write {len} bytes at {offset:#x}: {e}");
-                reply.error(errno(&e));
+        // An external snapshot may switch the top while this write is on its way: the old top
+        // refuses it, and it goes to the new one.
+        for _ in 0..1000 {
+            let live = self.catalog.live();
+            let size = live.view.size();
+            if offset >= size && !data.is_empty() {
+                return reply.error(Errno::ENOSPC);
+            }
+            // A write that runs past the end is cut short, as a block device does.
+            let len = (size - offset).min(data.len() as u64) as usize;
+            match live.view.write_at(&data[..len], offset) {
+                Ok(()) => return reply.written(len as u32),
+                Err(crate::error::Error::Retired { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => {
+                    log::error!("live.raw: write {len} bytes at {offset:#x}: {e}");
+                    return reply.error(errno(&e));
+                }
             }
         }
+        reply.error(Errno::EIO)
     }
 
     fn flush(
@@ -357,7 +364,7 @@ impl Filesystem for SnapFs {
         if ino.0 != nodes::LIVE {
             return reply.ok();
         }
-        match self.catalog.live.view.flush() {
+        match self.catalog.live().view.flush() {
             Ok(()) => reply.ok(),
             Err(e) => {
                 log::error!("live.raw: fsync: {e}");
@@ -390,7 +397,7 @@ impl Filesystem for SnapFs {
         };
         match (node, size) {
             (Node::Live, Some(new_size)) => {
-                let view = &self.catalog.live.view;
+                let view = &self.catalog.live().view;
                 if new_size != view.size()
                     && let Err(e) = view.grow(new_size)
                 {
@@ -424,7 +431,7 @@ impl Filesystem for SnapFs {
         if ino.0 != nodes::LIVE {
             return reply.error(Errno::EOPNOTSUPP);
         }
-        let view = &self.catalog.live.view;
+        let view = &self.catalog.live().view;
         let known =
             libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 {
@@ -443,7 +450,9 @@ impl Filesystem for SnapFs {
         match result {
             Ok(()) => reply.ok(),
             Err(e) => {
-                log::error!("live.raw: fallocate mode {mode:#x} {length} bytes at {offset:#x}: {e}");
+                log::error!(
+                    "live.raw: fallocate mode {mode:#x} {length} bytes at {offset:#x}: {e}"
+                );
                 reply.error(errno(&e));
             }
         }
@@ -475,7 +484,7 @@ impl Filesystem for SnapFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let snapshots = self.catalog.snapshots();
         let used: u64 = snapshots.iter().map(|(_, v)| v.view.size()).sum::<u64>()
-            + self.catalog.live.view.size();
+            + self.catalog.live().view.size();
         let files = snapshots.len() as u64 + 10;
         reply.statfs(used.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }

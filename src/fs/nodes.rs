@@ -123,7 +123,7 @@ impl Node {
 
     pub fn view(self, catalog: &Catalog) -> Option<Arc<ViewEntry>> {
         match self {
-            Node::Live => Some(catalog.live.clone()),
+            Node::Live => Some(catalog.live()),
             Node::Snapshot(key) => catalog.get(key),
             _ => None,
         }

@@ -24,7 +24,11 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<(), String> {
         let in_pos = z.total_in() as usize;
         let out_pos = z.total_out() as usize;
         let status = z
-            .decompress(&input[in_pos..], &mut out[out_pos..], FlushDecompress::Finish)
+            .decompress(
+                &input[in_pos..],
+                &mut out[out_pos..],
+                FlushDecompress::Finish,
+            )
             .map_err(|e| format!("deflate data is invalid: {e}"))?;
         let produced = z.total_out() as usize;
         if produced == out.len() {

@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
@@ -74,8 +74,15 @@ pub struct Qcow2Image {
     /// Bumped whenever an L2 table of this image is rewritten, so that a concurrent load of the
     /// old contents is not cached over the new ones.
     pub(super) l2_generation: AtomicU64,
-    /// The write side; `None` for images opened read-only.
-    pub(super) writer: Option<Mutex<Writer>>,
+    /// The backing file name and format as the header says now (they change when the chain is
+    /// rearranged).
+    pub(super) backing: RwLock<(Option<String>, Option<String>)>,
+    /// Set once the image stopped being the top of the mounted chain: writes that still reach
+    /// it are refused so that they go to the new top.
+    pub(super) retired: std::sync::atomic::AtomicBool,
+    /// The write side, set up when the image is opened writable or when an operation across
+    /// the chain first writes to it.
+    pub(super) writer: OnceLock<Mutex<Writer>>,
     /// Readers of the active state hold this shared; freeing clusters takes it exclusively, so
     /// that no read still in flight can see a freed cluster reused.
     pub(super) reclaim: RwLock<()>,
@@ -137,6 +144,7 @@ impl Qcow2Image {
         })?;
         let geometry = Geometry::new(header.cluster_bits, header.extended_l2());
         let size = AtomicU64::new(header.size);
+        let backing = RwLock::new((header.backing_file.clone(), header.backing_format.clone()));
         let mut image = Qcow2Image {
             id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
@@ -144,11 +152,13 @@ impl Qcow2Image {
             header,
             geometry,
             size,
+            backing,
             active_l1: RwLock::new(Arc::new(L1Table::default())),
             snapshots: RwLock::new(Arc::new(Vec::new())),
             caches,
             l2_generation: AtomicU64::new(0),
-            writer: None,
+            writer: OnceLock::new(),
+            retired: false.into(),
             reclaim: RwLock::new(()),
         };
         let active = image
@@ -161,19 +171,41 @@ impl Qcow2Image {
         *image.active_l1.get_mut() = Arc::new(active);
         *image.snapshots.get_mut() = Arc::new(image.read_snapshot_table()?);
         if options.writable {
-            let writer = Writer::open(&image)?;
-            image.writer = Some(Mutex::new(writer));
+            image.enable_writes()?;
         }
         Ok(image)
     }
 
+    /// Sets up the write side (the file must be open for writing).
+    pub fn enable_writes(&self) -> Result<()> {
+        if self.writer.get().is_some() {
+            return Ok(());
+        }
+        // SAFETY: F_GETFL only reads the descriptor's flags.
+        let flags =
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&self.file), libc::F_GETFL) };
+        if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let writer = Writer::open(self)?;
+        let _ = self.writer.set(Mutex::new(writer));
+        Ok(())
+    }
+
+    /// Marks the image as no longer the top: guest writes to it fail with [`Error::Retired`].
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
     pub fn is_writable(&self) -> bool {
-        self.writer.is_some()
+        self.writer.get().is_some()
     }
 
     /// Held while reading the active state (see `reclaim`).
     pub fn read_guard(&self) -> Option<RwLockReadGuard<'_, ()>> {
-        self.writer.as_ref().map(|_| self.reclaim.read())
+        self.writer.get().map(|_| self.reclaim.read())
     }
 
     /// Reads guest bytes at `offset` as this image shows them through `l1`; `backing` supplies
@@ -209,6 +241,21 @@ impl Qcow2Image {
 
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The caches this image uses (new images of the same mount share them).
+    pub fn caches(&self) -> Arc<Caches> {
+        self.caches.clone()
+    }
+
+    /// The backing file name as stored in the header (not resolved), if any.
+    pub fn backing_file(&self) -> Option<String> {
+        self.backing.read().0.clone()
+    }
+
+    /// The backing format the header records, if any.
+    pub fn backing_format(&self) -> Option<String> {
+        self.backing.read().1.clone()
     }
 
     pub fn geometry(&self) -> &Geometry {
@@ -313,8 +360,12 @@ impl Qcow2Image {
                 snap.l1_size
             )));
         }
-        self.read_l1(snap.l1_table_offset, snap.l1_size as u64, "snapshot L1 table")
-            .map_err(|e| err(e.to_string()))
+        self.read_l1(
+            snap.l1_table_offset,
+            snap.l1_size as u64,
+            "snapshot L1 table",
+        )
+        .map_err(|e| err(e.to_string()))
     }
 
     /// The disk size an internal snapshot had.

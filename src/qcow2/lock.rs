@@ -571,6 +571,44 @@ fn ofd_test(_fd: RawFd, _byte: i64) -> io::Result<bool> {
     Err(io::Error::from_raw_os_error(libc::ENOTSUP))
 }
 
+/// Gives up what a read-write open holds beyond a read-only one (QEMU drops the same
+/// permissions when a node is reopened read-only), keeping the read-only locks.
+pub fn downgrade_to_read_only(file: &File, path: &Path) -> Result<(), LockError> {
+    let keep = LockMode::ReadOnly.lock_bytes();
+    let fd = file.as_raw_fd();
+    for byte in LockMode::ReadWrite.lock_bytes() {
+        if keep.contains(&byte) {
+            continue;
+        }
+        match ofd_lock(fd, byte, LockOp::Unlock) {
+            Ok(()) => {}
+            Err(e) if is_unsupported(&e) => return Ok(()),
+            Err(source) => {
+                return Err(LockError::Io {
+                    path: path.to_owned(),
+                    op: "unlock",
+                    byte,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes read-write locks on a file that holds read-only ones; on a conflict the read-only locks
+/// are restored and the conflict returned.
+pub fn upgrade_to_read_write(file: &File, path: &Path) -> Result<(), LockError> {
+    match ImageLock::acquire(file, path, LockMode::ReadWrite) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // A refused acquire undoes every byte it took, the read-only ones included.
+            let _ = ImageLock::acquire(file, path, LockMode::ReadOnly);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

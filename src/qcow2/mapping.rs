@@ -136,9 +136,7 @@ pub fn map_range(
         while pos < table_end {
             let unit = unit_at(geometry, &table, GuestOffset(pos))
                 .map_err(|e| source.metadata_error(e))?;
-            let unit_end = ((pos / unit_size) + 1)
-                .saturating_mul(unit_size)
-                .min(end);
+            let unit_end = ((pos / unit_size) + 1).saturating_mul(unit_size).min(end);
             if first.is_none() {
                 first_skip = match unit {
                     Unit::Compressed(_) => geometry.in_cluster(pos),
@@ -235,7 +233,9 @@ fn unit_at(geometry: &Geometry, table: &[u64], guest: GuestOffset) -> Result<Uni
     Ok(if zero & (1 << sub) != 0 {
         Unit::Zero
     } else if allocated & (1 << sub) != 0 {
-        Unit::Data(HostOffset(host + ((sub as u64) << geometry.subcluster_bits())))
+        Unit::Data(HostOffset(
+            host + ((sub as u64) << geometry.subcluster_bits()),
+        ))
     } else {
         Unit::Unallocated
     })

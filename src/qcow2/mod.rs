@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod compress;
+pub mod create;
 pub mod header;
 pub mod image;
 pub mod l1;

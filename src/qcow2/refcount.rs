@@ -29,7 +29,9 @@ const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 pub enum RefcountError {
     #[error(transparent)]
     Metadata(#[from] MetadataError),
-    #[error("refcount of cluster at {offset:#x} would exceed the maximum {max} of {bits}-bit refcounts")]
+    #[error(
+        "refcount of cluster at {offset:#x} would exceed the maximum {max} of {bits}-bit refcounts"
+    )]
     Overflow { offset: u64, max: u64, bits: u32 },
     #[error("refcount of cluster at {offset:#x} would drop below zero")]
     Underflow { offset: u64 },
@@ -113,7 +115,8 @@ impl Refcounts {
             table,
             table_capacity: capacity,
             blocks: LruCache::new(
-                std::num::NonZeroUsize::new(cache_blocks.max(4)).unwrap_or(std::num::NonZeroUsize::MIN),
+                std::num::NonZeroUsize::new(cache_blocks.max(4))
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
             ),
             free_hint: 0,
         })
@@ -291,7 +294,11 @@ impl Refcounts {
             self.table.resize(index + 1, 0);
         }
         self.table[index] = offset;
-        write_all(file, &offset.to_be_bytes(), self.table_offset + index as u64 * 8)?;
+        write_all(
+            file,
+            &offset.to_be_bytes(),
+            self.table_offset + index as u64 * 8,
+        )?;
         self.blocks.put(offset, data);
         Ok(())
     }
@@ -353,7 +360,12 @@ impl Refcounts {
 
     /// Creates block `index` at the first cluster of its range; its table entry is written to the
     /// on-disk table only where that table has room (`disk_capacity`).
-    fn create_block_in_memory(&mut self, file: &File, index: usize, disk_capacity: u64) -> Result<()> {
+    fn create_block_in_memory(
+        &mut self,
+        file: &File,
+        index: usize,
+        disk_capacity: u64,
+    ) -> Result<()> {
         let offset = ((index as u64) << self.block_bits) << self.cluster_bits;
         let mut data = vec![0u8; self.cluster_size() as usize];
         write_entry(&mut data, 0, self.order, 1);
@@ -363,7 +375,11 @@ impl Refcounts {
         }
         self.table[index] = offset;
         if (index as u64) < disk_capacity {
-            write_all(file, &offset.to_be_bytes(), self.table_offset + index as u64 * 8)?;
+            write_all(
+                file,
+                &offset.to_be_bytes(),
+                self.table_offset + index as u64 * 8,
+            )?;
         }
         self.blocks.put(offset, data);
         Ok(())
@@ -410,14 +426,22 @@ mod tests {
     fn entries_of_every_width() {
         for order in 0..=6u32 {
             let bits = 1u32 << order;
-            let max = if bits == 64 { u64::MAX } else { (1 << bits) - 1 };
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            };
             let mut block = vec![0u8; 512];
             let n = 512 * 8 / bits as usize;
             for i in 0..n {
                 write_entry(&mut block, i, order, (i as u64 * 7) & max);
             }
             for i in 0..n {
-                assert_eq!(read_entry(&block, i, order), (i as u64 * 7) & max, "order {order} entry {i}");
+                assert_eq!(
+                    read_entry(&block, i, order),
+                    (i as u64 * 7) & max,
+                    "order {order} entry {i}"
+                );
             }
         }
     }

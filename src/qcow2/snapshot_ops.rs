@@ -15,7 +15,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::error::{Error, Result};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
-use crate::qcow2::mapping::{CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2Source};
+use crate::qcow2::mapping::{
+    CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2Source,
+};
 use crate::qcow2::offsets::HostOffset;
 use crate::qcow2::snapshot::{self, MAX_SNAPSHOTS, Snapshot};
 use crate::qcow2::write::{MetadataKind, Writer};
@@ -68,7 +70,11 @@ impl Qcow2Image {
                 }
                 .map_err(&refcount_err)?;
                 if fix_copied {
-                    let fixed = if refcount == 1 { l2 | L2_COPIED } else { l2 & !L2_COPIED };
+                    let fixed = if refcount == 1 {
+                        l2 | L2_COPIED
+                    } else {
+                        l2 & !L2_COPIED
+                    };
                     if fixed != l2 {
                         words[e] = fixed;
                         changed = true;
@@ -87,14 +93,23 @@ impl Qcow2Image {
             }
             .map_err(&refcount_err)?;
             if fix_copied {
-                out[i] = if refcount == 1 { entry | COPIED } else { entry & !COPIED };
+                out[i] = if refcount == 1 {
+                    entry | COPIED
+                } else {
+                    entry & !COPIED
+                };
             }
         }
         Ok(out)
     }
 
     /// Writes the whole active L1 table in place and makes it the in-memory one.
-    fn write_active_l1(&self, w: &mut Writer, entries: Vec<u64>, declared: u64) -> Result<()> {
+    pub(super) fn write_active_l1(
+        &self,
+        w: &mut Writer,
+        entries: Vec<u64>,
+        declared: u64,
+    ) -> Result<()> {
         let mut bytes = vec![0u8; (declared * 8) as usize];
         for (i, e) in entries.iter().enumerate().take(declared as usize) {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
@@ -157,7 +172,9 @@ impl Qcow2Image {
         let mut w = self.writer()?;
         let existing = self.snapshots();
         if existing.len() as u32 >= MAX_SNAPSHOTS {
-            return Err(invalid(format!("the image already has {MAX_SNAPSHOTS} snapshots")));
+            return Err(invalid(format!(
+                "the image already has {MAX_SNAPSHOTS} snapshots"
+            )));
         }
         let cs = self.geometry.cluster_size();
         let bits = self.geometry.cluster_bits;
@@ -183,7 +200,9 @@ impl Qcow2Image {
         self.write_active_l1(&mut w, fixed, declared)?;
 
         // 3. The new table, with the new entry at its end.
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let next_id = existing
             .iter()
             .filter_map(|s| s.id_str().parse::<u64>().ok())
@@ -291,5 +310,50 @@ impl Qcow2Image {
                 path: self.path.clone(),
                 reason: format!("no snapshot with id {}", String::from_utf8_lossy(id)),
             })
+    }
+}
+
+impl Qcow2Image {
+    /// Drops every reference the active state holds, so that the whole disk shows the backing
+    /// file (what `qemu-img commit` does to the top afterwards). The zeroed L1 table is written
+    /// first, then the refcounts are lowered: a crash in between leaks clusters only.
+    pub fn empty_locked(&self, w: &mut Writer) -> Result<()> {
+        let old = self.active_l1();
+        let declared = old.declared_len();
+        let _quiet = self.reclaim.write();
+        self.write_active_l1(w, Vec::new(), declared)?;
+        self.update_l1_refcounts(w, old.entries(), -1, false)?;
+        self.flush()
+    }
+
+    /// Points the image at another backing file (or none), rewriting the header in one write.
+    /// The header is re-read from disk first so that fields changed since opening are kept.
+    pub fn set_backing_locked(
+        &self,
+        _w: &mut Writer,
+        file: Option<String>,
+        format: Option<String>,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size() as usize;
+        let mut start = vec![0u8; cs];
+        crate::qcow2::image::read_or_zero(&self.file, &mut start, 0)
+            .map_err(|e| Error::io(format!("{}: reading the header", self.path.display()), e))?;
+        let header_error = |source| Error::Header {
+            path: self.path.clone(),
+            source,
+        };
+        let mut header =
+            crate::qcow2::header::Header::parse(&start, self.file_len()).map_err(header_error)?;
+        let old_len = (header.backing_file_offset + header.backing_file_size as u64) as usize;
+        header.set_backing(file.clone(), format.clone());
+        let mut bytes = header.encode().map_err(header_error)?;
+        // Clear what the old, longer layout left behind (a longer old backing name).
+        if bytes.len() < old_len.min(cs) {
+            bytes.resize(old_len.min(cs), 0);
+        }
+        self.write_file(&bytes, 0, "header")?;
+        self.flush()?;
+        *self.backing.write() = (file, format);
+        Ok(())
     }
 }

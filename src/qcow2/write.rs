@@ -82,7 +82,12 @@ impl Writer {
             image
                 .file
                 .write_all_at(&cleared.to_be_bytes(), 88)
-                .map_err(|e| Error::io(format!("{}: clearing autoclear features", path.display()), e))?;
+                .map_err(|e| {
+                    Error::io(
+                        format!("{}: clearing autoclear features", path.display()),
+                        e,
+                    )
+                })?;
             log::info!(
                 "{}: cleared autoclear features {:#x}{}",
                 path.display(),
@@ -95,14 +100,23 @@ impl Writer {
             );
         }
         let cache_blocks = (image.caches.l2_budget() / 16 / image.geometry.cluster_size()) as usize;
-        let refcounts = Refcounts::load(&image.file, h, image.file_len(), cache_blocks)
-            .map_err(|source| Error::Refcount { path: path.clone(), source })?;
+        let refcounts =
+            Refcounts::load(&image.file, h, image.file_len(), cache_blocks).map_err(|source| {
+                Error::Refcount {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         let mut writer = Writer {
             refcounts,
             l1_offset: h.l1_table_offset,
             snapshot_table: (
                 h.snapshots_offset,
-                image.snapshots().iter().map(|s| s.encoded_len() as u64).sum(),
+                image
+                    .snapshots()
+                    .iter()
+                    .map(|s| s.encoded_len() as u64)
+                    .sum(),
             ),
             metadata: Default::default(),
             corrupt: false,
@@ -125,7 +139,11 @@ impl Writer {
         };
         add(0, cs, MetadataKind::Header);
         let l1 = image.active_l1();
-        add(h.l1_table_offset, l1.declared_len() * 8, MetadataKind::ActiveL1);
+        add(
+            h.l1_table_offset,
+            l1.declared_len() * 8,
+            MetadataKind::ActiveL1,
+        );
         add(
             self.refcounts.table_offset(),
             self.refcounts.table_clusters() * cs,
@@ -141,15 +159,29 @@ impl Writer {
             }
         }
         if h.nb_snapshots > 0 {
-            let len: u64 = image.snapshots().iter().map(|s| s.encoded_len() as u64).sum();
+            let len: u64 = image
+                .snapshots()
+                .iter()
+                .map(|s| s.encoded_len() as u64)
+                .sum();
             add(h.snapshots_offset, len, MetadataKind::SnapshotTable);
             for s in image.snapshots().iter() {
-                add(s.l1_table_offset, s.l1_size as u64 * 8, MetadataKind::SnapshotL1);
+                add(
+                    s.l1_table_offset,
+                    s.l1_size as u64 * 8,
+                    MetadataKind::SnapshotL1,
+                );
             }
         }
     }
 
-    pub(super) fn add_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32, kind: MetadataKind) {
+    pub(super) fn add_metadata(
+        &mut self,
+        offset: u64,
+        clusters: u64,
+        cluster_bits: u32,
+        kind: MetadataKind,
+    ) {
         for c in 0..clusters {
             self.metadata.insert((offset >> cluster_bits) + c, kind);
         }
@@ -173,7 +205,11 @@ struct L2Edit {
 impl L2Edit {
     fn entry(&self, index: usize) -> (u64, u64) {
         let w = index * self.words_per_entry;
-        let bitmap = if self.words_per_entry == 2 { self.words[w + 1] } else { 0 };
+        let bitmap = if self.words_per_entry == 2 {
+            self.words[w + 1]
+        } else {
+            0
+        };
         (self.words[w], bitmap)
     }
 
@@ -197,31 +233,47 @@ pub(super) enum OldReference {
 }
 
 impl Qcow2Image {
-    pub(super) fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
+    pub fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
         let w = self
             .writer
-            .as_ref()
-            .ok_or_else(|| Error::ReadOnly { path: self.path.clone() })?
+            .get()
+            .ok_or_else(|| Error::ReadOnly {
+                path: self.path.clone(),
+            })?
             .lock();
         if w.corrupt {
-            return Err(Error::MarkedCorrupt { path: self.path.clone() });
+            return Err(Error::MarkedCorrupt {
+                path: self.path.clone(),
+            });
         }
         Ok(w)
     }
 
     pub(super) fn refcount_err(&self) -> impl Fn(RefcountError) -> Error + '_ {
-        |source| Error::Refcount { path: self.path.clone(), source }
+        |source| Error::Refcount {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     pub(super) fn write_file(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| {
-            Error::io(format!("{}: writing {what} at {offset:#x}", self.path.display()), e)
+            Error::io(
+                format!("{}: writing {what} at {offset:#x}", self.path.display()),
+                e,
+            )
         })
     }
 
     /// QEMU's overlap check: refuses (and marks the image corrupt) a write of `len` bytes at
     /// `offset` that would land on metadata.
-    pub(super) fn check_overlap(&self, w: &mut Writer, what: &'static str, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn check_overlap(
+        &self,
+        w: &mut Writer,
+        what: &'static str,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         let bits = self.geometry.cluster_bits;
         if len == 0 {
             return Ok(());
@@ -229,22 +281,35 @@ impl Qcow2Image {
         for c in (offset >> bits)..=((offset + len - 1) >> bits) {
             if let Some(kind) = w.metadata.get(&c) {
                 let metadata = format!("{kind:?} metadata (cluster {:#x})", c << bits);
-                log::error!("{}: Marking image as corrupt: {what} at {offset:#x} overlaps {metadata}", self.path.display());
+                log::error!(
+                    "{}: Marking image as corrupt: {what} at {offset:#x} overlaps {metadata}",
+                    self.path.display()
+                );
                 w.corrupt = true;
                 let flags = self.header.incompatible_features | incompatible::CORRUPT;
                 let _ = self.file.write_all_at(&flags.to_be_bytes(), 72);
                 let _ = self.file.sync_data();
-                return Err(Error::Overlap { path: self.path.clone(), what, offset, metadata });
+                return Err(Error::Overlap {
+                    path: self.path.clone(),
+                    what,
+                    offset,
+                    metadata,
+                });
             }
         }
         Ok(())
     }
 
     pub(super) fn publish_l2(&self, offset: u64, table: L2Table) {
-        let key = CacheKey { image: self.id, offset };
-        self.caches.l2.publish(key, table, self.geometry.cluster_size(), || {
-            self.l2_generation.fetch_add(1, Ordering::AcqRel);
-        });
+        let key = CacheKey {
+            image: self.id,
+            offset,
+        };
+        self.caches
+            .l2
+            .publish(key, table, self.geometry.cluster_size(), || {
+                self.l2_generation.fetch_add(1, Ordering::AcqRel);
+            });
     }
 
     pub(super) fn set_l1_entry(&self, w: &mut Writer, index: u64, entry: u64) -> Result<()> {
@@ -269,14 +334,22 @@ impl Qcow2Image {
         let cs = self.geometry.cluster_size();
         if old != 0 && entry & COPIED != 0 {
             let table = crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?;
-            return Ok(L2Edit { offset: old, words: table.to_vec(), words_per_entry, changed: None });
+            return Ok(L2Edit {
+                offset: old,
+                words: table.to_vec(),
+                words_per_entry,
+                changed: None,
+            });
         }
         let words: Vec<u64> = if old == 0 {
             vec![0; (cs / 8) as usize]
         } else {
             crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?.to_vec()
         };
-        let new = w.refcounts.allocate(&self.file, 1).map_err(self.refcount_err())?;
+        let new = w
+            .refcounts
+            .allocate(&self.file, 1)
+            .map_err(self.refcount_err())?;
         self.check_overlap(w, "new L2 table", new, cs)?;
         let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
         self.write_file(&bytes, new, "L2 table")?;
@@ -284,12 +357,20 @@ impl Qcow2Image {
         self.publish_l2(new, Arc::from(words.clone()));
         self.set_l1_entry(w, l1_index, new | COPIED)?;
         if old != 0 {
-            let left = w.refcounts.update(&self.file, old, -1).map_err(self.refcount_err())?;
+            let left = w
+                .refcounts
+                .update(&self.file, old, -1)
+                .map_err(self.refcount_err())?;
             if left == 0 {
                 w.remove_metadata(old, 1, self.geometry.cluster_bits);
             }
         }
-        Ok(L2Edit { offset: new, words, words_per_entry, changed: None })
+        Ok(L2Edit {
+            offset: new,
+            words,
+            words_per_entry,
+            changed: None,
+        })
     }
 
     /// Writes the changed entries of `edit` and makes them visible to readers.
@@ -318,13 +399,17 @@ impl Qcow2Image {
         for r in old {
             match r {
                 OldReference::Cluster(host) => {
-                    w.refcounts.update(&self.file, host, -1).map_err(self.refcount_err())?;
+                    w.refcounts
+                        .update(&self.file, host, -1)
+                        .map_err(self.refcount_err())?;
                 }
                 OldReference::Compressed(c) => {
                     let first = c.host.0 >> bits;
                     let last = (c.host.0 + c.len - 1) >> bits;
                     for cluster in first..=last {
-                        w.refcounts.update(&self.file, cluster << bits, -1).map_err(self.refcount_err())?;
+                        w.refcounts
+                            .update(&self.file, cluster << bits, -1)
+                            .map_err(self.refcount_err())?;
                     }
                 }
             }
@@ -335,7 +420,10 @@ impl Qcow2Image {
     /// What an entry held that a replacement must release.
     fn old_reference(&self, entry: u64) -> Option<OldReference> {
         if entry & L2_COMPRESSED != 0 {
-            return Some(OldReference::Compressed(CompressedCluster::from_entry(entry, &self.geometry)));
+            return Some(OldReference::Compressed(CompressedCluster::from_entry(
+                entry,
+                &self.geometry,
+            )));
         }
         match entry & L2_OFFSET_MASK {
             0 => None,
@@ -346,31 +434,62 @@ impl Qcow2Image {
     /// Whether the cluster of `entry` is ours alone (refcount 1) and holds its data in place.
     fn owned_host(&self, entry: u64) -> Option<u64> {
         let host = entry & L2_OFFSET_MASK;
-        let plain = entry & L2_COMPRESSED == 0 && (self.geometry.extended_l2 || entry & L2_ZERO == 0);
+        let plain =
+            entry & L2_COMPRESSED == 0 && (self.geometry.extended_l2 || entry & L2_ZERO == 0);
         (plain && host != 0 && entry & L2_COPIED != 0).then_some(host)
     }
 
     /// Writes `data` at guest `offset` of the active disk.
     pub fn write_at(&self, data: &[u8], offset: u64, backing: BackingRead) -> Result<()> {
+        let mut w = self.writer()?;
+        self.check_not_retired()?;
+        self.write_locked(&mut w, data, offset, backing)
+    }
+
+    fn check_not_retired(&self) -> Result<()> {
+        if self.retired.load(Ordering::Acquire) {
+            return Err(Error::Retired {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Qcow2Image::write_at`] for a caller that holds the writer.
+    pub fn write_locked(
+        &self,
+        w: &mut Writer,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+    ) -> Result<()> {
         let size = self.virtual_size();
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > size)
+        {
             return Err(Error::PastEnd { offset, size });
         }
-        let mut w = self.writer()?;
         let coverage = self.geometry.l2_coverage();
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
             let table_end = (pos / coverage + 1) * coverage;
             let n = ((table_end - pos) as usize).min(data.len() - done);
-            self.write_in_table(&mut w, &data[done..done + n], pos, backing)?;
+            self.write_in_table(w, &data[done..done + n], pos, backing)?;
             done += n;
         }
         Ok(())
     }
 
     /// Writes a range that lies within one L2 table.
-    fn write_in_table(&self, w: &mut Writer, data: &[u8], offset: u64, backing: BackingRead) -> Result<()> {
+    fn write_in_table(
+        &self,
+        w: &mut Writer,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+    ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
         let mut edit = self.writable_l2(w, g.l1_index(crate::qcow2::GuestOffset(offset)))?;
@@ -411,7 +530,9 @@ impl Qcow2Image {
             let last = (offset + data.len() as u64 - 1) / cs;
             while pos / cs + count <= last
                 && index + (count as usize) < g.l2_entries() as usize
-                && self.owned_host(edit.entry(index + count as usize).0).is_none()
+                && self
+                    .owned_host(edit.entry(index + count as usize).0)
+                    .is_none()
             {
                 count += 1;
             }
@@ -419,7 +540,8 @@ impl Qcow2Image {
             let run_len = count * cs;
             let mut buf = vec![0u8; run_len as usize];
             let write_from = (pos - run_start) as usize;
-            let write_to = ((offset + data.len() as u64).min(run_start + run_len) - run_start) as usize;
+            let write_to =
+                ((offset + data.len() as u64).min(run_start + run_len) - run_start) as usize;
             // Only the first and last cluster can be partly written: fill them from what the disk
             // shows now.
             let first_partial = write_from > 0;
@@ -429,10 +551,17 @@ impl Qcow2Image {
             }
             if last_partial && !(count == 1 && first_partial) {
                 let last_start = (run_len - cs) as usize;
-                self.read_current(&mut buf[last_start..], run_start + last_start as u64, backing)?;
+                self.read_current(
+                    &mut buf[last_start..],
+                    run_start + last_start as u64,
+                    backing,
+                )?;
             }
             buf[write_from..write_to].copy_from_slice(&data[done..done + (write_to - write_from)]);
-            let host = w.refcounts.allocate(&self.file, count).map_err(self.refcount_err())?;
+            let host = w
+                .refcounts
+                .allocate(&self.file, count)
+                .map_err(self.refcount_err())?;
             self.check_overlap(w, "new data cluster", host, run_len)?;
             self.write_file(&buf, host, "guest data")?;
             for i in 0..count as usize {
@@ -441,7 +570,11 @@ impl Qcow2Image {
                     old_refs.push(r);
                 }
                 let new_host = host + i as u64 * cs;
-                edit.set(index + i, new_host | L2_COPIED, if g.extended_l2 { ALL_ALLOCATED } else { 0 });
+                edit.set(
+                    index + i,
+                    new_host | L2_COPIED,
+                    if g.extended_l2 { ALL_ALLOCATED } else { 0 },
+                );
             }
             done += write_to - write_from;
         }
@@ -503,7 +636,27 @@ impl Qcow2Image {
     /// Makes the range read as zeros (discard, `fallocate` PUNCH_HOLE / ZERO_RANGE): whole
     /// clusters become zero clusters (or unallocated where nothing shows through) and their host
     /// clusters are released; partial clusters at the edges are written with zeros.
-    pub fn zero_range(&self, offset: u64, len: u64, backing: BackingRead, has_backing: bool) -> Result<()> {
+    pub fn zero_range(
+        &self,
+        offset: u64,
+        len: u64,
+        backing: BackingRead,
+        has_backing: bool,
+    ) -> Result<()> {
+        let mut w = self.writer()?;
+        self.check_not_retired()?;
+        self.zero_locked(&mut w, offset, len, backing, has_backing)
+    }
+
+    /// [`Qcow2Image::zero_range`] for a caller that holds the writer.
+    pub fn zero_locked(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        len: u64,
+        backing: BackingRead,
+        has_backing: bool,
+    ) -> Result<()> {
         let size = self.virtual_size();
         let end = offset.saturating_add(len).min(size);
         if offset >= end {
@@ -516,13 +669,12 @@ impl Qcow2Image {
         let zero_flag_ok = self.header.version >= 3;
         if first_full >= last_full || (!zero_flag_ok && has_backing) {
             // No whole cluster, or no way to mark one as zero over a backing file (v2).
-            return self.write_zeros(offset, end - offset, backing);
+            return self.write_zeros(w, offset, end - offset, backing);
         }
         if offset < first_full {
-            self.write_zeros(offset, first_full - offset, backing)?;
+            self.write_zeros(w, offset, first_full - offset, backing)?;
         }
         {
-            let mut w = self.writer()?;
             let coverage = g.l2_coverage();
             let mut pos = first_full;
             while pos < last_full {
@@ -532,7 +684,7 @@ impl Qcow2Image {
                     pos = table_end; // Unallocated with nothing below: already reads as zeros.
                     continue;
                 }
-                let mut edit = self.writable_l2(&mut w, l1_index)?;
+                let mut edit = self.writable_l2(w, l1_index)?;
                 let mut old_refs = Vec::new();
                 while pos < table_end {
                     let index = g.l2_index(crate::qcow2::GuestOffset(pos));
@@ -551,22 +703,28 @@ impl Qcow2Image {
                     pos += cs;
                 }
                 self.commit_l2(edit)?;
-                self.release(&mut w, old_refs)?;
+                self.release(w, old_refs)?;
             }
         }
         if last_full < end {
-            self.write_zeros(last_full, end - last_full, backing)?;
+            self.write_zeros(w, last_full, end - last_full, backing)?;
         }
         Ok(())
     }
 
-    fn write_zeros(&self, offset: u64, len: u64, backing: BackingRead) -> Result<()> {
+    fn write_zeros(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        len: u64,
+        backing: BackingRead,
+    ) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let mut pos = offset;
         while pos < offset + len {
             let n = CHUNK.min(offset + len - pos);
-            self.write_at(&zeros[..n as usize], pos, backing)?;
+            self.write_locked(w, &zeros[..n as usize], pos, backing)?;
             pos += n;
         }
         Ok(())
@@ -575,7 +733,10 @@ impl Qcow2Image {
     /// Grows the virtual disk to `new_size` bytes (like `qemu-img resize`): the L1 table grows
     /// first if it must, then the size field changes. Shrinking is refused.
     pub fn grow(&self, new_size: u64) -> Result<()> {
-        let invalid = |reason: String| Error::Invalid { path: self.path.clone(), reason };
+        let invalid = |reason: String| Error::Invalid {
+            path: self.path.clone(),
+            reason,
+        };
         let size = self.virtual_size();
         if new_size < size {
             return Err(invalid(format!(
@@ -583,18 +744,29 @@ impl Qcow2Image {
             )));
         }
         if new_size % 512 != 0 {
-            return Err(invalid(format!("the new size {new_size} is not a multiple of 512")));
+            return Err(invalid(format!(
+                "the new size {new_size} is not a multiple of 512"
+            )));
         }
         if new_size == size {
             return Ok(());
         }
         if self.header.version < 3 && !self.snapshots().is_empty() {
-            return Err(invalid("a version 2 image with snapshots cannot be resized".into()));
+            return Err(invalid(
+                "a version 2 image with snapshots cannot be resized".into(),
+            ));
         }
         let mut w = self.writer()?;
+        self.check_not_retired()?;
+        self.resize_locked(&mut w, new_size)
+    }
+
+    /// Sets the virtual size, growing the L1 table if needed. Callers check that shrinking is
+    /// safe (nothing allocated past the new end).
+    pub fn resize_locked(&self, w: &mut Writer, new_size: u64) -> Result<()> {
         let needed = self.geometry.l1_entries_for(new_size);
         if needed > self.active_l1().declared_len() {
-            self.grow_l1(&mut w, needed)?;
+            self.grow_l1(w, needed)?;
         }
         self.write_file(&new_size.to_be_bytes(), 24, "header size")?;
         self.size.store(new_size, Ordering::Release);
@@ -614,7 +786,10 @@ impl Qcow2Image {
         }
         let cs = g.cluster_size();
         let clusters = (needed * 8).div_ceil(cs);
-        let new_offset = w.refcounts.allocate(&self.file, clusters).map_err(self.refcount_err())?;
+        let new_offset = w
+            .refcounts
+            .allocate(&self.file, clusters)
+            .map_err(self.refcount_err())?;
         self.check_overlap(w, "new L1 table", new_offset, clusters * cs)?;
         let mut bytes = vec![0u8; (clusters * cs) as usize];
         for (i, e) in l1.entries().iter().enumerate() {

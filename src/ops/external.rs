@@ -1,0 +1,77 @@
+//! `create NAME --external [FILE]`: a new qcow2 overlay becomes the live top and the old top
+//! becomes a read-only layer, as `virsh snapshot-create-as --disk-only` does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::chain::{Chain, Layer};
+use crate::error::{Error, Result};
+use crate::qcow2::create::{NewImage, create};
+use crate::qcow2::lock::{ImageLock, LockMode, downgrade_to_read_only};
+use crate::qcow2::{OpenOptions, Qcow2Image};
+
+/// Where the overlay goes: FILE (relative to the top's folder), else `TOP-DIR/TOP-STEM.NAME.qcow2`.
+pub fn overlay_path(top: &Path, name: &str, file: Option<&str>) -> PathBuf {
+    let dir = top.parent().unwrap_or(Path::new("/"));
+    match file {
+        Some(f) => dir.join(f),
+        None => {
+            let stem = top
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            dir.join(format!("{stem}.{name}.qcow2"))
+        }
+    }
+}
+
+/// Creates the overlay at `path` over the top of `chain` and returns the new chain. Guest writes
+/// wait during the switch; any that still reach the old top afterwards are refused there and
+/// retried on the new one.
+pub fn create_external(chain: &Arc<Chain>, path: &Path) -> Result<Arc<Chain>> {
+    let top = chain.top_image();
+    if path.exists() {
+        return Err(Error::Io {
+            context: format!("{} already exists", path.display()),
+            source: std::io::Error::from_raw_os_error(libc::EEXIST),
+        });
+    }
+    let writes_wait = top.writer()?;
+    top.flush()?;
+    let top_path = top.path();
+    let backing = super::backing_name(path, None, top_path);
+    let new = NewImage {
+        size: top.virtual_size(),
+        cluster_bits: top.geometry().cluster_bits,
+        backing_file: Some(backing),
+        backing_format: Some("qcow2".into()),
+    };
+    let file = create(path, &new)?;
+    let opened = (|| {
+        let lock = ImageLock::acquire(&file, path, LockMode::ReadWrite)?;
+        if let Some(warning) = lock.warning() {
+            log::warn!("{warning}");
+        }
+        let options = OpenOptions {
+            writable: true,
+            lock: true,
+        };
+        Qcow2Image::from_file(path, file, top.caches(), options)
+    })();
+    let overlay = match opened {
+        Ok(image) => image,
+        Err(e) => {
+            // Nothing points at the new file yet: take it away again.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
+    };
+    let mut layers = vec![Arc::new(Layer::Qcow2(Box::new(overlay)))];
+    layers.extend(chain.layers.iter().cloned());
+    top.retire();
+    if let Err(e) = downgrade_to_read_only(top.file(), top_path) {
+        log::warn!("{e}");
+    }
+    drop(writes_wait);
+    Ok(Arc::new(Chain { layers }))
+}

@@ -1,0 +1,139 @@
+//! Creating a new, empty qcow2 image (an overlay for an external snapshot), laid out as
+//! `qemu-img create` lays it out: the header, the refcount table, refcount blocks covering the
+//! metadata, then a zeroed L1 table.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::qcow2::header::{CompressionType, Header};
+use crate::qcow2::offsets::Geometry;
+use crate::qcow2::refcount::write_entry;
+
+/// Refcount width of new images: QEMU's default of 16 bits.
+const REFCOUNT_ORDER: u32 = 4;
+
+/// What a new image looks like.
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    pub size: u64,
+    pub cluster_bits: u32,
+    /// Backing file name as it is to be stored (relative to the new image's folder or absolute).
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+}
+
+/// Creates `path` (which must not exist) as an empty v3 qcow2 image.
+pub fn create(path: &Path, new: &NewImage) -> Result<File> {
+    let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
+    let cs = 1u64 << new.cluster_bits;
+    let geometry = Geometry::new(new.cluster_bits, false);
+    let l1_entries = geometry.l1_entries_for(new.size).max(1);
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    let per_block = (cs * 8) >> REFCOUNT_ORDER;
+    // Metadata clusters: header, reftable, refblocks, L1. The refblocks must cover all of them,
+    // the reftable all refblocks: grow the counts until they settle.
+    let (mut reftable_clusters, mut refblocks) = (1u64, 1u64);
+    loop {
+        let total = 1 + reftable_clusters + refblocks + l1_clusters;
+        let need_blocks = total.div_ceil(per_block);
+        let need_table = (need_blocks * 8).div_ceil(cs);
+        if need_blocks == refblocks && need_table == reftable_clusters {
+            break;
+        }
+        refblocks = need_blocks.max(refblocks);
+        reftable_clusters = need_table.max(reftable_clusters);
+    }
+    let reftable_offset = cs;
+    let refblocks_offset = reftable_offset + reftable_clusters * cs;
+    let l1_offset = refblocks_offset + refblocks * cs;
+    let total_clusters = 1 + reftable_clusters + refblocks + l1_clusters;
+
+    let mut header = Header {
+        version: 3,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits: new.cluster_bits,
+        size: new.size,
+        crypt_method: 0,
+        l1_size: l1_entries as u32,
+        l1_table_offset: l1_offset,
+        refcount_table_offset: reftable_offset,
+        refcount_table_clusters: reftable_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: REFCOUNT_ORDER,
+        header_length: 112,
+        compression_type: CompressionType::Deflate,
+        unknown_header_bytes: Vec::new(),
+        extensions: Vec::new(),
+        backing_file: None,
+        backing_format: None,
+        feature_names: Vec::new(),
+        bitmaps: None,
+    };
+    header.set_backing(new.backing_file.clone(), new.backing_format.clone());
+    let mut image = header.encode().map_err(|source| Error::Header {
+        path: path.to_owned(),
+        source,
+    })?;
+    image.resize((total_clusters * cs) as usize, 0);
+    for b in 0..refblocks {
+        let entry = reftable_offset as usize + (b * 8) as usize;
+        image[entry..entry + 8].copy_from_slice(&(refblocks_offset + b * cs).to_be_bytes());
+    }
+    for cluster in 0..total_clusters {
+        let block = refblocks_offset + (cluster / per_block) * cs;
+        let start = block as usize;
+        let block_bytes = &mut image[start..start + cs as usize];
+        write_entry(
+            block_bytes,
+            (cluster % per_block) as usize,
+            REFCOUNT_ORDER,
+            1,
+        );
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| io("cannot create", e))?;
+    file.write_all_at(&image, 0)
+        .map_err(|e| io("cannot write", e))?;
+    file.sync_all().map_err(|e| io("cannot sync", e))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_image_parses_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.qcow2");
+        let new = NewImage {
+            size: 1 << 30,
+            cluster_bits: 9,
+            backing_file: Some("base.qcow2".into()),
+            backing_format: Some("qcow2".into()),
+        };
+        create(&path, &new).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let h = Header::parse(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(h.size, 1 << 30);
+        assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+        // 512-byte clusters: a 1 GiB disk needs 32768 L1 entries = 512 clusters of L1.
+        assert_eq!(h.l1_size, 32768);
+        assert!(
+            create(&path, &new).is_err(),
+            "an existing file is never overwritten"
+        );
+    }
+}
