@@ -93,7 +93,13 @@ pub fn control_command(mountpoint: &Path, file: &str, command: &str) -> Result<(
                 path.display()
             )
         })?;
-    let result = f.write_all(format!("{command}\n").as_bytes());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| show_progress(&control.join("status"), &done));
+        let result = f.write_all(format!("{command}\n").as_bytes());
+        done.store(true, std::sync::atomic::Ordering::Release);
+        result
+    });
     drop(f);
     let status = std::fs::read_to_string(control.join("status")).unwrap_or_default();
     let last = status.lines().last().unwrap_or("").to_owned();
@@ -106,5 +112,40 @@ pub fn control_command(mountpoint: &Path, file: &str, command: &str) -> Result<(
             .split_once(": error: ")
             .map_or(e.to_string(), |(_, m)| m.to_owned())),
         Err(e) => Err(format!("{file} {command}: {e}")),
+    }
+}
+
+/// Draws a progress bar from the `NAME: P% (A of B)` line of `control/status` until `done`.
+fn show_progress(status: &Path, done: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}%")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_length(100);
+    let mut shown = false;
+    while !done.load(Ordering::Acquire) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let text = std::fs::read_to_string(status).unwrap_or_default();
+        let Some(line) = text.lines().last() else {
+            continue;
+        };
+        let Some((label, rest)) = line.rsplit_once(": ") else {
+            continue;
+        };
+        let Some(percent) = rest.split('%').next().and_then(|p| p.parse::<u64>().ok()) else {
+            continue;
+        };
+        if !shown {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            shown = true;
+        }
+        bar.set_message(label.to_owned());
+        bar.set_position(percent);
+    }
+    if shown {
+        bar.finish_and_clear();
     }
 }

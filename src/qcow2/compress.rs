@@ -5,10 +5,19 @@
 //! zstd frames, no length prefix. Either way decoding stops when a full cluster has been produced;
 //! input left over is padding and is ignored, and a stream that ends before the cluster is full is
 //! an error — as in QEMU's `qcow2_co_decompress`.
+//!
+//! Hostile data is an error, never a panic or a large allocation: the output is the caller's
+//! one-cluster buffer, deflate needs a fixed 32 KiB window, and zstd frames asking for a window
+//! above [`ZSTD_WINDOW_LOG_MAX`] are refused (zstd would otherwise reserve up to 128 MiB per
+//! decoder, as the frame header says).
 
 use flate2::{Decompress, FlushDecompress, Status};
 
 use crate::qcow2::header::CompressionType;
+
+/// The largest zstd window accepted: 8 MiB, four times the largest cluster. QEMU compresses one
+/// cluster per frame with its size known, so its frames' windows are at most the cluster size.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// Decompresses `input` into `out`, which must be filled exactly.
 pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(), String> {
@@ -47,6 +56,11 @@ fn inflate_raw(input: &[u8], out: &mut [u8]) -> Result<(), String> {
 fn zstd_frames(input: &[u8], out: &mut [u8]) -> Result<(), String> {
     use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
     let mut decoder = Decoder::new().map_err(|e| format!("zstd decoder: {e}"))?;
+    decoder
+        .set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+            ZSTD_WINDOW_LOG_MAX,
+        ))
+        .map_err(|e| format!("zstd decoder: {e}"))?;
     let mut src = InBuffer::around(input);
     let mut dst = OutBuffer::around(out);
     let mut frame_unfinished = 0;
@@ -119,6 +133,44 @@ mod tests {
         let mut out = vec![0u8; 65536];
         decompress(CompressionType::Zstd, &compressed, &mut out).unwrap();
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn zstd_huge_window_is_refused() {
+        // A frame header asking for a 128 MiB window (window descriptor exponent 17, no content
+        // size), then an RLE block of 4096 bytes.
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 17 << 3];
+        let block_header: u32 = 1 | (1 << 1) | (4096 << 3);
+        frame.extend_from_slice(&block_header.to_le_bytes()[..3]);
+        frame.push(0xab);
+        let mut out = vec![0u8; 4096];
+        let err = decompress(CompressionType::Zstd, &frame, &mut out).unwrap_err();
+        assert!(err.contains("zstd"), "{err}");
+        // The same frame with an 8 MiB window decodes.
+        frame[5] = 13 << 3;
+        decompress(CompressionType::Zstd, &frame, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn truncated_streams_are_errors() {
+        let data = pattern(65536);
+        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&data).unwrap();
+        let deflated = enc.finish().unwrap();
+        let zstd = zstd::bulk::compress(&data, 3).unwrap();
+        let mut out = vec![0u8; 65536];
+        for (kind, full) in [
+            (CompressionType::Deflate, &deflated),
+            (CompressionType::Zstd, &zstd),
+        ] {
+            for cut in [1, full.len() / 2, full.len() - 1] {
+                assert!(
+                    decompress(kind, &full[..cut], &mut out).is_err(),
+                    "{kind:?} cut at {cut}"
+                );
+            }
+        }
     }
 
     #[test]

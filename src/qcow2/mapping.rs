@@ -9,6 +9,14 @@
 //! With extended L2 entries (128 bits) a second word holds a bitmap for 32 subclusters: bits 0–31
 //! "allocated" (data at host offset + subcluster offset), bits 32–63 "reads as zero"; neither means
 //! the subcluster falls through to the backing file. Bit 0 of the first word is then reserved.
+//!
+//! Hostile entries. An entry that cannot be right makes the mapping of its range fail (the read
+//! gets EIO, the rest of the disk still reads): an L1 or L2 offset that is not cluster-aligned
+//! (QEMU: "unaligned", EIO), an L1 entry or compressed descriptor pointing into cluster 0 (the
+//! header), an extended-L2 bitmap with a subcluster both allocated and zero, or allocated
+//! subclusters without a host offset (QEMU: `QCOW2_SUBCLUSTER_INVALID`, EIO). Entries QEMU reads
+//! without complaint are read the same way: reserved bits are ignored (only `qemu-img check`
+//! flags them), and tables or data past the end of the file read as zeros.
 
 use std::sync::Arc;
 
@@ -191,9 +199,18 @@ fn unit_at(geometry: &Geometry, table: &[u64], guest: GuestOffset) -> Result<Uni
     let words = geometry.l2_entry_words();
     let entry = table.get(index * words).copied().unwrap_or(0);
     if entry & L2_COMPRESSED != 0 {
-        return Ok(Unit::Compressed(CompressedCluster::from_entry(
-            entry, geometry,
-        )));
+        let cluster = CompressedCluster::from_entry(entry, geometry);
+        // Cluster 0 is the header: compressed data cannot start there (QEMU would feed the header
+        // to the decompressor and fail; saying so is clearer).
+        if cluster.host.0 < geometry.cluster_size() {
+            return Err(MetadataError::PointsAtHeader {
+                table: "L2 (compressed cluster)",
+                index: index as u64,
+                offset: cluster.host.0,
+            });
+        }
+        // The subcluster bitmap of a compressed entry is reserved; QEMU ignores it, and so do we.
+        return Ok(Unit::Compressed(cluster));
     }
     let host = entry & L2_OFFSET_MASK;
     if host != 0 && geometry.in_cluster(host) != 0 {
@@ -367,6 +384,79 @@ mod tests {
         assert_eq!(
             map_range(&img, &g, &l1, GuestOffset(6144), 1 << 20).unwrap(),
             Mapping::Unallocated { len: 1 << 20 }
+        );
+    }
+
+    #[test]
+    fn pointers_into_the_header_are_errors() {
+        // An L1 entry naming cluster 0 as its L2 table (aligned, it would be 0: no table).
+        let g = Geometry::new(12, false);
+        let img = FakeImage {
+            tables: HashMap::from([(0x200, vec![0u64; 512].into())]),
+        };
+        for l2 in [0x200u64, 0x1000 - 0x200] {
+            let l1 = L1Table::new(vec![l2], 1);
+            let err = map_range(&img, &g, &l1, GuestOffset(0), 4096).unwrap_err();
+            assert!(err.to_string().contains("L1 entry 0"), "{err}");
+        }
+        // A compressed descriptor whose data starts in cluster 0.
+        let x = g.compressed_offset_bits();
+        let (img, g, l1) = setup(&[(3, L2_COMPRESSED | (1 << x) | 0x68)]);
+        let err = map_range(&img, &g, &l1, GuestOffset(3 * 4096), 4096).unwrap_err();
+        assert!(err.to_string().contains("image header"), "{err}");
+        // The entries before it still map.
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(0), 3 * 4096).unwrap(),
+            Mapping::Unallocated { len: 3 * 4096 }
+        );
+    }
+
+    #[test]
+    fn reserved_bits_are_ignored_like_qemu() {
+        // L2 reserved bits 0x3f000000000001fe and L1 reserved bits 0x7f000000000001ff.
+        let g = Geometry::new(12, false);
+        let mut t = vec![0u64; 512];
+        t[0] = 0x20000 | 0x3f00_0000_0000_01fe;
+        t[1] = L2_COPIED | 0x21000 | 0x1fe;
+        // COPIED without an offset is still unallocated (QEMU: "unallocated plain").
+        t[2] = L2_COPIED;
+        let img = FakeImage {
+            tables: HashMap::from([(0x10000, t.into())]),
+        };
+        let l1 = L1Table::new(vec![0x10000 | 0x7f00_0000_0000_01ff], 1);
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(0), 1 << 20).unwrap(),
+            Mapping::Data {
+                host: HostOffset(0x20000),
+                len: 2 * 4096
+            }
+        );
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(2 * 4096), 4096).unwrap(),
+            Mapping::Unallocated { len: 4096 }
+        );
+    }
+
+    #[test]
+    fn short_l2_tables_read_as_unallocated() {
+        // A source handing out fewer entries than a table holds (as a truncated table would).
+        let g = Geometry::new(16, true);
+        let img = FakeImage {
+            tables: HashMap::from([(0x10000, vec![0x100000u64, 1].into())]),
+        };
+        let l1 = L1Table::new(vec![0x10000], 1);
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(0), 1 << 20).unwrap(),
+            Mapping::Data {
+                host: HostOffset(0x100000),
+                len: 2048
+            }
+        );
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(2048), 1 << 30).unwrap(),
+            Mapping::Unallocated {
+                len: (1 << 30) - 2048
+            }
         );
     }
 

@@ -236,37 +236,67 @@ impl Refcounts {
         Ok(self.get(file, cluster)? == 0)
     }
 
-    fn find_free_run(&mut self, file: &File, count: u64) -> Result<u64> {
+    /// Finds `count` free clusters in a row; returns where the run starts and the first free
+    /// cluster seen on the way (everything below it is in use: the next search can start there).
+    fn find_free_run(&mut self, file: &File, count: u64) -> Result<(u64, u64)> {
         let mut start = self.free_hint.max(1);
+        let mut first_free = None;
         let mut cluster = start;
         while cluster - start < count {
             if self.is_free(file, cluster)? {
+                first_free.get_or_insert(cluster);
                 cluster += 1;
             } else {
                 cluster += 1;
                 start = cluster;
             }
         }
-        Ok(start)
+        Ok((start, first_free.unwrap_or(start)))
     }
 
     /// Allocates `count` contiguous clusters with refcount 1; returns the host offset of the first.
     pub fn allocate(&mut self, file: &File, count: u64) -> Result<u64> {
         loop {
-            let first = self.find_free_run(file, count)?;
+            let (first, first_free) = self.find_free_run(file, count)?;
             let last_block = ((first + count - 1) >> self.block_bits) as usize;
             if last_block as u64 >= self.table_capacity {
                 self.grow_table(file, last_block as u64 + 1)?;
                 continue;
             }
-            for cluster in first..first + count {
-                self.set(file, cluster, 1)?;
-            }
-            if self.free_hint == first {
-                self.free_hint = first + count;
-            }
+            self.set_run(file, first, count, 1)?;
+            self.free_hint = if first_free < first {
+                first_free
+            } else {
+                first + count
+            };
             return Ok(first << self.cluster_bits);
         }
+    }
+
+    /// Sets the refcounts of `count` clusters from `first` to `value`, one write per block.
+    fn set_run(&mut self, file: &File, first: u64, count: u64, value: u64) -> Result<()> {
+        let order = self.order;
+        let mut cluster = first;
+        while cluster < first + count {
+            let (b, i) = self.block_of(cluster);
+            self.ensure_block(file, b)?;
+            let in_block = ((1u64 << self.block_bits) - i as u64).min(first + count - cluster);
+            let block = self.block_entry(b);
+            let data = self.block(file, block)?;
+            let (start, _) = write_entry(data, i, order, value);
+            let mut end = start;
+            for n in 0..in_block as usize {
+                let (s, len) = write_entry(data, i + n, order, value);
+                end = end.max(s + len);
+            }
+            let bytes = data[start..end].to_vec();
+            write_all(file, &bytes, block + start as u64)?;
+            cluster += in_block;
+        }
+        if value == 0 {
+            self.free_hint = self.free_hint.min(first);
+        }
+        Ok(())
     }
 
     /// Drops one reference to each of `count` clusters from host `offset`.
@@ -313,7 +343,7 @@ impl Refcounts {
             .next_multiple_of(per_cluster);
         let (first, clusters) = loop {
             let clusters = entries / per_cluster;
-            let first = self.find_free_run(file, clusters)?;
+            let (first, _) = self.find_free_run(file, clusters)?;
             let last_block = (first + clusters - 1) >> self.block_bits;
             if last_block < entries {
                 break (first, clusters);

@@ -17,6 +17,11 @@ use crate::error::MetadataError;
 pub const MAX_SNAPSHOTS: u32 = 65536;
 pub const MAX_TABLE_SIZE: u64 = 64 << 20;
 pub const MAX_EXTRA_DATA: u32 = 1024;
+/// QEMU's `QCOW_MAX_L1_SIZE` (32 MiB) in entries: a snapshot L1 table larger than this is refused
+/// ("Snapshot L1 table too large").
+pub const MAX_L1_ENTRIES: u32 = (32 << 20) / 8;
+/// The smallest cluster size: every L1 table offset is a multiple of it, whatever the cluster size.
+const MIN_CLUSTER_SIZE: u64 = 512;
 const FIXED_LEN: usize = 40;
 
 /// One internal snapshot.
@@ -92,7 +97,16 @@ fn be_u64(b: &[u8], at: usize) -> u64 {
 /// Parses `count` entries from `table`, the bytes read at the snapshot table offset.
 ///
 /// `table` holds what the file has there (at most [`MAX_TABLE_SIZE`]); an entry that runs past it
-/// is an error, as is an entry whose fields are out of range.
+/// is an error, as is an entry whose fields are out of range:
+/// - `extra_data_size` above 1024 (QEMU stops the open too);
+/// - an L1 table that cannot be one whatever the cluster size: `l1_size` above QEMU's 32 MiB limit,
+///   an offset that is not a multiple of 512, at 0 (the header), or ending beyond 2^63;
+/// - two snapshots whose L1 tables overlap. QEMU gives every snapshot its own copy, so an overlap
+///   is corruption; refusing it also keeps memory bounded by the file's size, since each snapshot's
+///   L1 table is loaded separately (65536 entries naming one 32 MiB table would otherwise need
+///   2 TiB).
+///
+/// The check against the image's real cluster size is [`crate::qcow2::Qcow2Image::snapshot_l1`]'s.
 pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataError> {
     if count > MAX_SNAPSHOTS {
         return Err(MetadataError::SnapshotTable(format!(
@@ -130,6 +144,12 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataEr
         let extra = body[..extra_len].to_vec();
         let id = body[extra_len..extra_len + id_len].to_vec();
         let name = body[extra_len + id_len..].to_vec();
+        check_l1(l1_table_offset, l1_size).map_err(|what| {
+            MetadataError::SnapshotTable(format!(
+                "entry {n} (id {:?}): {what}",
+                String::from_utf8_lossy(&id)
+            ))
+        })?;
         let mut vm_state_size = be_u32(fixed, 32) as u64;
         if extra.len() >= 8 {
             vm_state_size = be_u64(&extra, 0);
@@ -158,7 +178,68 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataEr
             )));
         }
     }
+    check_l1_overlaps(&snapshots)?;
     Ok(snapshots)
+}
+
+/// The checks of a snapshot's `l1_table_offset` and `l1_size` that need no cluster size.
+fn check_l1(offset: u64, l1_size: u32) -> Result<(), String> {
+    if l1_size > MAX_L1_ENTRIES {
+        return Err(format!(
+            "l1_size {l1_size} exceeds the maximum of {MAX_L1_ENTRIES} entries (32 MiB)"
+        ));
+    }
+    if offset % MIN_CLUSTER_SIZE != 0 {
+        return Err(format!(
+            "l1_table_offset {offset:#x} is not aligned to a cluster boundary"
+        ));
+    }
+    if l1_size > 0 && offset == 0 {
+        return Err("l1_table_offset 0 points at the image header".into());
+    }
+    if offset > i64::MAX as u64 - u64::from(l1_size) * 8 {
+        return Err(format!(
+            "l1_table_offset {offset:#x} with l1_size {l1_size} ends beyond 2^63 bytes"
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses snapshot L1 tables that share bytes (see [`parse_table`]).
+fn check_l1_overlaps(snapshots: &[Snapshot]) -> Result<(), MetadataError> {
+    let mut ranges: Vec<(u64, u64, usize)> = snapshots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.l1_size > 0)
+        .map(|(n, s)| {
+            let start = s.l1_table_offset;
+            (start, start + u64::from(s.l1_size) * 8, n)
+        })
+        .collect();
+    ranges.sort_unstable();
+    // Sorted by start, each range only needs comparing with the one reaching furthest so far.
+    let mut furthest: Option<(u64, usize)> = None;
+    for &(start, end, n) in &ranges {
+        if let Some((reach, m)) = furthest {
+            if start < reach {
+                let (a, b) = (m.min(n), m.max(n));
+                return Err(MetadataError::SnapshotTable(format!(
+                    "entries {a} and {b} (ids {:?} and {:?}): their L1 tables overlap at {start:#x} \
+                     (l1_table_offset {:#x}, l1_size {} and l1_table_offset {:#x}, l1_size {})",
+                    snapshots[a].id_str(),
+                    snapshots[b].id_str(),
+                    snapshots[a].l1_table_offset,
+                    snapshots[a].l1_size,
+                    snapshots[b].l1_table_offset,
+                    snapshots[b].l1_size,
+                )));
+            }
+        }
+        if furthest.is_none_or(|(reach, _)| end > reach) {
+            furthest = Some((end, n));
+        }
+    }
+    Ok(())
 }
 
 /// Serializes a whole table.
@@ -175,8 +256,10 @@ mod tests {
         extra.extend_from_slice(&0u64.to_be_bytes());
         extra.extend_from_slice(&(64u64 << 20).to_be_bytes());
         extra.extend_from_slice(&u64::MAX.to_be_bytes());
+        // Each snapshot has its own L1 table, as QEMU writes them.
+        let n: u64 = id.parse().unwrap_or(0);
         Snapshot {
-            l1_table_offset: 0x50000,
+            l1_table_offset: 0x50000 + n * 0x10000,
             l1_size: 1,
             id: id.into(),
             name: name.into(),
@@ -214,6 +297,85 @@ mod tests {
         bytes[36..40].copy_from_slice(&5000u32.to_be_bytes());
         let e = parse_table(&bytes, 1).unwrap_err();
         assert!(e.to_string().contains("extra_data_size 5000"), "{e}");
+    }
+
+    /// Overwrites bytes `at..` of entry 0 of `bytes`.
+    fn patch(mut bytes: Vec<u8>, at: usize, with: &[u8]) -> Vec<u8> {
+        bytes[at..at + with.len()].copy_from_slice(with);
+        bytes
+    }
+
+    #[test]
+    fn absurd_l1_size_is_refused_naming_the_field() {
+        let bytes = encode_table(&[sample("1", "first")]);
+        let e = parse_table(&patch(bytes, 8, &u32::MAX.to_be_bytes()), 1).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("entry 0") && e.contains("l1_size 4294967295"), "{e}");
+        // QEMU's limit itself is fine.
+        let mut s = sample("1", "first");
+        s.l1_size = MAX_L1_ENTRIES;
+        assert!(parse_table(&encode_table(&[s]), 1).is_ok());
+    }
+
+    #[test]
+    fn impossible_l1_offsets_are_refused() {
+        for (offset, needle) in [
+            (0x50001u64, "not aligned"),
+            (0x50100, "not aligned"),
+            (0, "image header"),
+            (0x7fff_ffff_ffff_fe00, "beyond 2^63"),
+            (u64::MAX & !511, "beyond 2^63"),
+        ] {
+            let bytes = encode_table(&[sample("1", "first")]);
+            let e = parse_table(&patch(bytes, 0, &offset.to_be_bytes()), 1).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("l1_table_offset") && e.contains(needle), "{offset:#x}: {e}");
+        }
+        // An empty table may sit anywhere aligned, even at 0 (QEMU writes that for 0-byte disks).
+        let mut s = sample("1", "first");
+        s.l1_size = 0;
+        s.l1_table_offset = 0;
+        assert!(parse_table(&encode_table(&[s]), 1).is_ok());
+    }
+
+    #[test]
+    fn shared_l1_tables_are_refused() {
+        let mut a = sample("1", "a");
+        let mut b = sample("2", "b");
+        let c = sample("3", "c");
+        a.l1_table_offset = 0x100000;
+        a.l1_size = 8192; // 64 KiB: up to 0x110000
+        b.l1_table_offset = 0x10fe00; // overlaps the last 512 bytes of a
+        let e = parse_table(&encode_table(&[a.clone(), c.clone(), b.clone()]), 3).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("entries 0 and 2") && e.contains("overlap"), "{e}");
+        // The same table twice.
+        let e = parse_table(&encode_table(&[c.clone(), c.clone()]), 2).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+        // Adjacent tables are fine, and so are several empty ones at one place.
+        b.l1_table_offset = 0x110000;
+        let mut d = sample("4", "d");
+        let mut e4 = sample("5", "e");
+        d.l1_size = 0;
+        e4.l1_size = 0;
+        e4.l1_table_offset = d.l1_table_offset;
+        assert!(parse_table(&encode_table(&[a, b, c, d, e4]), 5).is_ok());
+    }
+
+    #[test]
+    fn hostile_lengths_never_panic() {
+        let good = encode_table(&[sample("1", "first"), sample("2", "second")]);
+        // id/name lengths running past the table, counts beyond the entries present.
+        for (at, value) in [(12usize, 0xffffu16), (14, 0xffff), (12, 0x8000)] {
+            let bytes = patch(good.clone(), at, &value.to_be_bytes());
+            let e = parse_table(&bytes, 2).unwrap_err();
+            assert!(e.to_string().contains("run past the end"), "{e}");
+        }
+        for count in [3, 1000, MAX_SNAPSHOTS, MAX_SNAPSHOTS + 1, u32::MAX] {
+            assert!(parse_table(&good, count).is_err());
+        }
+        assert!(parse_table(&[], 1).is_err());
+        assert_eq!(parse_table(&[], 0).unwrap(), vec![]);
     }
 
     #[test]
