@@ -70,6 +70,28 @@ impl L1Table {
     pub fn entries(&self) -> &[u64] {
         &self.entries
     }
+
+    /// The first two entries that name the same L2 table: `(index, other index, L2 offset)`.
+    ///
+    /// Every L1 entry owns its L2 table (QEMU's `check` reports a shared one as a refcount error).
+    /// A table repeated across the L1 makes a small file describe a huge disk full of data, so that
+    /// anything walking the whole disk (`st_blocks`, SEEK_DATA/SEEK_HOLE scans) does work
+    /// unrelated to the file's size; loading code can refuse such tables with this.
+    pub fn find_shared_l2(&self) -> Option<(u64, u64, u64)> {
+        let mut used: Vec<(u64, usize)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e & L1_OFFSET_MASK {
+                0 => None,
+                offset => Some((offset, i)),
+            })
+            .collect();
+        used.sort_unstable();
+        used.windows(2)
+            .find(|w| w[0].0 == w[1].0)
+            .map(|w| (w[0].1 as u64, w[1].1 as u64, w[0].0))
+    }
 }
 
 #[cfg(test)]
@@ -89,5 +111,25 @@ mod tests {
         assert_eq!(t.l2_offset(99), None);
         assert_eq!(t.l2_offset(u64::MAX), None);
         assert_eq!(t.declared_len(), 100);
+    }
+
+    #[test]
+    fn shared_l2_tables_are_found() {
+        let t = L1Table::new(vec![0x30000, 0, COPIED | 0x40000, 0x50000], 4);
+        assert_eq!(t.find_shared_l2(), None);
+        // The COPIED flag and reserved bits do not hide a repeat.
+        let t = L1Table::new(vec![0x30000, 0, COPIED | 0x40000, 0x50000, 0x40000 | 0x1ff], 5);
+        assert_eq!(t.find_shared_l2(), Some((2, 4, 0x40000)));
+        assert_eq!(L1Table::default().find_shared_l2(), None);
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic() {
+        // Lengths that are not a multiple of 8, declared sizes far beyond the bytes held.
+        for len in [0usize, 1, 7, 9, 15] {
+            let t = L1Table::from_be_bytes(&vec![0xff; len], u64::MAX);
+            assert_eq!(t.entries().len(), len / 8);
+            assert_eq!(t.entry(u64::MAX), 0);
+        }
     }
 }
