@@ -7,7 +7,7 @@
 //! image, not UTF-8, or not a valid file name gets `id-ID.raw`; any remaining clash gets `~N`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::chain::{Chain, Layer};
 use crate::error::Result;
+use crate::metadata::Metadata;
 use crate::qcow2::snapshot::Snapshot;
 use crate::view::{StartTable, View};
 
@@ -48,6 +49,12 @@ pub struct ViewEntry {
     pub kind: ViewKind,
     /// The qcow2 snapshot id for internal snapshots; the layer's depth in the chain otherwise.
     pub id: String,
+    /// libvirt's state of the domain when the snapshot was taken (`shutoff`, `running`, ...).
+    pub state: Option<String>,
+    /// Whether libvirt marks this snapshot as the domain's current one.
+    pub current: bool,
+    /// The snapshot's name in libvirt, when libvirt knows it.
+    pub libvirt_name: Option<String>,
     /// The snapshot's tag as stored (lossy UTF-8), or the layer's file name.
     pub tag: String,
     pub created: Option<SystemTime>,
@@ -95,8 +102,10 @@ pub struct Catalog {
 struct Naming {
     names: Names,
     next_key: u64,
-    /// External snapshot names of layers (from `create --external` or libvirt metadata).
+    /// External snapshot names of layers given by `create --external` during this mount.
     layer_names: HashMap<PathBuf, String>,
+    /// What libvirt says about the snapshots.
+    meta: Metadata,
 }
 
 /// Which views a chain change added and removed.
@@ -108,16 +117,13 @@ pub struct Changes {
 
 impl Catalog {
     pub fn build(chain: Arc<Chain>) -> Result<Catalog> {
-        Self::build_named(chain, HashMap::new())
+        Self::with_metadata(chain, Metadata::default())
     }
 
-    /// Builds the catalog with external snapshot names for some layers.
-    pub fn build_named(
-        chain: Arc<Chain>,
-        layer_names: HashMap<PathBuf, String>,
-    ) -> Result<Catalog> {
+    /// Builds the catalog with libvirt's metadata naming and describing the views.
+    pub fn with_metadata(chain: Arc<Chain>, meta: Metadata) -> Result<Catalog> {
         let mut naming = Naming {
-            layer_names,
+            meta,
             ..Naming::default()
         };
         let state = build_state(chain, &BTreeMap::new(), &mut naming, &mut Vec::new())?;
@@ -206,6 +212,22 @@ impl Catalog {
         self.naming.lock().layer_names.insert(path, name);
     }
 
+    /// libvirt's metadata as the catalog uses it.
+    pub fn metadata(&self) -> Metadata {
+        self.naming.lock().meta.clone()
+    }
+
+    /// Replaces libvirt's metadata (after snapfs wrote or removed XML); applied from the next
+    /// rebuild on.
+    pub fn set_metadata(&self, meta: Metadata) {
+        self.naming.lock().meta = meta;
+    }
+
+    /// Re-creates every view of the current chain (after metadata or content changed).
+    pub fn refresh(&self) -> Result<Changes> {
+        self.rebuild(self.chain())
+    }
+
     /// Switches to the views of `chain`. Views that still exist keep their keys and names (and
     /// descriptions); the rest are reported removed, new ones added.
     pub fn rebuild(&self, chain: Arc<Chain>) -> Result<Changes> {
@@ -241,6 +263,9 @@ fn build_state(
         file_name: "live.raw".into(),
         kind: ViewKind::Live,
         id: "0".into(),
+        state: None,
+        current: false,
+        libvirt_name: None,
         tag: file_name_of(&top),
         created: file_mtime(&top),
         parent: None,
@@ -281,15 +306,24 @@ fn build_state(
         let prefix = if depth == 0 {
             String::new()
         } else {
+            let libvirt_name = naming
+                .meta
+                .layer_names
+                .get(&canonical(layer.path()))
+                .cloned();
             let wanted = naming
                 .layer_names
                 .get(layer.path())
                 .cloned()
+                .or_else(|| libvirt_name.clone())
                 .unwrap_or_else(|| layer_stem(layer));
-            let entry = ViewEntry {
+            let mut entry = ViewEntry {
                 file_name: String::new(),
                 kind: ViewKind::External,
                 id: depth.to_string(),
+                state: None,
+                current: false,
+                libvirt_name: None,
                 tag: file_name_of(layer),
                 created: file_mtime(layer),
                 parent: chain.layers.get(depth + 1).map(file_name_of),
@@ -305,6 +339,10 @@ fn build_state(
                     layer.virtual_size(),
                 )),
             };
+            let known = libvirt_name.or_else(|| naming.layer_names.get(layer.path()).cloned());
+            if let Some(name) = known {
+                apply_libvirt(&mut entry, &naming.meta, &name);
+            }
             let name = place(entry, naming, &wanted, format!("layer-{depth}"));
             format!("{name}@")
         };
@@ -319,7 +357,10 @@ fn build_state(
                 Some(tag) if !repeated => format!("{prefix}{tag}"),
                 _ => format!("{prefix}id-{id}"),
             };
-            let entry = snapshot_entry(&chain, depth, image, snap)?;
+            let mut entry = snapshot_entry(&chain, depth, image, snap)?;
+            if let Some(tag) = snap.name_str() {
+                apply_libvirt(&mut entry, &naming.meta, tag);
+            }
             place(entry, naming, &wanted, format!("{prefix}id-{id}"));
         }
     }
@@ -328,6 +369,31 @@ fn build_state(
         live,
         by_key,
     })
+}
+
+/// Fills in what libvirt says about snapshot `name`. The image's own date wins over libvirt's
+/// (internal snapshots carry one; layers only have their file's mtime).
+fn apply_libvirt(entry: &mut ViewEntry, meta: &Metadata, name: &str) {
+    let Some(snap) = meta.snapshots.get(name) else {
+        return;
+    };
+    entry.libvirt_name = Some(snap.name.clone());
+    entry.description = entry
+        .description
+        .take()
+        .or_else(|| snap.description.clone());
+    entry.parent = snap.parent.clone().or(entry.parent.take());
+    entry.state = snap.state.clone();
+    entry.current = snap.current;
+    if entry.kind == ViewKind::External
+        && let Some(t) = snap.creation_time.and_then(|t| u64::try_from(t).ok())
+    {
+        entry.created = Some(UNIX_EPOCH + Duration::from_secs(t));
+    }
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }
 
 /// The view of internal snapshot `snap` of layer `depth` (its file name is set by the caller).
@@ -342,6 +408,9 @@ fn snapshot_entry(
         file_name: String::new(),
         kind: ViewKind::Internal,
         id: snap.id_str(),
+        state: None,
+        current: false,
+        libvirt_name: None,
         tag: String::from_utf8_lossy(&snap.name).into_owned(),
         created: Some(
             UNIX_EPOCH + Duration::new(snap.date_sec.into(), snap.date_nsec.min(999_999_999)),

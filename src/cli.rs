@@ -1,12 +1,49 @@
-//! The command line: `snapfs mount | umount | info`.
+//! The command line: `snapfs mount | umount | snapshot | commit | info`, and the hidden
+//! `completions` and `man` commands that generate shell completions and manual pages from these
+//! definitions.
 
-use std::path::PathBuf;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueHint};
+use clap_complete::Shell;
+use clap_mangen::roff::{Roff, roman};
 
 /// Mount a qcow2 disk image chain so that every snapshot is an ordinary file.
 #[derive(Debug, Parser)]
-#[command(name = "snapfs", version, about)]
+#[command(
+    name = "snapfs",
+    version,
+    about,
+    long_about = "Mount a qcow2 disk image chain so that every snapshot is an ordinary file.\n\n\
+                  snapfs mounts the backing chain whose top (active) file is IMAGE as a directory: \
+                  the live disk is the writable raw file live.raw, every internal snapshot and \
+                  every backing layer is a read-only raw file under snapshots/, and the files \
+                  under control/ take create, revert, delete and commit commands.",
+    after_help = "Examples:\n  \
+                  snapfs info vm.qcow2\n  \
+                  snapfs mount vm.qcow2 /mnt/vm\n  \
+                  cp --sparse=always /mnt/vm/snapshots/before-upgrade.raw /backup/\n  \
+                  snapfs snapshot create /mnt/vm before-upgrade\n  \
+                  snapfs umount /mnt/vm\n\n\
+                  Run 'snapfs COMMAND --help' for the options and examples of each command.",
+    after_long_help = "Examples:\n  \
+                  snapfs info vm.qcow2\n  \
+                  snapfs mount vm.qcow2 /mnt/vm\n  \
+                  cp --sparse=always /mnt/vm/snapshots/before-upgrade.raw /backup/\n  \
+                  snapfs snapshot create /mnt/vm before-upgrade\n  \
+                  snapfs umount /mnt/vm\n  \
+                  mount -t snapfs -o ro vm.qcow2 /mnt/vm\n\n\
+                  Logging:\n\
+                  A mount logs to standard error with -f; in the background, to the file given with \
+                  --log FILE or -o log=FILE, else to syslog (ident snapfs, facility daemon, \
+                  so journalctl -t snapfs shows it). RUST_LOG sets the level: error, warn (the \
+                  default), info, debug or trace, also per module (RUST_LOG=snapfs=debug).\n\n\
+                  Mount helper:\n\
+                  With mount.snapfs installed as /sbin/mount.snapfs, 'mount -t snapfs IMAGE DIR' \
+                  and /etc/fstab lines of type snapfs work; the mount is listed as fuse.snapfs and \
+                  'umount DIR' ends it."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -16,69 +53,169 @@ pub struct Cli {
 pub enum Command {
     /// Mount the chain whose top (active) file is IMAGE.
     #[command(
-        after_help = "Example:\n  snapfs mount /var/lib/libvirt/images/vm.qcow2 /mnt/vm\n  \
-                            ls -l /mnt/vm/snapshots/"
+        long_about = "Mount the chain whose top (active) file is IMAGE on MOUNTPOINT.\n\n\
+                      Returns once the mount is ready and keeps serving it in the background \
+                      (with -f, stays in the foreground until unmounted). SIGTERM, SIGINT and \
+                      SIGHUP flush the live disk and unmount.",
+        after_help = "Examples:\n  \
+                      snapfs mount /var/lib/libvirt/images/vm.qcow2 /mnt/vm\n  \
+                      ls -l /mnt/vm/snapshots/\n  \
+                      snapfs mount -r -o allow_other,libvirt=/var/lib/libvirt/qemu/snapshot/vm vm.qcow2 /mnt/vm\n  \
+                      snapfs mount --log /var/log/snapfs.log vm.qcow2 /mnt/vm\n  \
+                      RUST_LOG=debug snapfs mount -f vm.qcow2 /mnt/vm\n\n\
+                      Logging:\n\
+                      With -f, log records go to standard error; in the background, to the file \
+                      given with --log FILE or -o log=FILE, else to syslog. RUST_LOG sets the \
+                      level (default warn)."
     )]
     Mount(MountArgs),
     /// Flush and unmount a snapfs mount.
-    #[command(after_help = "Example:\n  snapfs umount /mnt/vm")]
-    Umount { mountpoint: PathBuf },
-    /// Create, revert to or delete a snapshot of a mounted disk (writes control/create,
-    /// control/revert or control/delete).
     #[command(
-        after_help = "Examples:\n  snapfs snapshot create /mnt/vm pkg-updated \"after apt upgrade\"\n  \
-                            snapfs snapshot revert /mnt/vm pkg-updated\n  \
-                            snapfs snapshot delete /mnt/vm pkg-updated"
+        long_about = "Flush and unmount a snapfs mount, and wait until the process serving it \
+                      has exited. A mount whose process died is detached and reported. \
+                      'umount MOUNTPOINT' and 'fusermount3 -u MOUNTPOINT' work too.",
+        after_help = "Example:\n  snapfs umount /mnt/vm"
+    )]
+    Umount {
+        /// Where the image is mounted.
+        #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+    },
+    /// Create, revert to or delete a snapshot of a mounted disk.
+    #[command(
+        long_about = "Create, revert to or delete a snapshot of a mounted disk: writes the \
+                      command to MOUNTPOINT/control/create, control/revert or control/delete \
+                      and prints the outcome.",
+        after_help = "Examples:\n  \
+                      snapfs snapshot create /mnt/vm pkg-updated \"after apt upgrade\"\n  \
+                      snapfs snapshot revert /mnt/vm pkg-updated\n  \
+                      snapfs snapshot delete /mnt/vm pkg-updated"
     )]
     Snapshot {
         #[command(subcommand)]
         action: SnapshotAction,
     },
-    /// Merge a layer (default: the top image) into its backing file (writes control/commit).
-    #[command(after_help = "Example:\n  snapfs commit /mnt/vm")]
+    /// Merge a layer (default: the top image) into its backing file.
+    #[command(
+        long_about = "Merge a layer (default: the top image) into its backing file: writes \
+                      MOUNTPOINT/control/commit and shows the progress.",
+        after_help = "Examples:\n  \
+                      snapfs commit /mnt/vm\n  \
+                      snapfs commit /mnt/vm overlay-1"
+    )]
     Commit {
+        /// Where the image is mounted.
+        #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
+        /// The layer to merge, as named under snapshots/ (default: the top image).
+        #[arg(value_name = "LAYER")]
         layer: Option<String>,
     },
     /// Show the chain and every snapshot of IMAGE.
-    #[command(after_help = "Example:\n  snapfs info --json vm.qcow2")]
+    #[command(
+        long_about = "Show the backing chain and every snapshot of IMAGE, like \
+                      'qemu-img info --backing-chain' and 'virsh snapshot-list --tree'. Works on \
+                      images in use: it takes no locks.",
+        after_help = "Examples:\n  \
+                      snapfs info vm.qcow2\n  \
+                      snapfs info --json vm.qcow2\n  \
+                      snapfs info --libvirt /var/lib/libvirt/qemu/snapshot/vm vm.qcow2"
+    )]
     Info {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// libvirt snapshot metadata folder (names, descriptions, the snapshot tree).
+        #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+        libvirt: Option<PathBuf>,
+        /// The top (active) file of the chain.
+        #[arg(value_name = "IMAGE", value_hint = ValueHint::FilePath)]
         image: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(
+        hide = true,
+        after_help = "Examples:\n  \
+                      snapfs completions bash > /etc/bash_completion.d/snapfs\n  \
+                      snapfs completions zsh > /usr/local/share/zsh/site-functions/_snapfs\n  \
+                      snapfs completions fish > ~/.config/fish/completions/snapfs.fish"
+    )]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_name = "SHELL")]
+        shell: Shell,
+    },
+    /// Print the manual page, or write one page per command into a directory.
+    #[command(
+        hide = true,
+        after_help = "Examples:\n  \
+                      snapfs man | man -l -\n  \
+                      snapfs man --dir /usr/local/share/man/man1"
+    )]
+    Man {
+        /// Write snapfs.1 and snapfs-COMMAND.1 into DIR instead of printing snapfs.1.
+        #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+        dir: Option<PathBuf>,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotAction {
     /// Take an internal snapshot of the live disk.
+    #[command(
+        after_help = "Examples:\n  \
+                      snapfs snapshot create /mnt/vm before-upgrade\n  \
+                      snapfs snapshot create /mnt/vm pkg-updated after apt upgrade of 2026-11"
+    )]
     Create {
+        /// Where the image is mounted.
+        #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
         mountpoint: PathBuf,
+        /// The snapshot's name (its file is snapshots/NAME.raw).
+        #[arg(value_name = "NAME")]
         name: String,
         /// Free text kept with the snapshot.
+        #[arg(value_name = "DESCRIPTION")]
         description: Vec<String>,
     },
     /// Make the live disk equal to snapshot NAME (live.raw must not be open).
-    Revert { mountpoint: PathBuf, name: String },
+    #[command(after_help = "Example:\n  snapfs snapshot revert /mnt/vm before-upgrade")]
+    Revert {
+        /// Where the image is mounted.
+        #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+        /// The snapshot to go back to.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
     /// Remove snapshot NAME (its file must not be open).
-    Delete { mountpoint: PathBuf, name: String },
+    #[command(after_help = "Example:\n  snapfs snapshot delete /mnt/vm before-upgrade")]
+    Delete {
+        /// Where the image is mounted.
+        #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+        /// The snapshot to remove.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// Stay in the foreground (default: return once the mount is ready).
+    /// Stay in the foreground and log to standard error (default: return once the mount is
+    /// ready and keep serving it in the background).
     #[arg(short, long)]
     pub foreground: bool,
     /// Mount read-only: live.raw cannot be written and control commands are refused.
     #[arg(short, long)]
     pub read_only: bool,
     /// Mount options, as mount(8) passes them (ro, rw, allow_other, allow_root,
-    /// default_permissions, uid=N, gid=N, libvirt=DIR, cache=SIZE, threads=N).
+    /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, cache=SIZE, threads=N,
+    /// log=FILE).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
     /// libvirt snapshot metadata folder.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub libvirt: Option<PathBuf>,
     /// Metadata cache budget (L2 tables, decompressed clusters), e.g. 64M.
     #[arg(long, value_name = "SIZE")]
@@ -86,8 +223,191 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Append log records to FILE instead of syslog when in the background (same as -o log=FILE).
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub log: Option<PathBuf>,
+    /// The top (active) file of the chain.
+    #[arg(value_name = "IMAGE", value_hint = ValueHint::FilePath)]
     pub image: PathBuf,
+    /// An existing directory to mount on.
+    #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
     pub mountpoint: PathBuf,
+}
+
+impl MountArgs {
+    /// Removes `log=FILE` from the `-o` options and returns where to log: `--log` if given, else
+    /// the last `log=FILE` option.
+    pub fn take_log_option(&mut self) -> Result<Option<PathBuf>, String> {
+        let mut from_options = None;
+        let mut kept = Vec::with_capacity(self.options.len());
+        for group in &self.options {
+            let mut rest = Vec::new();
+            for opt in group.split(',') {
+                match opt.split_once('=') {
+                    Some(("log", "")) => {
+                        return Err("mount option log needs a value (log=FILE)".into());
+                    }
+                    Some(("log", file)) => from_options = Some(PathBuf::from(file)),
+                    None if opt == "log" => {
+                        return Err("mount option log needs a value (log=FILE)".into());
+                    }
+                    _ => rest.push(opt),
+                }
+            }
+            if !rest.iter().all(|o| o.is_empty()) {
+                kept.push(rest.join(","));
+            }
+        }
+        self.options = kept;
+        Ok(self.log.clone().or(from_options))
+    }
+}
+
+/// The whole command line as clap sees it, built (subcommands know their full names), without
+/// clap's `help` subcommands, which need no page of their own.
+fn built_command() -> clap::Command {
+    fn no_help(cmd: clap::Command) -> clap::Command {
+        cmd.disable_help_subcommand(true)
+            .mut_subcommands(no_help)
+    }
+    let mut cmd = no_help(Cli::command());
+    cmd.build();
+    cmd
+}
+
+/// Writes the completion script for `shell` (`snapfs completions SHELL`).
+pub fn write_completions(shell: Shell, out: &mut dyn Write) {
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "snapfs", out);
+}
+
+/// Writes snapfs(1), the page of the top-level command (`snapfs man`).
+pub fn write_man_page(out: &mut dyn Write) -> io::Result<()> {
+    render_man(&built_command(), true, out)
+}
+
+/// Writes `snapfs.1` and one `snapfs-COMMAND[-SUBCOMMAND].1` per visible command into `dir`
+/// (`snapfs man --dir DIR`); returns the files written.
+pub fn write_man_pages(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    fn walk(
+        cmd: &clap::Command,
+        top: bool,
+        dir: &Path,
+        written: &mut Vec<PathBuf>,
+    ) -> io::Result<()> {
+        let name = cmd.get_display_name().unwrap_or_else(|| cmd.get_name());
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        render_man(cmd, top, &mut page)?;
+        std::fs::write(&path, page)?;
+        written.push(path);
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, false, dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    walk(&built_command(), true, dir, &mut written)?;
+    Ok(written)
+}
+
+/// One manual page: clap_mangen's sections, then the text after the help (examples and notes)
+/// as sections of their own, then SEE ALSO. The page starts with `.TH`.
+fn render_man(cmd: &clap::Command, top: bool, out: &mut dyn Write) -> io::Result<()> {
+    let man = clap_mangen::Man::new(cmd.clone()).manual("snapfs manual");
+    let render = |f: &dyn Fn(&mut dyn Write) -> io::Result<()>| -> io::Result<String> {
+        let mut buf = Vec::new();
+        f(&mut buf)?;
+        String::from_utf8(buf).map_err(io::Error::other)
+    };
+    // Every rendered piece begins with roff's apostrophe preamble (`.ie \n(.g .ds Aq ...`):
+    // keep one copy, right after the title.
+    let title = render(&|w| man.render_title(w))?;
+    let split = title.find(".TH").unwrap_or(0);
+    let (preamble, title) = title.split_at(split);
+    let piece = |text: String| -> String {
+        match text.strip_prefix(preamble) {
+            Some(rest) => rest.to_owned(),
+            None => text,
+        }
+    };
+    let mut page = String::new();
+    page.push_str(title);
+    page.push_str(preamble);
+    page.push_str(&piece(render(&|w| man.render_name_section(w))?));
+    page.push_str(&piece(render(&|w| man.render_synopsis_section(w))?));
+    page.push_str(&piece(render(&|w| man.render_description_section(w))?));
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        page.push_str(&piece(render(&|w| man.render_options_section(w))?));
+    }
+    if cmd.get_subcommands().any(|s| !s.is_hide_set()) {
+        page.push_str(&piece(render(&|w| man.render_subcommands_section(w))?));
+    }
+    let mut roff = Roff::default();
+    if let Some(text) = cmd.get_after_long_help().or_else(|| cmd.get_after_help()) {
+        after_help_sections(&mut roff, &text.to_string());
+    }
+    roff.control("SH", ["SEE ALSO"]);
+    let mut see_also: Vec<String> = Vec::new();
+    if top {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = sub.get_display_name().unwrap_or_else(|| sub.get_name());
+            see_also.push(format!("{name}(1)"));
+        }
+    } else {
+        see_also.push("snapfs(1)".into());
+    }
+    for other in ["mount(8)", "fstab(5)", "qemu-img(1)", "virsh(1)"] {
+        see_also.push(other.into());
+    }
+    roff.text([roman(see_also.join(", "))]);
+    page.push_str(&piece(roff.render()));
+    if cmd.get_version().is_some() {
+        page.push_str(&piece(render(&|w| man.render_version_section(w))?));
+    }
+    out.write_all(page.as_bytes())
+}
+
+/// The text after a command's help, as manual sections: blocks separated by blank lines; a
+/// block whose first line is `Heading:` starts section HEADING ("Example(s)" becomes EXAMPLES,
+/// shown as typed); other blocks are paragraphs of the current section.
+fn after_help_sections(roff: &mut Roff, text: &str) {
+    let mut examples = false;
+    for block in text.split("\n\n") {
+        let mut lines: Vec<&str> = block.lines().collect();
+        if let Some(first) = lines.first()
+            && first.ends_with(':')
+            && !first.starts_with(' ')
+        {
+            let heading = first.trim_end_matches(':');
+            examples = heading.starts_with("Example");
+            let heading = if examples {
+                "EXAMPLES".to_owned()
+            } else {
+                heading.to_uppercase()
+            };
+            roff.control("SH", [heading.as_str()]);
+            lines.remove(0);
+        } else {
+            examples = false;
+            roff.control("PP", []);
+        }
+        if lines.is_empty() {
+            continue;
+        }
+        if examples || lines.iter().any(|l| l.starts_with(' ')) {
+            roff.control("RS", ["4"]);
+            roff.control("nf", []);
+            for line in lines {
+                roff.text([roman(line.strip_prefix("  ").unwrap_or(line))]);
+            }
+            roff.control("fi", []);
+            roff.control("RE", []);
+        } else {
+            roff.text([roman(lines.join(" "))]);
+        }
+    }
 }
 
 /// Parses sizes such as `64M`, `1G`, `4096`, `512k`.

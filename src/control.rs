@@ -183,6 +183,8 @@ pub enum Target {
 pub struct Controller {
     catalog: Arc<Catalog>,
     writable: bool,
+    /// With `-o libvirt-write`: the folder where snapshot XML is written and removed.
+    libvirt_dir: Option<std::path::PathBuf>,
     running: Mutex<()>,
     status: Mutex<VecDeque<String>>,
     /// The progress line of the command running now.
@@ -190,10 +192,15 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(catalog: Arc<Catalog>, writable: bool) -> Self {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        writable: bool,
+        libvirt_dir: Option<std::path::PathBuf>,
+    ) -> Self {
         Controller {
             catalog,
             writable,
+            libvirt_dir,
             running: Mutex::new(()),
             status: Mutex::new(VecDeque::new()),
             progress: Mutex::new(None),
@@ -276,6 +283,85 @@ impl Controller {
             Command::Delete { name } => self.delete(&name, label, is_open),
             Command::Commit { layer } => self.commit(layer.as_deref(), label, is_open),
         }
+    }
+
+    /// With `-o libvirt-write`, writes `NAME.xml` for a snapshot just created (external when
+    /// `overlay` names the new top) and makes it libvirt's current snapshot. Returns a problem to
+    /// report; the snapshot itself stands either way.
+    fn record_in_libvirt(
+        &self,
+        name: &str,
+        description: Option<String>,
+        overlay: Option<&std::path::Path>,
+    ) -> Option<String> {
+        use crate::libvirt::{DiskSnapshotKind, DomainSnapshot, SnapshotDisk};
+        let dir = self.libvirt_dir.as_ref()?;
+        let mut meta = self.catalog.metadata();
+        let previous = meta.current().cloned();
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let disk = SnapshotDisk {
+            name: meta.disk_name.clone().unwrap_or_else(|| "vda".into()),
+            snapshot: if overlay.is_some() {
+                DiskSnapshotKind::External
+            } else {
+                DiskSnapshotKind::Internal
+            },
+            source_file: overlay.map(|p| p.to_owned()),
+            driver_type: overlay.map(|_| "qcow2".to_owned()),
+        };
+        let snap = DomainSnapshot {
+            name: name.to_owned(),
+            description,
+            state: Some("disk-snapshot".into()),
+            parent: previous.as_ref().map(|p| p.name.clone()),
+            creation_time: Some(now),
+            current: true,
+            memory: Some("no".into()),
+            disks: vec![disk],
+            source_file: dir.join(format!("{name}.xml")),
+        };
+        let mut problem = None;
+        if let Some(mut old) = previous {
+            old.current = false;
+            if let Err(e) = crate::libvirt::set_active_in_file(&old.source_file, false) {
+                problem = Some(format!("libvirt XML of {} not updated: {e}", old.name));
+            }
+            meta.snapshots.insert(old.name.clone(), old);
+        }
+        if let Err(e) = crate::libvirt::write_atomically(dir, &snap) {
+            return Some(format!("libvirt XML not written: {e}"));
+        }
+        if overlay.is_some()
+            && let Some(old_top) = self.catalog.chain().layers.get(1)
+        {
+            let path = old_top.path();
+            let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+            meta.layer_names.insert(key, name.to_owned());
+        }
+        meta.snapshots.insert(name.to_owned(), snap);
+        self.catalog.set_metadata(meta);
+        if let Err(e) = self.catalog.refresh() {
+            log::warn!("refreshing views after writing libvirt XML: {e}");
+        }
+        problem
+    }
+
+    /// With `-o libvirt-write`, removes the XML of a deleted snapshot.
+    fn forget_in_libvirt(&self, name: Option<&str>) {
+        let (Some(dir), Some(name)) = (self.libvirt_dir.as_ref(), name) else {
+            return;
+        };
+        if let Err(e) = crate::libvirt::remove(dir, name) {
+            self.note(format!(
+                "{} libvirt: {name}.xml not removed: {e}",
+                crate::info::rfc3339(SystemTime::now())
+            ));
+        }
+        let mut meta = self.catalog.metadata();
+        meta.snapshots.remove(name);
+        self.catalog.set_metadata(meta);
     }
 
     /// A progress reporter that keeps `control/status`'s last line current.
@@ -397,7 +483,12 @@ impl Controller {
         let new_chain = crate::ops::create_external(&chain, &path)?;
         self.catalog.name_layer(top_path, name.to_owned());
         let mut effect = self.switch_chain(new_chain)?;
-        effect.detail = Some(format!("the live disk is now {}", path.display()));
+        let mut detail = format!("the live disk is now {}", path.display());
+        if let Some(problem) = self.record_in_libvirt(name, None, Some(&path)) {
+            detail.push_str("; ");
+            detail.push_str(&problem);
+        }
+        effect.detail = Some(detail);
         Ok(effect)
     }
 
@@ -449,11 +540,13 @@ impl Controller {
             ));
         }
         let snap = image.create_snapshot(name)?;
-        let (key, entry) = self.catalog.add_internal(&snap, description)?;
-        Ok(Effect {
+        let (key, entry) = self.catalog.add_internal(&snap, description.clone())?;
+        let mut effect = Effect {
             added: vec![(key, entry.file_name.clone())],
             ..Effect::default()
-        })
+        };
+        effect.detail = self.record_in_libvirt(name, description, None);
+        Ok(effect)
     }
 
     fn revert(&self, name: &str, is_open: &dyn Fn(Target) -> bool) -> Result<Effect, CommandError> {
@@ -521,6 +614,7 @@ impl Controller {
                 "{} left the chain; the file stays on disk",
                 entry.layer_path.display()
             ));
+            self.forget_in_libvirt(entry.libvirt_name.as_deref());
             return Ok(effect);
         }
         let id = self.internal_of_top(&entry, "delete")?;
@@ -535,6 +629,7 @@ impl Controller {
         }
         self.catalog.chain().top_image().delete_snapshot(&id)?;
         self.catalog.remove(key);
+        self.forget_in_libvirt(entry.libvirt_name.as_deref());
         self.catalog.live().view.invalidate();
         Ok(Effect {
             removed: vec![(key, entry.file_name.clone())],

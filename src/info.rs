@@ -14,6 +14,34 @@ use crate::qcow2::header::CompressionType;
 pub struct ChainInfo {
     pub chain: Vec<LayerInfo>,
     pub views: Vec<ViewInfo>,
+    /// libvirt's snapshot tree, when metadata was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<Vec<LibvirtSnapshotInfo>>,
+}
+
+/// What `virsh snapshot-info` reports about one snapshot, and the view that holds it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LibvirtSnapshotInfo {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// internal | external | none
+    pub location: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    pub children: Vec<String>,
+    pub descendants: usize,
+    pub current: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The view in the mount (`snapshots/NAME.raw`), when the chain holds the snapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +109,12 @@ pub struct ViewInfo {
     pub description: Option<String>,
     pub layer: String,
     pub vm_state_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// libvirt's current snapshot.
+    pub current: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt_name: Option<String>,
 }
 
 /// RFC 3339 in UTC, to the second.
@@ -169,6 +203,9 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
         description: entry.description.clone(),
         layer: entry.layer_path.display().to_string(),
         vm_state_size: entry.vm_state_size,
+        state: entry.state.clone(),
+        current: entry.current,
+        libvirt_name: entry.libvirt_name.clone(),
     }
 }
 
@@ -180,8 +217,43 @@ pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
             .iter()
             .map(|(_, v)| view_info(v, "snapshots/")),
     );
+    let meta = catalog.metadata();
+    let libvirt = meta.dir.is_some().then(|| libvirt_info(&meta, &views));
     ChainInfo {
         chain: chain_layers(&catalog.chain()),
         views,
+        libvirt,
     }
+}
+
+fn libvirt_info(meta: &crate::metadata::Metadata, views: &[ViewInfo]) -> Vec<LibvirtSnapshotInfo> {
+    let mut snapshots: Vec<&crate::libvirt::DomainSnapshot> = meta.snapshots.values().collect();
+    snapshots.sort_by(|a, b| (a.creation_time, &a.name).cmp(&(b.creation_time, &b.name)));
+    let owned: Vec<crate::libvirt::DomainSnapshot> =
+        snapshots.iter().map(|s| (*s).clone()).collect();
+    let tree = crate::libvirt::SnapshotTree::new(&owned);
+    snapshots
+        .iter()
+        .map(|s| {
+            let view = views
+                .iter()
+                .find(|v| v.libvirt_name.as_deref() == Some(s.name.as_str()));
+            LibvirtSnapshotInfo {
+                name: s.name.clone(),
+                state: s.state.clone(),
+                location: s.location(),
+                parent: tree.parent(&s.name).map(str::to_owned),
+                children: tree.children(&s.name).to_vec(),
+                descendants: tree.descendants(&s.name),
+                current: s.current,
+                created: s
+                    .creation_time
+                    .and_then(|t| u64::try_from(t).ok())
+                    .map(|t| rfc3339(UNIX_EPOCH + std::time::Duration::from_secs(t))),
+                description: s.description.clone(),
+                file: view.map(|v| v.file.clone()),
+                size: view.map(|v| v.size),
+            }
+        })
+        .collect()
 }

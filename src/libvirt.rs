@@ -1619,3 +1619,41 @@ x
         }
     }
 }
+
+/// Marks the snapshot in `path` as libvirt's current one or not, changing only its top-level
+/// `<active>` element and keeping every other byte of libvirt's file (its `<domain>` above all).
+/// The file is replaced atomically and keeps its mode.
+pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path)?;
+    let wanted = if current {
+        "<active>1</active>"
+    } else {
+        "<active>0</active>"
+    };
+    let other = if current {
+        "<active>0</active>"
+    } else {
+        "<active>1</active>"
+    };
+    let new_text = match text.rfind(other) {
+        Some(at) => format!("{}{wanted}{}", &text[..at], &text[at + other.len()..]),
+        None if text.contains(wanted) => return Ok(()),
+        None => match text.rfind("</domainsnapshot>") {
+            Some(at) => format!("{}  {wanted}\n{}", &text[..at], &text[at..]),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: no </domainsnapshot> element", path.display()),
+                ));
+            }
+        },
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".snapfs-{}-active.tmp", std::process::id()));
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    std::fs::write(&tmp, new_text)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -16,6 +16,7 @@ use crate::cli::{MountArgs, parse_size};
 use crate::control::Controller;
 use crate::error::Error;
 use crate::fs::{Ownership, SnapFs};
+use crate::metadata::Metadata;
 use crate::qcow2::{Caches, OpenOptions};
 
 /// Default metadata cache budget: 32 MiB of L2 tables covers 256 GiB of a 64 KiB-cluster disk.
@@ -81,6 +82,8 @@ impl MountSettings {
                 "threads" => s.threads = number()? as usize,
                 "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
                 "libvirt-write" => s.libvirt_write = true,
+                // Chosen by the front end before the mount starts (see `logging`).
+                "log" => {}
                 _ => return Err(format!("unknown mount option {opt:?}")),
             }
         }
@@ -119,7 +122,12 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())?;
     let chain = Arc::new(chain);
-    let catalog = Arc::new(Catalog::build(chain.clone()).map_err(|e| e.to_string())?);
+    let meta = match &settings.libvirt {
+        Some(dir) => Metadata::load(dir, &chain),
+        None => Metadata::default(),
+    };
+    let problems = meta.problems.clone();
+    let catalog = Arc::new(Catalog::with_metadata(chain.clone(), meta).map_err(|e| e.to_string())?);
     let meta = chain
         .top()
         .file()
@@ -138,7 +146,19 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
             settings.mountpoint.display()
         ));
     }
-    let controller = Arc::new(Controller::new(catalog.clone(), owner.writable));
+    let libvirt_write = settings.libvirt.clone().filter(|_| settings.libvirt_write);
+    let controller = Arc::new(Controller::new(
+        catalog.clone(),
+        owner.writable,
+        libvirt_write,
+    ));
+    for problem in problems {
+        log::warn!("libvirt metadata: {problem}");
+        controller.note(format!(
+            "{} libvirt: {problem}",
+            crate::info::rfc3339(std::time::SystemTime::now())
+        ));
+    }
     let notifier = Arc::new(OnceLock::new());
     let fs = SnapFs::new(catalog, controller, owner, notifier.clone());
     let config = fuse_config(&settings, chain.top().path(), !owner.writable);

@@ -6,13 +6,31 @@ use std::sync::Arc;
 use crate::catalog::Catalog;
 use crate::chain::Chain;
 use crate::info;
+use crate::libvirt::SnapshotTree;
+use crate::metadata::Metadata;
 use crate::qcow2::{Caches, OpenOptions};
 
 pub fn info(image: &Path, json: bool) -> Result<(), String> {
+    info_with_libvirt(image, json, None)
+}
+
+/// `snapfs info [--json] [--libvirt DIR] IMAGE`.
+pub fn info_with_libvirt(image: &Path, json: bool, libvirt: Option<&Path>) -> Result<(), String> {
     // A short look, like `qemu-img info -U`: no locks, so it works on images in use.
     let chain = Chain::open(image, Caches::new(1 << 20), OpenOptions::default())
         .map_err(|e| e.to_string())?;
-    let catalog = Catalog::build(Arc::new(chain)).map_err(|e| e.to_string())?;
+    let meta = match libvirt {
+        Some(dir) => Metadata::load(dir, &chain),
+        None => Metadata::default(),
+    };
+    for problem in &meta.problems {
+        eprintln!("snapfs: libvirt metadata: {problem}");
+    }
+    let tree = libvirt.map(|_| {
+        let snapshots: Vec<_> = meta.snapshots.values().cloned().collect();
+        SnapshotTree::new(&snapshots).render_tree()
+    });
+    let catalog = Catalog::with_metadata(Arc::new(chain), meta).map_err(|e| e.to_string())?;
     let report = info::catalog_info(&catalog);
     if json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -59,6 +77,26 @@ pub fn info(image: &Path, json: bool) -> Result<(), String> {
     println!("Views:");
     for v in &report.views {
         println!("  {:<40} {:<9} {:>10}", v.file, v.kind, human(v.size));
+    }
+    if let (Some(tree), Some(snapshots)) = (tree, &report.libvirt) {
+        println!("\nSnapshot tree (libvirt):");
+        for line in tree.lines() {
+            println!("  {line}");
+        }
+        for s in snapshots {
+            println!("\n  Name:        {}", s.name);
+            println!("  State:       {}", s.state.as_deref().unwrap_or("-"));
+            println!("  Location:    {}", s.location);
+            println!("  Parent:      {}", s.parent.as_deref().unwrap_or("-"));
+            println!("  Children:    {}", s.children.len());
+            println!("  Descendants: {}", s.descendants);
+            println!("  Current:     {}", if s.current { "yes" } else { "no" });
+            println!("  Date:        {}", s.created.as_deref().unwrap_or("-"));
+            match (&s.file, s.size) {
+                (Some(file), Some(size)) => println!("  View:        {file} ({})", human(size)),
+                _ => println!("  View:        - (not in this chain)"),
+            }
+        }
     }
     Ok(())
 }

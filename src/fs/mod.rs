@@ -146,6 +146,12 @@ impl SnapFs {
         if let Some(d) = &entry.description {
             list.push(("user.snapfs.description", d.clone()));
         }
+        if let Some(state) = &entry.state {
+            list.push(("user.snapfs.state", state.clone()));
+        }
+        if entry.libvirt_name.is_some() {
+            list.push(("user.snapfs.current", entry.current.to_string()));
+        }
         list
     }
 }

@@ -323,7 +323,7 @@ mod tests {
             (0x50001u64, "not aligned"),
             (0x50100, "not aligned"),
             (0, "image header"),
-            (0x7fff_ffff_ffff_fe00, "beyond 2^63"),
+            (0x8000_0000_0000_0000, "beyond 2^63"),
             (u64::MAX & !511, "beyond 2^63"),
         ] {
             let bytes = encode_table(&[sample("1", "first")]);
