@@ -170,6 +170,9 @@ pub struct Effect {
     pub live_changed: bool,
     /// Said after "ok" in the status line (files that left the chain, the new top).
     pub detail: Option<String>,
+    /// Snapshot views whose content may have changed under the same name: their cached pages
+    /// must go.
+    pub changed: Vec<u64>,
 }
 
 /// Which file a command would change or remove; the file system answers whether it is open.
@@ -379,9 +382,18 @@ impl Controller {
     /// Switches the catalog to `chain` and says what changed.
     fn switch_chain(&self, chain: Arc<crate::chain::Chain>) -> Result<Effect, CommandError> {
         let changes = self.catalog.rebuild(chain)?;
+        // Which views a chain change alters is the command's business; dropping the cached pages
+        // of every surviving view is cheap and never wrong.
+        let changed = self
+            .catalog
+            .snapshots()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         Ok(Effect {
             added: changes.added,
             removed: changes.removed,
+            changed,
             ..Effect::default()
         })
     }

@@ -110,6 +110,9 @@ impl SnapFs {
         {
             log::debug!("invalidating live.raw: {e}");
         }
+        for key in &effect.changed {
+            let _ = notifier.inval_inode(INodeNo(nodes::FIRST_SNAPSHOT + key), 0, 0);
+        }
         let names: Vec<(u64, String)> = effect
             .removed
             .iter()
