@@ -133,6 +133,25 @@ impl SnapFs {
         });
     }
 
+    /// The mode bits decide, as the kernel's `default_permissions` would: the owner's, the
+    /// group's or the others' bits by who asks. Root may read anything, and write what has any
+    /// write bit (snapshot files have none, so not even root writes them).
+    fn permitted(&self, req: &Request, node: Node, read: bool, write: bool) -> bool {
+        let attr = self.owner.attr(node, 0, 0, None);
+        let perm = attr.perm as u32;
+        if req.uid() == 0 {
+            return !write || perm & 0o222 != 0;
+        }
+        let bits = if req.uid() == attr.uid {
+            perm >> 6
+        } else if req.gid() == attr.gid {
+            perm >> 3
+        } else {
+            perm
+        } & 0o7;
+        (!read || bits & 0o4 != 0) && (!write || bits & 0o2 != 0)
+    }
+
     fn xattrs(entry: &ViewEntry) -> Vec<(&'static str, String)> {
         let mut list = vec![
             ("user.snapfs.kind", entry.kind.as_str().to_owned()),
@@ -202,13 +221,16 @@ impl Filesystem for SnapFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let node = match self.node(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
+        if !self.permitted(req, node, wants_read, wants_write) {
+            return reply.error(Errno::EACCES);
+        }
         let open_flags = match node {
             Node::Root | Node::SnapshotsDir | Node::ControlDir => {
                 return reply.error(Errno::EISDIR);
@@ -522,8 +544,19 @@ impl Filesystem for SnapFs {
         reply_xattr(reply, size, &names);
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        reply.ok();
+    fn access(&self, req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let bits = mask.bits();
+        let read = bits & libc::R_OK != 0;
+        let write = bits & libc::W_OK != 0;
+        if self.permitted(req, node, read, write) {
+            reply.ok();
+        } else {
+            reply.error(Errno::EACCES);
+        }
     }
 
     fn lseek(
