@@ -233,6 +233,19 @@ impl View {
     }
 }
 
+/// The table a layer is read through: the given one, else the image's active table (kept alive
+/// in `active` for the caller's scope).
+fn start_table<'a>(
+    image: &crate::qcow2::Qcow2Image,
+    given: Option<&'a L1Table>,
+    active: &'a mut Option<Arc<L1Table>>,
+) -> &'a L1Table {
+    match given {
+        Some(t) => t,
+        None => active.insert(image.active_l1()),
+    }
+}
+
 /// Splits `buf` at the layer's end: the part past `limit` reads as zeros.
 fn clip(buf: &mut [u8], offset: u64, limit: u64) -> &mut [u8] {
     let inside = limit.saturating_sub(offset).min(buf.len() as u64) as usize;
@@ -270,14 +283,8 @@ fn read_layer(
         Layer::Qcow2(image) => image,
     };
     let _guard = l1.is_none().then(|| image.read_guard());
-    let active;
-    let l1 = match l1 {
-        Some(t) => t,
-        None => {
-            active = image.active_l1();
-            &active
-        }
-    };
+    let mut active = None;
+    let l1 = start_table(image, l1, &mut active);
     image.read_through(
         l1,
         buf,
@@ -308,14 +315,8 @@ fn extent_layer(
         Layer::Raw(raw) => return raw_extent(raw, offset, max_len),
         Layer::Qcow2(image) => image,
     };
-    let active;
-    let l1 = match l1 {
-        Some(t) => t,
-        None => {
-            active = image.active_l1();
-            &active
-        }
-    };
+    let mut active = None;
+    let l1 = start_table(image, l1, &mut active);
     Ok(match image.map(l1, offset, max_len)? {
         Mapping::Data { len, .. } | Mapping::Compressed { len, .. } => (Extent::Data, len),
         Mapping::Zero { len } => (Extent::Hole, len),

@@ -315,22 +315,7 @@ impl Refcounts {
         if self.block_entry(index) != 0 {
             return Ok(());
         }
-        let offset = ((index as u64) << self.block_bits) << self.cluster_bits;
-        let mut data = vec![0u8; self.cluster_size() as usize];
-        write_entry(&mut data, 0, self.order, 1);
-        // The block first, then the table entry that points at it.
-        write_all(file, &data, offset)?;
-        if self.table.len() <= index {
-            self.table.resize(index + 1, 0);
-        }
-        self.table[index] = offset;
-        write_all(
-            file,
-            &offset.to_be_bytes(),
-            self.table_offset + index as u64 * 8,
-        )?;
-        self.blocks.put(offset, data);
-        Ok(())
+        self.create_block(file, index, self.table_capacity)
     }
 
     /// Moves the refcount table to a larger place holding at least `min_entries` entries:
@@ -359,7 +344,7 @@ impl Refcounts {
         for cluster in first..first + clusters {
             let (b, _) = self.block_of(cluster);
             if self.block_entry(b) == 0 {
-                self.create_block_in_memory(file, b, old_capacity)?;
+                self.create_block(file, b, old_capacity)?;
             }
         }
         for cluster in first..first + clusters {
@@ -388,14 +373,10 @@ impl Refcounts {
         self.free(file, old_offset, old_clusters)
     }
 
-    /// Creates block `index` at the first cluster of its range; its table entry is written to the
-    /// on-disk table only where that table has room (`disk_capacity`).
-    fn create_block_in_memory(
-        &mut self,
-        file: &File,
-        index: usize,
-        disk_capacity: u64,
-    ) -> Result<()> {
+    /// Creates block `index` at the first cluster of its range (the block first, then the table
+    /// entry that points at it); the entry is written to the on-disk table only where that table
+    /// has room (`disk_capacity`: a table being replaced keeps its size).
+    fn create_block(&mut self, file: &File, index: usize, disk_capacity: u64) -> Result<()> {
         let offset = ((index as u64) << self.block_bits) << self.cluster_bits;
         let mut data = vec![0u8; self.cluster_size() as usize];
         write_entry(&mut data, 0, self.order, 1);
