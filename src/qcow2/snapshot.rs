@@ -119,7 +119,8 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataEr
         let err = |what: String| MetadataError::SnapshotTable(format!("entry {n}: {what}"));
         let fixed = table.get(pos..pos + FIXED_LEN).ok_or_else(|| {
             err(format!(
-                "runs past the end of the table or file (at byte {pos})"
+                "runs past the end of the table or file (at byte {pos} of the table; \
+                 nb_snapshots = {count})"
             ))
         })?;
         let l1_table_offset = be_u64(fixed, 0);
@@ -137,8 +138,8 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataEr
         let body_end = body_start + extra_len + id_len + name_len;
         let body = table.get(body_start..body_end).ok_or_else(|| {
             err(format!(
-                "extra data, id and name ({} bytes) run past the end of the table",
-                body_end - body_start
+                "extra data, id and name (extra_data_size {extra_len}, id_str_size {id_len}, \
+                 name_size {name_len}) run past the end of the table or file"
             ))
         })?;
         let extra = body[..extra_len].to_vec();

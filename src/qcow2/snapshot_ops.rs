@@ -45,32 +45,40 @@ impl Qcow2Image {
             }
             let table = self.l2_table(i as u64, HostOffset(l2_offset))?;
             let mut words = table.to_vec();
-            let mut changed = false;
+            // Every data cluster the table references, once per entry (compressed ones by the
+            // host clusters their bytes touch).
+            let mut clusters = Vec::new();
+            let mut owners = Vec::new();
             for e in (0..words.len()).step_by(words_per_entry) {
                 let l2 = words[e];
                 if l2 & L2_COMPRESSED != 0 {
-                    if delta != 0 {
-                        let c = CompressedCluster::from_entry(l2, &self.geometry);
-                        for cluster in (c.host.0 >> bits)..=((c.host.0 + c.len - 1) >> bits) {
-                            w.refcounts
-                                .update(&self.file, cluster << bits, delta)
-                                .map_err(&refcount_err)?;
-                        }
+                    let c = CompressedCluster::from_entry(l2, &self.geometry);
+                    for cluster in (c.host.0 >> bits)..=((c.host.0 + c.len - 1) >> bits) {
+                        clusters.push(cluster << bits);
+                        owners.push(None);
                     }
-                    continue;
+                } else if l2 & L2_OFFSET_MASK != 0 {
+                    clusters.push(l2 & L2_OFFSET_MASK);
+                    owners.push(Some(e));
                 }
-                let host = l2 & L2_OFFSET_MASK;
-                if host == 0 {
-                    continue;
-                }
-                let refcount = if delta != 0 {
-                    w.refcounts.update(&self.file, host, delta)
-                } else {
-                    w.refcounts.get(&self.file, host >> bits)
-                }
-                .map_err(&refcount_err)?;
-                if fix_copied {
-                    let fixed = if refcount == 1 {
+            }
+            let refcounts = if delta != 0 {
+                w.refcounts.update_batch(&self.file, &clusters, delta)
+            } else {
+                clusters
+                    .iter()
+                    .map(|&c| w.refcounts.get(&self.file, c >> bits))
+                    .collect()
+            }
+            .map_err(&refcount_err)?;
+            let mut changed = false;
+            if fix_copied {
+                for (owner, refcount) in owners.iter().zip(&refcounts) {
+                    let Some(e) = *owner else {
+                        continue;
+                    };
+                    let l2 = words[e];
+                    let fixed = if *refcount == 1 {
                         l2 | L2_COPIED
                     } else {
                         l2 & !L2_COPIED
@@ -98,6 +106,12 @@ impl Qcow2Image {
                 } else {
                     entry & !COPIED
                 };
+                // `fix_copied` is only asked for the active table: its entry follows the
+                // refcount at once, so that a crash finds the two out of step only briefly.
+                if out[i] != entry {
+                    let at = w.l1_offset + i as u64 * 8;
+                    self.write_file(&out[i].to_be_bytes(), at, "L1 entry")?;
+                }
             }
         }
         Ok(out)
