@@ -351,20 +351,47 @@ impl Controller {
         problem
     }
 
-    /// With `-o libvirt-write`, removes the XML of a deleted snapshot.
+    /// With `-o libvirt-write`, removes the XML of a deleted snapshot the way libvirt does: its
+    /// children take its parent, and if it was current, its parent becomes current.
     fn forget_in_libvirt(&self, name: Option<&str>) {
         let (Some(dir), Some(name)) = (self.libvirt_dir.as_ref(), name) else {
             return;
         };
+        let mut meta = self.catalog.metadata();
+        let gone = meta.snapshots.remove(name);
+        let parent = gone.as_ref().and_then(|g| g.parent.clone());
+        let mut problems = Vec::new();
         if let Err(e) = crate::libvirt::remove(dir, name) {
+            problems.push(format!("{name}.xml not removed: {e}"));
+        }
+        for child in meta.snapshots.values_mut() {
+            if child.parent.as_deref() == Some(name) {
+                child.parent = parent.clone();
+                if let Err(e) =
+                    crate::libvirt::set_parent_in_file(&child.source_file, parent.as_deref())
+                {
+                    problems.push(format!("{} not re-parented: {e}", child.name));
+                }
+            }
+        }
+        if gone.is_some_and(|g| g.current)
+            && let Some(p) = parent.as_ref().and_then(|p| meta.snapshots.get_mut(p))
+        {
+            p.current = true;
+            if let Err(e) = crate::libvirt::set_active_in_file(&p.source_file, true) {
+                problems.push(format!("{} not made current: {e}", p.name));
+            }
+        }
+        for problem in problems {
             self.note(format!(
-                "{} libvirt: {name}.xml not removed: {e}",
+                "{} libvirt: {problem}",
                 crate::info::rfc3339(SystemTime::now())
             ));
         }
-        let mut meta = self.catalog.metadata();
-        meta.snapshots.remove(name);
         self.catalog.set_metadata(meta);
+        if let Err(e) = self.catalog.refresh() {
+            log::warn!("refreshing views after removing libvirt XML: {e}");
+        }
     }
 
     /// A progress reporter that keeps `control/status`'s last line current.

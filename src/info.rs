@@ -61,20 +61,32 @@ pub struct LayerInfo {
     pub backing_filename_format: Option<String>,
     pub dirty_flag: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub format_specific: Option<Qcow2Specific>,
+    pub format_specific: Option<FormatSpecific>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotInfo>,
 }
 
+/// `format-specific` as qemu-img nests it: `{"type": "qcow2", "data": {...}}`.
+#[derive(Debug, Serialize)]
+pub struct FormatSpecific {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub data: Qcow2Specific,
+}
+
+/// The qcow2 facts; version 2 images have no feature bits, and qemu-img leaves those out.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Qcow2Specific {
     pub compat: &'static str,
     pub compression_type: &'static str,
-    pub lazy_refcounts: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
     pub refcount_bits: u32,
-    pub corrupt: bool,
-    pub extended_l2: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -153,17 +165,22 @@ pub fn layer_info(layer: &Layer) -> LayerInfo {
     info.backing_filename = image.backing_file();
     info.backing_filename_format = image.backing_format();
     info.dirty_flag = h.is_dirty();
-    info.format_specific = Some(Qcow2Specific {
-        compat: if h.version == 2 { "0.10" } else { "1.1" },
-        compression_type: match h.compression_type {
-            CompressionType::Deflate => "zlib",
-            CompressionType::Zstd => "zstd",
+    let v3 = h.version >= 3;
+    info.format_specific = Some(FormatSpecific {
+        kind: "qcow2",
+        data: Qcow2Specific {
+            compat: if v3 { "1.1" } else { "0.10" },
+            compression_type: match h.compression_type {
+                CompressionType::Deflate => "zlib",
+                CompressionType::Zstd => "zstd",
+            },
+            lazy_refcounts: v3.then(|| {
+                h.compatible_features & crate::qcow2::header::compatible::LAZY_REFCOUNTS != 0
+            }),
+            refcount_bits: h.refcount_bits(),
+            corrupt: v3.then(|| h.is_corrupt()),
+            extended_l2: v3.then(|| h.extended_l2()),
         },
-        lazy_refcounts: h.compatible_features & crate::qcow2::header::compatible::LAZY_REFCOUNTS
-            != 0,
-        refcount_bits: h.refcount_bits(),
-        corrupt: h.is_corrupt(),
-        extended_l2: h.extended_l2(),
     });
     info.snapshots = image
         .snapshots()
