@@ -35,6 +35,10 @@ pub enum RefcountError {
     Overflow { offset: u64, max: u64, bits: u32 },
     #[error("refcount of cluster at {offset:#x} would drop below zero")]
     Underflow { offset: u64 },
+    #[error(
+        "{count} contiguous clusters were asked for; with this refcount layout at most {max} fit between refcount blocks"
+    )]
+    RunTooLong { count: u64, max: u64 },
     #[error("writing refcount metadata at {offset:#x}: {source}")]
     Io {
         offset: u64,
@@ -55,6 +59,8 @@ pub struct Refcounts {
     table_offset: u64,
     /// Refcount table entries (block offsets; 0 = no block).
     table: Vec<u64>,
+    /// The clusters (indices) that hold refcount blocks, for overlap checks.
+    block_clusters: std::collections::HashSet<u64>,
     /// How many entries the on-disk table has room for.
     table_capacity: u64,
     blocks: LruCache<u64, Vec<u8>>,
@@ -112,6 +118,11 @@ impl Refcounts {
             order,
             block_bits: header.cluster_bits + 3 - order,
             table_offset: offset,
+            block_clusters: table
+                .iter()
+                .filter(|&&b| b != 0)
+                .map(|b| b >> header.cluster_bits)
+                .collect(),
             table,
             table_capacity: capacity,
             blocks: LruCache::new(
@@ -138,17 +149,28 @@ impl Refcounts {
         }
     }
 
+    /// The most clusters one allocation can return in a row.
+    pub fn max_run(&self) -> u64 {
+        (1u64 << self.block_bits) - 1
+    }
+
+    /// What refcount metadata, if any, lives in cluster `cluster` (index): the table or a block.
+    pub fn metadata_at(&self, cluster: u64) -> Option<&'static str> {
+        let first = self.table_offset >> self.cluster_bits;
+        if (first..first + self.table_clusters()).contains(&cluster) {
+            return Some("the refcount table");
+        }
+        self.block_clusters
+            .contains(&cluster)
+            .then_some("a refcount block")
+    }
+
     pub fn table_offset(&self) -> u64 {
         self.table_offset
     }
 
     pub fn table_clusters(&self) -> u64 {
         (self.table_capacity * 8).div_ceil(self.cluster_size())
-    }
-
-    /// Offsets of every refcount block (for overlap checks).
-    pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
-        self.table.iter().copied().filter(|&b| b != 0)
     }
 
     fn block_of(&self, cluster: u64) -> (usize, usize) {
@@ -280,6 +302,14 @@ impl Refcounts {
     /// Finds `count` free clusters in a row; returns where the run starts and the first free
     /// cluster seen on the way (everything below it is in use: the next search can start there).
     fn find_free_run(&mut self, file: &File, count: u64) -> Result<(u64, u64)> {
+        // Each refcount block's range begins with the block itself, so no run is longer than
+        // the rest of one range.
+        if count > self.max_run() {
+            return Err(RefcountError::RunTooLong {
+                count,
+                max: self.max_run(),
+            });
+        }
         let mut start = self.free_hint.max(1);
         let mut first_free = None;
         let mut cluster = start;
@@ -426,6 +456,7 @@ impl Refcounts {
             self.table.resize(index + 1, 0);
         }
         self.table[index] = offset;
+        self.block_clusters.insert(offset >> self.cluster_bits);
         if (index as u64) < disk_capacity {
             write_all(
                 file,

@@ -39,8 +39,6 @@ pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
 pub(super) enum MetadataKind {
     Header,
     ActiveL1,
-    RefcountTable,
-    RefcountBlock,
     ActiveL2,
     SnapshotTable,
     SnapshotL1,
@@ -144,14 +142,8 @@ impl Writer {
             l1.declared_len() * 8,
             MetadataKind::ActiveL1,
         );
-        add(
-            self.refcounts.table_offset(),
-            self.refcounts.table_clusters() * cs,
-            MetadataKind::RefcountTable,
-        );
-        for block in self.refcounts.block_offsets().collect::<Vec<_>>() {
-            add(block, cs, MetadataKind::RefcountBlock);
-        }
+        // The refcount table and blocks move and multiply on their own: `check_overlap` asks
+        // the refcounts about them directly.
         for e in l1.entries() {
             let off = e & L1_OFFSET_MASK;
             if off != 0 {
@@ -279,8 +271,13 @@ impl Qcow2Image {
             return Ok(());
         }
         for c in (offset >> bits)..=((offset + len - 1) >> bits) {
-            if let Some(kind) = w.metadata.get(&c) {
-                let metadata = format!("{kind:?} metadata (cluster {:#x})", c << bits);
+            let found = w
+                .metadata
+                .get(&c)
+                .map(|kind| format!("{kind:?} metadata"))
+                .or_else(|| w.refcounts.metadata_at(c).map(str::to_owned));
+            if let Some(what_is_there) = found {
+                let metadata = format!("{what_is_there} (cluster {:#x})", c << bits);
                 log::error!(
                     "{}: Marking image as corrupt: {what} at {offset:#x} overlaps {metadata}",
                     self.path.display()
@@ -528,7 +525,9 @@ impl Qcow2Image {
             // A run of clusters that need a new home, allocated together so one write fills them.
             let mut count = 1;
             let last = (offset + data.len() as u64 - 1) / cs;
+            let max_run = w.refcounts.max_run();
             while pos / cs + count <= last
+                && count < max_run
                 && index + (count as usize) < g.l2_entries() as usize
                 && self
                     .owned_host(edit.entry(index + count as usize).0)

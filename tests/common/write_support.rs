@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
@@ -128,7 +129,14 @@ pub fn random_extent(rng: &mut Rng, g: &Geometry) -> (u64, u64) {
         base.saturating_add_signed(delta)
     };
     let off = off.min(g.size - 1);
-    let len = match rng.below(14) {
+    // With large clusters, most writes stay small (else a few writes use up the budget).
+    let classes = if cs > 256 * KIB && rng.chance(60) {
+        4
+    } else {
+        14
+    };
+    let len = match rng.below(classes) {
+        0 if classes == 4 => rng.range(1, 128 * KIB),
         0 => 1,
         1 => 511,
         2 => 512,
@@ -188,6 +196,33 @@ pub fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Drops the kernel's cached pages of `[off, off+len)` of an open file (`len` 0: to the end),
+/// so that the next read of a FUSE file goes to the server instead of the page cache.
+pub fn drop_cache_fd(f: &File, off: u64, len: u64) {
+    let r = unsafe {
+        libc::posix_fadvise(
+            f.as_raw_fd(),
+            off as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0, "posix_fadvise(DONTNEED) failed: errno {r}");
+}
+
+/// [`drop_cache_fd`] of a whole file by path.
+pub fn drop_cache(path: &Path) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    drop_cache_fd(&f, 0, 0);
+}
+
+/// [`super::compare_files`] after dropping the cached pages of `mounted`, so that its content
+/// comes from the snapfs server, not from the page cache filled by earlier reads and writes.
+pub fn compare_uncached(mounted: &Path, oracle: &Path) -> Result<(), String> {
+    drop_cache(mounted);
+    super::compare_files(mounted, oracle)
 }
 
 /// A plain raw file that receives the same changes as the disk under test.
@@ -279,6 +314,7 @@ pub fn random_writes(
     g: &Geometry,
     n: u64,
     budget: u64,
+    progress: Option<&Progress>,
 ) -> SeqStats {
     let mut st = SeqStats::default();
     for i in 0..n {
@@ -291,6 +327,9 @@ pub fn random_writes(
             panic!("write #{i} of {len} bytes at {off:#x} failed: {e}");
         }
         mirror.write(off, &data);
+        if let Some(p) = progress {
+            p.tick();
+        }
         st.writes += 1;
         st.bytes += len;
         if rng.chance(5) {
@@ -302,6 +341,7 @@ pub fn random_writes(
             // read back a window around the write (neighbours must be intact too)
             let s = off.saturating_sub(g.cluster.min(64 * KIB));
             let e = (off + len + g.cluster.min(64 * KIB)).min(g.size);
+            drop_cache_fd(live, s, e - s);
             let got = pread_exact(live, s, (e - s) as usize)
                 .unwrap_or_else(|e| panic!("read-back after write #{i} failed: {e}"));
             let want = mirror.read(s, (e - s) as usize);
@@ -474,7 +514,7 @@ pub fn server_pids(mp: &Path) -> Vec<i32> {
             let is_snapfs = args
                 .first()
                 .is_some_and(|a| *a == bin || a.ends_with("/snapfs") || a == "snapfs");
-            if is_snapfs && args.iter().any(|a| *a == want) {
+            if is_snapfs && args.contains(&want) {
                 out.push(pid);
             }
         }
@@ -496,8 +536,14 @@ pub fn stacks(pid: i32) -> String {
     let frames: Vec<&str> = out
         .stdout
         .lines()
-        .filter(|l| l.starts_with("Thread ") || (l.starts_with('#') && l.contains("snapfs::")))
-        .map(|l| if l.len() > 220 { &l[..220] } else { l })
+        .filter(|l| {
+            l.starts_with("Thread ")
+                || (l.starts_with('#')
+                    && l.split(" in ")
+                        .nth(1)
+                        .is_some_and(|f| f.starts_with("snapfs::")))
+        })
+        .map(|l| l.char_indices().nth(200).map_or(l, |(i, _)| &l[..i]))
         .collect();
     if frames.is_empty() {
         "(no stacks: gdb missing or failed)".to_string()
@@ -506,20 +552,51 @@ pub fn stacks(pid: i32) -> String {
     }
 }
 
-/// Runs `f` (which does I/O on the mount at `mp`) with a time limit. When the limit passes, the
-/// server's stacks are captured, the server is killed (so the blocked I/O fails with ENOTCONN)
-/// and the test panics, saying what hung.
-pub fn with_deadline<T: Send>(
+/// Progress of a long I/O run, for [`with_watchdog`]: bump it after every completed call.
+#[derive(Debug, Default)]
+pub struct Progress(AtomicU64);
+
+impl Progress {
+    pub fn tick(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs `f` (which does I/O on the mount at `mp`) under a watchdog: when `f` runs longer than
+/// `total`, or makes no [`Progress`] for `stall`, the server's stacks are captured, the server
+/// is killed (so the blocked I/O fails with ENOTCONN) and the test panics, saying what hung.
+pub fn with_watchdog<T: Send>(
     mp: &Path,
-    limit: Duration,
+    stall: Duration,
+    total: Duration,
     what: &str,
-    f: impl FnOnce() -> T + Send,
+    context: &dyn Fn() -> String,
+    f: impl FnOnce(&Progress) -> T + Send,
 ) -> T {
+    let progress = Progress::default();
     std::thread::scope(|s| {
-        let h = s.spawn(f);
+        let p = &progress;
+        let h = s.spawn(move || f(p));
         let start = Instant::now();
+        let mut last = (progress.get(), Instant::now());
         while !h.is_finished() {
-            if start.elapsed() > limit {
+            let now = progress.get();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            let why = if start.elapsed() > total {
+                Some(format!("still running after {total:?}"))
+            } else if last.1.elapsed() > stall {
+                Some(format!(
+                    "no progress for {stall:?} (after {now} completed calls)"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 let pids = server_pids(mp);
                 let st: Vec<String> = pids.iter().map(|&p| stacks(p)).collect();
                 for &p in &pids {
@@ -529,17 +606,45 @@ pub fn with_deadline<T: Send>(
                 }
                 let _ = h.join();
                 panic!(
-                    "{what}: still running after {limit:?}: snapfs hung (killed server {pids:?}); stacks:\n{}",
-                    st.join("\n")
+                    "{what}: {why}: snapfs hung (killed server {pids:?}); its stacks:\n{}\n{}",
+                    st.join("\n"),
+                    context()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         match h.join() {
             Ok(v) => v,
-            Err(p) => std::panic::resume_unwind(p),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("{what}: {msg}\n{}", context())
+            }
         }
     })
+}
+
+/// [`with_watchdog`] without progress tracking: `f` must finish within `limit`.
+pub fn with_deadline<T: Send>(
+    mp: &Path,
+    limit: Duration,
+    what: &str,
+    context: &dyn Fn() -> String,
+    f: impl FnOnce() -> T + Send,
+) -> T {
+    with_watchdog(mp, limit, limit, what, context, |_| f())
+}
+
+/// What a failure message says about a mount: the server's stderr.
+pub fn server_log(stderr: String) -> String {
+    if stderr.trim().is_empty() {
+        "(snapfs printed nothing on stderr)".to_string()
+    } else {
+        format!("snapfs stderr:\n{}", stderr.trim_end())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -779,4 +884,39 @@ impl Drop for Server {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `cmd` with a time limit and panics (with its output) unless it exits 0 in time.
+pub fn run_ok(cmd: &mut Command, limit: Duration) -> super::TimedOutput {
+    let what = format!(
+        "{} {}",
+        cmd.get_program().to_string_lossy(),
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = run_timeout(cmd, limit);
+    match out.status {
+        Some(s) if s.success() => out,
+        Some(s) => panic!(
+            "{what} exited {s}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.stdout, out.stderr
+        ),
+        None => panic!(
+            "{what} did not finish within {limit:?} (killed)\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            out.stdout, out.stderr
+        ),
+    }
+}
+
+/// The entries of `qemu-img map --output=json` (whole chain).
+pub fn qemu_map(image: &Path) -> Vec<serde_json::Value> {
+    let out = super::qemu_img(&["map", "-U", "--output=json", image.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img map JSON");
+    v.as_array().expect("map is an array").clone()
 }
