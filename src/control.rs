@@ -182,6 +182,19 @@ pub enum Target {
     Snapshot(u64),
 }
 
+/// Whether `target` is open, allowing a moment for a close that is on its way: the kernel tells
+/// the file system about a close after `close()` has returned, so `cat X; echo X > delete` would
+/// otherwise race.
+fn still_open(target: Target, is_open: &dyn Fn(Target) -> bool) -> bool {
+    for _ in 0..50 {
+        if !is_open(target) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    is_open(target)
+}
+
 /// Runs commands one at a time and keeps their outcomes.
 pub struct Controller {
     catalog: Arc<Catalog>,
@@ -431,7 +444,7 @@ impl Controller {
         targets: &[(Target, String)],
         is_open: &dyn Fn(Target) -> bool,
     ) -> Result<(), CommandError> {
-        match targets.iter().find(|(t, _)| is_open(*t)) {
+        match targets.iter().find(|(t, _)| still_open(*t, is_open)) {
             Some((_, name)) => Err(CommandError::new(
                 libc::EBUSY,
                 format!(
@@ -597,7 +610,7 @@ impl Controller {
             )
         };
         if entry.kind == ViewKind::External {
-            if is_open(Target::Live) {
+            if still_open(Target::Live, is_open) {
                 return Err(live_open());
             }
             // The top's snapshots will read through another backing file; the layers between
@@ -625,7 +638,7 @@ impl Controller {
             return Ok(effect);
         }
         let id = self.internal_of_top(&entry, "revert to")?;
-        if is_open(Target::Live) {
+        if still_open(Target::Live, is_open) {
             return Err(live_open());
         }
         self.catalog.chain().top_image().apply_snapshot(&id)?;
@@ -657,7 +670,7 @@ impl Controller {
             return Ok(effect);
         }
         let id = self.internal_of_top(&entry, "delete")?;
-        if is_open(Target::Snapshot(key)) {
+        if still_open(Target::Snapshot(key), is_open) {
             return Err(CommandError::new(
                 libc::EBUSY,
                 format!(

@@ -927,6 +927,11 @@ impl TableCheck {
         if self.offset % cluster_size != 0 {
             return Err(offset_error("it is not aligned to the cluster size"));
         }
+        // Cluster 0 is the header. QEMU does not check this here (it reads the header as the
+        // table and fails later, or reads garbage), but no valid image has a table there.
+        if self.entries > 0 && self.offset == 0 {
+            return Err(offset_error("it points at the header (cluster 0)"));
+        }
         // entries * entry_size <= max_bytes, so no overflow.
         if self.offset > i64::MAX as u64 - self.entries * self.entry_size {
             return Err(offset_error("the table would end beyond 2^63 bytes"));
@@ -2251,6 +2256,29 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn tables_at_the_header_are_refused() {
+        for (at, table) in [
+            (40, "active L1 table"),
+            (48, "reference count table"),
+        ] {
+            let e = parse_err(&with_u64(base(), at, 0));
+            assert!(
+                matches!(e, HeaderError::TableOffset { table: t, offset: 0, .. } if t == table),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("header (cluster 0)"), "{e}");
+        }
+        // The snapshot table only when it has entries (nb_snapshots = 0 at offset 0 is normal).
+        let with_snapshots = with_u32(base(), 60, 1);
+        let e = parse_err(&with_u64(&with_snapshots, 64, 0));
+        assert!(e.to_string().contains("snapshot table offset 0x0"), "{e}");
+        assert!(parse_bytes(&with_u64(base(), 64, 0)).is_ok());
+        // An empty active L1 table may be anywhere aligned (a 0-byte disk).
+        let empty = with_u64(&with_u32(base(), 36, 0), 24, 0);
+        assert!(parse_bytes(&with_u64(&empty, 40, 0)).is_ok());
     }
 
     #[test]

@@ -130,7 +130,9 @@ impl Qcow2Image {
         }
         self.write_file(&bytes, w.l1_offset, "active L1 table")?;
         self.flush()?;
-        *self.active_l1.write() = Arc::new(L1Table::new(entries, declared));
+        let table = L1Table::new(entries, declared);
+        w.reindex_active_l2(&table, self.geometry.cluster_bits);
+        *self.active_l1.write() = Arc::new(table);
         Ok(())
     }
 

@@ -167,6 +167,20 @@ impl Writer {
         }
     }
 
+    /// Re-reads which clusters hold active L2 tables (after an operation replaced or emptied
+    /// the active L1 table).
+    pub(super) fn reindex_active_l2(&mut self, l1: &L1Table, cluster_bits: u32) {
+        self.metadata
+            .retain(|_, kind| *kind != MetadataKind::ActiveL2);
+        for e in l1.entries() {
+            let off = e & L1_OFFSET_MASK;
+            if off != 0 {
+                self.metadata
+                    .insert(off >> cluster_bits, MetadataKind::ActiveL2);
+            }
+        }
+    }
+
     pub(super) fn add_metadata(
         &mut self,
         offset: u64,

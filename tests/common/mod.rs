@@ -1525,5 +1525,9 @@ pub fn read_all(path: &Path) -> Vec<u8> {
     fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
+pub mod chain_support;
+pub mod hostile_support;
+pub mod libvirt_support;
 pub mod snapshot_support;
+pub mod stress_support;
 pub mod write_support;

@@ -1,0 +1,406 @@
+#!/usr/bin/env bash
+# snapfs benchmark against its natural peer, qemu-storage-daemon's FUSE export of the same image.
+#
+# usage: scripts/bench.sh [--quick] [--runs N] [--keep]
+#   --quick    1 run per workload and 5 s fio runs (a smoke run; numbers are rough)
+#   --runs N   runs per workload (default 3); the table shows the median
+#   --keep     keep the work directory (images) afterwards
+# env: SNAPFS_BENCH_DIR   work directory (default /tmp/snapfs-bench; must not be on tmpfs for
+#                         the copy workload to mean anything); emptied of its images on exit
+#      SNAPFS_BENCH_RUNS  same as --runs;  SNAPFS_BENCH_FIO_SECONDS  fio run time (default 10)
+#      SNAPFS_BENCH_WORKLOADS  which workloads, in order (default "mount seqread randread copy")
+#
+# Test image: 4 GiB virtual qcow2 (64 KiB clusters), 1 GiB of incompressible data (4 x 256 MiB at
+# 0, 1, 2, 3 GiB), then 3 internal snapshots s1, s2, s3, each followed by a 64 MiB overwrite
+# (at 0, 1 GiB, 2 GiB). So every view holds 1 GiB of data and 3 GiB of holes.
+#
+# What is compared with what:
+#   snapfs is mounted read-only (-r) and measured on snapshots/s1.raw AND on live.raw.
+#   The peer can only export the live disk (qemu-storage-daemon opens no internal snapshot), so
+#   both snapfs rows are compared with the peer's export of the live disk; rows say which file.
+#   The copy workload compares like with like: cp --sparse=always of snapshots/s1.raw versus
+#   qemu-img convert -O raw -l snapshot.name=s1 (both followed by an fsync of the output).
+#
+# Cold cache: before each cold run the page cache of the file being read (the FUSE file) is
+# dropped with posix_fadvise(DONTNEED) (dd iflag=nocache count=0), checked with fincore; the
+# host image file stays in the page cache (it is read once with cat beforehand and checked with
+# fincore). So "cold" measures the FUSE round trips and the format engine, not the disk.
+# (echo 1 > /proc/sys/vm/drop_caches would drop the host image too, and then measure the disk.)
+# If fadvise does not empty the FUSE file's cache, the script falls back to drop_caches followed
+# by re-reading the host image, and says so. The peer's export bypasses the page cache (after a
+# full read, fincore shows 0 pages of it cached), so its warm figures are cold ones too.
+#
+# Adding a workload: write a function wl_NAME that measures with `alternate` (or by hand) and
+# calls `row LABEL SNAPFS PEER UNIT BETTER`, and add NAME to the default WORKLOADS list below.
+# Workloads other than "mount" run with both snapfs and the peer mounted; a workload that needs
+# its own image (writes, a 5-layer chain, 1000 snapshots) builds it in $WORK and mounts it itself.
+set -euo pipefail
+export LC_ALL=C
+
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+RUNS=${SNAPFS_BENCH_RUNS:-3}
+FIO_SECONDS=${SNAPFS_BENCH_FIO_SECONDS:-10}
+WORK=${SNAPFS_BENCH_DIR:-/tmp/snapfs-bench}
+keep=0
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --quick) RUNS=1 FIO_SECONDS=5 ;;
+    --runs)
+        [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || die "--runs needs a positive number"
+        RUNS=$2
+        shift
+        ;;
+    --keep) keep=1 ;;
+    -h | --help)
+        awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
+        exit 0
+        ;;
+    *) die "unknown argument '$1' (try --help)" ;;
+    esac
+    shift
+done
+
+read -ra WORKLOADS <<<"${SNAPFS_BENCH_WORKLOADS:-mount seqread randread copy}"
+
+need_root
+ensure_rust
+ensure_tools qemu-img qemu-io qemu-storage-daemon fio fincore findmnt fusermount3
+ensure_fuse
+
+SNAPFS=$REPO_ROOT/target/release/snapfs
+
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+IMG=$WORK/bench.qcow2
+MNT=$WORK/mnt          # snapfs mount point
+PEER=$WORK/peer.raw    # qemu-storage-daemon FUSE export (a regular file as mount point)
+SNAP=s1                # the snapshot measured
+SNAPFILE=$MNT/snapshots/$SNAP.raw
+LIVEFILE=$MNT/live.raw
+OUT=$WORK/out.raw      # copy target
+snapfs_mounted=0
+peer_pid=
+
+# ---------------------------------------------------------------- cleanup
+cleanup() {
+    local rc=$?
+    set +e
+    stop_snapfs
+    stop_peer
+    rm -f "$OUT" "$WORK"/rand.*
+    if [[ $keep -eq 0 ]]; then
+        rm -f "$IMG" "$PEER"
+        rmdir "$MNT" "$WORK" 2>/dev/null
+    else
+        note "work directory kept: $WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- helpers
+now() { echo "$EPOCHREALTIME"; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", b - a }'; }
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 }
+        END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+wait_readable() { # FILE: wait up to 30 s until its first 4 KiB can be read
+    local i
+    for ((i = 0; i < 6000; i++)); do
+        head -c 4096 "$1" >/dev/null 2>&1 && return 0
+        sleep 0.005
+    done
+    return 1
+}
+wait_gone() { # PID (not our child)
+    local i
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    return 1
+}
+resident_pages() { fincore -n -b -o PAGES "$1" 2>/dev/null | awk '{ print $1 }'; }
+file_pages() { echo $((($(stat -c %s "$1") + 4095) / 4096)); }
+
+# Keep the host image in the page cache (cold runs measure snapfs/the peer, not the disk).
+warm_host_image() {
+    cat "$IMG" >/dev/null
+    local res all
+    res=$(resident_pages "$IMG")
+    all=$(file_pages "$IMG")
+    if [[ -n $res && $res -lt $((all * 95 / 100)) ]]; then
+        warn "only $res of $all pages of the host image stay in the page cache (low memory?): cold figures include disk reads"
+    fi
+}
+
+drop_cache_method=fadvise
+# Drop the page cache of one FUSE file (a view, or the peer's export).
+drop_view_cache() {
+    local f=$1 res
+    if [[ $drop_cache_method == fadvise ]]; then
+        dd if="$f" iflag=nocache count=0 status=none
+        res=$(resident_pages "$f")
+        [[ -z $res || $res -eq 0 ]] && return 0
+        warn "posix_fadvise(DONTNEED) left $res pages of $f cached: using drop_caches (and re-reading the host image) instead"
+        drop_cache_method=drop_caches
+    fi
+    sync
+    echo 1 >/proc/sys/vm/drop_caches
+    warm_host_image
+}
+
+# ---------------------------------------------------------------- the two servers
+start_snapfs() {
+    mkdir -p "$MNT"
+    "$SNAPFS" mount -r "$IMG" "$MNT"
+    snapfs_mounted=1
+    wait_readable "$LIVEFILE" || die "snapfs mounted $IMG but $LIVEFILE is not readable"
+}
+stop_snapfs() {
+    [[ $snapfs_mounted -eq 1 ]] || return 0
+    "$SNAPFS" umount "$MNT" 2>/dev/null || fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT"
+    snapfs_mounted=0
+}
+start_peer() {
+    : >"$PEER"
+    qemu-storage-daemon --daemonize --pidfile "$WORK/qsd.pid" \
+        --blockdev "driver=file,node-name=f,filename=$IMG,locking=off,read-only=on" \
+        --blockdev driver=qcow2,node-name=q,file=f,read-only=on \
+        --export "type=fuse,id=e,node-name=q,mountpoint=$PEER"
+    peer_pid=$(<"$WORK/qsd.pid")
+    wait_readable "$PEER" || die "qemu-storage-daemon export $PEER is not readable"
+}
+stop_peer() {
+    [[ -n $peer_pid ]] || return 0
+    kill "$peer_pid" 2>/dev/null
+    wait_gone "$peer_pid" || warn "qemu-storage-daemon $peer_pid did not exit"
+    # a daemon that died without unmounting leaves a dead FUSE mount behind
+    if findmnt "$PEER" >/dev/null 2>&1; then umount -l "$PEER"; fi
+    peer_pid=
+}
+
+# ---------------------------------------------------------------- results
+ROWS=()
+# row LABEL SNAPFS PEER UNIT BETTER(lower|higher); ratio > 1 means snapfs is better
+row() {
+    local ratio
+    ratio=$(awk -v s="$2" -v p="$3" -v b="$5" 'BEGIN {
+        if (s <= 0 || p <= 0) { print "-"; exit }
+        printf "%.2fx", (b == "lower") ? p / s : s / p }')
+    ROWS+=("$1"$'\t'"$(fmt_value "$2" "$4")"$'\t'"$(fmt_value "$3" "$4")"$'\t'"$ratio")
+    printf '  %-52s snapfs %-12s peer %-12s %s\n' "$1" "$(fmt_value "$2" "$4")" "$(fmt_value "$3" "$4")" "$ratio"
+}
+fmt_value() {
+    case $2 in
+    s) awk -v v="$1" 'BEGIN { printf "%.2f s", v }' ;;
+    ms) awk -v v="$1" 'BEGIN { printf "%.0f ms", v * 1000 }' ;;
+    iops) awk -v v="$1" 'BEGIN { printf "%.0f IOPS", v }' ;;
+    *) echo "$1 $2" ;;
+    esac
+}
+
+# alternate A B: run A then B, RUNS times; each sets RESULT to one number. Sets A_MED, B_MED.
+# (Measuring functions set globals instead of printing, so that they run in this shell and
+# the cleanup trap knows about everything they mount.)
+alternate() {
+    local a=$1 b=$2 i
+    local as=() bs=()
+    for ((i = 0; i < RUNS; i++)); do
+        "$a"
+        as+=("$RESULT")
+        "$b"
+        bs+=("$RESULT")
+    done
+    A_MED=$(median "${as[@]}")
+    B_MED=$(median "${bs[@]}")
+}
+
+# ---------------------------------------------------------------- workloads
+# mount: command start until the first 4 KiB of the live disk can be read
+time_snapfs_mount() {
+    local t0 t1
+    t0=$(now)
+    start_snapfs
+    t1=$(now)
+    stop_snapfs
+    RESULT=$(elapsed "$t0" "$t1")
+}
+time_peer_mount() {
+    local t0 t1
+    t0=$(now)
+    start_peer
+    t1=$(now)
+    stop_peer
+    RESULT=$(elapsed "$t0" "$t1")
+}
+wl_mount() {
+    section "mount time"
+    alternate time_snapfs_mount time_peer_mount
+    row "mount: command start -> live disk readable" "$A_MED" "$B_MED" ms lower
+}
+
+# seqread: dd bs=1M of the whole file; cold (view cache dropped) then warm (read again at once)
+seq_pair() { # FILE -> COLD, WARM (seconds)
+    local f=$1 t0 t1 t2
+    drop_view_cache "$f"
+    t0=$(now)
+    dd if="$f" of=/dev/null bs=1M status=none
+    t1=$(now)
+    dd if="$f" of=/dev/null bs=1M status=none
+    t2=$(now)
+    COLD=$(elapsed "$t0" "$t1")
+    WARM=$(elapsed "$t1" "$t2")
+}
+wl_seqread() {
+    section "sequential read, dd bs=1M of the whole 4 GiB file"
+    local i sc=() sw=() lc=() lw=() pc=() pw=()
+    for ((i = 0; i < RUNS; i++)); do
+        seq_pair "$SNAPFILE"
+        sc+=("$COLD") sw+=("$WARM")
+        seq_pair "$PEER"
+        pc+=("$COLD") pw+=("$WARM")
+        seq_pair "$LIVEFILE"
+        lc+=("$COLD") lw+=("$WARM")
+    done
+    local pcm pwm
+    pcm=$(median "${pc[@]}")
+    pwm=$(median "${pw[@]}")
+    row "seq read, cold [snapshots/$SNAP.raw vs live]" "$(median "${sc[@]}")" "$pcm" s lower
+    row "seq read, cold [live.raw vs live]" "$(median "${lc[@]}")" "$pcm" s lower
+    row "seq read again, warm [snapshots/$SNAP.raw vs live]" "$(median "${sw[@]}")" "$pwm" s lower
+    row "seq read again, warm [live.raw vs live]" "$(median "${lw[@]}")" "$pwm" s lower
+}
+
+# randread: fio 4 KiB random reads, psync, buffered, fresh open (fio invalidates the file's cache
+# at start), time-based; prints IOPS
+fio_iops() { # FILE JOBS
+    fio --name=randread --filename="$1" --readonly --rw=randread --bs=4k --ioengine=psync \
+        --direct=0 --invalidate=1 --numjobs="$2" --time_based --runtime="$FIO_SECONDS" \
+        --group_reporting --output-format=terse --terse-version=3 |
+        awk -F';' '{ print $8 }'
+}
+wl_randread() {
+    local jobs i
+    for jobs in 1 2; do
+        section "random 4 KiB reads, fio psync, $jobs job(s), ${FIO_SECONDS}s"
+        local s=() l=() p=()
+        for ((i = 0; i < RUNS; i++)); do
+            s+=("$(fio_iops "$SNAPFILE" "$jobs")")
+            p+=("$(fio_iops "$PEER" "$jobs")")
+            l+=("$(fio_iops "$LIVEFILE" "$jobs")")
+        done
+        local pm
+        pm=$(median "${p[@]}")
+        row "rand 4K read, $jobs job(s) [snapshots/$SNAP.raw vs live]" "$(median "${s[@]}")" "$pm" iops higher
+        row "rand 4K read, $jobs job(s) [live.raw vs live]" "$(median "${l[@]}")" "$pm" iops higher
+    done
+}
+
+# copy: a snapshot to a sparse raw file, output fsynced
+copy_snapfs() {
+    local t0 t1
+    rm -f "$OUT"
+    drop_view_cache "$SNAPFILE"
+    t0=$(now)
+    cp --sparse=always "$SNAPFILE" "$OUT"
+    sync "$OUT"
+    t1=$(now)
+    RESULT=$(elapsed "$t0" "$t1")
+}
+copy_peer() {
+    local t0 t1
+    rm -f "$OUT"
+    t0=$(now)
+    qemu-img convert -U -O raw -l "snapshot.name=$SNAP" "$IMG" "$OUT"
+    sync "$OUT"
+    t1=$(now)
+    RESULT=$(elapsed "$t0" "$t1")
+}
+check_copies_equal() {
+    local a b
+    copy_snapfs
+    a=$(sha256sum <"$OUT")
+    copy_peer
+    b=$(sha256sum <"$OUT")
+    [[ $a == "$b" ]] || die "cp of $SNAPFILE and qemu-img convert -l snapshot.name=$SNAP differ"
+}
+wl_copy() {
+    section "copy snapshot $SNAP to a raw file"
+    check_copies_equal
+    alternate copy_snapfs copy_peer
+    row "copy snapshot $SNAP: cp --sparse=always vs qemu-img convert -l" "$A_MED" "$B_MED" s lower
+    rm -f "$OUT"
+}
+
+# ---------------------------------------------------------------- test image
+make_image() {
+    section "Test image: $IMG"
+    rm -f "$IMG"
+    qemu-img create -q -f qcow2 "$IMG" 4G
+    local i cmds=()
+    for i in 0 1 2 3; do
+        head -c 256M /dev/urandom >"$WORK/rand.$i"
+        cmds+=(-c "write -q -s $WORK/rand.$i $((i << 30)) $((256 << 20))")
+    done
+    qemu-io -f qcow2 "${cmds[@]}" "$IMG"
+    rm -f "$WORK"/rand.*
+    for i in 1 2 3; do
+        qemu-img snapshot -c "s$i" "$IMG"
+        head -c 64M /dev/urandom >"$WORK/rand.$i"
+        qemu-io -f qcow2 -c "write -q -s $WORK/rand.$i $(((i - 1) << 30)) $((64 << 20))" "$IMG"
+        rm -f "$WORK/rand.$i"
+    done
+    qemu-img check -q "$IMG"
+    qemu-img snapshot -l "$IMG"
+    echo "image file: $(du -h --apparent-size "$IMG" | cut -f1)"
+}
+
+for w in "${WORKLOADS[@]}"; do
+    declare -F "wl_$w" >/dev/null || die "unknown workload '$w' (known: $(declare -F | awk '/ wl_/ { sub("wl_", "", $3); print $3 }' | xargs))"
+done
+
+section "Building snapfs: cargo build --release"
+(cd "$REPO_ROOT" && cargo build --release --quiet)
+
+make_image
+warm_host_image
+# mount once (also checks the mount works) before timing anything
+start_snapfs
+stop_snapfs
+
+for w in "${WORKLOADS[@]}"; do
+    case $w in
+    mount) "wl_$w" ;;
+    *)
+        start_snapfs
+        start_peer
+        [[ -e $SNAPFILE ]] || die "$SNAPFILE is missing from the snapfs mount"
+        "wl_$w"
+        stop_peer
+        stop_snapfs
+        ;;
+    esac
+done
+
+# ---------------------------------------------------------------- report
+section "Results"
+echo "snapfs $(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo '?') vs $(qemu-storage-daemon --version | head -1)"
+echo "$(nproc) CPUs, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, Linux $(uname -r); median of $RUNS run(s)"
+echo
+printf '| %s | %s | %s | %s |\n' workload snapfs peer "ratio (>1: snapfs better)"
+printf '|---|---:|---:|---:|\n'
+for r in "${ROWS[@]}"; do
+    IFS=$'\t' read -r label s p ratio <<<"$r"
+    printf '| %s | %s | %s | %s |\n' "$label" "$s" "$p" "$ratio"
+done
+echo
+echo "snapfs: snapfs mount -r; peer: qemu-storage-daemon FUSE export of the same image (read-only, locking=off),"
+echo "which can only show the live disk. [A vs B]: the file read through snapfs vs through the peer."
+echo "Each view: 4 GiB, of which 1 GiB data. cold: that file's page cache dropped first ($drop_cache_method),"
+echo "host image kept in the page cache. The peer's export bypasses the page cache (warm = cold)."
+echo "Times: lower is better; IOPS: higher is better."

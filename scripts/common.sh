@@ -1,0 +1,128 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/*.sh. Source it; do not run it.
+#
+#   ensure_tools TOOL...   install (apt-get) the Debian packages providing any missing TOOL
+#   ensure_rust            check cargo, rustfmt and clippy; add missing components with rustup
+#   ensure_fuse            make sure /dev/fuse exists (modprobe fuse, else mknod)
+#   section TITLE          print a section header
+#   note / warn / die MSG  messages on stderr (die exits 1)
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export REPO_ROOT
+
+if [[ -t 1 && -z ${NO_COLOR:-} ]]; then
+    _bold=$'\e[1m' _red=$'\e[31m' _yellow=$'\e[33m' _reset=$'\e[0m'
+else
+    _bold='' _red='' _yellow='' _reset=''
+fi
+
+section() { printf '\n%s==> %s%s\n' "$_bold" "$*" "$_reset"; }
+note() { printf '%s\n' "$*" >&2; }
+warn() { printf '%swarning:%s %s\n' "$_yellow" "$_reset" "$*" >&2; }
+die() {
+    printf '%serror:%s %s\n' "$_red" "$_reset" "$*" >&2
+    exit 1
+}
+
+need_root() {
+    [[ $(id -u) -eq 0 ]] || die "$(basename "$0") needs root (FUSE mounts, loop devices, apt-get): run it with sudo"
+}
+
+# The Debian package(s) providing a command, best first. Verified on Debian 12
+# with `dpkg -S "$(command -v TOOL)"`. qemu-storage-daemon is in qemu-utils from
+# QEMU 8 on (bookworm-backports), in qemu-system-common in bookworm's QEMU 7.2.
+_packages_for() {
+    case $1 in
+    qemu-img | qemu-io | qemu-nbd) echo qemu-utils ;;
+    qemu-storage-daemon) echo qemu-utils qemu-system-common ;;
+    fusermount3) echo fuse3 ;;
+    mkfs.ext4 | e2fsck | debugfs) echo e2fsprogs ;;
+    fio) echo fio ;;
+    getfattr | setfattr) echo attr ;;
+    losetup | mount | umount) echo mount ;;
+    findmnt | fincore | lsblk | flock) echo util-linux ;;
+    modprobe) echo kmod ;;
+    cc) echo gcc ;;
+    make) echo make ;;
+    pkg-config) echo pkg-config ;;
+    shellcheck) echo shellcheck ;;
+    *) echo "$1" ;;
+    esac
+}
+
+_apt_updated=
+_apt() {
+    local log
+    log=$(mktemp)
+    if ! DEBIAN_FRONTEND=noninteractive apt-get "$@" </dev/null >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    rm -f "$log"
+}
+
+_apt_install() {
+    if [[ -z $_apt_updated ]]; then
+        _apt update -q || die "apt-get update failed"
+        _apt_updated=1
+    fi
+    _apt install -y -q --no-install-recommends "$@"
+}
+
+_have() { command -v "$1" >/dev/null 2>&1; }
+
+# ensure_tools TOOL... : quiet when nothing is missing.
+ensure_tools() {
+    local tool pkg missing=()
+    for tool in "$@"; do
+        _have "$tool" || missing+=("$tool")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    need_root
+    _have apt-get || die "missing ${missing[*]} and no apt-get to install them with"
+    for tool in "${missing[@]}"; do
+        _have "$tool" && continue # an earlier package brought it
+        for pkg in $(_packages_for "$tool"); do
+            note "installing $pkg (for $tool)"
+            _apt_install "$pkg" || die "apt-get install $pkg failed"
+            _have "$tool" && break
+        done
+        _have "$tool" || die "$tool is still missing after installing $(_packages_for "$tool")"
+    done
+    hash -r
+}
+
+ensure_rust() {
+    _have cargo || die "cargo is missing: install Rust (https://rustup.rs) first"
+    local comp sub
+    for comp in rustfmt clippy; do
+        sub=$comp
+        [[ $comp == rustfmt ]] && sub=fmt
+        if ! cargo "$sub" --version >/dev/null 2>&1; then
+            _have rustup || die "cargo $comp is missing and rustup is not there to add it"
+            note "adding rust component $comp"
+            rustup component add "$comp" >/dev/null || die "rustup component add $comp failed"
+        fi
+    done
+    # zstd-sys compiles C code
+    ensure_tools cc
+}
+
+ensure_fuse() {
+    [[ -e /etc/fuse.conf ]] || ensure_tools_pkg_fuse3
+    [[ -c /dev/fuse ]] && return 0
+    need_root
+    if _have modprobe; then modprobe fuse 2>/dev/null || true; fi
+    if [[ ! -c /dev/fuse ]] && grep -qw fuse /proc/filesystems 2>/dev/null; then
+        mknod -m 0666 /dev/fuse c 10 229 2>/dev/null || true
+    fi
+    [[ -c /dev/fuse ]] || die "/dev/fuse is missing and 'modprobe fuse' did not create it: this kernel or container has no FUSE; run on a host with the fuse module (or pass --device /dev/fuse to the container)"
+}
+
+# /etc/fuse.conf comes with fuse3 even when fusermount3 is already somewhere.
+ensure_tools_pkg_fuse3() {
+    need_root
+    note "installing fuse3 (for /etc/fuse.conf)"
+    _apt_install fuse3 || die "apt-get install fuse3 failed"
+}
