@@ -412,13 +412,29 @@ pub fn qemu_content(image: &Path, tag: Option<&str>) -> Vec<u8> {
     v
 }
 
-/// The content of snapshot `tag` at the snapshot's own disk size.
+/// The content of snapshot `tag` of `image` at the snapshot's own disk size: a copy of the
+/// image (next to it, so relative backing names resolve) with `qemu-img snapshot -a TAG`
+/// applied, converted to raw. (`qemu-img convert -l` reads only the image's current size, so it
+/// loses the end of a snapshot taken when the disk was larger.) `image` must not be in use.
 pub fn qemu_snapshot_content(image: &Path, tag: &str) -> Vec<u8> {
-    let id = super::snapshot_by_name(image, tag).id;
-    let raw = super::convert_snapshot_to_raw(image, &id);
-    let v = fs::read(&raw).unwrap();
-    fs::remove_file(&raw).ok();
+    let stem = image.file_stem().unwrap().to_string_lossy().into_owned();
+    let copy = image.with_file_name(format!(".{stem}.apply-{}.qcow2", super::unique()));
+    fs::copy(image, &copy).unwrap();
+    qemu_snapshot(&copy, "-a", tag);
+    let v = qemu_content(&copy, None);
+    fs::remove_file(&copy).ok();
     v
+}
+
+/// The message of a caught panic.
+pub fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = e.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = e.downcast_ref::<&str>() {
+        s.to_string()
+    } else {
+        "(panic without a message)".to_string()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -597,7 +613,7 @@ pub struct Deadline {
 impl Deadline {
     pub fn new(mp: &Path, limit: Duration, what: &str) -> Deadline {
         let dev = fs::metadata(mp).map(|m| m.dev()).unwrap_or(0);
-        let minor = unsafe { libc::minor(dev) };
+        let minor = libc::minor(dev);
         let (tx, rx) = mpsc::channel::<()>();
         let what = what.to_string();
         let mp = mp.to_path_buf();
