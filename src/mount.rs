@@ -208,7 +208,14 @@ fn serve(
     notifier: &OnceLock<fuser::Notifier>,
 ) -> Result<(), String> {
     let signals = block_shutdown_signals();
-    let session = fuser::Session::new(fs, mountpoint, config);
+    let session = match mount_fuse_snapfs(mountpoint, config) {
+        Ok(fd) => fuser::Session::from_fd(fs, fd, config.acl, config.clone()),
+        // Not root: fusermount3 mounts for us (as type "fuse").
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            fuser::Session::new(fs, mountpoint, config)
+        }
+        Err(e) => Err(e),
+    };
     let mut session = match session {
         Ok(s) => s,
         Err(e) => {
@@ -224,12 +231,16 @@ fn serve(
     let readahead_for = mountpoint.to_owned();
     std::thread::spawn(move || raise_readahead(&readahead_for));
     let mut unmounter = session.unmount_callable();
+    let unmount_path = mountpoint.to_owned();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if wait_for_signal(&signals) {
                 log::info!("signal received: unmounting");
-                if let Err(e) = unmounter.unmount() {
+                // A mount made here is unmounted here; one made by fusermount3 through it.
+                if unmount_directly(&unmount_path).is_err()
+                    && let Err(e) = unmounter.unmount()
+                {
                     log::error!("unmount: {e}");
                 }
             }
@@ -339,6 +350,77 @@ fn process_alive(pid: i32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// Mounts /dev/fuse on `mountpoint` as file system type `fuse.snapfs` (what `mount` and
+/// /proc/mounts show), as fusermount would but with our type; needs root (EPERM otherwise).
+fn mount_fuse_snapfs(mountpoint: &Path, config: &Config) -> std::io::Result<OwnedFd> {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let mut source = "snapfs".to_owned();
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let mut options = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid}",
+        device.as_raw_fd()
+    );
+    for option in &config.mount_options {
+        match option {
+            MountOption::FSName(name) => source = name.clone(),
+            MountOption::RO => flags |= libc::MS_RDONLY,
+            MountOption::DefaultPermissions => options.push_str(",default_permissions"),
+            _ => {}
+        }
+    }
+    if config.acl != SessionACL::Owner {
+        // The kernel lets others in; fuser's own check narrows "allow_root" to root.
+        options.push_str(",allow_other");
+    }
+    let invalid = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
+    let c_source = CString::new(source.replace(',', "_")).map_err(invalid)?;
+    let c_target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(invalid)?;
+    let c_type = CString::new("fuse.snapfs").map_err(invalid)?;
+    let c_options = CString::new(options).map_err(invalid)?;
+    // SAFETY: mount(2) with valid C strings; the options name a descriptor we hold open.
+    let r = unsafe {
+        libc::mount(
+            c_source.as_ptr(),
+            c_target.as_ptr(),
+            c_type.as_ptr(),
+            flags,
+            c_options.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(device))
+}
+
+/// Unmounts a mount this process made with [`mount_fuse_snapfs`].
+fn unmount_directly(mountpoint: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        // Files are still open (a VM, a loop device): detach now, finish when they close.
+        // SAFETY: as above.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+    }
+    Err(err)
 }
 
 /// Forks. The parent waits until the child reports that the mount is ready and exits with its
