@@ -198,11 +198,17 @@ impl Catalog {
         Ok((key, entry))
     }
 
-    /// Removes a view (its name is not handed out again during this mount).
+    /// Removes a view; its name becomes free for a later snapshot (which gets a new inode).
     pub fn remove(&self, key: u64) -> Option<Arc<ViewEntry>> {
+        let mut naming = self.naming.lock();
         let mut state = self.state.write();
         let mut next = State::clone(&state);
         let removed = next.by_key.remove(&key);
+        if let Some(entry) = &removed {
+            naming
+                .names
+                .release(entry.file_name.trim_end_matches(SUFFIX));
+        }
         *state = Arc::new(next);
         removed
     }
@@ -354,7 +360,7 @@ fn build_state(
             let repeated = snapshots.iter().filter(|t| t.name == snap.name).count() > 1;
             let id = snap.id_str();
             let wanted = match snap.name_str() {
-                Some(tag) if !repeated => format!("{prefix}{tag}"),
+                Some(tag) if !repeated && is_valid_name(tag) => format!("{prefix}{tag}"),
                 _ => format!("{prefix}id-{id}"),
             };
             let mut entry = snapshot_entry(&chain, depth, image, snap)?;
@@ -441,7 +447,7 @@ fn internal_entry(
 ) -> Result<ViewEntry> {
     let id = snap.id_str();
     let wanted = match snap.name_str() {
-        Some(tag) if !repeated => format!("{prefix}{tag}"),
+        Some(tag) if !repeated && is_valid_name(tag) => format!("{prefix}{tag}"),
         _ => format!("{prefix}id-{id}"),
     };
     let name = names.claim(&wanted, || format!("{prefix}id-{id}"));
@@ -479,6 +485,10 @@ struct Names {
 }
 
 impl Names {
+    fn release(&mut self, name: &str) {
+        self.taken.remove(name);
+    }
+
     /// Claims `wanted` (without the `.raw` suffix) if it is a valid, free name; otherwise
     /// `fallback()`, and if that is taken too, the first free `fallback~N`.
     fn claim(&mut self, wanted: &str, fallback: impl Fn() -> String) -> String {

@@ -35,14 +35,14 @@ use clap_mangen::roff::{Roff, roman};
                   snapfs umount /mnt/vm\n  \
                   mount -t snapfs -o ro vm.qcow2 /mnt/vm\n\n\
                   Logging:\n\
-                  A mount logs to standard error with -f; in the background, to the file given with \
-                  --log FILE or -o log=FILE, else to syslog (ident snapfs, facility daemon, \
-                  so journalctl -t snapfs shows it). RUST_LOG sets the level: error, warn (the \
+                  A mount logs to standard error with -f; in the background, to the file given\n\
+                  with --log FILE or -o log=FILE, else to syslog (ident snapfs, facility daemon:\n\
+                  journalctl -t snapfs shows it). RUST_LOG sets the level: error, warn (the\n\
                   default), info, debug or trace, also per module (RUST_LOG=snapfs=debug).\n\n\
                   Mount helper:\n\
-                  With mount.snapfs installed as /sbin/mount.snapfs, 'mount -t snapfs IMAGE DIR' \
-                  and /etc/fstab lines of type snapfs work; the mount is listed as fuse.snapfs and \
-                  'umount DIR' ends it."
+                  With mount.snapfs installed as /sbin/mount.snapfs, 'mount -t snapfs IMAGE DIR'\n\
+                  and /etc/fstab lines of type snapfs work; the mount is listed as fuse.snapfs\n\
+                  and 'umount DIR' ends it."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -64,8 +64,8 @@ pub enum Command {
                       snapfs mount --log /var/log/snapfs.log vm.qcow2 /mnt/vm\n  \
                       RUST_LOG=debug snapfs mount -f vm.qcow2 /mnt/vm\n\n\
                       Logging:\n\
-                      With -f, log records go to standard error; in the background, to the file \
-                      given with --log FILE or -o log=FILE, else to syslog. RUST_LOG sets the \
+                      With -f, log records go to standard error; in the background, to the file\n\
+                      given with --log FILE or -o log=FILE, else to syslog. RUST_LOG sets the\n\
                       level (default warn)."
     )]
     Mount(MountArgs),
@@ -162,11 +162,9 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum SnapshotAction {
     /// Take an internal snapshot of the live disk.
-    #[command(
-        after_help = "Examples:\n  \
+    #[command(after_help = "Examples:\n  \
                       snapfs snapshot create /mnt/vm before-upgrade\n  \
-                      snapfs snapshot create /mnt/vm pkg-updated after apt upgrade of 2026-11"
-    )]
+                      snapfs snapshot create /mnt/vm pkg-updated after apt upgrade of 2026-11")]
     Create {
         /// Where the image is mounted.
         #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
@@ -267,18 +265,19 @@ impl MountArgs {
 /// clap's `help` subcommands, which need no page of their own.
 fn built_command() -> clap::Command {
     fn no_help(cmd: clap::Command) -> clap::Command {
-        cmd.disable_help_subcommand(true)
-            .mut_subcommands(no_help)
+        cmd.disable_help_subcommand(true).mut_subcommands(no_help)
     }
     let mut cmd = no_help(Cli::command());
     cmd.build();
     cmd
 }
 
-/// Writes the completion script for `shell` (`snapfs completions SHELL`).
-pub fn write_completions(shell: Shell, out: &mut dyn Write) {
+/// The completion script for `shell` (`snapfs completions SHELL`).
+pub fn completions(shell: Shell) -> Vec<u8> {
     let mut cmd = Cli::command();
-    clap_complete::generate(shell, &mut cmd, "snapfs", out);
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "snapfs", &mut script);
+    script
 }
 
 /// Writes snapfs(1), the page of the top-level command (`snapfs man`).
@@ -315,7 +314,9 @@ pub fn write_man_pages(dir: &Path) -> io::Result<Vec<PathBuf>> {
 /// One manual page: clap_mangen's sections, then the text after the help (examples and notes)
 /// as sections of their own, then SEE ALSO. The page starts with `.TH`.
 fn render_man(cmd: &clap::Command, top: bool, out: &mut dyn Write) -> io::Result<()> {
-    let man = clap_mangen::Man::new(cmd.clone()).manual("snapfs manual");
+    let man = clap_mangen::Man::new(cmd.clone())
+        .source(format!("snapfs {}", env!("CARGO_PKG_VERSION")))
+        .manual("snapfs manual");
     let render = |f: &dyn Fn(&mut dyn Write) -> io::Result<()>| -> io::Result<String> {
         let mut buf = Vec::new();
         f(&mut buf)?;
@@ -373,25 +374,26 @@ fn render_man(cmd: &clap::Command, top: bool, out: &mut dyn Write) -> io::Result
 /// block whose first line is `Heading:` starts section HEADING ("Example(s)" becomes EXAMPLES,
 /// shown as typed); other blocks are paragraphs of the current section.
 fn after_help_sections(roff: &mut Roff, text: &str) {
-    let mut examples = false;
     for block in text.split("\n\n") {
         let mut lines: Vec<&str> = block.lines().collect();
-        if let Some(first) = lines.first()
-            && first.ends_with(':')
-            && !first.starts_with(' ')
-        {
-            let heading = first.trim_end_matches(':');
-            examples = heading.starts_with("Example");
-            let heading = if examples {
-                "EXAMPLES".to_owned()
-            } else {
-                heading.to_uppercase()
-            };
-            roff.control("SH", [heading.as_str()]);
-            lines.remove(0);
-        } else {
-            examples = false;
-            roff.control("PP", []);
+        let heading = lines
+            .first()
+            .filter(|first| first.ends_with(':') && !first.starts_with(' '))
+            .map(|first| first.trim_end_matches(':').to_owned());
+        let examples = heading.as_ref().is_some_and(|h| h.starts_with("Example"));
+        match heading {
+            Some(heading) => {
+                let heading = if examples {
+                    "EXAMPLES".to_owned()
+                } else {
+                    heading.to_uppercase()
+                };
+                roff.control("SH", [heading.as_str()]);
+                lines.remove(0);
+            }
+            None => {
+                roff.control("PP", []);
+            }
         }
         if lines.is_empty() {
             continue;
@@ -437,6 +439,39 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn mount_args(argv: &[&str]) -> MountArgs {
+        let mut full = vec!["snapfs", "mount"];
+        full.extend_from_slice(argv);
+        full.extend_from_slice(&["img.qcow2", "/mnt/x"]);
+        match Cli::try_parse_from(full).expect("parses").command {
+            Command::Mount(args) => args,
+            other => panic!("not a mount: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn log_file_from_options() {
+        let mut a = mount_args(&["-o", "ro,log=/var/log/s.log,allow_other", "-o", "log=/x"]);
+        assert_eq!(a.take_log_option(), Ok(Some(PathBuf::from("/x"))));
+        assert_eq!(a.options, vec!["ro,allow_other".to_string()]);
+
+        let mut a = mount_args(&["--log", "/flag.log", "-o", "log=/opt.log"]);
+        assert_eq!(a.take_log_option(), Ok(Some(PathBuf::from("/flag.log"))));
+        assert!(a.options.is_empty());
+
+        let mut a = mount_args(&["-o", "ro"]);
+        assert_eq!(a.take_log_option(), Ok(None));
+        assert_eq!(a.options, vec!["ro".to_string()]);
+
+        assert!(mount_args(&["-o", "ro,log="]).take_log_option().is_err());
+        assert!(mount_args(&["-o", "log"]).take_log_option().is_err());
+    }
 
     #[test]
     fn sizes() {

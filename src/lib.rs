@@ -8,6 +8,7 @@ pub mod error;
 pub mod fs;
 pub mod info;
 pub mod libvirt;
+pub mod logging;
 pub mod metadata;
 pub mod mount;
 pub mod ops;

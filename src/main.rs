@@ -1,18 +1,28 @@
+use std::io::Write;
+
 use clap::Parser;
 
-use snapfs::cli::{Cli, Command, SnapshotAction};
+use snapfs::cli::{Cli, Command, MountArgs, SnapshotAction};
+use snapfs::logging::{self, Destination};
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
+    logging::init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Mount(args) => {
-            snapfs::mount::MountSettings::from_args(&args).and_then(snapfs::mount::mount)
-        }
+    if let Err(message) = run(cli.command) {
+        eprintln!("snapfs: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Mount(args) => mount(args),
         Command::Umount { mountpoint } => snapfs::mount::umount(&mountpoint),
-        Command::Info { json, image } => snapfs::report::info(&image, json),
+        Command::Info {
+            json,
+            libvirt,
+            image,
+        } => snapfs::report::info_with_libvirt(&image, json, libvirt.as_deref()),
         Command::Snapshot { action } => {
             let (mountpoint, file, command) = match action {
                 SnapshotAction::Create {
@@ -35,9 +45,44 @@ fn main() {
         Command::Commit { mountpoint, layer } => {
             snapfs::report::control_command(&mountpoint, "commit", layer.as_deref().unwrap_or(""))
         }
-    };
-    if let Err(message) = result {
-        eprintln!("snapfs: {message}");
-        std::process::exit(1);
+        Command::Completions { shell } => {
+            print_or_fail("the completions", &snapfs::cli::completions(shell))
+        }
+        Command::Man { dir: None } => {
+            let mut page = Vec::new();
+            snapfs::cli::write_man_page(&mut page)
+                .map_err(|e| format!("rendering the manual page: {e}"))?;
+            print_or_fail("the manual page", &page)
+        }
+        Command::Man { dir: Some(dir) } => {
+            let written = snapfs::cli::write_man_pages(&dir)
+                .map_err(|e| format!("writing manual pages into {}: {e}", dir.display()))?;
+            for path in written {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
     }
+}
+
+/// Writes `bytes` to standard output. A reader that went away (`snapfs man | head`) is no
+/// error.
+fn print_or_fail(what: &str, bytes: &[u8]) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("writing {what}: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// `snapfs mount`: the log destination is settled here, before the mount code forks into the
+/// background (a log file opened now stays open in the daemon).
+fn mount(mut args: MountArgs) -> Result<(), String> {
+    let log_file = args.take_log_option()?;
+    let settings = snapfs::mount::MountSettings::from_args(&args)?;
+    logging::set_destination(&Destination::for_mount(
+        settings.foreground,
+        log_file.as_deref(),
+    ))?;
+    snapfs::mount::mount(settings)
 }

@@ -82,8 +82,6 @@ impl MountSettings {
                 "threads" => s.threads = number()? as usize,
                 "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
                 "libvirt-write" => s.libvirt_write = true,
-                // Chosen by the front end before the mount starts (see `logging`).
-                "log" => {}
                 _ => return Err(format!("unknown mount option {opt:?}")),
             }
         }
@@ -227,9 +225,7 @@ fn serve(
         }
     };
     let _ = notifier.set(session.notifier());
-    // Looking at the mount point waits for the session to serve: do it on the side.
-    let readahead_for = mountpoint.to_owned();
-    std::thread::spawn(move || raise_readahead(&readahead_for));
+    raise_readahead(mountpoint);
     let mut unmounter = session.unmount_callable();
     let unmount_path = mountpoint.to_owned();
     std::thread::Builder::new()
@@ -264,17 +260,51 @@ fn serve(
 const READAHEAD_KB: u32 = 4096;
 
 /// Raises the mount's readahead through its backing device info (root only; best effort).
+/// The device number comes from /proc/self/mountinfo: looking at the mount point itself would be
+/// a request to this very process, which a kill at the wrong moment leaves unanswerable.
 fn raise_readahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
+    let Some(device) = mount_device(mountpoint) else {
         return;
     };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
     if let Err(e) = std::fs::write(&knob, READAHEAD_KB.to_string()) {
         log::debug!("cannot raise readahead through {knob}: {e}");
     }
+}
+
+/// `MAJOR:MINOR` of the mount at `mountpoint`, from /proc/self/mountinfo (the last mount there).
+fn mount_device(mountpoint: &Path) -> Option<String> {
+    let absolute = std::path::absolute(mountpoint).ok()?;
+    let wanted = match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent).ok()?.join(name),
+        _ => absolute,
+    };
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (device, point) = (fields.get(2)?, fields.get(4)?);
+        (Path::new(&unescape_mountinfo(point)) == wanted).then(|| (*device).to_owned())
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `RUNTIME/snapfs/MOUNTPOINT.pid` names the process serving a mount, so that `snapfs umount`

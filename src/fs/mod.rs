@@ -29,10 +29,18 @@ pub struct SnapFs {
     catalog: Arc<Catalog>,
     controller: Arc<Controller>,
     owner: Ownership,
-    /// Open handles per inode: a command may not change or remove a view that is open.
-    open_handles: Mutex<HashMap<u64, u32>>,
+    /// Open handles per inode, and the inodes a running command has claimed: a command may
+    /// not change or remove a file that is open, and a claimed file cannot be opened.
+    open_handles: Mutex<Handles>,
     /// Set once the session exists; used to tell the kernel about changes.
     notifier: Arc<OnceLock<Notifier>>,
+}
+
+/// See [`SnapFs::open_handles`].
+#[derive(Default)]
+struct Handles {
+    open: HashMap<u64, u32>,
+    claimed: std::collections::HashSet<u64>,
 }
 
 thread_local! {
@@ -55,7 +63,7 @@ impl SnapFs {
             catalog,
             controller,
             owner,
-            open_handles: Mutex::new(HashMap::new()),
+            open_handles: Mutex::new(Handles::default()),
             notifier,
         }
     }
@@ -92,12 +100,19 @@ impl SnapFs {
         })
     }
 
-    fn is_open(&self, target: Target) -> bool {
+    /// Whether `target` is open; if it is not, it stays closed (claimed) until the running
+    /// command ends, so that an open cannot slip in between the check and the change.
+    fn is_open_else_claim(&self, target: Target) -> bool {
         let ino = match target {
             Target::Live => nodes::LIVE,
             Target::Snapshot(key) => nodes::FIRST_SNAPSHOT + key,
         };
-        self.open_handles.lock().contains_key(&ino)
+        let mut handles = self.open_handles.lock();
+        if handles.open.contains_key(&ino) {
+            return true;
+        }
+        handles.claimed.insert(ino);
+        false
     }
 
     /// Tells the kernel what a command changed: dropped names, new names, stale live pages.
@@ -134,9 +149,9 @@ impl SnapFs {
     }
 
     /// The mode bits decide, as the kernel's `default_permissions` would: the owner's, the
-    /// group's or the others' bits by who asks. Root may read anything, and write what has any
-    /// write bit (snapshot files have none, so not even root writes them).
-    fn permitted(&self, req: &Request, node: Node, read: bool, write: bool) -> bool {
+    /// group's (primary or supplementary) or the others' bits by who asks. Root may do anything
+    /// except write what has no write bit (snapshot files: not even root writes them).
+    fn permitted(&self, req: &Request, node: Node, read: bool, write: bool, search: bool) -> bool {
         let attr = self.owner.attr(node, 0, 0, None);
         let perm = attr.perm as u32;
         if req.uid() == 0 {
@@ -144,12 +159,12 @@ impl SnapFs {
         }
         let bits = if req.uid() == attr.uid {
             perm >> 6
-        } else if req.gid() == attr.gid {
+        } else if req.gid() == attr.gid || in_group(req.pid(), attr.gid) {
             perm >> 3
         } else {
             perm
         } & 0o7;
-        (!read || bits & 0o4 != 0) && (!write || bits & 0o2 != 0)
+        (!read || bits & 0o4 != 0) && (!write || bits & 0o2 != 0) && (!search || bits & 0o1 != 0)
     }
 
     fn xattrs(entry: &ViewEntry) -> Vec<(&'static str, String)> {
@@ -178,6 +193,22 @@ impl SnapFs {
     }
 }
 
+/// Whether process `pid` has `gid` among its supplementary groups (FUSE passes only the primary
+/// group; /proc has the rest).
+fn in_group(pid: u32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|groups| {
+            groups
+                .split_whitespace()
+                .any(|g| g.parse::<u32>() == Ok(gid))
+        })
+}
+
 /// Answers an xattr request: the size when `size` is 0, ERANGE when the buffer is too small.
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
@@ -202,8 +233,12 @@ impl Filesystem for SnapFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = self.node(parent).and_then(|dir| {
+            // Looking a name up in a directory needs its search (x) bit.
+            if !self.permitted(req, dir, false, false, true) {
+                return Err(Errno::EACCES);
+            }
             let name = name.to_str().ok_or(Errno::ENOENT)?;
             let child = dir.child(&self.catalog, name).ok_or(Errno::ENOENT)?;
             self.attr(child)
@@ -224,11 +259,13 @@ impl Filesystem for SnapFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let node = match self.node(ino) {
             Ok(n) => n,
-            Err(e) => return reply.error(e),
+            // A view that a command removed, reached through a name the kernel still caches:
+            // ESTALE makes the kernel look the name up again (and find a newer view, if any).
+            Err(_) => return reply.error(Errno::ESTALE),
         };
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
-        if !self.permitted(req, node, wants_read, wants_write) {
+        if !self.permitted(req, node, wants_read, wants_write, false) {
             return reply.error(Errno::EACCES);
         }
         let open_flags = match node {
@@ -250,7 +287,14 @@ impl Filesystem for SnapFs {
             // Snapshot files never change while they exist: keep their pages across opens.
             Node::Snapshot(_) => FopenFlags::FOPEN_KEEP_CACHE,
         };
-        *self.open_handles.lock().entry(ino.0).or_insert(0) += 1;
+        {
+            let mut handles = self.open_handles.lock();
+            if handles.claimed.contains(&ino.0) {
+                // A command is changing or removing this very file right now.
+                return reply.error(Errno::EBUSY);
+            }
+            *handles.open.entry(ino.0).or_insert(0) += 1;
+        }
         reply.opened(FileHandle(0), open_flags);
     }
 
@@ -264,11 +308,11 @@ impl Filesystem for SnapFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let mut open = self.open_handles.lock();
-        if let Some(n) = open.get_mut(&ino.0) {
+        let mut handles = self.open_handles.lock();
+        if let Some(n) = handles.open.get_mut(&ino.0) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&ino.0);
+                handles.open.remove(&ino.0);
             }
         }
         reply.ok();
@@ -334,7 +378,10 @@ impl Filesystem for SnapFs {
         match self.node(ino) {
             Ok(Node::Live) => {}
             Ok(Node::Command(kind)) => {
-                let result = self.controller.run(kind, data, &|t| self.is_open(t));
+                let result = self
+                    .controller
+                    .run(kind, data, &|t| self.is_open_else_claim(t));
+                self.open_handles.lock().claimed.clear();
                 return match result {
                     Ok(effect) => {
                         self.announce(&effect);
@@ -489,6 +536,20 @@ impl Filesystem for SnapFs {
         }
     }
 
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            Ok(dir) if dir.kind() == FileType::Directory => {
+                if self.permitted(req, dir, true, false, false) {
+                    reply.opened(FileHandle(0), FopenFlags::empty());
+                } else {
+                    reply.error(Errno::EACCES);
+                }
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn readdir(
         &self,
         _req: &Request,
@@ -552,7 +613,8 @@ impl Filesystem for SnapFs {
         let bits = mask.bits();
         let read = bits & libc::R_OK != 0;
         let write = bits & libc::W_OK != 0;
-        if self.permitted(req, node, read, write) {
+        let search = bits & libc::X_OK != 0 && node.kind() == FileType::Directory;
+        if self.permitted(req, node, read, write, search) {
             reply.ok();
         } else {
             reply.error(Errno::EACCES);

@@ -8,9 +8,11 @@
 //!
 //! Every change is written through to the file at once, in an order that makes a crash leave at
 //! most leaked clusters: a refcount is raised on disk before anything points at its cluster, and
-//! lowered only after the last pointer is gone (the callers' job). A new refcount block lives in
-//! the first cluster of the range it describes, so it always counts itself; a missing block means
-//! the whole range is free, so that first cluster is held back for the block.
+//! lowered only after the last pointer is gone (the callers' job).
+//!
+//! A range of clusters without a refcount block is entirely free. A new block goes, as in QEMU,
+//! into a free cluster that some existing block can count, or into its own range, where it counts
+//! itself; either way its own refcount is on disk before the table points at it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -35,10 +37,9 @@ pub enum RefcountError {
     Overflow { offset: u64, max: u64, bits: u32 },
     #[error("refcount of cluster at {offset:#x} would drop below zero")]
     Underflow { offset: u64 },
-    #[error(
-        "{count} contiguous clusters were asked for; with this refcount layout at most {max} fit between refcount blocks"
-    )]
-    RunTooLong { count: u64, max: u64 },
+    /// Internal: a block had to go into a range the refcount table does not reach yet.
+    #[error("refcount table too small for range {range}")]
+    NeedsGrowth { range: u64 },
     #[error("writing refcount metadata at {offset:#x}: {source}")]
     Io {
         offset: u64,
@@ -147,11 +148,6 @@ impl Refcounts {
         } else {
             (1 << self.bits()) - 1
         }
-    }
-
-    /// The most clusters one allocation can return in a row.
-    pub fn max_run(&self) -> u64 {
-        (1u64 << self.block_bits) - 1
     }
 
     /// What refcount metadata, if any, lives in cluster `cluster` (index): the table or a block.
@@ -289,27 +285,14 @@ impl Refcounts {
         Ok(values)
     }
 
-    /// Whether the cluster may be handed out: refcount 0, and not the first cluster of a range
-    /// whose refcount block does not exist yet (that cluster is kept for the block itself).
+    /// Whether the cluster may be handed out (refcount 0; a range without a block is free).
     fn is_free(&mut self, file: &File, cluster: u64) -> Result<bool> {
-        let (b, i) = self.block_of(cluster);
-        if self.block_entry(b) == 0 {
-            return Ok(i != 0);
-        }
         Ok(self.get(file, cluster)? == 0)
     }
 
     /// Finds `count` free clusters in a row; returns where the run starts and the first free
     /// cluster seen on the way (everything below it is in use: the next search can start there).
     fn find_free_run(&mut self, file: &File, count: u64) -> Result<(u64, u64)> {
-        // Each refcount block's range begins with the block itself, so no run is longer than
-        // the rest of one range.
-        if count > self.max_run() {
-            return Err(RefcountError::RunTooLong {
-                count,
-                max: self.max_run(),
-            });
-        }
         let mut start = self.free_hint.max(1);
         let mut first_free = None;
         let mut cluster = start;
@@ -327,12 +310,25 @@ impl Refcounts {
 
     /// Allocates `count` contiguous clusters with refcount 1; returns the host offset of the first.
     pub fn allocate(&mut self, file: &File, count: u64) -> Result<u64> {
-        loop {
+        'search: loop {
             let (first, first_free) = self.find_free_run(file, count)?;
-            let last_block = ((first + count - 1) >> self.block_bits) as usize;
-            if last_block as u64 >= self.table_capacity {
-                self.grow_table(file, last_block as u64 + 1)?;
+            let run = first..first + count;
+            let last_block = (run.end - 1) >> self.block_bits;
+            if last_block >= self.table_capacity {
+                self.grow_table(file, last_block + 1)?;
                 continue;
+            }
+            // Blocks for the run's ranges go elsewhere, so the run stays free.
+            for b in (first >> self.block_bits)..=last_block {
+                if self.block_entry(b as usize) == 0 {
+                    match self.place_block(file, b as usize, run.clone(), self.table_capacity) {
+                        Err(RefcountError::NeedsGrowth { range }) => {
+                            self.grow_table(file, range + 1)?;
+                            continue 'search;
+                        }
+                        other => other?,
+                    }
+                }
             }
             self.set_run(file, first, count, 1)?;
             self.free_hint = if first_free < first {
@@ -341,6 +337,40 @@ impl Refcounts {
                 first + count
             };
             return Ok(first << self.cluster_bits);
+        }
+    }
+
+    /// Places refcount block `index` in a free cluster outside `exclude`: one that an existing
+    /// block counts, or one in its own range (where the new block counts itself). A wholly free
+    /// range met on the way gets its own block first, so that its clusters can be counted.
+    fn place_block(
+        &mut self,
+        file: &File,
+        index: usize,
+        exclude: std::ops::Range<u64>,
+        disk_capacity: u64,
+    ) -> Result<()> {
+        let mut cluster = self.free_hint.max(1);
+        loop {
+            if exclude.contains(&cluster) {
+                cluster = exclude.end;
+                continue;
+            }
+            let range = cluster >> self.block_bits;
+            if range >= self.table_capacity {
+                return Err(RefcountError::NeedsGrowth { range });
+            }
+            if self.block_entry(range as usize) != 0 {
+                if self.get(file, cluster)? == 0 {
+                    return self.create_block(file, index, cluster, disk_capacity);
+                }
+                cluster += 1;
+            } else if range as usize == index {
+                return self.create_block(file, index, cluster, disk_capacity);
+            } else {
+                self.create_block(file, range as usize, cluster, disk_capacity)?;
+                cluster += 1;
+            }
         }
     }
 
@@ -378,15 +408,20 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Creates refcount block `index` if it does not exist, in the first cluster of its range.
+    /// Creates refcount block `index` if it does not exist.
     fn ensure_block(&mut self, file: &File, index: usize) -> Result<()> {
-        if index as u64 >= self.table_capacity {
-            self.grow_table(file, index as u64 + 1)?;
+        loop {
+            if index as u64 >= self.table_capacity {
+                self.grow_table(file, index as u64 + 1)?;
+            }
+            if self.block_entry(index) != 0 {
+                return Ok(());
+            }
+            match self.place_block(file, index, 0..0, self.table_capacity) {
+                Err(RefcountError::NeedsGrowth { range }) => self.grow_table(file, range + 1)?,
+                other => return other,
+            }
         }
-        if self.block_entry(index) != 0 {
-            return Ok(());
-        }
-        self.create_block(file, index, self.table_capacity)
     }
 
     /// Moves the refcount table to a larger place holding at least `min_entries` entries:
@@ -397,27 +432,34 @@ impl Refcounts {
             .max(self.table_capacity * 2)
             .max(per_cluster)
             .next_multiple_of(per_cluster);
-        let (first, clusters) = loop {
-            let clusters = entries / per_cluster;
-            let (first, _) = self.find_free_run(file, clusters)?;
-            let last_block = (first + clusters - 1) >> self.block_bits;
-            if last_block < entries {
-                break (first, clusters);
-            }
-            entries = (last_block + 1).next_multiple_of(per_cluster);
-        };
         let old_offset = self.table_offset;
         let old_clusters = self.table_clusters();
-        // From here on new blocks are entered in the new table only (the old on-disk table keeps
-        // its size); blocks the new table's own clusters need are created now.
         let old_capacity = self.table_capacity;
-        self.table_capacity = entries;
-        for cluster in first..first + clusters {
-            let (b, _) = self.block_of(cluster);
-            if self.block_entry(b) == 0 {
-                self.create_block(file, b, old_capacity)?;
+        let (first, clusters) = 'place: loop {
+            let clusters = entries / per_cluster;
+            let (first, _) = self.find_free_run(file, clusters)?;
+            let run = first..first + clusters;
+            let last_block = (run.end - 1) >> self.block_bits;
+            if last_block + 2 > entries {
+                entries = (last_block + 2).next_multiple_of(per_cluster);
+                continue;
             }
-        }
+            // New blocks are entered in the new table only (the old on-disk table keeps its
+            // size); the blocks the new table's own clusters need are created now.
+            self.table_capacity = entries;
+            for b in (first >> self.block_bits)..=last_block {
+                if self.block_entry(b as usize) == 0 {
+                    match self.place_block(file, b as usize, run.clone(), old_capacity) {
+                        Err(RefcountError::NeedsGrowth { range }) => {
+                            entries = (range + 2).next_multiple_of(per_cluster).max(entries * 2);
+                            continue 'place;
+                        }
+                        other => other?,
+                    }
+                }
+            }
+            break (first, clusters);
+        };
         for cluster in first..first + clusters {
             let (b, i) = self.block_of(cluster);
             let block = self.block_entry(b);
@@ -428,7 +470,7 @@ impl Refcounts {
             write_all(file, &bytes, block + start as u64)?;
         }
         let new_offset = first << self.cluster_bits;
-        let mut bytes = vec![0u8; (entries * 8) as usize];
+        let mut bytes = vec![0u8; (self.table_capacity * 8) as usize];
         for (i, e) in self.table.iter().enumerate() {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
@@ -444,19 +486,37 @@ impl Refcounts {
         self.free(file, old_offset, old_clusters)
     }
 
-    /// Creates block `index` at the first cluster of its range (the block first, then the table
-    /// entry that points at it); the entry is written to the on-disk table only where that table
-    /// has room (`disk_capacity`: a table being replaced keeps its size).
-    fn create_block(&mut self, file: &File, index: usize, disk_capacity: u64) -> Result<()> {
-        let offset = ((index as u64) << self.block_bits) << self.cluster_bits;
+    /// Creates block `index` in cluster `at` (free). Its own refcount goes into itself when `at`
+    /// lies in its range, else into the existing block of `at`'s range; then the table entry
+    /// points at it — written to the on-disk table only where that table has room
+    /// (`disk_capacity`: a table being replaced keeps its size).
+    fn create_block(
+        &mut self,
+        file: &File,
+        index: usize,
+        at: u64,
+        disk_capacity: u64,
+    ) -> Result<()> {
+        let offset = at << self.cluster_bits;
+        let (range, entry) = self.block_of(at);
         let mut data = vec![0u8; self.cluster_size() as usize];
-        write_entry(&mut data, 0, self.order, 1);
+        if range == index {
+            write_entry(&mut data, entry, self.order, 1);
+        }
         write_all(file, &data, offset)?;
+        if range != index {
+            let counting = self.block_entry(range);
+            let order = self.order;
+            let block = self.block(file, counting)?;
+            let (start, len) = write_entry(block, entry, order, 1);
+            let bytes = block[start..start + len].to_vec();
+            write_all(file, &bytes, counting + start as u64)?;
+        }
         if self.table.len() <= index {
             self.table.resize(index + 1, 0);
         }
         self.table[index] = offset;
-        self.block_clusters.insert(offset >> self.cluster_bits);
+        self.block_clusters.insert(at);
         if (index as u64) < disk_capacity {
             write_all(
                 file,

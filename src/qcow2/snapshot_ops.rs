@@ -154,7 +154,10 @@ impl Qcow2Image {
             self.check_overlap(w, "new snapshot table", offset, clusters * cs)?;
             let mut padded = bytes;
             padded.resize((clusters * cs) as usize, 0);
-            self.write_file(&padded, offset, "snapshot table")?;
+            if let Err(e) = self.write_file(&padded, offset, "snapshot table") {
+                let _ = w.refcounts.free(&self.file, offset, clusters);
+                return Err(e);
+            }
             (offset, clusters)
         };
         self.flush()?;
@@ -212,8 +215,12 @@ impl Qcow2Image {
         w.add_metadata(l1_copy, l1_clusters, bits, MetadataKind::SnapshotL1);
 
         // 2. Everything the active table references gains a reference; COPIED goes.
-        let fixed = self.update_l1_refcounts(&mut w, l1.entries(), 1, true)?;
-        self.write_active_l1(&mut w, fixed, declared)?;
+        let raised = self.update_l1_refcounts(&mut w, l1.entries(), 1, true);
+        let raised = raised.and_then(|fixed| self.write_active_l1(&mut w, fixed, declared));
+        if let Err(e) = raised {
+            self.undo_create(&mut w, &l1, l1_copy, l1_clusters);
+            return Err(e);
+        }
 
         // 3. The new table, with the new entry at its end.
         let now = SystemTime::now()
@@ -245,8 +252,36 @@ impl Qcow2Image {
         };
         let mut table = existing.as_ref().clone();
         table.push(snap.clone());
-        self.write_snapshot_table(&mut w, table)?;
+        if let Err(e) = self.write_snapshot_table(&mut w, table) {
+            // Nothing points at the copy yet: give back what step 2 took, so that a refused
+            // command changes nothing (what cannot be written back stays as leaks).
+            self.undo_create(&mut w, &l1, l1_copy, l1_clusters);
+            return Err(e);
+        }
         Ok(snap)
+    }
+
+    /// Takes back a create that failed before the new table was in place: the references it
+    /// raised, COPIED, and the L1 copy. Best effort: on a full disk what fails stays leaked.
+    fn undo_create(&self, w: &mut Writer, l1: &L1Table, l1_copy: u64, l1_clusters: u64) {
+        let bits = self.geometry.cluster_bits;
+        let undone = self
+            .update_l1_refcounts(w, l1.entries(), -1, false)
+            .and_then(|_| {
+                let current = self.active_l1();
+                self.update_l1_refcounts(w, current.entries(), 0, true)
+            })
+            .and_then(|fixed| self.write_active_l1(w, fixed, l1.declared_len()));
+        if let Err(e) = undone {
+            log::warn!("{}: undoing a failed snapshot: {e}", self.path.display());
+        }
+        w.remove_metadata(l1_copy, l1_clusters, bits);
+        if let Err(e) = w.refcounts.free(&self.file, l1_copy, l1_clusters) {
+            log::warn!(
+                "{}: freeing a failed snapshot's L1 copy: {e}",
+                self.path.display()
+            );
+        }
     }
 
     /// Makes the active state equal to snapshot `id` (QEMU's snapshot goto), resizing the disk

@@ -368,13 +368,11 @@ impl Qcow2Image {
         self.publish_l2(new, Arc::from(words.clone()));
         self.set_l1_entry(w, l1_index, new | COPIED)?;
         if old != 0 {
-            let left = w
-                .refcounts
+            // The old table now belongs to snapshots only (or to nobody).
+            w.remove_metadata(old, 1, self.geometry.cluster_bits);
+            w.refcounts
                 .update(&self.file, old, -1)
                 .map_err(self.refcount_err())?;
-            if left == 0 {
-                w.remove_metadata(old, 1, self.geometry.cluster_bits);
-            }
         }
         Ok(L2Edit {
             offset: new,
@@ -539,9 +537,7 @@ impl Qcow2Image {
             // A run of clusters that need a new home, allocated together so one write fills them.
             let mut count = 1;
             let last = (offset + data.len() as u64 - 1) / cs;
-            let max_run = w.refcounts.max_run();
             while pos / cs + count <= last
-                && count < max_run
                 && index + (count as usize) < g.l2_entries() as usize
                 && self
                     .owned_host(edit.entry(index + count as usize).0)
