@@ -174,12 +174,12 @@ pub fn layer_info(layer: &Layer) -> LayerInfo {
                 CompressionType::Deflate => "zlib",
                 CompressionType::Zstd => "zstd",
             },
-            lazy_refcounts: v3.then(|| {
-                h.compatible_features & crate::qcow2::header::compatible::LAZY_REFCOUNTS != 0
-            }),
+            lazy_refcounts: v3.then_some(
+                h.compatible_features & crate::qcow2::header::compatible::LAZY_REFCOUNTS != 0,
+            ),
             refcount_bits: h.refcount_bits(),
-            corrupt: v3.then(|| h.is_corrupt()),
-            extended_l2: v3.then(|| h.extended_l2()),
+            corrupt: v3.then_some(h.is_corrupt()),
+            extended_l2: v3.then_some(h.extended_l2()),
         },
     });
     info.snapshots = image

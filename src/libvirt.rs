@@ -991,6 +991,116 @@ impl SnapshotTree {
 // Tests
 // ---------------------------------------------------------------------------------------------
 
+/// Where the `<domain>` element of a snapshot file lies (its text is libvirt's domain definition
+/// and may hold elements of the same names as the snapshot's own).
+fn domain_span(text: &str) -> Option<(usize, usize)> {
+    let start = ["<domain ", "<domain>", "<domain\n", "<domain\t"]
+        .iter()
+        .filter_map(|tag| text.find(tag))
+        .min()?;
+    let end = text[start..]
+        .find("</domain>")
+        .map_or(text.len(), |e| start + e + "</domain>".len());
+    Some((start, end))
+}
+
+/// The last occurrence of `needle` outside the `<domain>` element.
+fn find_outside_domain(text: &str, needle: &str) -> Option<usize> {
+    let span = domain_span(text);
+    text.match_indices(needle)
+        .map(|(at, _)| at)
+        .filter(|at| span.is_none_or(|(s, e)| *at < s || *at >= e))
+        .last()
+}
+
+/// Replaces a snapshot file atomically with `text`, keeping its mode.
+fn replace_file(path: &Path, text: &str) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".snapfs-{}-edit.tmp", std::process::id()));
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Marks the snapshot in `path` as libvirt's current one or not, changing only its top-level
+/// `<active>` element and keeping every other byte of libvirt's file (its `<domain>` above all).
+/// The file is replaced atomically and keeps its mode.
+pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let wanted = if current {
+        "<active>1</active>"
+    } else {
+        "<active>0</active>"
+    };
+    let other = if current {
+        "<active>0</active>"
+    } else {
+        "<active>1</active>"
+    };
+    let new_text = match find_outside_domain(&text, other) {
+        Some(at) => format!("{}{wanted}{}", &text[..at], &text[at + other.len()..]),
+        None if find_outside_domain(&text, wanted).is_some() => return Ok(()),
+        None => match text.rfind("</domainsnapshot>") {
+            Some(at) => format!("{}  {wanted}\n{}", &text[..at], &text[at..]),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: no </domainsnapshot> element", path.display()),
+                ));
+            }
+        },
+    };
+    replace_file(path, &new_text)
+}
+
+/// Gives the snapshot in `path` another parent (or none), changing only its top-level
+/// `<parent>` element, as libvirt does to the children of a deleted snapshot.
+pub fn set_parent_in_file(path: &Path, parent: Option<&str>) -> io::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let element = parent.map(|p| {
+        format!(
+            "<parent>\n    <name>{}</name>\n  </parent>",
+            quick_xml::escape::escape(p)
+        )
+    });
+    let new_text = match find_outside_domain(&text, "<parent>") {
+        Some(start) => {
+            let end = text[start..]
+                .find("</parent>")
+                .map(|e| start + e + "</parent>".len())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: unterminated <parent>", path.display()),
+                    )
+                })?;
+            format!(
+                "{}{}{}",
+                &text[..start],
+                element.unwrap_or_default(),
+                &text[end..]
+            )
+        }
+        None => match (element, text.find("</name>")) {
+            (None, _) => return Ok(()),
+            (Some(el), Some(at)) => {
+                let at = at + "</name>".len();
+                format!("{}\n  {el}{}", &text[..at], &text[at..])
+            }
+            (Some(_), None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: no <name> element", path.display()),
+                ));
+            }
+        },
+    };
+    replace_file(path, &new_text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1618,114 +1728,4 @@ x
             prop_assert_eq!(parse_snapshot_xml(&xml, &p()).unwrap(), s);
         }
     }
-}
-
-/// Where the `<domain>` element of a snapshot file lies (its text is libvirt's domain definition
-/// and may hold elements of the same names as the snapshot's own).
-fn domain_span(text: &str) -> Option<(usize, usize)> {
-    let start = ["<domain ", "<domain>", "<domain\n", "<domain\t"]
-        .iter()
-        .filter_map(|tag| text.find(tag))
-        .min()?;
-    let end = text[start..]
-        .find("</domain>")
-        .map_or(text.len(), |e| start + e + "</domain>".len());
-    Some((start, end))
-}
-
-/// The last occurrence of `needle` outside the `<domain>` element.
-fn find_outside_domain(text: &str, needle: &str) -> Option<usize> {
-    let span = domain_span(text);
-    text.match_indices(needle)
-        .map(|(at, _)| at)
-        .filter(|at| span.is_none_or(|(s, e)| *at < s || *at >= e))
-        .last()
-}
-
-/// Replaces a snapshot file atomically with `text`, keeping its mode.
-fn replace_file(path: &Path, text: &str) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".snapfs-{}-edit.tmp", std::process::id()));
-    let mode = std::fs::metadata(path)?.permissions().mode();
-    std::fs::write(&tmp, text)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
-/// Marks the snapshot in `path` as libvirt's current one or not, changing only its top-level
-/// `<active>` element and keeping every other byte of libvirt's file (its `<domain>` above all).
-/// The file is replaced atomically and keeps its mode.
-pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    let wanted = if current {
-        "<active>1</active>"
-    } else {
-        "<active>0</active>"
-    };
-    let other = if current {
-        "<active>0</active>"
-    } else {
-        "<active>1</active>"
-    };
-    let new_text = match find_outside_domain(&text, other) {
-        Some(at) => format!("{}{wanted}{}", &text[..at], &text[at + other.len()..]),
-        None if find_outside_domain(&text, wanted).is_some() => return Ok(()),
-        None => match text.rfind("</domainsnapshot>") {
-            Some(at) => format!("{}  {wanted}\n{}", &text[..at], &text[at..]),
-            None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: no </domainsnapshot> element", path.display()),
-                ));
-            }
-        },
-    };
-    replace_file(path, &new_text)
-}
-
-/// Gives the snapshot in `path` another parent (or none), changing only its top-level
-/// `<parent>` element, as libvirt does to the children of a deleted snapshot.
-pub fn set_parent_in_file(path: &Path, parent: Option<&str>) -> io::Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    let element = parent.map(|p| {
-        format!(
-            "<parent>\n    <name>{}</name>\n  </parent>",
-            quick_xml::escape::escape(p)
-        )
-    });
-    let new_text = match find_outside_domain(&text, "<parent>") {
-        Some(start) => {
-            let end = text[start..]
-                .find("</parent>")
-                .map(|e| start + e + "</parent>".len())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: unterminated <parent>", path.display()),
-                    )
-                })?;
-            format!(
-                "{}{}{}",
-                &text[..start],
-                element.unwrap_or_default(),
-                &text[end..]
-            )
-        }
-        None => match (element, text.find("</name>")) {
-            (None, _) => return Ok(()),
-            (Some(el), Some(at)) => {
-                let at = at + "</name>".len();
-                format!("{}\n  {el}{}", &text[..at], &text[at..])
-            }
-            (Some(_), None) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: no <name> element", path.display()),
-                ));
-            }
-        },
-    };
-    replace_file(path, &new_text)
 }

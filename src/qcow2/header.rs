@@ -2260,10 +2260,7 @@ mod tests {
 
     #[test]
     fn tables_at_the_header_are_refused() {
-        for (at, table) in [
-            (40, "active L1 table"),
-            (48, "reference count table"),
-        ] {
+        for (at, table) in [(40, "active L1 table"), (48, "reference count table")] {
             let e = parse_err(&with_u64(base(), at, 0));
             assert!(
                 matches!(e, HeaderError::TableOffset { table: t, offset: 0, .. } if t == table),

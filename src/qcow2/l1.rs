@@ -118,7 +118,10 @@ mod tests {
         let t = L1Table::new(vec![0x30000, 0, COPIED | 0x40000, 0x50000], 4);
         assert_eq!(t.find_shared_l2(), None);
         // The COPIED flag and reserved bits do not hide a repeat.
-        let t = L1Table::new(vec![0x30000, 0, COPIED | 0x40000, 0x50000, 0x40000 | 0x1ff], 5);
+        let t = L1Table::new(
+            vec![0x30000, 0, COPIED | 0x40000, 0x50000, 0x40000 | 0x1ff],
+            5,
+        );
         assert_eq!(t.find_shared_l2(), Some((2, 4, 0x40000)));
         assert_eq!(L1Table::default().find_shared_l2(), None);
     }

@@ -311,7 +311,10 @@ mod tests {
         let bytes = encode_table(&[sample("1", "first")]);
         let e = parse_table(&patch(bytes, 8, &u32::MAX.to_be_bytes()), 1).unwrap_err();
         let e = e.to_string();
-        assert!(e.contains("entry 0") && e.contains("l1_size 4294967295"), "{e}");
+        assert!(
+            e.contains("entry 0") && e.contains("l1_size 4294967295"),
+            "{e}"
+        );
         // QEMU's limit itself is fine.
         let mut s = sample("1", "first");
         s.l1_size = MAX_L1_ENTRIES;
@@ -325,12 +328,15 @@ mod tests {
             (0x50100, "not aligned"),
             (0, "image header"),
             (0x8000_0000_0000_0000, "beyond 2^63"),
-            (u64::MAX & !511, "beyond 2^63"),
+            (!511, "beyond 2^63"),
         ] {
             let bytes = encode_table(&[sample("1", "first")]);
             let e = parse_table(&patch(bytes, 0, &offset.to_be_bytes()), 1).unwrap_err();
             let e = e.to_string();
-            assert!(e.contains("l1_table_offset") && e.contains(needle), "{offset:#x}: {e}");
+            assert!(
+                e.contains("l1_table_offset") && e.contains(needle),
+                "{offset:#x}: {e}"
+            );
         }
         // An empty table may sit anywhere aligned, even at 0 (QEMU writes that for 0-byte disks).
         let mut s = sample("1", "first");
@@ -349,7 +355,10 @@ mod tests {
         b.l1_table_offset = 0x10fe00; // overlaps the last 512 bytes of a
         let e = parse_table(&encode_table(&[a.clone(), c.clone(), b.clone()]), 3).unwrap_err();
         let e = e.to_string();
-        assert!(e.contains("entries 0 and 2") && e.contains("overlap"), "{e}");
+        assert!(
+            e.contains("entries 0 and 2") && e.contains("overlap"),
+            "{e}"
+        );
         // The same table twice.
         let e = parse_table(&encode_table(&[c.clone(), c.clone()]), 2).unwrap_err();
         assert!(e.to_string().contains("overlap"), "{e}");

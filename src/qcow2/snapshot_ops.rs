@@ -200,6 +200,10 @@ impl Qcow2Image {
         let l1 = self.active_l1();
         let declared = l1.declared_len();
 
+        // 0. Every refcount must have room for one more reference (1-bit refcounts never do):
+        // refuse before anything changes.
+        self.check_room_for_reference(&mut w, &l1)?;
+
         // 1. A copy of the active L1 table.
         let l1_clusters = (declared * 8).div_ceil(cs).max(1);
         let l1_copy = w
@@ -214,13 +218,10 @@ impl Qcow2Image {
         self.write_file(&bytes, l1_copy, "snapshot L1 table")?;
         w.add_metadata(l1_copy, l1_clusters, bits, MetadataKind::SnapshotL1);
 
-        // 2. Everything the active table references gains a reference; COPIED goes.
-        let raised = self.update_l1_refcounts(&mut w, l1.entries(), 1, true);
-        let raised = raised.and_then(|fixed| self.write_active_l1(&mut w, fixed, declared));
-        if let Err(e) = raised {
-            self.undo_create(&mut w, &l1, l1_copy, l1_clusters);
-            return Err(e);
-        }
+        // 2. Everything the active table references gains a reference; COPIED goes. (A failure
+        // partway leaves references raised that nothing uses: leaks, nothing worse.)
+        let fixed = self.update_l1_refcounts(&mut w, l1.entries(), 1, true)?;
+        self.write_active_l1(&mut w, fixed, declared)?;
 
         // 3. The new table, with the new entry at its end.
         let now = SystemTime::now()
@@ -259,6 +260,55 @@ impl Qcow2Image {
             return Err(e);
         }
         Ok(snap)
+    }
+
+    /// Fails with the refcount overflow a create would meet, without changing anything.
+    fn check_room_for_reference(&self, w: &mut Writer, l1: &L1Table) -> Result<()> {
+        let bits = self.geometry.cluster_bits;
+        let max = w.refcounts.max_refcount();
+        let words_per_entry = self.geometry.l2_entry_words();
+        let overflow = |offset| Error::Refcount {
+            path: self.path.clone(),
+            source: crate::qcow2::refcount::RefcountError::Overflow {
+                offset,
+                max,
+                bits: max.count_ones(),
+            },
+        };
+        for (i, &entry) in l1.entries().iter().enumerate() {
+            let l2_offset = entry & L1_OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            let refcount = |w: &mut Writer, offset: u64| {
+                w.refcounts
+                    .get(&self.file, offset >> bits)
+                    .map_err(self.refcount_err())
+            };
+            if refcount(w, l2_offset)? >= max {
+                return Err(overflow(l2_offset));
+            }
+            let table = self.l2_table(i as u64, HostOffset(l2_offset))?;
+            for e in (0..table.len()).step_by(words_per_entry) {
+                let l2 = table[e];
+                let hosts: Vec<u64> = if l2 & L2_COMPRESSED != 0 {
+                    let c = CompressedCluster::from_entry(l2, &self.geometry);
+                    ((c.host.0 >> bits)..=((c.host.0 + c.len - 1) >> bits))
+                        .map(|c| c << bits)
+                        .collect()
+                } else if l2 & L2_OFFSET_MASK != 0 {
+                    vec![l2 & L2_OFFSET_MASK]
+                } else {
+                    Vec::new()
+                };
+                for host in hosts {
+                    if refcount(w, host)? >= max {
+                        return Err(overflow(host));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Takes back a create that failed before the new table was in place: the references it
