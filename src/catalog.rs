@@ -356,8 +356,12 @@ fn build_state(
             continue;
         };
         let snapshots = image.snapshots();
+        let mut tag_count: HashMap<&[u8], usize> = HashMap::new();
         for snap in snapshots.iter() {
-            let repeated = snapshots.iter().filter(|t| t.name == snap.name).count() > 1;
+            *tag_count.entry(&snap.name[..]).or_default() += 1;
+        }
+        for snap in snapshots.iter() {
+            let repeated = tag_count.get(&snap.name[..]).is_some_and(|&n| n > 1);
             let id = snap.id_str();
             let wanted = match snap.name_str() {
                 Some(tag) if !repeated && is_valid_name(tag) => format!("{prefix}{tag}"),

@@ -157,6 +157,16 @@ impl Chain {
     pub fn open(top: &Path, caches: Arc<Caches>, options: OpenOptions) -> Result<Chain> {
         let top_path = absolute(top)?;
         let mut seen = vec![canonical(&top_path)?];
+        // The type first: opening a FIFO would wait for a writer forever.
+        {
+            use std::os::unix::fs::FileTypeExt;
+            let kind = std::fs::metadata(&top_path)
+                .map_err(|e| Error::io(format!("cannot open {}", top_path.display()), e))?
+                .file_type();
+            if !(kind.is_file() || kind.is_block_device()) {
+                return Err(ChainError::NotAFile { path: top_path }.into());
+            }
+        }
         let file = open_file(&top_path, options.writable)
             .map_err(|e| Error::io(format!("cannot open {}", top_path.display()), e))?;
         if !has_qcow2_magic(&file) {
@@ -199,6 +209,18 @@ impl Chain {
                 .into());
             }
             seen.push(real);
+            // The type first: opening a FIFO would wait for a writer forever.
+            {
+                use std::os::unix::fs::FileTypeExt;
+                let kind = std::fs::metadata(&path).map_err(missing)?.file_type();
+                if !(kind.is_file() || kind.is_block_device()) {
+                    return Err(ChainError::BackingNotRegular {
+                        path: overlay_path,
+                        backing: name,
+                    }
+                    .into());
+                }
+            }
             // Backing files are read, and written only by commands that rearrange the chain (with
             // their locks upgraded for the time): a writable mount opens them read-write where the
             // file permits it.

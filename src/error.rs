@@ -193,4 +193,6 @@ pub enum ChainError {
         "{path}: is not in qcow2 format (snapfs mounts qcow2 images only; raw files can only be backing files)"
     )]
     NotQcow2 { path: PathBuf },
+    #[error("{path}: is not a regular file or block device")]
+    NotAFile { path: PathBuf },
 }

@@ -82,10 +82,11 @@ impl SnapFs {
     fn attr(&self, node: Node) -> Result<fuser::FileAttr, Errno> {
         Ok(match node.view(&self.catalog) {
             Some(entry) => {
-                let allocated = entry.view.allocated_bytes().map_err(|e| {
-                    log::error!("{}: {e}", entry.file_name);
-                    errno(&e)
-                })?;
+                // Damaged metadata fails the reads that meet it, not every stat of the file.
+                let allocated = entry.view.allocated_bytes().unwrap_or_else(|e| {
+                    log::error!("{}: counting allocated bytes: {e}", entry.file_name);
+                    0
+                });
                 let mtime = match node {
                     Node::Live => Some(self.owner.image_mtime),
                     _ => entry.created,

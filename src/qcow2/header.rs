@@ -1149,7 +1149,12 @@ fn push_extension(out: &mut Vec<u8>, magic: u32, data: &[u8]) {
     // `encode`'s fit check anyway.
     out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(data);
-    out.resize(out.len().next_multiple_of(8), 0);
+    // The data is padded to a multiple of 8 bytes counted from the extension's own start, as
+    // QEMU writes and reads it: with a `header_length` that is not a multiple of 8 (unknown header
+    // bytes of odd length, which QEMU keeps), the extensions are not 8-aligned in the file, and
+    // aligning them absolutely would put every extension after the first where no reader looks
+    // (found by the `header` fuzz target).
+    out.resize(out.len() + (8 - data.len() % 8) % 8, 0);
 }
 
 /// Cluster 0 as `encode` lays it out, before the checks.
@@ -1895,6 +1900,31 @@ mod tests {
         qemu_img_json(dir.path(), &["info", "--output=json", "img.qcow2"])
     }
 
+    /// Found by the `header` fuzz target: with a `header_length` that is not a multiple of 8,
+    /// extensions are padded from their own start (QEMU's layout), not to absolute 8-byte
+    /// boundaries; the rewrite used to leave every extension after the first where no reader
+    /// looks.
+    #[test]
+    fn odd_header_length_round_trip() {
+        let bytes = with_header_bytes(&with_unknown_extension(), 112, &[1, 2, 3]);
+        let header = parse_bytes(&bytes).unwrap();
+        assert_eq!(header.header_length, 115);
+        assert_eq!(header.unknown_header_bytes, [1, 2, 3]);
+        assert_eq!(header.extensions.len(), 2, "{:?}", header.extensions);
+        let encoded = header.encode().unwrap();
+        assert_eq!(encoded, bytes[..encoded.len()]);
+        assert_eq!(parse_bytes(&encoded).unwrap(), header);
+        // QEMU reads the rewritten header the same way: the backing format (the first extension)
+        // and the backing name, after the feature table and the unknown extension.
+        let mut header = header;
+        header.set_backing(Some("other.qcow2".to_string()), Some("qcow2".to_string()));
+        assert_eq!(parse_bytes(&header.encode().unwrap()).unwrap(), header);
+        // (Over the image without the inserted bytes, whose clusters are where its tables say.)
+        let info = qemu_info_after_rewrite(&with_unknown_extension(), &header);
+        assert_eq!(info["backing-filename"], "other.qcow2");
+        assert_eq!(info["backing-filename-format"], "qcow2");
+    }
+
     #[test]
     fn qemu_reads_rewritten_headers() {
         let mut header = parse_bytes(&with_unknown_extension()).unwrap();
@@ -2194,8 +2224,9 @@ mod tests {
                 max: 65536
             }
         );
-        // 65536 snapshots are allowed.
-        assert!(parse_bytes(&with_u32(base(), 60, 65536)).is_ok());
+        // 65536 snapshots are allowed (at a place other than the header).
+        let many = with_u32(base(), 60, 65536);
+        assert!(parse_bytes(&with_u64(&many, 64, 0x50000)).is_ok());
     }
 
     #[test]

@@ -106,7 +106,8 @@ enum Unit {
 /// Maps the guest range starting at `guest`, at most `max_len` bytes, through `l1`.
 ///
 /// Returns the longest prefix of the range that maps the same way: contiguous host data, all zero,
-/// or all unallocated. Compressed clusters are returned one at a time.
+/// or all unallocated. Compressed clusters are returned one at a time. Damaged metadata is an
+/// error only where the range starts; further on it ends the prefix.
 pub fn map_range(
     source: &impl L2Source,
     geometry: &Geometry,
@@ -139,17 +140,30 @@ pub fn map_range(
             };
             continue;
         };
+        // An error after a run has begun ends the run instead: the run maps fine, and the caller's
+        // next call, starting at the damaged place, gets the error. (Failing the whole call made a
+        // walk over a disk redo the run up to the damage at every step.)
         if geometry.in_cluster(l2_offset.0) != 0 {
+            if first.is_some() {
+                break;
+            }
             return Err(source.metadata_error(MetadataError::Unaligned {
                 table: "L1",
                 index: l1_index,
                 offset: l2_offset.0,
             }));
         }
-        let table = source.l2_table(l1_index, l2_offset)?;
+        let table = match source.l2_table(l1_index, l2_offset) {
+            Ok(table) => table,
+            Err(_) if first.is_some() => break,
+            Err(e) => return Err(e),
+        };
         while pos < table_end {
-            let unit = unit_at(geometry, &table, GuestOffset(pos))
-                .map_err(|e| source.metadata_error(e))?;
+            let unit = match unit_at(geometry, &table, GuestOffset(pos)) {
+                Ok(unit) => unit,
+                Err(_) if first.is_some() => break 'tables,
+                Err(e) => return Err(source.metadata_error(e)),
+            };
             let unit_end = ((pos / unit_size) + 1).saturating_mul(unit_size).min(end);
             if first.is_none() {
                 first_skip = match unit {
@@ -489,6 +503,33 @@ mod tests {
             map_range(&img, &g, &l1, GuestOffset(u64::MAX - 10), u64::MAX).unwrap(),
             Mapping::Unallocated { len: 10 }
         );
+    }
+
+    #[test]
+    fn damage_ends_a_run_and_fails_where_it_starts() {
+        // Found by fuzzing (l2_decode): a walk over 2 MiB clusters whose second L1 entry is
+        // unaligned re-walked the 2^18 unallocated entries of the first table at every step.
+        let g = Geometry::new(12, false);
+        let mut t = vec![0u64; 512];
+        t[3] = 0x1234; // unaligned data offset
+        let img = FakeImage {
+            tables: HashMap::from([(0x10000, t.into())]),
+        };
+        let l1 = L1Table::new(vec![0x10000, 0x20200], 2);
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(0), 1 << 30).unwrap(),
+            Mapping::Unallocated { len: 3 * 4096 }
+        );
+        let err = map_range(&img, &g, &l1, GuestOffset(3 * 4096), 1 << 30).unwrap_err();
+        assert!(err.to_string().contains("L2 entry 3"), "{err}");
+        assert_eq!(
+            map_range(&img, &g, &l1, GuestOffset(4 * 4096), 1 << 30).unwrap(),
+            Mapping::Unallocated {
+                len: (2 << 20) - 4 * 4096
+            }
+        );
+        let err = map_range(&img, &g, &l1, GuestOffset(2 << 20), 1 << 30).unwrap_err();
+        assert!(err.to_string().contains("L1 entry 1"), "{err}");
     }
 
     #[test]
