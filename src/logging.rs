@@ -95,7 +95,9 @@ pub fn init() {
 /// A log file is opened here, so an unusable path is an error now, not a silent loss later.
 pub fn set_destination(dest: &Destination) -> Result<(), String> {
     init();
-    let logger = LOGGER.get().expect("logger installed by init");
+    let Some(logger) = LOGGER.get() else {
+        return Err("the logger could not be installed".into());
+    };
     let (sink, echo) = match dest {
         Destination::Stderr => (Sink::Stderr, 0),
         Destination::File(path) => {
