@@ -209,14 +209,15 @@ pub fn prepare_image_dir(dir: &Path) {
     std::fs::write(dir.join("base.raw"), vec![b'a'; 65536]).expect("write base.raw");
 }
 
-/// `image_read` in a per-process directory under /dev/shm (or the temp directory).
+/// `image_read` in a per-process directory under `$SNAPFS_FUZZ_WORKDIR` (scripts/fuzz.sh makes
+/// one and removes it afterwards), else under /dev/shm or the temp directory.
 pub fn image_read(data: &[u8]) {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
+        let base = match std::env::var_os("SNAPFS_FUZZ_WORKDIR") {
+            Some(dir) => PathBuf::from(dir),
+            None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+            None => std::env::temp_dir(),
         };
         let dir = base.join(format!("snapfs-fuzz-image-read-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create the fuzz work directory");

@@ -27,6 +27,12 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked cargo-fuzz
 fi
 export RUSTC_BOOTSTRAP=1
+# Where the image_read target writes its input files (removed at the end).
+shm=/dev/shm
+[[ -d $shm && -w $shm ]] || shm=${TMPDIR:-/tmp}
+SNAPFS_FUZZ_WORKDIR=$(mktemp -d "$shm/snapfs-fuzz.XXXXXX")
+export SNAPFS_FUZZ_WORKDIR
+trap 'rm -rf "$SNAPFS_FUZZ_WORKDIR"' EXIT
 
 read -r -a targets <<<"${SNAPFS_FUZZ_TARGETS:-$(cargo fuzz list --fuzz-dir fuzz | tr '\n' ' ')}"
 failed=()

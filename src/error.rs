@@ -165,6 +165,15 @@ pub enum MetadataError {
         offset: u64,
         reason: String,
     },
+    #[error(
+        "{table} entries {first} and {second} both point at the L2 table at {offset:#x} (every L1 entry needs its own)"
+    )]
+    SharedL2 {
+        table: &'static str,
+        first: u64,
+        second: u64,
+        offset: u64,
+    },
     #[error("snapshot table: {0}")]
     SnapshotTable(String),
     #[error("snapshot {id:?}: L1 table: {reason}")]

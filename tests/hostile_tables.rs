@@ -13,7 +13,12 @@
 //!   an L2 table or data cluster past the end of the file reads as zeros (so an L1 entry past EOF
 //!   makes its whole range unallocated: the backing file shows through).
 //!
+//! - L1 entries sharing one L2 table are refused at open (a small file would otherwise describe a
+//!   huge disk that every whole-disk walk — st_blocks, SEEK_DATA — must step through); a damaged
+//!   refcount table refuses read-write mounts only (reads never use refcounts).
+//!
 //! Every case is mounted read-only (`-r`) and read-write; neither may change a byte of the file.
+//! Two tests are `#[ignore]`d until fixes outside the format parsers land (see their reasons).
 
 mod common;
 
@@ -453,7 +458,7 @@ fn refcount_table_entry_unaligned_or_at_the_header() {
 /// `stat live.raw` spun for minutes. An L1 table whose entries share an L2 table is corruption
 /// (`qemu-img check` reports the refcounts), so snapfs refuses the image, naming both entries.
 #[test]
-#[ignore = "needs src/qcow2/image.rs read_l1 to refuse shared L2 tables (L1Table::find_shared_l2; issue 8 report)"]
+
 fn l1_entries_sharing_one_l2_table() {
     let dir = workdir();
     let img = dir.path().join("shared-l2.qcow2");

@@ -321,7 +321,17 @@ impl Qcow2Image {
             offset,
             reason: e.to_string(),
         })?;
-        Ok(L1Table::from_be_bytes(&buf, entries))
+        let table = L1Table::from_be_bytes(&buf, entries);
+        // Two ranges of the disk sharing one L2 table would change together on a write.
+        if let Some((first, second, offset)) = table.find_shared_l2() {
+            return Err(MetadataError::SharedL2 {
+                table: what,
+                first,
+                second,
+                offset,
+            });
+        }
+        Ok(table)
     }
 
     fn read_snapshot_table(&self) -> Result<Vec<Snapshot>> {
