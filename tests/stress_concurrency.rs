@@ -214,7 +214,9 @@ fn snap_reader(sh: &Shared, seed: u64, progress: &Progress) {
         let path = sh.snap_path(&name);
         let f = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            // ENOENT once the delete is done; EBUSY while the delete holds the file (a command
+            // that changes or removes a file claims it, and opens of a claimed file are refused).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EBUSY)) => {
                 let snaps = sh.snaps.lock().unwrap();
                 match snaps.get(&name) {
                     None => {}
@@ -222,7 +224,7 @@ fn snap_reader(sh: &Shared, seed: u64, progress: &Progress) {
                     Some(_) => {
                         drop(snaps);
                         return sh.fail(format!(
-                            "snapshot reader: open {}: ENOENT, but the snapshot exists and \
+                            "snapshot reader: open {}: {e}, but the snapshot exists and \
                              nobody is deleting it",
                             path.display()
                         ));
