@@ -23,6 +23,9 @@ use crate::error::MetadataError;
 use crate::qcow2::header::Header;
 use crate::qcow2::image::read_or_zero;
 
+mod shadow;
+pub use shadow::{Shadow, ShadowCommit};
+
 /// Bits 9–63 of a refcount table entry: the offset of a refcount block.
 const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 

@@ -1,229 +1,376 @@
-//! Internal snapshot operations on a writable image, in QEMU's order (`block/qcow2-snapshot.c`):
+//! Internal snapshot operations (create, revert, delete) and emptying the active state, each
+//! switched in by one header write.
 //!
-//! - create: copy the active L1 table to new clusters; raise the refcount of everything it
-//!   references (clearing COPIED, which now is false everywhere); write the new snapshot table and
-//!   switch the header to it. A crash before the switch leaks clusters, nothing more.
-//! - apply (revert): raise the refcounts of everything the snapshot references; overwrite the
-//!   active L1 table with the snapshot's; lower the refcounts of what the old table referenced;
-//!   recompute COPIED.
-//! - delete: write the table without the entry first (the commit point), then lower the
-//!   refcounts of what the snapshot referenced, free its L1 table, recompute COPIED.
+//! QEMU (`block/qcow2-snapshot.c`) changes refcounts and then the COPIED flags of the active
+//! L1/L2 entries in place; a crash between the two leaves entries whose COPIED flag disagrees
+//! with the refcount, which `qemu-img check` counts as corruption, and no order of in-place
+//! writes avoids that moment. Here an operation is built beside the image instead (see
+//! [`Shadow`]): the refcount blocks it changes, the active L2 tables whose COPIED flags change,
+//! the new active L1 table and the new snapshot table all go to clusters that the current state
+//! calls free. After a flush, one write of header bytes 24..72 (size, l1_size, l1_table_offset,
+//! refcount_table_offset and _clusters, nb_snapshots, snapshots_offset) switches to them, and a
+//! second flush makes that durable. A crash before the switch leaves the old image intact (at
+//! worst a longer file), a crash after it the new one, whole; neither leaks a cluster.
+//!
+//! The reference rule is QEMU's: a cluster counts one reference per path from an L1 table (the
+//! active one or a snapshot's), so an L2 table shared by two L1 tables has refcount 2, and so
+//! has every data cluster it maps. COPIED (refcount == 1) is kept exact on the active tables;
+//! snapshot tables are never written in place, so their flags do not matter (QEMU ignores them).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
 use crate::qcow2::mapping::{
-    CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2Source,
+    CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2Source, L2Table,
 };
 use crate::qcow2::offsets::HostOffset;
+use crate::qcow2::refcount::{Shadow, ShadowCommit};
 use crate::qcow2::snapshot::{self, MAX_SNAPSHOTS, Snapshot};
 use crate::qcow2::write::{MetadataKind, Writer};
 
+/// Net reference changes by host offset. Applied at once, so that a cluster that gains and loses
+/// a reference in the same operation never passes through an out-of-range count.
+type Deltas = BTreeMap<u64, i64>;
+
+/// The largest L1 table written (as when the disk grows).
+const MAX_L1_BYTES: u64 = 32 << 20;
+
+/// What an operation switches the image to.
+struct NewState {
+    size: u64,
+    l1_offset: u64,
+    l1_declared: u64,
+    l1_entries: Vec<u64>,
+    /// Where the snapshot table is (0 when there is none) and how many bytes it takes.
+    snapshots_offset: u64,
+    snapshots_len: u64,
+    snapshots: Arc<Vec<Snapshot>>,
+    /// L2 tables written for the active state, to hand to readers.
+    copies: Vec<(u64, L2Table)>,
+}
+
 impl Qcow2Image {
-    /// QEMU's `qcow2_update_snapshot_refcount`: adds `delta` to the refcount of every L2 table and
-    /// data cluster that `l1` references. With `fix_copied` (the active table) COPIED is recomputed
-    /// on its L2 entries, which are written back where they changed; the returned L1 entries carry
-    /// recomputed COPIED flags too.
-    fn update_l1_refcounts(
+    /// Builds a new state with `build` beside the current one, then switches the header to it.
+    /// Nothing on disk changes for the image until the switch; a failure before it takes back
+    /// what the file grew by.
+    fn transact(
         &self,
         w: &mut Writer,
-        l1: &[u64],
-        delta: i64,
-        fix_copied: bool,
-    ) -> Result<Vec<u64>> {
+        build: impl FnOnce(&mut Shadow) -> Result<NewState>,
+    ) -> Result<()> {
+        let len_before = self.file_len();
+        let built = {
+            let Writer {
+                refcounts,
+                metadata,
+                ..
+            } = &mut *w;
+            let is_metadata = |cluster: u64| metadata.contains_key(&cluster);
+            let mut tx = Shadow::new(refcounts, &self.file, &is_metadata);
+            build(&mut tx).and_then(|state| {
+                let commit = tx.finish().map_err(self.refcount_err())?;
+                Ok((state, commit))
+            })
+        };
+        let switched = built.and_then(|(state, commit)| {
+            self.flush()?;
+            self.write_switch(&state, &commit)?;
+            Ok((state, commit))
+        });
+        let (state, commit) = match switched {
+            Ok(done) => done,
+            Err(e) => {
+                // Only clusters of the unfinished state lie past the old end.
+                if self.file_len() > len_before {
+                    let _ = self.file.set_len(len_before);
+                }
+                return Err(e);
+            }
+        };
+        // The header is written: whatever the flush says, the file now holds the new state.
+        let durable = self.flush();
+        self.install(w, state, &commit);
+        if durable.is_ok() {
+            // As QEMU discards what a snapshot operation frees, so that the host file system
+            // gets the space back; only once the new state is durable.
+            for (offset, len) in commit.freed_ranges(self.geometry.cluster_bits) {
+                self.punch_hole(offset, len);
+            }
+        }
+        durable
+    }
+
+    /// Gives a range of unused clusters back to the host file system, where it can.
+    fn punch_hole(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fallocate on a descriptor we own, with a range and mode checked by the kernel.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r != 0 {
+            log::debug!(
+                "{}: could not punch a hole of {len} bytes at {offset:#x}: {}",
+                self.path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// The one header write that switches from the old state to the new one.
+    fn write_switch(&self, state: &NewState, commit: &ShadowCommit) -> Result<()> {
+        let (reftable_offset, reftable_clusters) = commit.table_location();
+        let mut fields = [0u8; 48];
+        fields[0..8].copy_from_slice(&state.size.to_be_bytes());
+        fields[8..12].copy_from_slice(&self.header.crypt_method.to_be_bytes());
+        fields[12..16].copy_from_slice(&(state.l1_declared as u32).to_be_bytes());
+        fields[16..24].copy_from_slice(&state.l1_offset.to_be_bytes());
+        fields[24..32].copy_from_slice(&reftable_offset.to_be_bytes());
+        fields[32..36].copy_from_slice(&reftable_clusters.to_be_bytes());
+        fields[36..40].copy_from_slice(&(state.snapshots.len() as u32).to_be_bytes());
+        fields[40..48].copy_from_slice(&state.snapshots_offset.to_be_bytes());
+        self.write_file(&fields, 24, "header (switch to the new state)")
+    }
+
+    /// Makes the switched-in state the one that reads and writes use.
+    fn install(&self, w: &mut Writer, state: NewState, commit: &ShadowCommit) {
         let bits = self.geometry.cluster_bits;
-        let words_per_entry = self.geometry.l2_entry_words();
-        let refcount_err = self.refcount_err();
-        let mut out = l1.to_vec();
+        let cs = self.geometry.cluster_size();
+        // Clusters the old state used are free now: no read of the old mapping may still run
+        // when they are handed out again.
+        let _quiet = self.reclaim.write();
+        w.refcounts.install(commit);
+        for (offset, table) in state.copies {
+            self.publish_l2(offset, table);
+        }
+        w.metadata.retain(|_, kind| {
+            !matches!(
+                kind,
+                MetadataKind::ActiveL1 | MetadataKind::SnapshotTable | MetadataKind::SnapshotL1
+            )
+        });
+        let clusters = |len: u64| len.div_ceil(cs);
+        w.add_metadata(
+            state.l1_offset,
+            clusters(state.l1_declared * 8),
+            bits,
+            MetadataKind::ActiveL1,
+        );
+        if state.snapshots_len > 0 {
+            w.add_metadata(
+                state.snapshots_offset,
+                clusters(state.snapshots_len),
+                bits,
+                MetadataKind::SnapshotTable,
+            );
+        }
+        for s in state.snapshots.iter() {
+            w.add_metadata(
+                s.l1_table_offset,
+                clusters(s.l1_size as u64 * 8),
+                bits,
+                MetadataKind::SnapshotL1,
+            );
+        }
+        let table = L1Table::new(state.l1_entries, state.l1_declared);
+        w.reindex_active_l2(&table, bits);
+        w.l1_offset = state.l1_offset;
+        w.snapshot_table = (state.snapshots_offset, state.snapshots_len);
+        *self.active_l1.write() = Arc::new(table);
+        *self.snapshots.write() = state.snapshots;
+        self.size.store(state.size, Ordering::Release);
+    }
+
+    /// The host clusters an L2 table's entries reference, once per entry: data clusters
+    /// (preallocated zero ones too), and for compressed data every host cluster its bytes touch.
+    fn referenced_clusters(&self, table: &[u64]) -> Vec<u64> {
+        let bits = self.geometry.cluster_bits;
+        let mut clusters = Vec::new();
+        for e in (0..table.len()).step_by(self.geometry.l2_entry_words()) {
+            let l2 = table[e];
+            if l2 & L2_COMPRESSED != 0 {
+                let c = CompressedCluster::from_entry(l2, &self.geometry);
+                if c.len == 0 {
+                    continue;
+                }
+                for cluster in (c.host.0 >> bits)..=((c.host.0 + c.len - 1) >> bits) {
+                    clusters.push(cluster << bits);
+                }
+            } else if l2 & L2_OFFSET_MASK != 0 {
+                clusters.push(l2 & L2_OFFSET_MASK);
+            }
+        }
+        clusters
+    }
+
+    /// Adds `delta` references along every path from the L1 table `l1`: to each L2 table and to
+    /// each cluster the tables reference.
+    fn add_paths(&self, deltas: &mut Deltas, l1: &[u64], delta: i64) -> Result<()> {
         for (i, &entry) in l1.iter().enumerate() {
             let l2_offset = entry & L1_OFFSET_MASK;
             if l2_offset == 0 {
                 continue;
             }
+            *deltas.entry(l2_offset).or_default() += delta;
             let table = self.l2_table(i as u64, HostOffset(l2_offset))?;
-            let mut words = table.to_vec();
-            // Every data cluster the table references, once per entry (compressed ones by the
-            // host clusters their bytes touch).
-            let mut clusters = Vec::new();
-            let mut owners = Vec::new();
-            for e in (0..words.len()).step_by(words_per_entry) {
-                let l2 = words[e];
-                if l2 & L2_COMPRESSED != 0 {
-                    let c = CompressedCluster::from_entry(l2, &self.geometry);
-                    for cluster in (c.host.0 >> bits)..=((c.host.0 + c.len - 1) >> bits) {
-                        clusters.push(cluster << bits);
-                        owners.push(None);
-                    }
-                } else if l2 & L2_OFFSET_MASK != 0 {
-                    clusters.push(l2 & L2_OFFSET_MASK);
-                    owners.push(Some(e));
-                }
-            }
-            let refcounts = if delta != 0 {
-                w.refcounts.update_batch(&self.file, &clusters, delta)
-            } else {
-                clusters
-                    .iter()
-                    .map(|&c| w.refcounts.get(&self.file, c >> bits))
-                    .collect()
-            }
-            .map_err(&refcount_err)?;
-            let mut changed = false;
-            if fix_copied {
-                for (owner, refcount) in owners.iter().zip(&refcounts) {
-                    let Some(e) = *owner else {
-                        continue;
-                    };
-                    let l2 = words[e];
-                    let fixed = if *refcount == 1 {
-                        l2 | L2_COPIED
-                    } else {
-                        l2 & !L2_COPIED
-                    };
-                    if fixed != l2 {
-                        words[e] = fixed;
-                        changed = true;
-                    }
-                }
-            }
-            if changed {
-                let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
-                self.write_file(&bytes, l2_offset, "L2 table")?;
-                self.publish_l2(l2_offset, Arc::from(words));
-            }
-            let refcount = if delta != 0 {
-                w.refcounts.update(&self.file, l2_offset, delta)
-            } else {
-                w.refcounts.get(&self.file, l2_offset >> bits)
-            }
-            .map_err(&refcount_err)?;
-            if fix_copied {
-                out[i] = if refcount == 1 {
-                    entry | COPIED
-                } else {
-                    entry & !COPIED
-                };
-                // `fix_copied` is only asked for the active table: its entry follows the
-                // refcount at once, so that a crash finds the two out of step only briefly.
-                if out[i] != entry {
-                    let at = w.l1_offset + i as u64 * 8;
-                    self.write_file(&out[i].to_be_bytes(), at, "L1 entry")?;
-                }
+            for cluster in self.referenced_clusters(&table) {
+                *deltas.entry(cluster).or_default() += delta;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// Writes the whole active L1 table in place and makes it the in-memory one.
-    pub(super) fn write_active_l1(
+    fn apply_deltas(&self, tx: &mut Shadow, deltas: Deltas) -> Result<()> {
+        for (offset, delta) in deltas {
+            if delta != 0 {
+                tx.add(offset, delta).map_err(self.refcount_err())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the reference of each cluster that `len` bytes at `offset` touch.
+    fn release_range(&self, tx: &mut Shadow, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bits = self.geometry.cluster_bits;
+        for cluster in (offset >> bits)..=((offset + len - 1) >> bits) {
+            tx.add(cluster << bits, -1).map_err(self.refcount_err())?;
+        }
+        Ok(())
+    }
+
+    /// Makes the active L2 tables (offsets, by L1 index) agree with the new refcounts: a table
+    /// whose COPIED flags would change is copied, with the flags right, to a new cluster that
+    /// only the active state uses (tables are never changed in place). Returns the copies.
+    fn settle_active_tables(
         &self,
-        w: &mut Writer,
-        entries: Vec<u64>,
+        tx: &mut Shadow,
+        offsets: &mut [u64],
+    ) -> Result<Vec<(u64, L2Table)>> {
+        let words_per_entry = self.geometry.l2_entry_words();
+        let mut copies = Vec::new();
+        for (i, offset) in offsets.iter_mut().enumerate() {
+            if *offset == 0 {
+                continue;
+            }
+            let table = self.l2_table(i as u64, HostOffset(*offset))?;
+            let mut words = table.to_vec();
+            let mut changed = false;
+            for e in (0..words.len()).step_by(words_per_entry) {
+                let l2 = words[e];
+                if l2 & L2_COMPRESSED != 0 || l2 & L2_OFFSET_MASK == 0 {
+                    continue;
+                }
+                let sole = tx.get(l2 & L2_OFFSET_MASK).map_err(self.refcount_err())? == 1;
+                let fixed = if sole {
+                    l2 | L2_COPIED
+                } else {
+                    l2 & !L2_COPIED
+                };
+                if fixed != l2 {
+                    words[e] = fixed;
+                    changed = true;
+                }
+            }
+            if !changed {
+                continue;
+            }
+            let copy = tx.allocate(1).map_err(self.refcount_err())?;
+            let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
+            self.write_file(&bytes, copy, "L2 table copy")?;
+            // The active path moves from the table to its copy; the data keeps its count.
+            tx.add(*offset, -1).map_err(self.refcount_err())?;
+            copies.push((copy, Arc::from(words)));
+            *offset = copy;
+        }
+        Ok(copies)
+    }
+
+    /// L1 entries for `offsets`, COPIED where the new refcount of the table is 1.
+    fn with_copied_flags(&self, tx: &mut Shadow, offsets: &[u64]) -> Result<Vec<u64>> {
+        offsets
+            .iter()
+            .map(|&offset| {
+                if offset == 0 {
+                    return Ok(0);
+                }
+                let sole = tx.get(offset).map_err(self.refcount_err())? == 1;
+                Ok(if sole { offset | COPIED } else { offset })
+            })
+            .collect()
+    }
+
+    /// Writes an L1 table of `declared` entries into new clusters; returns where.
+    fn write_new_l1(
+        &self,
+        tx: &mut Shadow,
+        entries: &[u64],
         declared: u64,
-    ) -> Result<()> {
-        let mut bytes = vec![0u8; (declared * 8) as usize];
+        what: &str,
+    ) -> Result<u64> {
+        let cs = self.geometry.cluster_size();
+        let bytes_len = declared * 8;
+        if bytes_len > MAX_L1_BYTES {
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!("{declared} L1 entries need a table larger than 32 MiB"),
+            });
+        }
+        let clusters = bytes_len.div_ceil(cs).max(1);
+        let offset = tx.allocate(clusters).map_err(self.refcount_err())?;
+        let mut bytes = vec![0u8; (clusters * cs) as usize];
         for (i, e) in entries.iter().enumerate().take(declared as usize) {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
-        self.write_file(&bytes, w.l1_offset, "active L1 table")?;
-        self.flush()?;
-        let table = L1Table::new(entries, declared);
-        w.reindex_active_l2(&table, self.geometry.cluster_bits);
-        *self.active_l1.write() = Arc::new(table);
-        Ok(())
+        self.write_file(&bytes, offset, what)?;
+        Ok(offset)
     }
 
-    /// Writes `snapshots` as the new snapshot table: new clusters, flush, then one header write
-    /// of `nb_snapshots` (60) and `snapshots_offset` (64), then the old table is freed.
-    fn write_snapshot_table(&self, w: &mut Writer, snapshots: Vec<Snapshot>) -> Result<()> {
+    /// Writes a snapshot table into new clusters; returns where and its length (0, 0 if empty).
+    fn write_new_snapshot_table(&self, tx: &mut Shadow, table: &[Snapshot]) -> Result<(u64, u64)> {
+        if table.is_empty() {
+            return Ok((0, 0));
+        }
         let cs = self.geometry.cluster_size();
-        let bits = self.geometry.cluster_bits;
-        let bytes = snapshot::encode_table(&snapshots);
+        let mut bytes = snapshot::encode_table(table);
         let len = bytes.len() as u64;
-        let (new_offset, clusters) = if snapshots.is_empty() {
-            (0, 0)
-        } else {
-            let clusters = len.div_ceil(cs);
-            let offset = w
-                .refcounts
-                .allocate(&self.file, clusters)
-                .map_err(self.refcount_err())?;
-            self.check_overlap(w, "new snapshot table", offset, clusters * cs)?;
-            let mut padded = bytes;
-            padded.resize((clusters * cs) as usize, 0);
-            if let Err(e) = self.write_file(&padded, offset, "snapshot table") {
-                let _ = w.refcounts.free(&self.file, offset, clusters);
-                return Err(e);
-            }
-            (offset, clusters)
-        };
-        self.flush()?;
-        let mut field = [0u8; 12];
-        field[..4].copy_from_slice(&(snapshots.len() as u32).to_be_bytes());
-        field[4..].copy_from_slice(&new_offset.to_be_bytes());
-        self.write_file(&field, 60, "header snapshot fields")?;
-        self.flush()?;
-        let (old_offset, old_len) = w.snapshot_table;
-        w.snapshot_table = (new_offset, len);
-        *self.snapshots.write() = Arc::new(snapshots);
-        if clusters > 0 {
-            w.add_metadata(new_offset, clusters, bits, MetadataKind::SnapshotTable);
-        }
-        if old_len > 0 {
-            let old_clusters = ((old_offset + old_len).div_ceil(cs)) - (old_offset >> bits);
-            w.remove_metadata(old_offset, old_clusters, bits);
-            w.refcounts
-                .free(&self.file, old_offset - old_offset % cs, old_clusters)
-                .map_err(self.refcount_err())?;
-        }
-        Ok(())
+        let clusters = len.div_ceil(cs);
+        let offset = tx.allocate(clusters).map_err(self.refcount_err())?;
+        bytes.resize((clusters * cs) as usize, 0);
+        self.write_file(&bytes, offset, "snapshot table")?;
+        Ok((offset, len))
+    }
+
+    /// The L2 table offsets of an L1 table's entries.
+    fn table_offsets(entries: &[u64]) -> Vec<u64> {
+        entries.iter().map(|e| e & L1_OFFSET_MASK).collect()
     }
 
     /// Creates an internal snapshot of the active state named `name`; returns it.
     pub fn create_snapshot(&self, name: &str) -> Result<Snapshot> {
-        let invalid = |reason: String| Error::Invalid {
-            path: self.path.clone(),
-            reason,
-        };
         let mut w = self.writer()?;
         let existing = self.snapshots();
         if existing.len() as u32 >= MAX_SNAPSHOTS {
-            return Err(invalid(format!(
-                "the image already has {MAX_SNAPSHOTS} snapshots"
-            )));
+            return Err(Error::Invalid {
+                path: self.path.clone(),
+                reason: format!("the image already has {MAX_SNAPSHOTS} snapshots"),
+            });
         }
-        let cs = self.geometry.cluster_size();
-        let bits = self.geometry.cluster_bits;
         let l1 = self.active_l1();
         let declared = l1.declared_len();
-
-        // 0. Every refcount must have room for one more reference (1-bit refcounts never do):
-        // refuse before anything changes.
-        self.check_room_for_reference(&mut w, &l1)?;
-
-        // 1. A copy of the active L1 table.
-        let l1_clusters = (declared * 8).div_ceil(cs).max(1);
-        let l1_copy = w
-            .refcounts
-            .allocate(&self.file, l1_clusters)
-            .map_err(self.refcount_err())?;
-        self.check_overlap(&mut w, "snapshot L1 table", l1_copy, l1_clusters * cs)?;
-        let mut bytes = vec![0u8; (l1_clusters * cs) as usize];
-        for (i, e) in l1.entries().iter().enumerate() {
-            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
-        self.write_file(&bytes, l1_copy, "snapshot L1 table")?;
-        w.add_metadata(l1_copy, l1_clusters, bits, MetadataKind::SnapshotL1);
-
-        // 2. Everything the active table references gains a reference; COPIED goes. (A failure
-        // partway leaves references raised that nothing uses: leaks, nothing worse.)
-        let fixed = self.update_l1_refcounts(&mut w, l1.entries(), 1, true)?;
-        self.write_active_l1(&mut w, fixed, declared)?;
-
-        // 3. The new table, with the new entry at its end.
+        let (old_l1_offset, (old_table_offset, old_table_len)) = (w.l1_offset, w.snapshot_table);
+        let size = self.virtual_size();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -233,13 +380,12 @@ impl Qcow2Image {
             .max()
             .unwrap_or(0)
             + 1;
-        let size = self.virtual_size();
         let mut extra = Vec::with_capacity(24);
         extra.extend_from_slice(&0u64.to_be_bytes());
         extra.extend_from_slice(&size.to_be_bytes());
         extra.extend_from_slice(&u64::MAX.to_be_bytes());
-        let snap = Snapshot {
-            l1_table_offset: l1_copy,
+        let mut snap = Snapshot {
+            l1_table_offset: 0,
             l1_size: declared as u32,
             id: next_id.to_string().into_bytes(),
             name: name.as_bytes().to_vec(),
@@ -251,87 +397,54 @@ impl Qcow2Image {
             icount: None,
             extra,
         };
-        let mut table = existing.as_ref().clone();
-        table.push(snap.clone());
-        if let Err(e) = self.write_snapshot_table(&mut w, table) {
-            // Nothing points at the copy yet: give back what step 2 took, so that a refused
-            // command changes nothing (what cannot be written back stays as leaks).
-            self.undo_create(&mut w, &l1, l1_copy, l1_clusters);
-            return Err(e);
-        }
-        Ok(snap)
-    }
-
-    /// Fails with the refcount overflow a create would meet, without changing anything.
-    fn check_room_for_reference(&self, w: &mut Writer, l1: &L1Table) -> Result<()> {
-        let bits = self.geometry.cluster_bits;
-        let max = w.refcounts.max_refcount();
-        let words_per_entry = self.geometry.l2_entry_words();
-        let overflow = |offset| Error::Refcount {
-            path: self.path.clone(),
-            source: crate::qcow2::refcount::RefcountError::Overflow {
-                offset,
-                max,
-                bits: max.count_ones(),
-            },
-        };
-        for (i, &entry) in l1.entries().iter().enumerate() {
-            let l2_offset = entry & L1_OFFSET_MASK;
-            if l2_offset == 0 {
-                continue;
-            }
-            let refcount = |w: &mut Writer, offset: u64| {
-                w.refcounts
-                    .get(&self.file, offset >> bits)
-                    .map_err(self.refcount_err())
-            };
-            if refcount(w, l2_offset)? >= max {
-                return Err(overflow(l2_offset));
-            }
-            let table = self.l2_table(i as u64, HostOffset(l2_offset))?;
-            for e in (0..table.len()).step_by(words_per_entry) {
-                let l2 = table[e];
-                let hosts: Vec<u64> = if l2 & L2_COMPRESSED != 0 {
-                    let c = CompressedCluster::from_entry(l2, &self.geometry);
-                    ((c.host.0 >> bits)..=((c.host.0 + c.len - 1) >> bits))
-                        .map(|c| c << bits)
-                        .collect()
-                } else if l2 & L2_OFFSET_MASK != 0 {
-                    vec![l2 & L2_OFFSET_MASK]
-                } else {
-                    Vec::new()
-                };
-                for host in hosts {
-                    if refcount(w, host)? >= max {
-                        return Err(overflow(host));
-                    }
+        let mut created = None;
+        self.transact(&mut w, |tx| {
+            // The snapshot's paths: one more reference to every table and cluster (with 1-bit
+            // refcounts this fails here, before anything is written).
+            let mut deltas = Deltas::new();
+            self.add_paths(&mut deltas, l1.entries(), 1)?;
+            self.apply_deltas(tx, deltas)?;
+            // Everything is shared now, so COPIED goes: tables that carry it are copied ...
+            let original = Self::table_offsets(l1.entries());
+            let mut offsets = original.clone();
+            let copies = self.settle_active_tables(tx, &mut offsets)?;
+            // ... and the snapshot takes the copies too, sharing them with the active state as
+            // it would have shared the originals.
+            for (&old, &new) in original.iter().zip(&offsets) {
+                if old != new {
+                    tx.add(new, 1).map_err(self.refcount_err())?;
+                    tx.add(old, -1).map_err(self.refcount_err())?;
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// Takes back a create that failed before the new table was in place: the references it
-    /// raised, COPIED, and the L1 copy. Best effort: on a full disk what fails stays leaked.
-    fn undo_create(&self, w: &mut Writer, l1: &L1Table, l1_copy: u64, l1_clusters: u64) {
-        let bits = self.geometry.cluster_bits;
-        let undone = self
-            .update_l1_refcounts(w, l1.entries(), -1, false)
-            .and_then(|_| {
-                let current = self.active_l1();
-                self.update_l1_refcounts(w, current.entries(), 0, true)
+            let entries = self.with_copied_flags(tx, &offsets)?;
+            snap.l1_table_offset =
+                self.write_new_l1(tx, &entries, declared, "snapshot L1 table")?;
+            let l1_offset = if entries == l1.entries() {
+                old_l1_offset
+            } else {
+                self.release_range(tx, old_l1_offset, declared * 8)?;
+                self.write_new_l1(tx, &entries, declared, "active L1 table")?
+            };
+            let mut table = existing.as_ref().clone();
+            table.push(snap.clone());
+            self.release_range(tx, old_table_offset, old_table_len)?;
+            let (snapshots_offset, snapshots_len) = self.write_new_snapshot_table(tx, &table)?;
+            created = Some(snap.clone());
+            Ok(NewState {
+                size,
+                l1_offset,
+                l1_declared: declared,
+                l1_entries: entries,
+                snapshots_offset,
+                snapshots_len,
+                snapshots: Arc::new(table),
+                copies,
             })
-            .and_then(|fixed| self.write_active_l1(w, fixed, l1.declared_len()));
-        if let Err(e) = undone {
-            log::warn!("{}: undoing a failed snapshot: {e}", self.path.display());
-        }
-        w.remove_metadata(l1_copy, l1_clusters, bits);
-        if let Err(e) = w.refcounts.free(&self.file, l1_copy, l1_clusters) {
-            log::warn!(
-                "{}: freeing a failed snapshot's L1 copy: {e}",
-                self.path.display()
-            );
-        }
+        })?;
+        created.ok_or_else(|| Error::Invalid {
+            path: self.path.clone(),
+            reason: "snapshot creation finished without a snapshot".into(),
+        })
     }
 
     /// Makes the active state equal to snapshot `id` (QEMU's snapshot goto), resizing the disk
@@ -340,36 +453,36 @@ impl Qcow2Image {
         let mut w = self.writer()?;
         let snap = self.find_snapshot(id)?;
         let sn_l1 = self.snapshot_l1(&snap)?;
-        let target_size = self.snapshot_size(&snap);
-
-        // The active table must hold the whole snapshot table.
-        let needed = (snap.l1_size as u64).max(self.geometry.l1_entries_for(target_size));
-        if needed > self.active_l1().declared_len() {
-            self.grow_l1(&mut w, needed)?;
-        }
+        let size = self.snapshot_size(&snap);
         let old = self.active_l1();
-        let declared = old.declared_len();
-
-        self.update_l1_refcounts(&mut w, sn_l1.entries(), 1, false)?;
-        {
-            // No read of the live disk may be in flight while clusters it maps are released.
-            let _quiet = self.reclaim.write();
-            let mut entries = sn_l1.entries().to_vec();
-            entries.truncate(declared as usize);
-            self.write_active_l1(&mut w, entries, declared)?;
-            self.update_l1_refcounts(&mut w, old.entries(), -1, false)?;
-        }
-        let current = self.active_l1();
-        let fixed = self.update_l1_refcounts(&mut w, current.entries(), 0, true)?;
-        if fixed != current.entries() {
-            self.write_active_l1(&mut w, fixed, declared)?;
-        }
-        if target_size != self.virtual_size() {
-            self.write_file(&target_size.to_be_bytes(), 24, "header size")?;
-            self.size
-                .store(target_size, std::sync::atomic::Ordering::Release);
-        }
-        self.flush()
+        let old_l1_offset = w.l1_offset;
+        let (snapshots_offset, snapshots_len) = w.snapshot_table;
+        let snapshots = self.snapshots();
+        // The active table never shrinks and must hold the whole snapshot table.
+        let needed = (snap.l1_size as u64).max(self.geometry.l1_entries_for(size));
+        let declared = old.declared_len().max(needed);
+        self.transact(&mut w, |tx| {
+            let mut deltas = Deltas::new();
+            self.add_paths(&mut deltas, sn_l1.entries(), 1)?;
+            self.add_paths(&mut deltas, old.entries(), -1)?;
+            self.apply_deltas(tx, deltas)?;
+            self.release_range(tx, old_l1_offset, old.declared_len() * 8)?;
+            let mut offsets = Self::table_offsets(sn_l1.entries());
+            offsets.truncate(declared as usize);
+            let copies = self.settle_active_tables(tx, &mut offsets)?;
+            let entries = self.with_copied_flags(tx, &offsets)?;
+            let l1_offset = self.write_new_l1(tx, &entries, declared, "active L1 table")?;
+            Ok(NewState {
+                size,
+                l1_offset,
+                l1_declared: declared,
+                l1_entries: entries,
+                snapshots_offset,
+                snapshots_len,
+                snapshots,
+                copies,
+            })
+        })
     }
 
     /// Deletes snapshot `id` and frees what only it used.
@@ -377,29 +490,45 @@ impl Qcow2Image {
         let mut w = self.writer()?;
         let snap = self.find_snapshot(id)?;
         let sn_l1 = self.snapshot_l1(&snap)?;
-        let bits = self.geometry.cluster_bits;
-        let cs = self.geometry.cluster_size();
+        let l1 = self.active_l1();
+        let declared = l1.declared_len();
+        let old_l1_offset = w.l1_offset;
+        let (old_table_offset, old_table_len) = w.snapshot_table;
         let table: Vec<Snapshot> = self
             .snapshots()
             .iter()
             .filter(|s| s.id != snap.id)
             .cloned()
             .collect();
-        self.write_snapshot_table(&mut w, table)?;
-        self.update_l1_refcounts(&mut w, sn_l1.entries(), -1, false)?;
-        let l1_clusters = (snap.l1_size as u64 * 8).div_ceil(cs);
-        if l1_clusters > 0 {
-            w.remove_metadata(snap.l1_table_offset, l1_clusters, bits);
-            w.refcounts
-                .free(&self.file, snap.l1_table_offset, l1_clusters)
-                .map_err(self.refcount_err())?;
-        }
-        let current = self.active_l1();
-        let fixed = self.update_l1_refcounts(&mut w, current.entries(), 0, true)?;
-        if fixed != current.entries() {
-            self.write_active_l1(&mut w, fixed, current.declared_len())?;
-        }
-        self.flush()
+        let size = self.virtual_size();
+        self.transact(&mut w, |tx| {
+            let mut deltas = Deltas::new();
+            self.add_paths(&mut deltas, sn_l1.entries(), -1)?;
+            self.apply_deltas(tx, deltas)?;
+            self.release_range(tx, snap.l1_table_offset, snap.l1_size as u64 * 8)?;
+            // What the snapshot shared with the active state may be the active state's alone now.
+            let mut offsets = Self::table_offsets(l1.entries());
+            let copies = self.settle_active_tables(tx, &mut offsets)?;
+            let entries = self.with_copied_flags(tx, &offsets)?;
+            let l1_offset = if entries == l1.entries() {
+                old_l1_offset
+            } else {
+                self.release_range(tx, old_l1_offset, declared * 8)?;
+                self.write_new_l1(tx, &entries, declared, "active L1 table")?
+            };
+            self.release_range(tx, old_table_offset, old_table_len)?;
+            let (snapshots_offset, snapshots_len) = self.write_new_snapshot_table(tx, &table)?;
+            Ok(NewState {
+                size,
+                l1_offset,
+                l1_declared: declared,
+                l1_entries: entries,
+                snapshots_offset,
+                snapshots_len,
+                snapshots: Arc::new(table),
+                copies,
+            })
+        })
     }
 
     fn find_snapshot(&self, id: &[u8]) -> Result<Snapshot> {
@@ -412,21 +541,38 @@ impl Qcow2Image {
                 reason: format!("no snapshot with id {}", String::from_utf8_lossy(id)),
             })
     }
-}
 
-impl Qcow2Image {
     /// Drops every reference the active state holds, so that the whole disk shows the backing
-    /// file (what `qemu-img commit` does to the top afterwards). The zeroed L1 table is written
-    /// first, then the refcounts are lowered: a crash in between leaks clusters only.
+    /// file (what `qemu-img commit` does to the top afterwards): an empty L1 table switched in
+    /// with the refcounts that go with it.
     pub fn empty_locked(&self, w: &mut Writer) -> Result<()> {
         let old = self.active_l1();
         let declared = old.declared_len();
-        let _quiet = self.reclaim.write();
-        self.write_active_l1(w, Vec::new(), declared)?;
-        self.update_l1_refcounts(w, old.entries(), -1, false)?;
-        self.flush()
+        let old_l1_offset = w.l1_offset;
+        let (snapshots_offset, snapshots_len) = w.snapshot_table;
+        let snapshots = self.snapshots();
+        let size = self.virtual_size();
+        self.transact(w, |tx| {
+            let mut deltas = Deltas::new();
+            self.add_paths(&mut deltas, old.entries(), -1)?;
+            self.apply_deltas(tx, deltas)?;
+            self.release_range(tx, old_l1_offset, declared * 8)?;
+            let l1_offset = self.write_new_l1(tx, &[], declared, "active L1 table")?;
+            Ok(NewState {
+                size,
+                l1_offset,
+                l1_declared: declared,
+                l1_entries: Vec::new(),
+                snapshots_offset,
+                snapshots_len,
+                snapshots,
+                copies: Vec::new(),
+            })
+        })
     }
+}
 
+impl Qcow2Image {
     /// Points the image at another backing file (or none), rewriting the header in one write.
     /// The header is re-read from disk first so that fields changed since opening are kept.
     pub fn set_backing_locked(

@@ -52,7 +52,7 @@ pub struct Writer {
     pub(super) snapshot_table: (u64, u64),
     /// Clusters holding metadata, by cluster index (QEMU's overlap checks, all of them but the
     /// inactive L2 tables).
-    metadata: std::collections::HashMap<u64, MetadataKind>,
+    pub(super) metadata: std::collections::HashMap<u64, MetadataKind>,
     corrupt: bool,
 }
 
