@@ -10,6 +10,10 @@
 //! most leaked clusters: a refcount is raised on disk before anything points at its cluster, and
 //! lowered only after the last pointer is gone (the callers' job).
 //!
+//! Operations that must change many refcounts together with the entries that point at the
+//! clusters (snapshot create, revert, delete) use a [`Shadow`] instead: a private copy of the
+//! changed blocks that goes live with one header write.
+//!
 //! A range of clusters without a refcount block is entirely free. A new block goes, as in QEMU,
 //! into a free cluster that some existing block can count, or into its own range, where it counts
 //! itself; either way its own refcount is on disk before the table points at it.
@@ -245,47 +249,6 @@ impl Refcounts {
         };
         self.set(file, cluster, new)?;
         Ok(new)
-    }
-
-    /// Adds `delta` to the refcount of each cluster at the host offsets `offsets` (a cluster may
-    /// appear several times), writing each changed refcount block once at the end; returns the
-    /// new refcount of each, in order. Batching keeps the moment small in which a crash finds
-    /// refcounts changed but the entries that go with them not yet written.
-    pub fn update_batch(&mut self, file: &File, offsets: &[u64], delta: i64) -> Result<Vec<u64>> {
-        let order = self.order;
-        let max = self.max_refcount();
-        let bits = self.bits();
-        let mut dirty: std::collections::BTreeMap<u64, (usize, usize)> = Default::default();
-        let mut values = Vec::with_capacity(offsets.len());
-        for &offset in offsets {
-            let cluster = offset >> self.cluster_bits;
-            let (b, i) = self.block_of(cluster);
-            self.ensure_block(file, b)?;
-            let block = self.block_entry(b);
-            let data = self.block(file, block)?;
-            let old = read_entry(data, i, order);
-            let new = if delta >= 0 {
-                old.checked_add(delta as u64)
-                    .filter(|&v| v <= max)
-                    .ok_or(RefcountError::Overflow { offset, max, bits })?
-            } else {
-                old.checked_sub(delta.unsigned_abs())
-                    .ok_or(RefcountError::Underflow { offset })?
-            };
-            let (start, len) = write_entry(data, i, order, new);
-            let range = dirty.entry(block).or_insert((start, start + len));
-            *range = (range.0.min(start), range.1.max(start + len));
-            if new == 0 {
-                self.free_hint = self.free_hint.min(cluster);
-            }
-            values.push(new);
-        }
-        for (block, (start, end)) in dirty {
-            let data = self.block(file, block)?;
-            let bytes = data[start..end].to_vec();
-            write_all(file, &bytes, block + start as u64)?;
-        }
-        Ok(values)
     }
 
     /// Whether the cluster may be handed out (refcount 0; a range without a block is free).
