@@ -3,8 +3,10 @@
 //! is never lost"; DESIGN.md section 5).
 //!
 //! For each operation the test first runs it once to completion (to time it), then on fresh
-//! copies of the chain kills the `snapfs mount -f` server with SIGKILL at points spread over that
-//! time, unmounts (`umount`, `umount -l`), and checks:
+//! copies of the chain kills the `snapfs mount -f` server with SIGKILL at random moments, one in
+//! each of a series of windows spread over that time (the shared crash harness,
+//! `tests/common/crash.rs`, with its seeded generator), unmounts (`umount`, `umount -l`), and
+//! checks:
 //! - `qemu-img check` finds no corruption and no errors in any file (leaked clusters are allowed);
 //! - the live content — `qemu-img convert` of the top through whatever chain its header now
 //!   names — equals the content before the operation (commit and pull never change it; an
@@ -17,85 +19,17 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use common::chain_support::*;
-use common::snapshot_support::{Daemon, assert_check_no_corruption, control, errno_name};
+use common::crash::{CrashOptions, CrashWorkload, Kill, crash_loop};
+use common::snapshot_support::{control, errno_name};
+use common::write_support::Rng;
 use common::*;
 
 const SIZE: u64 = 256 * MIB;
-
-/// One kill: when, and what the command had done by then.
-#[derive(Debug)]
-struct Kill {
-    delay: Duration,
-    /// The write to the control file returned before the kill (Some(result)), or was cut off.
-    returned_before_kill: Option<Result<(), String>>,
-    /// What the write returned after the kill, if it had not returned before.
-    after_kill: Option<Result<(), String>>,
-}
-
-/// Runs `echo COMMAND > control/FILE` on a mount of `top` and kills the server `delay` after
-/// the write started. Returns what happened. The mount is gone when this returns.
-fn kill_during(top: &Path, file: &str, command: &str, delay: Duration) -> Kill {
-    let mut d = Daemon::start(top, &[]);
-    let mp = d.mp.clone();
-    let (tx, rx) = mpsc::channel();
-    let (file_s, command_s) = (file.to_string(), command.to_string());
-    let writer = std::thread::spawn(move || {
-        let r = control(&mp, &file_s, &command_s).map_err(errno_name);
-        let _ = tx.send((Instant::now(), r));
-    });
-    let t0 = Instant::now();
-    if let Some(rest) = delay.checked_sub(t0.elapsed()) {
-        std::thread::sleep(rest);
-    }
-    let early = rx.try_recv().ok();
-    // anything that returns from now on may have been cut off by the kill
-    let killed_at = Instant::now();
-    d.kill9();
-    let freed = d.finish();
-    assert!(
-        freed,
-        "the mount point is still busy after kill -9 and umount -l"
-    );
-    let late = if early.is_none() {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(v) => Some(v),
-            Err(_) => panic!(
-                "the write to control/{file} did not return within 30 s of killing the server"
-            ),
-        }
-    } else {
-        None
-    };
-    writer.join().unwrap();
-    let (returned_before_kill, after_kill) = match (early, late) {
-        (Some((_, r)), _) => (Some(r), None),
-        (None, Some((t, r))) if t < killed_at => (Some(r), None),
-        (None, Some((_, r))) => (None, Some(r)),
-        (None, None) => (None, None),
-    };
-    Kill {
-        delay,
-        returned_before_kill,
-        after_kill,
-    }
-}
-
-/// Kill points spread over an operation that takes `full`: just after it starts, then fractions
-/// of it, and a little past the end.
-fn kill_points(full: Duration) -> Vec<Duration> {
-    let mut v = vec![Duration::ZERO, Duration::from_millis(2)];
-    for f in [0.05, 0.2, 0.4, 0.6, 0.8, 0.95] {
-        v.push(full.mul_f64(f));
-    }
-    v.push(full + Duration::from_millis(50));
-    v.sort();
-    v.dedup();
-    v
-}
 
 /// Times one uninterrupted run of the command on a copy of `template`, checking it succeeds.
 fn time_once(template: &Path, work: &Path, top_rel: &str, file: &str, command: &str) -> Duration {
@@ -111,93 +45,197 @@ fn time_once(template: &Path, work: &Path, top_rel: &str, file: &str, command: &
     full
 }
 
-/// Checks one crashed copy: no corruption anywhere, live content as before.
-fn check_crashed(dir: &Path, top: &Path, before: &Path, what: &str) -> Result<(), String> {
-    for f in qcow2_files(dir) {
-        assert_check_no_corruption(&f, what);
+/// Kill windows spread over an operation that takes `full`: the first milliseconds, then equal
+/// slices of the run and a little past its end. One kill per window, at a random moment in it.
+fn kill_windows(full: Duration, slices: u32) -> Vec<(Duration, Duration)> {
+    let mut v = vec![(Duration::ZERO, Duration::from_millis(2))];
+    let span = full + Duration::from_millis(50);
+    for i in 0..slices {
+        v.push((span * i / slices, span * (i + 1) / slices));
     }
+    v
+}
+
+/// The live content: `qemu-img convert` of `top` through whatever chain its header now names
+/// must equal `before`.
+fn check_content(dir: &Path, top: &Path, before: &Path) -> Result<u64, String> {
     let got = convert_to_raw(top, None);
     let r = compare_files(&got, before);
     fs::remove_file(&got).ok();
     r.map_err(|e| {
         format!(
-            "{what}: the live content (qemu-img convert of {}, chain {:?}) changed: {e}",
+            "the live content (qemu-img convert of {}, chain {:?}) changed: {e}",
             top.display(),
             chain_files(top, dir)
         )
-    })
+    })?;
+    Ok(fs::metadata(before).map(|m| m.len()).unwrap_or(0))
 }
 
 /// Mounts `top` again with snapfs: live.raw must equal `before`.
-fn check_remount(top: &Path, before: &Path, what: &str) {
+fn check_remount(top: &Path, before: &Path) -> Result<(), String> {
     let m = Mount::new(top);
-    if let Err(e) = compare_files(&m.live(), before) {
-        panic!("{what}: after remounting, live.raw differs from before: {e}");
+    compare_files(&m.live(), before)
+        .map_err(|e| format!("after remounting, live.raw differs from before: {e}"))
+}
+
+/// A further check of a crashed copy (the directory, the content before): e.g. the overlay an
+/// external create may have left.
+type ExtraCheck = fn(&Path, &Path) -> Result<u64, String>;
+
+/// One chain operation, killed once per window on a fresh copy of the template: `echo COMMAND >
+/// control/FILE`, the write's return time and result handed back.
+struct ChainOp {
+    template: PathBuf,
+    work: PathBuf,
+    top_rel: String,
+    file: String,
+    command: String,
+    /// The live content before (and, as commit and pull never change it, after) the operation.
+    before: PathBuf,
+    windows: Vec<(Duration, Duration)>,
+    extra: ExtraCheck,
+    /// The copy of the current iteration.
+    dir: PathBuf,
+    reports: Vec<String>,
+    /// Kills after which the command had returned / was cut off.
+    returned: u64,
+    cut_off: u64,
+    /// Kills after which an external create's overlay was on disk.
+    overlays: u64,
+}
+
+impl ChainOp {
+    fn new(
+        template: &Path,
+        work: &Path,
+        top_rel: &str,
+        file: &str,
+        command: &str,
+        windows: Vec<(Duration, Duration)>,
+        extra: ExtraCheck,
+    ) -> ChainOp {
+        ChainOp {
+            template: template.to_path_buf(),
+            work: work.to_path_buf(),
+            top_rel: top_rel.to_string(),
+            file: file.to_string(),
+            command: command.to_string(),
+            before: convert_to_raw(&template.join(top_rel), None),
+            windows,
+            extra,
+            dir: PathBuf::new(),
+            reports: Vec::new(),
+            returned: 0,
+            cut_off: 0,
+            overlays: 0,
+        }
+    }
+
+    fn options(&self) -> CrashOptions {
+        CrashOptions {
+            iterations: self.windows.len() as u64,
+            budget: Duration::from_secs(100),
+            min_kills: 3,
+            ..Default::default()
+        }
     }
 }
 
-/// The common loop: time the operation, then kill at each point; returns the kill reports.
-fn crash_loop(
-    template: &Path,
-    work: &Path,
-    top_rel: &str,
-    file: &str,
-    command: &str,
-    extra_check: &dyn Fn(&Path, &Path, &str) -> Result<(), String>,
-) -> Vec<String> {
-    let before = convert_to_raw(&template.join(top_rel), None);
-    let full = time_once(template, work, top_rel, file, command);
-    let points = kill_points(full);
-    eprintln!("`{command}` > control/{file}: uninterrupted run {full:?}; kill points {points:?}");
-    let mut reports = Vec::new();
-    let mut failures = Vec::new();
-    let budget = Instant::now();
-    for (i, delay) in points.iter().enumerate() {
-        if budget.elapsed() > Duration::from_secs(120) {
-            reports.push(format!("stopped after {i} kills: time budget used up"));
-            break;
-        }
-        let dir = work.join(format!("kill{i}"));
-        copy_dir(template, &dir);
-        let top = dir.join(top_rel);
-        let k = kill_during(&top, file, command, *delay);
-        let what = format!("kill -9 at {:?} of `{command}` > control/{file}", k.delay);
+impl CrashWorkload for ChainOp {
+    type Outcome = (Instant, Result<(), String>);
+
+    fn image(&mut self, it: u64) -> PathBuf {
+        self.dir = self.work.join(format!("kill{it}"));
+        copy_dir(&self.template, &self.dir);
+        self.dir.join(&self.top_rel)
+    }
+
+    /// Every qcow2 file of the copy: the chain, and an overlay an external create left.
+    fn check_files(&self, _top: &Path) -> Vec<PathBuf> {
+        qcow2_files(&self.dir)
+    }
+
+    fn kill_delay(&mut self, it: u64, rng: &mut Rng) -> Duration {
+        let (lo, hi) = self.windows[it as usize];
+        let us = rng.range(lo.as_micros() as u64, hi.as_micros() as u64);
+        Duration::from_micros(us)
+    }
+
+    fn start(
+        &mut self,
+        _it: u64,
+        mp: &Path,
+        _seed: u64,
+        _stop: Arc<AtomicBool>,
+    ) -> Box<dyn FnOnce() -> Self::Outcome + Send> {
+        let (mp, file, command) = (mp.to_path_buf(), self.file.clone(), self.command.clone());
+        Box::new(move || {
+            let r = control(&mp, &file, &command).map_err(errno_name);
+            (Instant::now(), r)
+        })
+    }
+
+    fn verify(
+        &mut self,
+        top: &Path,
+        kill: &Kill,
+        (returned_at, result): Self::Outcome,
+    ) -> Result<u64, String> {
+        let before_kill = returned_at < kill.at;
         let line = format!(
-            "{what}: {}",
-            match (&k.returned_before_kill, &k.after_kill) {
-                (Some(r), _) => format!("the command had returned ({r:?})"),
-                (None, Some(r)) => format!("cut off, the write then got {r:?}"),
-                (None, None) => "?".to_string(),
-            }
+            "{}: `{}` > control/{}: {}; overlay on disk: {}",
+            kill.context(),
+            self.command,
+            self.file,
+            if before_kill {
+                format!("the command had returned ({result:?})")
+            } else {
+                format!("cut off, the write then got {result:?}")
+            },
+            self.dir.join("top.e.qcow2").exists()
         );
         eprintln!("{line}");
-        reports.push(line);
-        if let Some(Err(e)) = &k.returned_before_kill {
-            failures.push(format!("{what}: the command failed before the kill: {e}"));
+        self.reports.push(line);
+        if before_kill {
+            self.returned += 1;
+            if let Err(e) = &result {
+                return Err(format!("the command failed before the kill: {e}"));
+            }
+        } else {
+            self.cut_off += 1;
         }
-        if let Err(e) = check_crashed(&dir, &top, &before, &what) {
-            failures.push(e);
+        self.overlays += self.dir.join("top.e.qcow2").exists() as u64;
+        let mut bytes = check_content(&self.dir, top, &self.before)?;
+        bytes += (self.extra)(&self.dir, &self.before)?;
+        // Once per operation, snapfs itself reads the crashed result.
+        if kill.iteration == self.windows.len() as u64 / 2 {
+            check_remount(top, &self.before)?;
+            bytes += fs::metadata(&self.before).map(|m| m.len()).unwrap_or(0);
         }
-        if let Err(e) = extra_check(&dir, &before, &what) {
-            failures.push(e);
-        }
-        if i == points.len() / 2 && failures.is_empty() {
-            check_remount(&top, &before, &what);
-        }
-        fs::remove_dir_all(&dir).ok();
+        fs::remove_dir_all(&self.dir).ok();
+        Ok(bytes)
     }
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n- {}\nkills:\n{}",
-        failures.len(),
-        failures.join("\n- "),
-        reports.join("\n")
-    );
-    reports
+
+    fn summary(&self) -> String {
+        format!(
+            "`{}` > control/{}: returned before the kill {}, cut off {}, overlay left {}",
+            self.command, self.file, self.returned, self.cut_off, self.overlays
+        )
+    }
 }
 
-fn no_extra(_: &Path, _: &Path, _: &str) -> Result<(), String> {
-    Ok(())
+/// Times the operation, then kills it once per window of [`kill_windows`].
+fn crash_test(test: &str, template: &Path, work: &Path, top_rel: &str, file: &str, command: &str) {
+    let full = time_once(template, work, top_rel, file, command);
+    let windows = kill_windows(full, 8);
+    eprintln!("`{command}` > control/{file}: uninterrupted run {full:?}; kill windows {windows:?}");
+    let mut w = ChainOp::new(template, work, top_rel, file, command, windows, no_extra);
+    crash_loop(test, &w.options(), &mut w);
+}
+
+fn no_extra(_: &Path, _: &Path) -> Result<u64, String> {
+    Ok(0)
 }
 
 /// base.qcow2 (data, 256 MiB) <- top.qcow2 with 96 MiB of data, zero clusters over base data,
@@ -232,8 +270,14 @@ fn kill9_during_commit_of_the_top() {
     let template = w.path().join("template");
     fs::create_dir_all(&template).unwrap();
     commit_template(&template);
-    let reports = crash_loop(&template, w.path(), "top.qcow2", "commit", "", &no_extra);
-    eprintln!("{} kills during commit", reports.len());
+    crash_test(
+        "kill9_during_commit_of_the_top",
+        &template,
+        w.path(),
+        "top.qcow2",
+        "commit",
+        "",
+    );
 }
 
 /// base.qcow2 <- mid.qcow2 (64 MiB of data, zero clusters) <- top.qcow2 (no snapshots, a little
@@ -276,35 +320,43 @@ fn kill9_during_pull_of_a_layer() {
     let template = w.path().join("template");
     fs::create_dir_all(&template).unwrap();
     pull_template(&template);
-    let reports = crash_loop(&template, w.path(), "top.qcow2", "delete", "mid", &no_extra);
-    eprintln!("{} kills during the pull", reports.len());
+    crash_test(
+        "kill9_during_pull_of_a_layer",
+        &template,
+        w.path(),
+        "top.qcow2",
+        "delete",
+        "mid",
+    );
 }
 
 /// After a kill during `create e --external`: the new overlay, if it was left on disk, must be a
-/// sound qcow2 image over the old top that reads the same (nothing was written to it).
-fn overlay_check(dir: &Path, before: &Path, what: &str) -> Result<(), String> {
+/// sound qcow2 image (the harness checked it) over the old top that reads the same (nothing was
+/// written to it).
+fn overlay_check(dir: &Path, before: &Path) -> Result<u64, String> {
     let overlay = dir.join("top.e.qcow2");
     if !overlay.exists() {
-        return Ok(());
+        return Ok(0);
     }
-    let len = fs::metadata(&overlay).unwrap().len();
+    let len = fs::metadata(&overlay).map(|m| m.len()).unwrap_or(0);
     if image_format(&overlay) != "qcow2" {
         return Err(format!(
-            "{what}: a partly written overlay was left behind: {} ({len} bytes, no qcow2 header); \
+            "a partly written overlay was left behind: {} ({len} bytes, no qcow2 header); \
              a retry of the same create now fails with EEXIST",
             overlay.display()
         ));
     }
-    check_crashed(dir, &overlay, before, what).map_err(|e| format!("{e} (the new overlay)"))?;
+    let bytes =
+        check_content(dir, &overlay, before).map_err(|e| format!("{e} (the new overlay)"))?;
     let chain = chain_files(&overlay, dir);
     if chain.first().map(String::as_str) != Some("top.e.qcow2")
         || chain.get(1).map(String::as_str) != Some("top.qcow2")
     {
         return Err(format!(
-            "{what}: the overlay's chain is {chain:?}, expected top.e.qcow2 over top.qcow2"
+            "the overlay's chain is {chain:?}, expected top.e.qcow2 over top.qcow2"
         ));
     }
-    Ok(())
+    Ok(bytes)
 }
 
 #[test]
@@ -320,54 +372,22 @@ fn kill9_during_external_create() {
     snapshot_create(&top, "s");
     qemu_io_s(&top, &[format!("write -P 0xab {} {}", 4 * MIB, 8 * MIB)]);
 
-    let before = convert_to_raw(&top, None);
     let full = time_once(&template, w.path(), "top.qcow2", "create", "e --external");
-    // the create is quick: kill points in the first milliseconds, and around its duration
-    let mut points: Vec<Duration> = [0u64, 100, 300, 700, 1500, 3000, 8000]
-        .iter()
-        .map(|&us| Duration::from_micros(us))
+    // The create is quick: most kills in its first milliseconds, the rest over its duration.
+    let mut windows: Vec<(Duration, Duration)> = [0u64, 100, 300, 700, 1500, 3000, 8000]
+        .windows(2)
+        .map(|p| (Duration::from_micros(p[0]), Duration::from_micros(p[1])))
         .collect();
-    points.extend(kill_points(full).into_iter().skip(2));
-    points.sort();
-    points.dedup();
-    eprintln!("create --external: uninterrupted run {full:?}; kill points {points:?}");
-    let mut failures = Vec::new();
-    let mut reports = Vec::new();
-    let mut created = 0;
-    for (i, delay) in points.iter().enumerate() {
-        let dir = w.path().join(format!("kill{i}"));
-        copy_dir(&template, &dir);
-        let top = dir.join("top.qcow2");
-        let k = kill_during(&top, "create", "e --external", *delay);
-        let what = format!("kill -9 at {delay:?} of create e --external");
-        let exists = dir.join("top.e.qcow2").exists();
-        created += exists as usize;
-        let line = format!(
-            "{what}: returned before the kill: {:?}, after: {:?}; overlay on disk: {exists}",
-            k.returned_before_kill, k.after_kill
-        );
-        eprintln!("{line}");
-        reports.push(line);
-        if let Err(e) = check_crashed(&dir, &top, &before, &what) {
-            failures.push(e);
-        }
-        if let Err(e) = overlay_check(&dir, &before, &what) {
-            failures.push(e);
-        }
-        if i == points.len() / 2 && failures.is_empty() {
-            check_remount(&top, &before, &what);
-        }
-        fs::remove_dir_all(&dir).ok();
-    }
-    eprintln!(
-        "{} kills during create --external; the overlay existed after {created}",
-        points.len()
+    windows.extend(kill_windows(full, 6).into_iter().skip(1));
+    eprintln!("create --external: uninterrupted run {full:?}; kill windows {windows:?}");
+    let mut op = ChainOp::new(
+        &template,
+        w.path(),
+        "top.qcow2",
+        "create",
+        "e --external",
+        windows,
+        overlay_check,
     );
-    assert!(
-        failures.is_empty(),
-        "{} failure(s):\n- {}\nkills:\n{}",
-        failures.len(),
-        failures.join("\n- "),
-        reports.join("\n")
-    );
+    crash_loop("kill9_during_external_create", &op.options(), &mut op);
 }

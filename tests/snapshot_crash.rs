@@ -6,7 +6,10 @@
 //! every snapshot `qemu-img snapshot -l` lists must be whole: its content equals what the live
 //! disk held when its create was issued (a create that was in flight may or may not exist, but if
 //! it does it is complete; a snapshot whose create completed must exist unless a delete of it
-//! completed or was in flight). The next iteration mounts the same image again.
+//! completed or was in flight). The next iteration mounts the same image again. The loop, the
+//! kill and the `qemu-img check` are the shared crash harness (`tests/common/crash.rs`); these
+//! tests still tolerate one kind of corruption, COPIED flags out of step with refcounts, behind
+//! its `tolerate_copied_mismatch` option (see `crash_test`).
 //!
 //! Unflushed live writes may be lost in a crash, so after each kill the model takes the live disk
 //! as qemu-img reads it.
@@ -17,9 +20,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::snapshot_support::*;
+use common::crash::{CrashOptions, CrashWorkload, Kill, counters, crash_loop};
+use common::snapshot_support::{Rng, control, diff_bytes, errno_name, qemu_content, snapshot_tags};
 use common::*;
 
 const SIZE: u64 = 8 * MIB;
@@ -159,8 +163,6 @@ fn worker(
 
 #[derive(Default, Debug)]
 struct Stats {
-    iterations: u64,
-    kills: u64,
     /// What was in flight at each kill (None: between operations / stopped).
     killed_during: BTreeMap<String, u64>,
     completed: BTreeMap<Kind, u64>,
@@ -169,79 +171,90 @@ struct Stats {
     inflight_create_absent: u64,
     inflight_delete_present: u64,
     inflight_delete_absent: u64,
-    max_leaks: u64,
-    /// Times the image was repaired with `qemu-img check -r all` after corruption was found.
-    repairs: u64,
-    /// Kills after which the only errors were COPIED flags out of step with refcounts.
-    copied_mismatches: u64,
 }
 
-/// Checks the image after a kill against what the worker knew; returns the snapshots now in the
-/// image (with their contents) for the next iteration.
+/// The snapshot-command workload of the crash harness: one image, remounted after every kill;
+/// the worker starts from the snapshots the previous check found and the live disk as qemu-img
+/// reads it (unflushed writes may be lost in a crash).
+struct Commands {
+    img: PathBuf,
+    snaps: BTreeMap<String, Vec<u8>>,
+    /// The live disk read before this iteration's mount.
+    live: Vec<u8>,
+    stats: Stats,
+}
+
+impl CrashWorkload for Commands {
+    type Outcome = WorkerResult;
+
+    fn image(&mut self, _it: u64) -> PathBuf {
+        self.live = qemu_content(&self.img, None);
+        self.img.clone()
+    }
+
+    fn start(
+        &mut self,
+        it: u64,
+        mp: &Path,
+        seed: u64,
+        stop: Arc<AtomicBool>,
+    ) -> Box<dyn FnOnce() -> WorkerResult + Send> {
+        let live = std::mem::take(&mut self.live);
+        let (mp, snaps) = (mp.to_path_buf(), self.snaps.clone());
+        let prefix = format!("i{it}");
+        Box::new(move || worker(mp, live, snaps, Rng::new(seed), prefix, stop))
+    }
+
+    fn verify(&mut self, img: &Path, kill: &Kill, res: WorkerResult) -> Result<u64, String> {
+        for (k, n) in &res.completed {
+            *self.stats.completed.entry(*k).or_insert(0) += n;
+        }
+        let during = match &res.interrupted {
+            Some((op, _)) => format!("{:?}", op.kind()),
+            None => "between operations".to_string(),
+        };
+        *self.stats.killed_during.entry(during).or_insert(0) += 1;
+        if let Some((op, e)) = &res.unexpected {
+            return Err(format!(
+                "{op:?} failed with {} before the kill (a product error, not the crash); snapfs \
+                 stderr:\n{}",
+                errno_name(*e),
+                kill.stderr_before
+            ));
+        }
+        let (now, bytes) = verify_after_kill(img, &res, &mut self.stats)?;
+        self.snaps = now;
+        Ok(bytes)
+    }
+
+    fn summary(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "killed during: {}; completed ops: {}; {} snapshots verified whole; in-flight creates \
+             present/absent {}/{}; in-flight deletes present/absent {}/{}",
+            counters(&s.killed_during),
+            counters(&s.completed),
+            s.snapshots_verified,
+            s.inflight_create_present,
+            s.inflight_create_absent,
+            s.inflight_delete_present,
+            s.inflight_delete_absent
+        )
+    }
+}
+
+/// Checks the image after a kill (`qemu-img check` passed already) against what the worker
+/// knew: every snapshot whole, none missing or invented. Returns the snapshots now in the image
+/// (with their contents) for the next iteration and the bytes compared.
 fn verify_after_kill(
     img: &Path,
     res: &WorkerResult,
     stats: &mut Stats,
-    it: u64,
-    corruption: &mut Option<String>,
-) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let ctx = format!(
-        "iteration {it} (killed during {})",
-        match &res.interrupted {
-            Some((op, _)) => format!("{op:?}"),
-            None => "no operation".to_string(),
-        }
-    );
-    let check = check_json(img);
-    let errors: Vec<&str> = check
-        .text
-        .lines()
-        .filter(|l| l.starts_with("ERROR"))
-        .collect();
-    if !check.no_corruption()
-        && !errors.is_empty()
-        && errors.iter().all(|l| l.contains("OFLAG_COPIED"))
-    {
-        // The one state a kill can leave that ordering cannot avoid (issue 4, open): a refcount
-        // written, the COPIED flag that goes with it not yet. QEMU's own `snapshot -c` leaves
-        // the same. Counted and repaired here; every other error still fails the test.
-        stats.copied_mismatches += 1;
-        let repair = std::process::Command::new("qemu-img")
-            .args(["check", "-q", "-r", "all"])
-            .arg(img)
-            .output()
-            .expect("run qemu-img check -r all");
-        eprintln!(
-            "{ctx}: COPIED flags out of step with refcounts ({} entries), repaired (exit {:?})",
-            errors.len(),
-            repair.status.code()
-        );
-    } else if !check.no_corruption() {
-        let leaks = check
-            .text
-            .lines()
-            .filter(|l| l.starts_with("Leaked cluster"))
-            .count();
-        let other: Vec<&str> = check
-            .text
-            .lines()
-            .filter(|l| !l.starts_with("Leaked cluster"))
-            .collect();
-        *corruption = Some(format!(
-            "{ctx}: qemu-img check finds corruption after kill -9 (exit {:?}, {} corruptions, {} errors; \
-             {leaks} 'Leaked cluster' lines left out):\n{}\n{}",
-            check.exit,
-            check.corruptions,
-            check.check_errors,
-            other.join("\n"),
-            keep_copy(img)
-        ));
-    }
-    stats.max_leaks = stats.max_leaks.max(check.leaks);
-    let info = info_json(img);
-    if info["format-specific"]["data"]["corrupt"].as_bool() == Some(true) {
-        return Err(format!("{ctx}: the image is marked corrupt after the kill"));
-    }
+) -> Result<(BTreeMap<String, Vec<u8>>, u64), String> {
+    let ctx = match &res.interrupted {
+        Some((op, _)) => format!("killed during {op:?}"),
+        None => "killed between operations".to_string(),
+    };
     let tags = snapshot_tags(img);
     let mut seen = std::collections::BTreeSet::new();
     for t in &tags {
@@ -257,6 +270,7 @@ fn verify_after_kill(
         _ => (None, None),
     };
     let mut now = BTreeMap::new();
+    let mut bytes = 0;
     for t in &tags {
         let want = match (res.snaps.get(t), &pending_create) {
             (Some(c), _) => c,
@@ -277,6 +291,7 @@ fn verify_after_kill(
             ));
         }
         stats.snapshots_verified += 1;
+        bytes += got.len() as u64;
         now.insert(t.clone(), got);
     }
     for n in res.snaps.keys() {
@@ -301,164 +316,42 @@ fn verify_after_kill(
             stats.inflight_create_absent += 1;
         }
     }
-    Ok(now)
+    Ok((now, bytes))
 }
 
-/// Keeps a copy of a failing image for inspection (the first one of the process only); says
-/// where.
-fn keep_copy(img: &Path) -> String {
-    static KEPT: AtomicBool = AtomicBool::new(false);
-    if KEPT.swap(true, Ordering::SeqCst) {
-        return "(a copy of an earlier corrupt image was kept)".to_string();
-    }
-    let dst = std::env::temp_dir().join(format!("snapfs-crash-failure-{}.qcow2", unique()));
-    match std::fs::copy(img, &dst) {
-        Ok(_) => format!("(image kept as {})", dst.display()),
-        Err(e) => format!("(could not keep a copy of the image: {e})"),
-    }
-}
-
-fn crash_loop(what: &str, opts: &str, seed: u64, iterations: u64, budget: Duration) {
-    let t0 = Instant::now();
+fn crash_test(name: &str, opts: &str) {
     let dir = workdir();
     let img = dir.path().join("crash.qcow2");
     create_qcow2(&img, SIZE, opts, None);
     qemu_io(&img, &["write -P 0x31 0 2M", "write -P 0x32 6M 1M"]);
-    let mut rng = Rng::new(seed);
-    let mut snaps: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut stats = Stats::default();
-    let mut failure: Option<String> = None;
-    // corruption found by qemu-img check after a kill (the image is then repaired with
-    // `qemu-img check -r all` and the loop goes on, to keep checking snapshot wholeness)
-    let mut corruptions: Vec<String> = Vec::new();
-    for it in 0..iterations {
-        if t0.elapsed() > budget {
-            break;
-        }
-        stats.iterations += 1;
-        let live = qemu_content(&img, None);
-        let mut daemon = Daemon::start(&img, &[]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let handle = {
-            let mp = daemon.mp.clone();
-            let snaps = snaps.clone();
-            let wrng = Rng::new(rng.next_u64());
-            let stop = stop.clone();
-            let prefix = format!("i{it}");
-            std::thread::spawn(move || worker(mp, live, snaps, wrng, prefix, stop))
-        };
-        std::thread::sleep(Duration::from_millis(rng.range(20, 700)));
-        let stderr_before_kill = daemon.stderr();
-        daemon.kill9();
-        stats.kills += 1;
-        stop.store(true, Ordering::SeqCst);
-        let res = handle.join().expect("worker thread");
-        if !daemon.finish() {
-            failure = Some(format!(
-                "iteration {it}: could not unmount {} after the kill",
-                daemon.mp.display()
-            ));
-            break;
-        }
-        drop(daemon);
-        for (k, n) in &res.completed {
-            *stats.completed.entry(*k).or_insert(0) += n;
-        }
-        let during = match &res.interrupted {
-            Some((op, _)) => format!("{:?}", op.kind()),
-            None => "between operations".to_string(),
-        };
-        *stats.killed_during.entry(during).or_insert(0) += 1;
-        if let Some((op, e)) = &res.unexpected {
-            failure = Some(format!(
-                "iteration {it}: {op:?} failed with {} before the kill (a product error, not the \
-                 crash); snapfs stderr:\n{stderr_before_kill}",
-                errno_name(*e)
-            ));
-        }
-        let mut corruption = None;
-        let verified = verify_after_kill(&img, &res, &mut stats, it, &mut corruption);
-        if let Some(c) = corruption {
-            corruptions.push(c);
-            stats.repairs += 1;
-            let out = run_status(
-                std::process::Command::new("qemu-img")
-                    .args(["check", "-q", "-r", "all"])
-                    .arg(&img),
-            );
-            let again = check_json(&img);
-            if !again.no_corruption() {
-                failure = Some(format!(
-                    "iteration {it}: qemu-img check -r all could not repair the image ({}): {}",
-                    String::from_utf8_lossy(&out.stderr),
-                    again.text
-                ));
-                break;
-            }
-        }
-        match verified {
-            Ok(now) => snaps = now,
-            Err(e) => {
-                failure = Some(match failure {
-                    Some(f) => format!("{f}\n{e}"),
-                    None => e,
-                });
-            }
-        }
-        if failure.is_some() {
-            break;
-        }
-    }
-    eprintln!(
-        "{what}: {} iterations, {} kills in {:.1} s; killed during: {:?}; completed ops: {:?}; \
-         {} snapshots verified whole; in-flight creates present/absent {}/{}; in-flight deletes \
-         present/absent {}/{}; most leaked clusters after a kill: {}; corrupt after {} kills; \
-         COPIED flags out of step after {} kills",
-        stats.iterations,
-        stats.kills,
-        t0.elapsed().as_secs_f64(),
-        stats.killed_during,
-        stats.completed,
-        stats.snapshots_verified,
-        stats.inflight_create_present,
-        stats.inflight_create_absent,
-        stats.inflight_delete_present,
-        stats.inflight_delete_absent,
-        stats.max_leaks,
-        stats.repairs,
-        stats.copied_mismatches
-    );
-    if !corruptions.is_empty() || failure.is_some() {
-        let mut msg = String::new();
-        if let Some(f) = failure {
-            msg.push_str(&f);
-            msg.push('\n');
-        }
-        if !corruptions.is_empty() {
-            msg.push_str(&format!(
-                "{} of {} kills left an image that qemu-img check finds corrupt:\n{}",
-                corruptions.len(),
-                stats.kills,
-                corruptions.join("\n")
-            ));
-        }
-        panic!("{what}: {msg}\nstats: {stats:?}");
-    }
-    assert!(stats.kills >= 3, "{what}: only {} kills", stats.kills);
+    let mut w = Commands {
+        img,
+        snaps: BTreeMap::new(),
+        live: Vec::new(),
+        stats: Stats::default(),
+    };
+    let opts = CrashOptions {
+        iterations: 25,
+        budget: Duration::from_secs(30),
+        min_kills: 3,
+        // Issue 4, open point: a kill between a refcount write and the COPIED flag that goes
+        // with it leaves the two out of step (QEMU's own `snapshot -c` can too). Set to false
+        // once snapshot create/revert/delete order their writes so that this cannot happen.
+        tolerate_copied_mismatch: true,
+        ..Default::default()
+    };
+    crash_loop(name, &opts, &mut w);
 }
 
 #[test]
 fn kill_9_during_snapshot_commands_64k_clusters() {
-    crash_loop("64k clusters", "", 0xc4a5, 25, Duration::from_secs(30));
+    crash_test("kill_9_during_snapshot_commands_64k_clusters", "");
 }
 
 #[test]
 fn kill_9_during_snapshot_commands_4k_clusters() {
-    crash_loop(
-        "4k clusters",
+    crash_test(
+        "kill_9_during_snapshot_commands_4k_clusters",
         "cluster_size=4096",
-        0x4b1d,
-        25,
-        Duration::from_secs(30),
     );
 }

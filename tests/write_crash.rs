@@ -1,5 +1,6 @@
 //! Crash safety: a writer doing random writes followed by fsync runs against `live.raw`
-//! when the snapfs server is killed with SIGKILL at a random moment. Afterwards `qemu-img check`
+//! when the snapfs server is killed with SIGKILL at a random moment (the loop, the kill and the
+//! `qemu-img check` are the shared harness, `tests/common/crash.rs`). Afterwards `qemu-img check`
 //! must find no corruption (leaked clusters are allowed) and every write whose fsync returned
 //! must be in the image (read with `qemu-img convert`). Bytes that a write without a completed
 //! fsync touched may hold either content and are not compared. Each iteration continues on the
@@ -8,9 +9,12 @@
 mod common;
 
 use std::fs::{self, OpenOptions};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::crash::{CrashOptions, CrashWorkload, Kill, crash_loop};
 use common::write_support::*;
 use common::*;
 
@@ -33,6 +37,7 @@ fn writer(
     mut rng: Rng,
     g: Geometry,
     sync_every: usize,
+    stop: &AtomicBool,
 ) -> WriterResult {
     let mut r = WriterResult {
         expected: Vec::new(),
@@ -73,6 +78,10 @@ fn writer(
             r.synced_writes += 1;
             r.synced_bytes += data.len() as u64;
         }
+        if stop.load(Ordering::SeqCst) {
+            r.stopped_by = "told to stop after the kill".into();
+            break;
+        }
         if Instant::now() > deadline {
             r.stopped_by = "writer time limit (the server was never killed?)".into();
             break;
@@ -84,105 +93,133 @@ fn writer(
     r
 }
 
-#[derive(Debug, Default)]
-struct Totals {
-    iterations: u64,
-    kills: u64,
+/// The write workload of [`crash_loop`]: one image, remounted after every kill; the writer starts
+/// from the content the previous kill left.
+struct Writes {
+    img: PathBuf,
+    g: Geometry,
+    sync_every: usize,
+    /// Internal snapshots that must survive every kill unchanged, with their content.
+    snaps: Vec<(String, Vec<u8>)>,
+    /// The disk as the last check found it (the next writer's starting point).
+    baseline: Vec<u8>,
     synced_writes: u64,
     synced_bytes: u64,
-    bytes_verified: u64,
     bytes_skipped: u64,
-    max_leaks: u64,
 }
 
-/// `iterations` rounds of: mount, writer, kill -9 after a random delay, detach the dead mount,
-/// check (leaks allowed), compare the image with the expected content.
-fn crash_loop(
+impl CrashWorkload for Writes {
+    type Outcome = WriterResult;
+
+    fn image(&mut self, _it: u64) -> PathBuf {
+        self.img.clone()
+    }
+
+    fn kill_delay(&mut self, _it: u64, rng: &mut Rng) -> Duration {
+        Duration::from_millis(rng.range(50, 500))
+    }
+
+    fn start(
+        &mut self,
+        _it: u64,
+        mp: &Path,
+        seed: u64,
+        stop: Arc<AtomicBool>,
+    ) -> Box<dyn FnOnce() -> WriterResult + Send> {
+        let live = mp.join("live.raw");
+        let base = std::mem::take(&mut self.baseline);
+        let (g, sync_every) = (self.g, self.sync_every);
+        Box::new(move || writer(&live, base, Rng::new(seed), g, sync_every, &stop))
+    }
+
+    /// Every byte outside the ranges of unsynced writes must be as the fsynced writes left it;
+    /// the snapshots must not have changed.
+    fn verify(&mut self, img: &Path, kill: &Kill, r: WriterResult) -> Result<u64, String> {
+        self.synced_writes += r.synced_writes;
+        self.synced_bytes += r.synced_bytes;
+        let actual = fs::read(convert_to_raw(img, None)).map_err(|e| e.to_string())?;
+        if actual.len() != r.expected.len() {
+            return Err(format!(
+                "disk size changed: {} bytes, expected {}",
+                actual.len(),
+                r.expected.len()
+            ));
+        }
+        let skip = merge_ranges(r.unsynced.clone());
+        let whole: Ranges = vec![(0, actual.len() as u64)];
+        let mut verified = 0;
+        let mut problems = Vec::new();
+        for &(s, e) in &ranges_minus(&whole, &skip) {
+            let (s, e) = (s as usize, e as usize);
+            if let Some(d) = first_diff(&actual[s..e], &r.expected[s..e], s as u64) {
+                problems.push(d);
+            }
+            verified += (e - s) as u64;
+        }
+        self.bytes_skipped += ranges_total(&skip);
+        if !problems.is_empty() {
+            return Err(format!(
+                "fsynced data missing from the image ({} fsynced writes; unsynced ranges \
+                 {skip:x?}; writer stopped by: {}):\n- {}\nsnapfs stderr before the kill:\n{}",
+                r.synced_writes,
+                r.stopped_by,
+                problems.join("\n- "),
+                kill.stderr_before
+            ));
+        }
+        for (tag, want) in &self.snaps {
+            let got = fs::read(convert_to_raw(img, Some(tag))).map_err(|e| e.to_string())?;
+            if let Some(d) = first_diff(&got, want, 0) {
+                return Err(format!("snapshot {tag} changed: {d}"));
+            }
+            verified += want.len() as u64;
+        }
+        eprintln!(
+            "{}: {} fsynced writes ({} bytes), writer stopped by: {}",
+            kill.context(),
+            r.synced_writes,
+            r.synced_bytes,
+            r.stopped_by
+        );
+        self.baseline = actual;
+        Ok(verified)
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} fsynced writes ({} bytes), {} bytes of unsynced writes not compared",
+            self.synced_writes, self.synced_bytes, self.bytes_skipped
+        )
+    }
+}
+
+/// `iterations` kills of a random writer (see [`Writes`]), then a clean mount, write and unmount
+/// of the crashed image, which must add no corruption.
+fn crash_test(
     test: &str,
     img: &Path,
     g: Geometry,
     iterations: u64,
     sync_every: usize,
-    snaps: &[(String, Vec<u8>)],
+    snaps: Vec<(String, Vec<u8>)>,
 ) {
-    let mut rng = Rng::new(seed_for(test));
-    let mut baseline = fs::read(convert_to_raw(img, None)).unwrap();
-    let mut t = Totals::default();
-    for it in 0..iterations {
-        let mut server = Server::start(img, &[]);
-        let live = server.live();
-        let delay = Duration::from_millis(rng.range(50, 500));
-        let wrng = Rng::new(rng.next_u64());
-        let base = std::mem::take(&mut baseline);
-        let h = std::thread::spawn(move || writer(&live, base, wrng, g, sync_every));
-        std::thread::sleep(delay);
-        let log_before_kill = server.stderr_text();
-        server.kill9();
-        t.kills += 1;
-        // The connection is aborted: the writer's calls in flight fail; wait for it to stop.
-        let r = h.join().expect("writer thread panicked");
-        server.detach();
-        drop(server);
-        t.iterations += 1;
-        t.synced_writes += r.synced_writes;
-        t.synced_bytes += r.synced_bytes;
-
-        let c = qemu_check(img);
-        if c.corruptions() > 0 || c.check_errors() > 0 {
-            panic!(
-                "{test}: iteration {it}: kill -9 after {delay:?} ({} fsynced writes; writer stopped by: {}) \
-                 left a corrupt image:\n{}\n{}\nsnapfs stderr before the kill:\n{log_before_kill}",
-                r.synced_writes,
-                r.stopped_by,
-                c.stdout,
-                qemu_check_text(img)
-            );
-        }
-        t.max_leaks = t.max_leaks.max(c.leaks());
-
-        let actual = fs::read(convert_to_raw(img, None)).unwrap();
-        assert_eq!(
-            actual.len(),
-            r.expected.len(),
-            "{test}: iteration {it}: disk size changed"
-        );
-        let skip = merge_ranges(r.unsynced.clone());
-        let whole: Ranges = vec![(0, actual.len() as u64)];
-        let verify = ranges_minus(&whole, &skip);
-        let mut problems = Vec::new();
-        for &(s, e) in &verify {
-            let (s, e) = (s as usize, e as usize);
-            if let Some(d) = first_diff(&actual[s..e], &r.expected[s..e], s as u64) {
-                problems.push(d);
-            }
-            t.bytes_verified += (e - s) as u64;
-        }
-        t.bytes_skipped += ranges_total(&skip);
-        assert!(
-            problems.is_empty(),
-            "{test}: iteration {it}: kill -9 after {delay:?}: fsynced data missing from the image \
-             ({} fsynced writes; unsynced ranges {skip:x?}; writer stopped by: {}):\n- {}",
-            r.synced_writes,
-            r.stopped_by,
-            problems.join("\n- ")
-        );
-        for (tag, want) in snaps {
-            let got = fs::read(convert_to_raw(img, Some(tag))).unwrap();
-            if let Some(d) = first_diff(&got, want, 0) {
-                panic!("{test}: iteration {it}: snapshot {tag} changed: {d}");
-            }
-        }
-        eprintln!(
-            "{test}: iteration {it}: killed after {delay:?}: {} fsynced writes ({} bytes), leaks {}, \
-             writer stopped by: {}",
-            r.synced_writes,
-            r.synced_bytes,
-            c.leaks(),
-            r.stopped_by
-        );
-        baseline = actual;
-    }
-    // A clean mount and unmount of the crashed image works and adds no corruption.
+    let mut w = Writes {
+        img: img.to_path_buf(),
+        g,
+        sync_every,
+        snaps,
+        baseline: fs::read(convert_to_raw(img, None)).unwrap(),
+        synced_writes: 0,
+        synced_bytes: 0,
+        bytes_skipped: 0,
+    };
+    let opts = CrashOptions {
+        iterations,
+        budget: Duration::from_secs(60),
+        min_kills: iterations,
+        ..Default::default()
+    };
+    crash_loop(test, &opts, &mut w);
     {
         let m = Mount::new(img);
         let f = OpenOptions::new().write(true).open(m.live()).unwrap();
@@ -196,14 +233,13 @@ fn crash_loop(
         c.stdout,
         qemu_check_text(img)
     );
-    eprintln!("{test}: {t:?}");
     assert!(
-        t.synced_writes > 0,
+        w.synced_writes > 0,
         "{test}: no write completed in any iteration"
     );
 }
 
-/// 4 KiB clusters (many L2 tables and refcount updates), 32 MiB, 8 kill points.
+/// 4 KiB clusters (many L2 tables and refcount updates), 32 MiB, 16 kills.
 #[test]
 fn kill9_cluster4k() {
     let dir = workdir();
@@ -211,18 +247,18 @@ fn kill9_cluster4k() {
     let img = dir.path().join("crash.qcow2");
     create_qcow2(&img, size, "cluster_size=4096", None);
     common::images::fill(&img, 4 * KIB, size, 1, None);
-    crash_loop(
+    crash_test(
         "kill9_cluster4k",
         &img,
         Geometry::new(size, 4 * KIB, None),
-        8,
+        16,
         1,
-        &[],
+        Vec::new(),
     );
 }
 
 /// 64 KiB clusters with an internal snapshot (copy-on-write of shared clusters and L2 tables at
-/// the moment of the kill); the snapshot must survive unchanged. 6 kill points.
+/// the moment of the kill); the snapshot must survive unchanged. 12 kills.
 #[test]
 fn kill9_with_snapshot_64k() {
     let dir = workdir();
@@ -234,17 +270,17 @@ fn kill9_with_snapshot_64k() {
     snapshot_create(&img, "before");
     common::images::fill(&img, 64 * KIB, size, 2, None);
     let snap = fs::read(convert_to_raw(&img, Some("before"))).unwrap();
-    crash_loop(
+    crash_test(
         "kill9_with_snapshot_64k",
         &img,
         Geometry::new(size, 64 * KIB, None),
-        6,
+        12,
         1,
-        &[("before".to_string(), snap)],
+        vec![("before".to_string(), snap)],
     );
 }
 
-/// Extended L2 (subcluster allocation bitmaps updated in place), 6 kill points; an fsync after
+/// Extended L2 (subcluster allocation bitmaps updated in place), 12 kills; an fsync after
 /// every 4th write, so that more allocating writes are in flight when the server dies.
 #[test]
 fn kill9_extended_l2() {
@@ -253,12 +289,12 @@ fn kill9_extended_l2() {
     let img = dir.path().join("crash.qcow2");
     create_qcow2(&img, size, "cluster_size=65536,extended_l2=on", None);
     common::images::fill(&img, 64 * KIB, size, 1, Some(2 * KIB));
-    crash_loop(
+    crash_test(
         "kill9_extended_l2",
         &img,
         Geometry::new(size, 64 * KIB, Some(2 * KIB)),
-        6,
+        12,
         4,
-        &[],
+        Vec::new(),
     );
 }

@@ -54,11 +54,17 @@ pub struct Writer {
     /// inactive L2 tables).
     pub(super) metadata: std::collections::HashMap<u64, MetadataKind>,
     corrupt: bool,
+    /// Autoclear feature bits still set in the file's header. We maintain none of them (e.g.
+    /// persistent bitmaps would not follow our writes), so they are cleared before the first
+    /// change to the image; not at open, so that a read-write mount nobody writes to leaves the
+    /// file exactly as it was.
+    pending_autoclear: u64,
 }
 
 impl Writer {
-    /// Sets up writing: refuses images QEMU would repair first, clears autoclear bits that we do
-    /// not maintain (their data would go stale), and indexes the metadata clusters.
+    /// Sets up writing: refuses images QEMU would repair first, notes the autoclear bits that we
+    /// do not maintain (cleared at the first write, see [`Qcow2Image::writer`]), and indexes the
+    /// metadata clusters.
     pub(super) fn open(image: &Qcow2Image) -> Result<Writer> {
         let h = &image.header;
         let path = image.path.clone();
@@ -73,29 +79,6 @@ impl Writer {
                 path,
                 reason: "the image is dirty (lazy refcounts were not written back); mounting read-only (repair it with `qemu-img check -r all`)".into(),
             });
-        }
-        if h.version >= 3 && h.autoclear_features != 0 {
-            // Bitmaps would not follow our writes; clearing the bit tells QEMU they are stale.
-            let cleared = 0u64;
-            image
-                .file
-                .write_all_at(&cleared.to_be_bytes(), 88)
-                .map_err(|e| {
-                    Error::io(
-                        format!("{}: clearing autoclear features", path.display()),
-                        e,
-                    )
-                })?;
-            log::info!(
-                "{}: cleared autoclear features {:#x}{}",
-                path.display(),
-                h.autoclear_features,
-                if h.autoclear_features & autoclear::BITMAPS != 0 {
-                    " (persistent bitmaps are now marked inconsistent)"
-                } else {
-                    ""
-                }
-            );
         }
         let cache_blocks = (image.caches.l2_budget() / 16 / image.geometry.cluster_size()) as usize;
         let refcounts =
@@ -118,6 +101,11 @@ impl Writer {
             ),
             metadata: Default::default(),
             corrupt: false,
+            pending_autoclear: if h.version >= 3 {
+                h.autoclear_features
+            } else {
+                0
+            },
         };
         writer.index_metadata(image);
         Ok(writer)
@@ -239,8 +227,11 @@ pub(super) enum OldReference {
 }
 
 impl Qcow2Image {
+    /// The write side, locked. Every change to the image (guest writes, discards, resizes,
+    /// snapshot and chain operations) goes through here, so this is where the autoclear bits are
+    /// cleared, once, before the caller changes anything.
     pub fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
-        let w = self
+        let mut w = self
             .writer
             .get()
             .ok_or_else(|| Error::ReadOnly {
@@ -252,7 +243,31 @@ impl Qcow2Image {
                 path: self.path.clone(),
             });
         }
+        if w.pending_autoclear != 0 {
+            self.clear_autoclear(&mut w)?;
+        }
         Ok(w)
+    }
+
+    /// Zeroes the header's autoclear features field (offset 88). Bitmaps would not follow our
+    /// writes; a cleared bit tells QEMU they are stale.
+    fn clear_autoclear(&self, w: &mut Writer) -> Result<()> {
+        let bits = w.pending_autoclear;
+        self.write_file(&0u64.to_be_bytes(), 88, "header autoclear features")?;
+        // Durable before the change it guards: a kill after the caller's first write must not
+        // leave bitmaps that claim to be in step with the data.
+        self.flush()?;
+        w.pending_autoclear = 0;
+        log::info!(
+            "{}: cleared autoclear features {bits:#x}{}",
+            self.path.display(),
+            if bits & autoclear::BITMAPS != 0 {
+                " (persistent bitmaps are now marked inconsistent)"
+            } else {
+                ""
+            }
+        );
+        Ok(())
     }
 
     pub(super) fn refcount_err(&self) -> impl Fn(RefcountError) -> Error + '_ {

@@ -1526,6 +1526,7 @@ pub fn read_all(path: &Path) -> Vec<u8> {
 }
 
 pub mod chain_support;
+pub mod crash;
 pub mod hostile_support;
 pub mod libvirt_support;
 pub mod snapshot_support;
