@@ -15,21 +15,17 @@
 //! Any failure ends the loop (a damaged image would only make later iterations fail for the same
 //! reason) and fails the test after the summary line is printed. The seed comes from
 //! `SNAPFS_TEST_SEED` or the test's name ([`seed_for`]) and is printed, so a failure replays.
-//!
-//! [`CrashOptions::tolerate_copied_mismatch`] is the one exception to "any corruption fails": see
-//! there.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::snapshot_support::{CheckReport, Daemon, check_json};
+use super::snapshot_support::{Daemon, check_json};
 use super::write_support::{Rng, seed_for};
-use super::{image_format, info_json, run_status, unique};
+use super::{image_format, info_json, unique};
 
 /// How long the loop runs and what it accepts.
 #[derive(Debug, Clone)]
@@ -42,12 +38,6 @@ pub struct CrashOptions {
     pub min_kills: u64,
     /// Extra `snapfs mount -f` arguments.
     pub mount_args: Vec<String>,
-    /// Accept (count, then repair with `qemu-img check -r all`) a check whose only errors are
-    /// `ERROR OFLAG_COPIED` lines: COPIED flags out of step with refcounts, the state a kill in
-    /// the middle of a snapshot create/revert/delete could leave (issue 4). Off by default: the
-    /// harness is strict, any corruption fails. Only `tests/snapshot_crash.rs` sets it, until the
-    /// snapshot operations are ordered so that no such mismatch can occur.
-    pub tolerate_copied_mismatch: bool,
 }
 
 impl Default for CrashOptions {
@@ -57,7 +47,6 @@ impl Default for CrashOptions {
             budget: Duration::from_secs(30),
             min_kills: 3,
             mount_args: Vec::new(),
-            tolerate_copied_mismatch: false,
         }
     }
 }
@@ -130,8 +119,6 @@ pub struct CrashSummary {
     pub kills: u64,
     pub bytes_verified: u64,
     pub failures: u64,
-    /// Checks whose only errors were COPIED mismatches (tolerated, repaired).
-    pub copied_mismatches: u64,
     /// The most leaked clusters one check reported.
     pub max_leaks: u64,
     pub elapsed: Duration,
@@ -154,7 +141,7 @@ pub fn crash_loop<W: CrashWorkload>(name: &str, opts: &CrashOptions, w: &mut W) 
             break;
         }
         s.iterations += 1;
-        match one_iteration(it, opts, &args, &mut rng, w, &mut s) {
+        match one_iteration(it, &args, &mut rng, w, &mut s) {
             Ok(bytes) => s.bytes_verified += bytes,
             Err(e) => failures.push(e),
         }
@@ -167,12 +154,11 @@ pub fn crash_loop<W: CrashWorkload>(name: &str, opts: &CrashOptions, w: &mut W) 
     let extra = w.summary();
     eprintln!(
         "crash harness [{name}]: seed {seed:#x}, {} iterations, {} kills, {} bytes verified, \
-         {} failures, {} tolerated COPIED mismatches, most leaked clusters {}, {:.1} s{}{extra}",
+         {} failures, most leaked clusters {}, {:.1} s{}{extra}",
         s.iterations,
         s.kills,
         s.bytes_verified,
         s.failures,
-        s.copied_mismatches,
         s.max_leaks,
         s.elapsed.as_secs_f64(),
         if extra.is_empty() { "" } else { "; " },
@@ -193,7 +179,6 @@ pub fn crash_loop<W: CrashWorkload>(name: &str, opts: &CrashOptions, w: &mut W) 
 
 fn one_iteration<W: CrashWorkload>(
     it: u64,
-    opts: &CrashOptions,
     args: &[&str],
     rng: &mut Rng,
     w: &mut W,
@@ -257,7 +242,7 @@ fn one_iteration<W: CrashWorkload>(
         ));
     }
     for file in w.check_files(&image) {
-        check_after_kill(&file, opts, &kill, s)?;
+        check_after_kill(&file, &kill, s)?;
     }
     w.verify(&image, &kill, outcome)
         .map_err(|e| format!("{}: {e}", kill.context()))
@@ -283,15 +268,9 @@ fn join_within<T>(h: JoinHandle<T>, limit: Duration) -> Joined<T> {
     }
 }
 
-/// `qemu-img check` of one file after a kill: leaks allowed; corruption and check errors fail
-/// (unless tolerated, see [`CrashOptions::tolerate_copied_mismatch`]); a qcow2 image must not be
-/// marked corrupt.
-fn check_after_kill(
-    file: &Path,
-    opts: &CrashOptions,
-    kill: &Kill,
-    s: &mut CrashSummary,
-) -> Result<(), String> {
+/// `qemu-img check` of one file after a kill: leaks allowed; corruption and check errors fail;
+/// a qcow2 image must not be marked corrupt.
+fn check_after_kill(file: &Path, kill: &Kill, s: &mut CrashSummary) -> Result<(), String> {
     if image_format(file) != "qcow2" {
         return Ok(());
     }
@@ -299,50 +278,23 @@ fn check_after_kill(
     let check = check_json(file);
     s.max_leaks = s.max_leaks.max(check.leaks);
     if !check.no_corruption() {
-        let errors = error_lines(&check);
-        let copied_only = !errors.is_empty() && errors.iter().all(|l| l.contains("OFLAG_COPIED"));
-        if !(opts.tolerate_copied_mismatch && copied_only) {
-            return Err(format!(
-                "{ctx}: qemu-img check {} finds corruption (exit {:?}, {} corruptions, {} check \
+        return Err(format!(
+            "{ctx}: qemu-img check {} finds corruption (exit {:?}, {} corruptions, {} check \
                  errors; 'Leaked cluster' lines left out):\n{}\n{}\nsnapfs stderr before the \
                  kill:\n{}",
-                file.display(),
-                check.exit,
-                check.corruptions,
-                check.check_errors,
-                check
-                    .text
-                    .lines()
-                    .filter(|l| !l.starts_with("Leaked cluster"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                keep_copy(file),
-                kill.stderr_before
-            ));
-        }
-        // Tolerated (see the option): counted, repaired, and the repair must leave no error.
-        s.copied_mismatches += 1;
-        let out = run_status(
-            Command::new("qemu-img")
-                .args(["check", "-q", "-r", "all"])
-                .arg(file),
-        );
-        let again = check_json(file);
-        if !again.no_corruption() {
-            return Err(format!(
-                "{ctx}: qemu-img check -r all could not repair the COPIED mismatches of {} \
-                 ({}): {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr),
-                again.text
-            ));
-        }
-        eprintln!(
-            "{ctx}: {}: COPIED flags out of step with refcounts ({} entries), tolerated and \
-             repaired",
             file.display(),
-            errors.len()
-        );
+            check.exit,
+            check.corruptions,
+            check.check_errors,
+            check
+                .text
+                .lines()
+                .filter(|l| !l.starts_with("Leaked cluster"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            keep_copy(file),
+            kill.stderr_before
+        ));
     }
     let info = info_json(file);
     if info["format-specific"]["data"]["corrupt"].as_bool() == Some(true) {
@@ -353,15 +305,6 @@ fn check_after_kill(
         ));
     }
     Ok(())
-}
-
-fn error_lines(check: &CheckReport) -> Vec<String> {
-    check
-        .text
-        .lines()
-        .filter(|l| l.starts_with("ERROR"))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Keeps a copy of a failing image for inspection (the first one of the process only); says
