@@ -810,3 +810,32 @@ fn write_after_revert_in_one_mount() {
         pair.run(&ops);
     });
 }
+
+/// A history written by QEMU in which a snapshot's L2 table carries COPIED flags: S and T share
+/// the tables, the live disk is rewritten (its tables are copied), then `qemu-img snapshot -d T`
+/// drops the data only S and T held to refcount 1 and sets COPIED on those entries of the table
+/// S now owns alone. Reverting to S must not take that table as it is (its flags are wrong for a
+/// table the live disk shares): snapfs gives the live disk a corrected copy. Then writes, and S
+/// deleted, which leaves the live disk the table's only owner.
+#[test]
+fn revert_to_a_snapshot_whose_tables_qemu_flagged_copied() {
+    timed("qemu-flagged tables", || {
+        let dir = workdir();
+        let a = dir.path().join("a.qcow2");
+        create_qcow2(&a, SIZE, "", None);
+        qemu_io(&a, &[&format!("write -P 0x41 0 {}", SIZE / 2)]);
+        qemu_snapshot(&a, "-c", "S");
+        qemu_snapshot(&a, "-c", "T");
+        qemu_io(&a, &[&format!("write -P 0x42 0 {}", SIZE / 4)]);
+        qemu_snapshot(&a, "-d", "T");
+        assert_check_clean(&a, "the history qemu wrote");
+        let mut pair = Pair::new(&a, "qemu-flagged tables");
+        let mut ops = vec![revert("S"), Op::Check];
+        ops.extend(pattern_ops(64 * KIB, SIZE, 4, None));
+        ops.push(Op::Check);
+        ops.push(delete("S"));
+        ops.extend(pattern_ops(64 * KIB, SIZE, 5, None));
+        ops.push(Op::Check);
+        pair.run(&ops);
+    });
+}
