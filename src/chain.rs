@@ -55,17 +55,7 @@ impl RawImage {
 
     /// Makes a range read as zeros, deallocating it where the file system can.
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fallocate on a descriptor we own, with a range and mode checked by the kernel.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
+        if crate::qcow2::image::punch_hole(&self.file, offset, len).is_ok() {
             return Ok(());
         }
         // No hole punching here (a block device, an old file system): write zeros.

@@ -115,6 +115,27 @@ pub(crate) fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> std::io:
     Ok(())
 }
 
+/// Deallocates a byte range of `file` (FALLOC_FL_PUNCH_HOLE, size kept): it reads as zeros
+/// after. Fails where the file system or device cannot punch holes.
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a descriptor the caller owns, with a range and mode checked by the
+    // kernel.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl Qcow2Image {
     /// Opens and validates `path`. The file must start with the qcow2 magic.
     pub fn open(path: &Path, caches: Arc<Caches>, options: OpenOptions) -> Result<Self> {

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use crate::qcow2::image::Qcow2Image;
+use crate::qcow2::image::{Qcow2Image, punch_hole};
 use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
 use crate::qcow2::mapping::{
     CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2Source, L2Table,
@@ -58,11 +58,11 @@ impl Qcow2Image {
     /// Builds a new state with `build` beside the current one, then switches the header to it.
     /// Nothing on disk changes for the image until the switch; a failure before it takes back
     /// what the file grew by.
-    fn transact(
+    fn transact<T>(
         &self,
         w: &mut Writer,
-        build: impl FnOnce(&mut Shadow) -> Result<NewState>,
-    ) -> Result<()> {
+        build: impl FnOnce(&mut Shadow) -> Result<(NewState, T)>,
+    ) -> Result<T> {
         let len_before = self.file_len();
         let built = {
             let Writer {
@@ -72,17 +72,17 @@ impl Qcow2Image {
             } = &mut *w;
             let is_metadata = |cluster: u64| metadata.contains_key(&cluster);
             let mut tx = Shadow::new(refcounts, &self.file, &is_metadata);
-            build(&mut tx).and_then(|state| {
+            build(&mut tx).and_then(|(state, out)| {
                 let commit = tx.finish().map_err(self.refcount_err())?;
-                Ok((state, commit))
+                Ok((state, out, commit))
             })
         };
-        let switched = built.and_then(|(state, commit)| {
+        let switched = built.and_then(|(state, out, commit)| {
             self.flush()?;
             self.write_switch(&state, &commit)?;
-            Ok((state, commit))
+            Ok((state, out, commit))
         });
-        let (state, commit) = match switched {
+        let (state, out, commit) = match switched {
             Ok(done) => done,
             Err(e) => {
                 // Only clusters of the unfinished state lie past the old end.
@@ -99,31 +99,15 @@ impl Qcow2Image {
             // As QEMU discards what a snapshot operation frees, so that the host file system
             // gets the space back; only once the new state is durable.
             for (offset, len) in commit.freed_ranges(self.geometry.cluster_bits) {
-                self.punch_hole(offset, len);
+                if let Err(e) = punch_hole(&self.file, offset, len) {
+                    log::debug!(
+                        "{}: no hole punched for {len} freed bytes at {offset:#x}: {e}",
+                        self.path.display()
+                    );
+                }
             }
         }
-        durable
-    }
-
-    /// Gives a range of unused clusters back to the host file system, where it can.
-    fn punch_hole(&self, offset: u64, len: u64) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fallocate on a descriptor we own, with a range and mode checked by the kernel.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r != 0 {
-            log::debug!(
-                "{}: could not punch a hole of {len} bytes at {offset:#x}: {}",
-                self.path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
+        durable.map(|()| out)
     }
 
     /// The one header write that switches from the old state to the new one.
@@ -352,6 +336,33 @@ impl Qcow2Image {
         Ok((offset, len))
     }
 
+    /// Where the active L1 table goes: it stays where it is if its entries do not change, else
+    /// it moves to new clusters and the old ones are released.
+    fn replace_active_l1(
+        &self,
+        tx: &mut Shadow,
+        (old_offset, old_entries): (u64, &[u64]),
+        entries: &[u64],
+        declared: u64,
+    ) -> Result<u64> {
+        if entries == old_entries {
+            return Ok(old_offset);
+        }
+        self.release_range(tx, old_offset, declared * 8)?;
+        self.write_new_l1(tx, entries, declared, "active L1 table")
+    }
+
+    /// Writes `table` as the new snapshot table and releases the old one (offset, length).
+    fn replace_snapshot_table(
+        &self,
+        tx: &mut Shadow,
+        (old_offset, old_len): (u64, u64),
+        table: &[Snapshot],
+    ) -> Result<(u64, u64)> {
+        self.release_range(tx, old_offset, old_len)?;
+        self.write_new_snapshot_table(tx, table)
+    }
+
     /// The L2 table offsets of an L1 table's entries.
     fn table_offsets(entries: &[u64]) -> Vec<u64> {
         entries.iter().map(|e| e & L1_OFFSET_MASK).collect()
@@ -369,7 +380,7 @@ impl Qcow2Image {
         }
         let l1 = self.active_l1();
         let declared = l1.declared_len();
-        let (old_l1_offset, (old_table_offset, old_table_len)) = (w.l1_offset, w.snapshot_table);
+        let (old_l1_offset, old_table) = (w.l1_offset, w.snapshot_table);
         let size = self.virtual_size();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -397,7 +408,6 @@ impl Qcow2Image {
             icount: None,
             extra,
         };
-        let mut created = None;
         self.transact(&mut w, |tx| {
             // The snapshot's paths: one more reference to every table and cluster (with 1-bit
             // refcounts this fails here, before anything is written).
@@ -419,18 +429,13 @@ impl Qcow2Image {
             let entries = self.with_copied_flags(tx, &offsets)?;
             snap.l1_table_offset =
                 self.write_new_l1(tx, &entries, declared, "snapshot L1 table")?;
-            let l1_offset = if entries == l1.entries() {
-                old_l1_offset
-            } else {
-                self.release_range(tx, old_l1_offset, declared * 8)?;
-                self.write_new_l1(tx, &entries, declared, "active L1 table")?
-            };
+            let l1_offset =
+                self.replace_active_l1(tx, (old_l1_offset, l1.entries()), &entries, declared)?;
             let mut table = existing.as_ref().clone();
             table.push(snap.clone());
-            self.release_range(tx, old_table_offset, old_table_len)?;
-            let (snapshots_offset, snapshots_len) = self.write_new_snapshot_table(tx, &table)?;
-            created = Some(snap.clone());
-            Ok(NewState {
+            let (snapshots_offset, snapshots_len) =
+                self.replace_snapshot_table(tx, old_table, &table)?;
+            let state = NewState {
                 size,
                 l1_offset,
                 l1_declared: declared,
@@ -439,11 +444,8 @@ impl Qcow2Image {
                 snapshots_len,
                 snapshots: Arc::new(table),
                 copies,
-            })
-        })?;
-        created.ok_or_else(|| Error::Invalid {
-            path: self.path.clone(),
-            reason: "snapshot creation finished without a snapshot".into(),
+            };
+            Ok((state, snap))
         })
     }
 
@@ -472,7 +474,7 @@ impl Qcow2Image {
             let copies = self.settle_active_tables(tx, &mut offsets)?;
             let entries = self.with_copied_flags(tx, &offsets)?;
             let l1_offset = self.write_new_l1(tx, &entries, declared, "active L1 table")?;
-            Ok(NewState {
+            let state = NewState {
                 size,
                 l1_offset,
                 l1_declared: declared,
@@ -481,7 +483,8 @@ impl Qcow2Image {
                 snapshots_len,
                 snapshots,
                 copies,
-            })
+            };
+            Ok((state, ()))
         })
     }
 
@@ -492,8 +495,7 @@ impl Qcow2Image {
         let sn_l1 = self.snapshot_l1(&snap)?;
         let l1 = self.active_l1();
         let declared = l1.declared_len();
-        let old_l1_offset = w.l1_offset;
-        let (old_table_offset, old_table_len) = w.snapshot_table;
+        let (old_l1_offset, old_table) = (w.l1_offset, w.snapshot_table);
         let table: Vec<Snapshot> = self
             .snapshots()
             .iter()
@@ -510,15 +512,11 @@ impl Qcow2Image {
             let mut offsets = Self::table_offsets(l1.entries());
             let copies = self.settle_active_tables(tx, &mut offsets)?;
             let entries = self.with_copied_flags(tx, &offsets)?;
-            let l1_offset = if entries == l1.entries() {
-                old_l1_offset
-            } else {
-                self.release_range(tx, old_l1_offset, declared * 8)?;
-                self.write_new_l1(tx, &entries, declared, "active L1 table")?
-            };
-            self.release_range(tx, old_table_offset, old_table_len)?;
-            let (snapshots_offset, snapshots_len) = self.write_new_snapshot_table(tx, &table)?;
-            Ok(NewState {
+            let l1_offset =
+                self.replace_active_l1(tx, (old_l1_offset, l1.entries()), &entries, declared)?;
+            let (snapshots_offset, snapshots_len) =
+                self.replace_snapshot_table(tx, old_table, &table)?;
+            let state = NewState {
                 size,
                 l1_offset,
                 l1_declared: declared,
@@ -527,7 +525,8 @@ impl Qcow2Image {
                 snapshots_len,
                 snapshots: Arc::new(table),
                 copies,
-            })
+            };
+            Ok((state, ()))
         })
     }
 
@@ -558,7 +557,7 @@ impl Qcow2Image {
             self.apply_deltas(tx, deltas)?;
             self.release_range(tx, old_l1_offset, declared * 8)?;
             let l1_offset = self.write_new_l1(tx, &[], declared, "active L1 table")?;
-            Ok(NewState {
+            let state = NewState {
                 size,
                 l1_offset,
                 l1_declared: declared,
@@ -567,7 +566,8 @@ impl Qcow2Image {
                 snapshots_len,
                 snapshots,
                 copies: Vec::new(),
-            })
+            };
+            Ok((state, ()))
         })
     }
 }
