@@ -164,7 +164,14 @@ pub fn map_range(
                 Err(_) if first.is_some() => break 'tables,
                 Err(e) => return Err(source.metadata_error(e)),
             };
-            let unit_end = ((pos / unit_size) + 1).saturating_mul(unit_size).min(end);
+            // A cluster whose subclusters are all unallocated (or all zero) is stepped over at
+            // once: walking a large hole subcluster by subcluster cost 32 steps per cluster.
+            let step = if whole_cluster(geometry, &table, GuestOffset(pos), unit) {
+                geometry.cluster_size()
+            } else {
+                unit_size
+            };
+            let unit_end = ((pos / step) + 1).saturating_mul(step).min(end);
             if first.is_none() {
                 first_skip = match unit {
                     Unit::Compressed(_) => geometry.in_cluster(pos),
@@ -212,6 +219,25 @@ fn continues(first: Option<Unit>, next: Unit, distance: u64) -> bool {
         _ => false,
     }
 }
+
+/// Whether `unit` (just decoded at `guest`) holds for every subcluster of its cluster: an
+/// extended-L2 entry whose bitmap marks all of them unallocated, or all of them zero. (Without
+/// extended L2 a unit is a whole cluster already.)
+fn whole_cluster(geometry: &Geometry, table: &[u64], guest: GuestOffset, unit: Unit) -> bool {
+    if !geometry.extended_l2 {
+        return false;
+    }
+    let index = geometry.l2_index(guest) * geometry.l2_entry_words();
+    let bitmap = table.get(index + 1).copied().unwrap_or(0);
+    match unit {
+        Unit::Unallocated => bitmap == 0,
+        Unit::Zero => bitmap == ALL_ZERO_BITMAP,
+        Unit::Data(_) | Unit::Compressed(_) => false,
+    }
+}
+
+/// Extended L2 bitmap: every subcluster reads as zero, none allocated.
+const ALL_ZERO_BITMAP: u64 = 0xffff_ffff_0000_0000;
 
 /// Decodes the entry covering `guest` in `table`.
 fn unit_at(geometry: &Geometry, table: &[u64], guest: GuestOffset) -> Result<Unit, MetadataError> {
@@ -404,6 +430,51 @@ mod tests {
         assert_eq!(
             map_range(&img, &g, &l1, GuestOffset(6144), 1 << 20).unwrap(),
             Mapping::Unallocated { len: 1 << 20 }
+        );
+    }
+
+    /// Clusters whose subclusters are all unallocated (or all zero) are stepped over whole, and
+    /// the runs still end exactly where a subcluster differs.
+    #[test]
+    fn extended_l2_uniform_clusters_step_whole() {
+        let g = Geometry::new(16, true);
+        let cs = 1u64 << 16;
+        let mut t = vec![0u64; 4096 * 2];
+        // Clusters 0-2 unallocated; 3-4 all zero; 5: subcluster 0 zero, the rest unallocated;
+        // 6: data at 0x200000 in subcluster 5 only.
+        t[3 * 2 + 1] = ALL_ZERO_BITMAP;
+        t[4 * 2 + 1] = ALL_ZERO_BITMAP;
+        t[5 * 2 + 1] = 1 << 32;
+        t[6 * 2] = 0x200000;
+        t[6 * 2 + 1] = 1 << 5;
+        let img = FakeImage {
+            tables: HashMap::from([(0x10000, t.into())]),
+        };
+        let l1 = L1Table::new(vec![0x10000], 1);
+        let at = |pos: u64| map_range(&img, &g, &l1, GuestOffset(pos), 1 << 30).unwrap();
+        assert_eq!(at(100), Mapping::Unallocated { len: 3 * cs - 100 });
+        assert_eq!(
+            at(3 * cs + 7),
+            Mapping::Zero {
+                len: 2 * cs - 7 + 2048
+            }
+        );
+        assert_eq!(
+            at(5 * cs + 2048),
+            Mapping::Unallocated {
+                len: cs - 2048 + 5 * 2048
+            }
+        );
+        assert_eq!(
+            at(6 * cs + 5 * 2048),
+            Mapping::Data {
+                host: HostOffset(0x200000 + 5 * 2048),
+                len: 2048
+            }
+        );
+        assert_eq!(
+            at(6 * cs + 6 * 2048),
+            Mapping::Unallocated { len: (1 << 30) }
         );
     }
 
