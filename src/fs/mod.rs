@@ -10,9 +10,9 @@ use std::ffi::OsStr;
 use std::sync::{Arc, OnceLock};
 
 use fuser::{
-    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use parking_lot::Mutex;
 
@@ -225,6 +225,12 @@ impl Filesystem for SnapFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_REQUEST);
         let _ = config.set_max_readahead(MAX_REQUEST);
+        // Without this the kernel asks for `security.capability` (a GETXATTR round trip) before
+        // every write, to know whether the write must drop privileges: two requests per write.
+        // With it, the kernel leaves that to us and marks the file system "nosec", so it asks
+        // at most once per inode. There is nothing for us to drop: no file of ours ever has
+        // set-user-ID or set-group-ID bits (modes are masked with 0o777) or file capabilities.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -583,6 +589,11 @@ impl Filesystem for SnapFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Only our own names exist; the kernel's own questions (security.capability, ACLs)
+        // are answered without building the list.
+        if !name.as_encoded_bytes().starts_with(b"user.snapfs.") {
+            return reply.error(Errno::NO_XATTR);
+        }
         let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
             return reply.error(Errno::NO_XATTR);
         };
