@@ -8,11 +8,25 @@
 # env: SNAPFS_BENCH_DIR   work directory (default /tmp/snapfs-bench; must not be on tmpfs for
 #                         the copy workload to mean anything); emptied of its images on exit
 #      SNAPFS_BENCH_RUNS  same as --runs;  SNAPFS_BENCH_FIO_SECONDS  fio run time (default 10)
-#      SNAPFS_BENCH_WORKLOADS  which workloads, in order (default "mount seqread randread copy")
+#      SNAPFS_BENCH_PEER_MEMORY=1  also read the 64 GiB image through the peer for its peak RSS
+#                         (about 5 minutes; the memory row shows "-" for the peer without it)
+#      SNAPFS_BENCH_WORKLOADS  which workloads, in order
+#                         (default "mount seqread randread chain write copy manysnap memory")
 #
 # Test image: 4 GiB virtual qcow2 (64 KiB clusters), 1 GiB of incompressible data (4 x 256 MiB at
 # 0, 1, 2, 3 GiB), then 3 internal snapshots s1, s2, s3, each followed by a 64 MiB overwrite
 # (at 0, 1 GiB, 2 GiB). So every view holds 1 GiB of data and 3 GiB of holes.
+# Further images, built by the workloads that need them:
+#   chain:    a 5-layer external chain (chain0 <- ... <- chain4.qcow2, 4 GiB virtual): the base
+#             holds 1 GiB as above; each overlay overwrites 64 MiB of scattered 64 KiB pieces, so
+#             a read of the top falls through up to 4 layers. Random reads of its live view, and
+#             mount time of its top.
+#   write:    a fresh empty 4 GiB qcow2 per run (same for both), mounted read-write; fio writes
+#             to live.raw (snapfs) or to the writable export (peer), end_fsync=1.
+#   manysnap: a 1 GiB qcow2 with 16 MiB of data and 1000 internal snapshots; mount time.
+#   memory:   a 64 GiB qcow2 with one 64 KiB cluster written every 256 MiB (so every L2 table
+#             exists); dd bs=1M of the whole live view with snapfs --cache 32M, peak RSS (VmHWM)
+#             of the daemon (and of the peer with SNAPFS_BENCH_PEER_MEMORY=1). One run.
 #
 # What is compared with what:
 #   snapfs is mounted read-only (-r) and measured on snapshots/s1.raw AND on live.raw.
@@ -42,6 +56,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 RUNS=${SNAPFS_BENCH_RUNS:-3}
 FIO_SECONDS=${SNAPFS_BENCH_FIO_SECONDS:-10}
+PEER_MEMORY=${SNAPFS_BENCH_PEER_MEMORY:-0}
 WORK=${SNAPFS_BENCH_DIR:-/tmp/snapfs-bench}
 keep=0
 while [[ $# -gt 0 ]]; do
@@ -62,7 +77,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-read -ra WORKLOADS <<<"${SNAPFS_BENCH_WORKLOADS:-mount seqread randread copy}"
+read -ra WORKLOADS <<<"${SNAPFS_BENCH_WORKLOADS:-mount seqread randread chain write copy manysnap memory}"
 
 need_root
 ensure_rust
@@ -82,6 +97,11 @@ LIVEFILE=$MNT/live.raw
 OUT=$WORK/out.raw      # copy target
 snapfs_mounted=0
 peer_pid=
+# What start_snapfs / start_peer serve: the image, snapfs's extra options, whether the peer
+# export is writable. Workloads with their own image set these and restore them.
+S_IMG=$IMG
+S_OPTS=(-r)
+P_WRITABLE=off
 
 # ---------------------------------------------------------------- cleanup
 cleanup() {
@@ -91,7 +111,8 @@ cleanup() {
     stop_peer
     rm -f "$OUT" "$WORK"/rand.*
     if [[ $keep -eq 0 ]]; then
-        rm -f "$IMG" "$PEER"
+        rm -f "$IMG" "$PEER" "$WORK"/chain*.qcow2 "$WORK"/write.qcow2 "$WORK"/many.qcow2 \
+            "$WORK"/big.qcow2 "$WORK"/qsd.pid
         rmdir "$MNT" "$WORK" 2>/dev/null
     else
         note "work directory kept: $WORK"
@@ -157,9 +178,9 @@ drop_view_cache() {
 # ---------------------------------------------------------------- the two servers
 start_snapfs() {
     mkdir -p "$MNT"
-    "$SNAPFS" mount -r "$IMG" "$MNT"
+    "$SNAPFS" mount "${S_OPTS[@]}" "$S_IMG" "$MNT"
     snapfs_mounted=1
-    wait_readable "$LIVEFILE" || die "snapfs mounted $IMG but $LIVEFILE is not readable"
+    wait_readable "$LIVEFILE" || die "snapfs mounted $S_IMG but $LIVEFILE is not readable"
 }
 stop_snapfs() {
     [[ $snapfs_mounted -eq 1 ]] || return 0
@@ -168,10 +189,13 @@ stop_snapfs() {
 }
 start_peer() {
     : >"$PEER"
+    local ro=on
+    [[ $P_WRITABLE == on ]] && ro=off
+    # The qcow2 driver opens the backing chain named in the header by itself.
     qemu-storage-daemon --daemonize --pidfile "$WORK/qsd.pid" \
-        --blockdev "driver=file,node-name=f,filename=$IMG,locking=off,read-only=on" \
-        --blockdev driver=qcow2,node-name=q,file=f,read-only=on \
-        --export "type=fuse,id=e,node-name=q,mountpoint=$PEER"
+        --blockdev "driver=file,node-name=f,filename=$S_IMG,locking=off,read-only=$ro" \
+        --blockdev "driver=qcow2,node-name=q,file=f,read-only=$ro" \
+        --export "type=fuse,id=e,node-name=q,mountpoint=$PEER,writable=$P_WRITABLE"
     peer_pid=$(<"$WORK/qsd.pid")
     wait_readable "$PEER" || die "qemu-storage-daemon export $PEER is not readable"
 }
@@ -200,6 +224,8 @@ fmt_value() {
     s) awk -v v="$1" 'BEGIN { printf "%.2f s", v }' ;;
     ms) awk -v v="$1" 'BEGIN { printf "%.0f ms", v * 1000 }' ;;
     iops) awk -v v="$1" 'BEGIN { printf "%.0f IOPS", v }' ;;
+    mibs) awk -v v="$1" 'BEGIN { printf "%.0f MiB/s", v }' ;;
+    mib) awk -v v="$1" 'BEGIN { if (v > 0) printf "%.1f MiB", v; else print "-" }' ;;
     *) echo "$1 $2" ;;
     esac
 }
@@ -298,6 +324,7 @@ wl_randread() {
         pm=$(median "${p[@]}")
         row "rand 4K read, $jobs job(s) [snapshots/$SNAP.raw vs live]" "$(median "${s[@]}")" "$pm" iops higher
         row "rand 4K read, $jobs job(s) [live.raw vs live]" "$(median "${l[@]}")" "$pm" iops higher
+        [[ $jobs -eq 2 ]] && SINGLE_LIVE_RR2=$(median "${l[@]}")
     done
 }
 
@@ -335,6 +362,190 @@ wl_copy() {
     alternate copy_snapfs copy_peer
     row "copy snapshot $SNAP: cp --sparse=always vs qemu-img convert -l" "$A_MED" "$B_MED" s lower
     rm -f "$OUT"
+}
+
+# ---------------------------------------------------------------- own-image workloads
+# with_image IMG SNAPFS_OPTS... -- CMD...: runs CMD with start_snapfs/start_peer serving IMG
+with_image() {
+    local img=$1
+    shift
+    local opts=()
+    while [[ $1 != -- ]]; do
+        opts+=("$1")
+        shift
+    done
+    shift
+    local saved_img=$S_IMG saved_opts=("${S_OPTS[@]}")
+    S_IMG=$img
+    S_OPTS=("${opts[@]}")
+    "$@"
+    S_IMG=$saved_img
+    S_OPTS=("${saved_opts[@]}")
+}
+
+# chain: 5 layers; random reads of the top's live view, and mount time
+make_chain() {
+    [[ -e $WORK/chain4.qcow2 ]] && return 0
+    section "5-layer chain: $WORK/chain0.qcow2 <- ... <- chain4.qcow2"
+    cp --sparse=always "$IMG" "$WORK/chain0.qcow2"
+    # the base keeps its data but not its internal snapshots (they do not matter here)
+    local i j cmds
+    for i in 1 2 3; do qemu-img snapshot -d "s$i" "$WORK/chain0.qcow2"; done
+    for i in 1 2 3 4; do
+        qemu-img create -q -f qcow2 -F qcow2 -b "chain$((i - 1)).qcow2" "$WORK/chain$i.qcow2"
+        head -c 64k /dev/urandom >"$WORK/rand.$i"
+        cmds=()
+        # 1024 pieces of 64 KiB, one per 4 MiB, at a different phase per layer
+        for ((j = 0; j < 1024; j++)); do
+            cmds+=(-c "write -q -s $WORK/rand.$i $(((j * 4 + i - 1) << 20)) 64k")
+        done
+        qemu-io -f qcow2 "${cmds[@]}" "$WORK/chain$i.qcow2" >/dev/null
+        rm -f "$WORK/rand.$i"
+    done
+    qemu-img check -q "$WORK/chain4.qcow2"
+}
+chain_randread() {
+    local jobs=2 i s=() p=()
+    start_snapfs
+    start_peer
+    for ((i = 0; i < RUNS; i++)); do
+        s+=("$(fio_iops "$LIVEFILE" "$jobs")")
+        p+=("$(fio_iops "$PEER" "$jobs")")
+    done
+    stop_peer
+    stop_snapfs
+    CHAIN_S=$(median "${s[@]}")
+    CHAIN_P=$(median "${p[@]}")
+}
+wl_chain() {
+    make_chain
+    # like the main image: the layers stay in the host page cache (reads measure snapfs/the peer)
+    cat "$WORK"/chain?.qcow2 >/dev/null
+    section "5-layer chain: random 4 KiB reads of the live view, 2 jobs; mount time"
+    with_image "$WORK/chain4.qcow2" -r -- chain_randread
+    row "rand 4K read, 2 jobs, 5-layer chain [live.raw vs live]" "$CHAIN_S" "$CHAIN_P" iops higher
+    if [[ -n ${SINGLE_LIVE_RR2:-} ]]; then
+        row "  same, snapfs: 5-layer chain vs single image (target >= 0.77x)" "$CHAIN_S" "$SINGLE_LIVE_RR2" iops higher
+    fi
+    with_image "$WORK/chain4.qcow2" -r -- alternate time_snapfs_mount time_peer_mount
+    row "mount: 5-layer chain, command start -> live disk readable" "$A_MED" "$B_MED" ms lower
+}
+
+# write: fio on live.raw of a fresh image; MiB/s (sequential) and IOPS (random)
+WIMG=$WORK/write.qcow2
+fresh_write_image() { rm -f "$WIMG" && qemu-img create -q -f qcow2 "$WIMG" 4G; }
+fio_write() { # FILE seq|rand -> RESULT (MiB/s or IOPS)
+    local args
+    if [[ $2 == seq ]]; then
+        args=(--rw=write --bs=1M --size=1G)
+    else
+        args=(--rw=randwrite --bs=4k --size=4G --time_based --runtime="$FIO_SECONDS")
+    fi
+    RESULT=$(fio --name=write --filename="$1" "${args[@]}" --ioengine=psync --direct=0 \
+        --end_fsync=1 --output-format=terse --terse-version=3 |
+        awk -F';' -v kind="$2" '{ print (kind == "seq") ? $48 / 1024 : $49 }')
+}
+write_snapfs() { # seq|rand
+    fresh_write_image
+    with_image "$WIMG" -- start_snapfs
+    fio_write "$LIVEFILE" "$1"
+    stop_snapfs
+    qemu-img check -q "$WIMG" || die "qemu-img check of the image snapfs wrote failed"
+}
+write_peer() {
+    fresh_write_image
+    P_WRITABLE=on
+    with_image "$WIMG" -- start_peer
+    P_WRITABLE=off
+    fio_write "$PEER" "$1"
+    stop_peer
+}
+seqwrite_snapfs() { write_snapfs seq; }
+seqwrite_peer() { write_peer seq; }
+randwrite_snapfs() { write_snapfs rand; }
+randwrite_peer() { write_peer rand; }
+wl_write() {
+    section "writes to live.raw of a fresh 4 GiB image: fio psync, end_fsync=1"
+    alternate seqwrite_snapfs seqwrite_peer
+    row "seq write 1 MiB, 1 GiB [live.raw vs live]" "$A_MED" "$B_MED" mibs higher
+    alternate randwrite_snapfs randwrite_peer
+    row "rand 4K write, ${FIO_SECONDS}s [live.raw vs live]" "$A_MED" "$B_MED" iops higher
+    rm -f "$WIMG"
+}
+
+# manysnap: mount time of an image with 1000 internal snapshots
+make_many() {
+    local many=$WORK/many.qcow2
+    [[ -e $many ]] && return 0
+    section "1000-snapshot image: $many (this takes a while)"
+    qemu-img create -q -f qcow2 "$many.tmp" 1G
+    head -c 16M /dev/urandom >"$WORK/rand.m"
+    qemu-io -f qcow2 -c "write -q -s $WORK/rand.m 0 16M" "$many.tmp"
+    rm -f "$WORK/rand.m"
+    local i
+    for ((i = 1; i <= 1000; i++)); do
+        qemu-img snapshot -c "snap$i" "$many.tmp"
+    done
+    mv "$many.tmp" "$many"
+    qemu-img check -q "$many"
+}
+wl_manysnap() {
+    make_many
+    section "mount time, 1000 internal snapshots"
+    with_image "$WORK/many.qcow2" -r -- alternate time_snapfs_mount time_peer_mount
+    row "mount: 1000 snapshots, command start -> live disk readable" "$A_MED" "$B_MED" ms lower
+    with_image "$WORK/many.qcow2" -r -- count_snapshot_files
+    [[ $RESULT -eq 1000 ]] || die "the snapfs mount of many.qcow2 shows $RESULT snapshot files, not 1000"
+}
+count_snapshot_files() {
+    start_snapfs
+    RESULT=$(find "$MNT/snapshots" -name '*.raw' | wc -l)
+    stop_snapfs
+}
+
+# memory: peak RSS while reading a 64 GiB sparse image end to end
+BIG=$WORK/big.qcow2
+make_big() {
+    [[ -e $BIG ]] && return 0
+    section "64 GiB image: $BIG"
+    qemu-img create -q -f qcow2 "$BIG.tmp" 64G
+    local i cmds=()
+    for ((i = 0; i < 256; i++)); do
+        cmds+=(-c "write -q -P $((i % 250 + 1)) $((i << 28)) 64k")
+    done
+    qemu-io -f qcow2 "${cmds[@]}" "$BIG.tmp" >/dev/null
+    mv "$BIG.tmp" "$BIG"
+}
+peak_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+wl_memory() {
+    make_big
+    section "peak memory: dd bs=1M of a 64 GiB image (256 clusters of data), snapfs --cache 32M"
+    local pid t0 t1 s_kib p_kib
+    mkdir -p "$MNT"
+    # foreground, so that $! is the daemon itself
+    "$SNAPFS" mount -f -r --cache 32M "$BIG" "$MNT" 2>"$WORK/snapfs.log" &
+    pid=$!
+    snapfs_mounted=1
+    wait_readable "$LIVEFILE" || die "snapfs mounted $BIG but $LIVEFILE is not readable"
+    t0=$(now)
+    dd if="$LIVEFILE" of=/dev/null bs=1M status=none
+    t1=$(now)
+    s_kib=$(peak_kib "$pid")
+    note "snapfs: read 64 GiB in $(elapsed "$t0" "$t1") s"
+    stop_snapfs
+    wait "$pid" || warn "snapfs mount -f exited with status $?"
+    p_kib=0
+    if [[ $PEER_MEMORY -eq 1 ]]; then
+        with_image "$BIG" -r -- start_peer
+        t0=$(now)
+        dd if="$PEER" of=/dev/null bs=1M status=none
+        t1=$(now)
+        p_kib=$(peak_kib "$peer_pid")
+        note "peer: read 64 GiB in $(elapsed "$t0" "$t1") s"
+        stop_peer
+    fi
+    row "peak RSS reading 64 GiB end to end [--cache 32M vs peer]" "$(awk -v k="$s_kib" 'BEGIN { print k / 1024 }')" \
+        "$(awk -v k="$p_kib" 'BEGIN { print k / 1024 }')" mib lower
 }
 
 # ---------------------------------------------------------------- test image
@@ -375,7 +586,7 @@ stop_snapfs
 
 for w in "${WORKLOADS[@]}"; do
     case $w in
-    mount) "wl_$w" ;;
+    mount | chain | write | manysnap | memory) "wl_$w" ;;
     *)
         start_snapfs
         start_peer

@@ -10,9 +10,9 @@ use std::ffi::OsStr;
 use std::sync::{Arc, OnceLock};
 
 use fuser::{
-    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use parking_lot::Mutex;
 
@@ -47,6 +47,35 @@ thread_local! {
     /// Each FUSE worker thread reuses one read buffer instead of allocating per request.
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
+
+/// The reply to a read that lies wholly in a hole: `MAX_REQUEST` zero bytes, mapped read-only
+/// from anonymous memory, so that every page of it is the kernel's one shared zero page. No
+/// memset per request, and the kernel's copy into the page cache reads the same 4 KiB over and
+/// over, from the CPU cache. (A zeroed static would land in .rodata: 256 pages of the binary.)
+fn zeros() -> &'static [u8] {
+    static ZEROS: OnceLock<Option<&'static [u8]>> = OnceLock::new();
+    let mapped = ZEROS.get_or_init(|| {
+        let len = MAX_REQUEST as usize;
+        // SAFETY: a fresh private anonymous read-only mapping; nothing else refers to it, it is
+        // never unmapped (so the slice lives for 'static), and reading it yields zeros.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            (p != libc::MAP_FAILED).then(|| std::slice::from_raw_parts(p as *const u8, len))
+        }
+    });
+    mapped.unwrap_or(&[])
+}
+
+/// Reads at least this long ask first whether they lie in a hole (a mapping walk, cheap next to
+/// copying the bytes); shorter ones just read.
+const HOLE_CHECK_MIN: usize = 64 << 10;
 
 fn errno(e: &crate::error::Error) -> Errno {
     Errno::from_i32(e.errno())
@@ -225,6 +254,12 @@ impl Filesystem for SnapFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_REQUEST);
         let _ = config.set_max_readahead(MAX_REQUEST);
+        // Without this the kernel asks for `security.capability` (a GETXATTR round trip) before
+        // every write, to know whether the write must drop privileges: two requests per write.
+        // With it, the kernel leaves that to us and marks the file system "nosec", so it asks
+        // at most once per inode. There is nothing for us to drop: no file of ours ever has
+        // set-user-ID or set-group-ID bits (modes are masked with 0o777) or file capabilities.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -349,6 +384,14 @@ impl Filesystem for SnapFs {
         };
         let view = &entry.view;
         let len = view.size().saturating_sub(offset).min(size as u64) as usize;
+        if len >= HOLE_CHECK_MIN && len <= zeros().len() {
+            // An error here is left to the read below, which reports it.
+            if let Ok((crate::view::Extent::Hole, hole)) = view.extent_at(offset, len as u64)
+                && hole >= len as u64
+            {
+                return reply.data(&zeros()[..len]);
+            }
+        }
         READ_BUF.with_borrow_mut(|buf| {
             // Every byte is overwritten by the read, so a reused buffer needs no clearing.
             if buf.len() < len {
@@ -583,6 +626,11 @@ impl Filesystem for SnapFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        // Only our own names exist; the kernel's own questions (security.capability, ACLs)
+        // are answered without building the list.
+        if !name.as_encoded_bytes().starts_with(b"user.snapfs.") {
+            return reply.error(Errno::NO_XATTR);
+        }
         let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
             return reply.error(Errno::NO_XATTR);
         };

@@ -189,9 +189,13 @@ impl Writer {
 }
 
 /// One L2 table being changed: its entries, where it lives, and which entries changed.
+///
+/// `words` starts as the very table the cache holds; the first change copies it (copy on write,
+/// `Arc::make_mut`), so readers keep the old table until [`Qcow2Image::commit_l2`] publishes the
+/// new one, and an edit costs one copy of the table rather than one to edit and one to publish.
 struct L2Edit {
     offset: u64,
-    words: Vec<u64>,
+    words: L2Table,
     words_per_entry: usize,
     changed: Option<(usize, usize)>,
 }
@@ -209,9 +213,10 @@ impl L2Edit {
 
     fn set(&mut self, index: usize, entry: u64, bitmap: u64) {
         let w = index * self.words_per_entry;
-        self.words[w] = entry;
+        let words = Arc::make_mut(&mut self.words);
+        words[w] = entry;
         if self.words_per_entry == 2 {
-            self.words[w + 1] = bitmap;
+            words[w + 1] = bitmap;
         }
         self.changed = Some(match self.changed {
             None => (index, index),
@@ -362,15 +367,15 @@ impl Qcow2Image {
             let table = crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?;
             return Ok(L2Edit {
                 offset: old,
-                words: table.to_vec(),
+                words: table,
                 words_per_entry,
                 changed: None,
             });
         }
-        let words: Vec<u64> = if old == 0 {
-            vec![0; (cs / 8) as usize]
+        let words: L2Table = if old == 0 {
+            std::iter::repeat_n(0u64, (cs / 8) as usize).collect()
         } else {
-            crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?.to_vec()
+            crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?
         };
         let new = w
             .refcounts
@@ -380,7 +385,7 @@ impl Qcow2Image {
         let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
         self.write_file(&bytes, new, "L2 table")?;
         w.add_metadata(new, 1, self.geometry.cluster_bits, MetadataKind::ActiveL2);
-        self.publish_l2(new, Arc::from(words.clone()));
+        self.publish_l2(new, words.clone());
         self.set_l1_entry(w, l1_index, new | COPIED)?;
         if old != 0 {
             // The old table now belongs to snapshots only (or to nobody).
@@ -408,7 +413,7 @@ impl Qcow2Image {
             .flat_map(|v| v.to_be_bytes())
             .collect();
         self.write_file(&bytes, edit.offset + (first * w * 8) as u64, "L2 entries")?;
-        self.publish_l2(edit.offset, Arc::from(edit.words));
+        self.publish_l2(edit.offset, edit.words);
         Ok(())
     }
 
@@ -562,7 +567,6 @@ impl Qcow2Image {
             }
             let run_start = pos - g.in_cluster(pos);
             let run_len = count * cs;
-            let mut buf = vec![0u8; run_len as usize];
             let write_from = (pos - run_start) as usize;
             let write_to =
                 ((offset + data.len() as u64).min(run_start + run_len) - run_start) as usize;
@@ -570,24 +574,42 @@ impl Qcow2Image {
             // shows now.
             let first_partial = write_from > 0;
             let last_partial = write_to < run_len as usize;
-            if first_partial {
-                self.read_current(&mut buf[..cs as usize], run_start, backing)?;
+            let guest = &data[done..done + (write_to - write_from)];
+            // Whole clusters are written straight from the request; only a run with a partly
+            // written cluster at an end is assembled in a buffer (a 1 MiB buffer costs a memset
+            // and a copy per 1 MiB write).
+            let mut buf = Vec::new();
+            if first_partial || last_partial {
+                buf = vec![0u8; run_len as usize];
+                if first_partial {
+                    self.read_current(&mut buf[..cs as usize], run_start, backing)?;
+                }
+                if last_partial && !(count == 1 && first_partial) {
+                    let last_start = (run_len - cs) as usize;
+                    self.read_current(
+                        &mut buf[last_start..],
+                        run_start + last_start as u64,
+                        backing,
+                    )?;
+                }
+                buf[write_from..write_to].copy_from_slice(guest);
             }
-            if last_partial && !(count == 1 && first_partial) {
-                let last_start = (run_len - cs) as usize;
-                self.read_current(
-                    &mut buf[last_start..],
-                    run_start + last_start as u64,
-                    backing,
-                )?;
-            }
-            buf[write_from..write_to].copy_from_slice(&data[done..done + (write_to - write_from)]);
+            // Where the file ends before the allocation: nothing was ever written past it.
+            let unwritten_from = if buf.is_empty() {
+                None
+            } else {
+                self.regular_file_len()
+            };
             let host = w
                 .refcounts
                 .allocate(&self.file, count)
                 .map_err(self.refcount_err())?;
             self.check_overlap(w, "new data cluster", host, run_len)?;
-            self.write_file(&buf, host, "guest data")?;
+            if buf.is_empty() {
+                self.write_file(guest, host, "guest data")?;
+            } else {
+                self.write_new_run(&buf, host, write_from, write_to, unwritten_from)?;
+            }
             for i in 0..count as usize {
                 let (old, _) = edit.entry(index + i);
                 if let Some(r) = self.old_reference(old) {
@@ -647,6 +669,69 @@ impl Qcow2Image {
         let new_bitmap = alloc | (zero << 32);
         if new_bitmap != bitmap {
             edit.set(index, entry, new_bitmap);
+        }
+        Ok(())
+    }
+
+    /// The file's length if it is a regular file (None for a block device, whose unused space
+    /// holds whatever was there before).
+    fn regular_file_len(&self) -> Option<u64> {
+        self.file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    }
+
+    /// Writes the newly allocated run `buf` at `host`, of which `write_from..write_to` is guest
+    /// data and the rest the copied-on-write fill. A fill that is all zeros and lies wholly at or
+    /// past `unwritten_from` (the file's end before the run was allocated) is not written: those
+    /// bytes were never written and already read as zeros (a hole, or past the end of the file,
+    /// which is then extended over the whole run). A 4 KiB write into a fresh 64 KiB cluster then
+    /// writes 4 KiB, not 64 KiB, as QEMU does by zeroing the cluster without writing it. The
+    /// order is unchanged: all of this happens before the L2 entry is written.
+    fn write_new_run(
+        &self,
+        buf: &[u8],
+        host: u64,
+        write_from: usize,
+        write_to: usize,
+        unwritten_from: Option<u64>,
+    ) -> Result<()> {
+        // OR-folding 4 KiB at a time vectorises; a byte-wise `all` that may stop early does not.
+        let zero = |part: &[u8]| {
+            part.chunks(4096)
+                .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        };
+        let (from, to) = match unwritten_from {
+            Some(eof) => (
+                if host >= eof && zero(&buf[..write_from]) {
+                    write_from
+                } else {
+                    0
+                },
+                if host + write_to as u64 >= eof && zero(&buf[write_to..]) {
+                    write_to
+                } else {
+                    buf.len()
+                },
+            ),
+            None => (0, buf.len()),
+        };
+        self.write_file(&buf[from..to], host + from as u64, "guest data")?;
+        let run_end = host + buf.len() as u64;
+        if to < buf.len() && self.regular_file_len().is_some_and(|len| len < run_end) {
+            // The skipped tail lies past the end: extend the file so that the whole cluster is
+            // inside it (a hole), as a full write would have.
+            self.file.set_len(run_end).map_err(|e| {
+                Error::io(
+                    format!(
+                        "{}: extending the file to {run_end:#x}",
+                        self.path.display()
+                    ),
+                    e,
+                )
+            })?;
         }
         Ok(())
     }
