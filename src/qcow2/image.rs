@@ -361,18 +361,26 @@ impl Qcow2Image {
             return Ok(Vec::new());
         }
         let offset = self.header.snapshots_offset;
-        let in_file = self
+        let limit = self
             .file_len()
             .saturating_sub(offset)
             .min(snapshot::MAX_TABLE_SIZE);
-        let mut buf = vec![0u8; in_file as usize];
-        read_or_zero(&self.file, &mut buf, offset).map_err(|e| {
-            Error::io(
-                format!("{}: cannot read the snapshot table", self.path.display()),
-                e,
-            )
-        })?;
-        snapshot::parse_table(&buf, count).map_err(|e| self.metadata_error(e))
+        // Entries are about 100 bytes: start with a generous guess and read more only if the
+        // table is longer, rather than everything up to the limit (64 MiB) at every open.
+        let mut want = (count as u64 * 256).max(64 << 10).min(limit);
+        loop {
+            let mut buf = vec![0u8; want as usize];
+            read_or_zero(&self.file, &mut buf, offset).map_err(|e| {
+                Error::io(
+                    format!("{}: cannot read the snapshot table", self.path.display()),
+                    e,
+                )
+            })?;
+            if want >= limit || snapshot::table_len(&buf, count).is_some() {
+                return snapshot::parse_table(&buf, count).map_err(|e| self.metadata_error(e));
+            }
+            want = (want * 4).min(limit);
+        }
     }
 
     /// Loads the L1 table of an internal snapshot, checking it as QEMU does before using it.

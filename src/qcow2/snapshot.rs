@@ -183,6 +183,21 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataEr
     Ok(snapshots)
 }
 
+/// How many bytes the `count` entries at the start of `table` take, or None if `table` ends
+/// before the last of them does (a reader then reads more, up to what the file holds).
+pub fn table_len(table: &[u8], count: u32) -> Option<usize> {
+    let mut pos = 0usize;
+    for _ in 0..count {
+        let fixed = table.get(pos..pos + FIXED_LEN)?;
+        let body = FIXED_LEN
+            + be_u32(fixed, 36) as usize
+            + be_u16(fixed, 12) as usize
+            + be_u16(fixed, 14) as usize;
+        pos = (pos + body).next_multiple_of(8);
+    }
+    (pos <= table.len()).then_some(pos)
+}
+
 /// The checks of a snapshot's `l1_table_offset` and `l1_size` that need no cluster size.
 fn check_l1(offset: u64, l1_size: u32) -> Result<(), String> {
     if l1_size > MAX_L1_ENTRIES {
@@ -272,6 +287,21 @@ mod tests {
             icount: None,
             extra,
         }
+    }
+
+    #[test]
+    fn table_len_says_when_a_prefix_holds_every_entry() {
+        let table: Vec<Snapshot> = (0..50)
+            .map(|i| sample(&i.to_string(), &"n".repeat(i * 3)))
+            .collect();
+        let bytes = encode_table(&table);
+        assert_eq!(table_len(&bytes, 50), Some(bytes.len()));
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[0xff; 100]);
+        assert_eq!(table_len(&longer, 50), Some(bytes.len()));
+        assert_eq!(table_len(&bytes[..bytes.len() - 1], 50), None);
+        assert_eq!(table_len(&bytes[..39], 1), None);
+        assert_eq!(table_len(&[], 0), Some(0));
     }
 
     #[test]
