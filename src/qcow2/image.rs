@@ -157,7 +157,16 @@ impl Qcow2Image {
     ) -> Result<Self> {
         let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
         let file_len = file_size(&file).map_err(|e| io("cannot get the file size", e))?;
-        let mut start = vec![0u8; file_len.min(HEADER_READ_LEN) as usize];
+        // Cluster 0 and a backing name at its end are all the header can use: read the cluster
+        // size first (bytes 20..24) rather than always the largest cluster.
+        let mut bits = [0u8; 24];
+        read_or_zero(&file, &mut bits, 0).map_err(|e| io("cannot read the header", e))?;
+        let cluster_bits = u32::from_be_bytes([bits[20], bits[21], bits[22], bits[23]]);
+        let header_len = match cluster_bits {
+            9..=21 => (1u64 << cluster_bits) + 1024,
+            _ => HEADER_READ_LEN,
+        };
+        let mut start = vec![0u8; file_len.min(header_len) as usize];
         read_or_zero(&file, &mut start, 0).map_err(|e| io("cannot read the header", e))?;
         let header = Header::parse(&start, file_len).map_err(|source| Error::Header {
             path: path.to_owned(),
