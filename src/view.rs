@@ -213,16 +213,9 @@ impl View {
         if let Some(n) = *self.allocated.lock() {
             return Ok(n);
         }
-        let mut total = 0;
-        let mut offset = 0;
+        let l1 = self.start_l1();
         let size = self.size();
-        while offset < size {
-            let (extent, len) = self.extent_at(offset, size - offset)?;
-            if extent == Extent::Data {
-                total += len;
-            }
-            offset += len.max(1);
-        }
+        let total = allocated_layer(&self.chain, self.layer, l1.as_deref(), size, 0, size)?;
         *self.allocated.lock() = Some(total);
         Ok(total)
     }
@@ -328,6 +321,54 @@ fn extent_layer(
 }
 
 /// Data and holes of a raw file, as its own file system reports them.
+/// Bytes of data in `[offset, offset + len)` of layer `depth` and what shows through it from
+/// below. Each layer's runs are walked once, and only the unallocated ones are passed down: a
+/// walk extent by extent from the top went through every upper layer again for each extent
+/// (19 ms for the first `stat` of a 5-layer chain's `live.raw`).
+fn allocated_layer(
+    chain: &Chain,
+    depth: usize,
+    l1: Option<&L1Table>,
+    limit: u64,
+    offset: u64,
+    len: u64,
+) -> Result<u64> {
+    let end = offset.saturating_add(len).min(limit);
+    let mut pos = offset;
+    let mut total = 0;
+    match chain.layers[depth].as_ref() {
+        Layer::Raw(raw) => {
+            while pos < end {
+                let (extent, n) = raw_extent(raw, pos, end - pos)?;
+                if extent == Extent::Data {
+                    total += n;
+                }
+                pos += n.max(1);
+            }
+        }
+        Layer::Qcow2(image) => {
+            let mut active = None;
+            let l1 = start_table(image, l1, &mut active);
+            while pos < end {
+                let mapping = image.map(l1, pos, end - pos)?;
+                let n = mapping.len();
+                match mapping {
+                    Mapping::Data { .. } | Mapping::Compressed { .. } => total += n,
+                    Mapping::Zero { .. } => {}
+                    Mapping::Unallocated { .. } => {
+                        if let Some(below) = chain.layers.get(depth + 1) {
+                            let limit = below.virtual_size();
+                            total += allocated_layer(chain, depth + 1, None, limit, pos, n)?;
+                        }
+                    }
+                }
+                pos += n.max(1);
+            }
+        }
+    }
+    Ok(total)
+}
+
 fn raw_extent(raw: &crate::chain::RawImage, offset: u64, max_len: u64) -> Result<(Extent, u64)> {
     let fd = raw.file.as_raw_fd();
     let seek = |whence| {

@@ -177,7 +177,9 @@ impl Ownership {
             uid: self.uid,
             gid: self.gid,
             rdev: 0,
-            blksize: 65536,
+            // The "preferred I/O size" that cp, cat and backup tools size their buffers by: the
+            // largest request the kernel passes to us in one piece.
+            blksize: super::MAX_REQUEST,
             flags: 0,
         }
     }

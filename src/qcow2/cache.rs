@@ -7,7 +7,6 @@
 //! harmless (the tables are immutable once published).
 
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use lru::LruCache;
 use parking_lot::Mutex;
@@ -25,14 +24,16 @@ const SHARDS: usize = 1 << SHARD_BITS;
 struct Shard<V> {
     entries: LruCache<CacheKey, (V, u64)>,
     bytes: u64,
+    // Counted here, under the lock a lookup holds anyway: one shared counter for all threads
+    // was a cache line every lookup of every thread wrote to.
+    hits: u64,
+    misses: u64,
 }
 
 /// An LRU cache with a budget in bytes. `V` is cheap to clone (an `Arc`).
 pub struct ByteLru<V: Clone> {
     shards: Vec<Mutex<Shard<V>>>,
     budget_per_shard: u64,
-    hits: AtomicU64,
-    misses: AtomicU64,
 }
 
 impl<V: Clone> ByteLru<V> {
@@ -45,12 +46,12 @@ impl<V: Clone> ByteLru<V> {
                     Mutex::new(Shard {
                         entries: LruCache::unbounded(),
                         bytes: 0,
+                        hits: 0,
+                        misses: 0,
                     })
                 })
                 .collect(),
             budget_per_shard: budget / SHARDS as u64,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
         }
     }
 
@@ -64,18 +65,13 @@ impl<V: Clone> ByteLru<V> {
     }
 
     pub fn get(&self, key: &CacheKey) -> Option<V> {
-        let found = self
-            .shard(key)
-            .lock()
-            .entries
-            .get(key)
-            .map(|(v, _)| v.clone());
-        let counter = if found.is_some() {
-            &self.hits
+        let mut shard = self.shard(key).lock();
+        let found = shard.entries.get(key).map(|(v, _)| v.clone());
+        if found.is_some() {
+            shard.hits += 1;
         } else {
-            &self.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+            shard.misses += 1;
+        }
         found
     }
 
@@ -161,10 +157,10 @@ impl<V: Clone> ByteLru<V> {
 
     /// (hits, misses) since creation.
     pub fn stats(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
+        self.shards.iter().fold((0, 0), |(hits, misses), shard| {
+            let shard = shard.lock();
+            (hits + shard.hits, misses + shard.misses)
+        })
     }
 }
 

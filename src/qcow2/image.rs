@@ -16,6 +16,7 @@ use crate::qcow2::header::Header;
 use crate::qcow2::l1::L1Table;
 use crate::qcow2::mapping::{self, CompressedCluster, L2Source, L2Table, Mapping};
 use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
+use crate::qcow2::recent_l2;
 use crate::qcow2::snapshot::{self, Snapshot};
 use crate::qcow2::write::Writer;
 
@@ -86,6 +87,8 @@ pub struct Qcow2Image {
     /// Readers of the active state hold this shared; freeing clusters takes it exclusively, so
     /// that no read still in flight can see a freed cluster reused.
     pub(super) reclaim: RwLock<()>,
+    /// Starts the write-back of guest data during long runs of writes.
+    pub(super) write_behind: super::write_behind::WriteBehind,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -190,6 +193,7 @@ impl Qcow2Image {
             writer: OnceLock::new(),
             retired: false.into(),
             reclaim: RwLock::new(()),
+            write_behind: Default::default(),
         };
         let active = image
             .read_l1(
@@ -507,8 +511,8 @@ impl Qcow2Image {
     }
 }
 
-impl L2Source for Qcow2Image {
-    fn l2_table(&self, l1_index: u64, offset: HostOffset) -> Result<L2Table> {
+impl Qcow2Image {
+    fn check_l2_offset(&self, l1_index: u64, offset: HostOffset) -> Result<()> {
         if offset.0 < self.geometry.cluster_size() {
             return Err(self.metadata_error(MetadataError::PointsAtHeader {
                 table: "L1",
@@ -516,17 +520,53 @@ impl L2Source for Qcow2Image {
                 offset: offset.0,
             }));
         }
+        Ok(())
+    }
+
+    /// The table through the shared cache, loaded on a miss; `generation` is the image's L2
+    /// generation read before the lookup.
+    fn shared_l2_table(&self, offset: HostOffset, generation: u64) -> Result<L2Table> {
         let key = CacheKey {
             image: self.id,
             offset: offset.0,
         };
         let cost = self.geometry.cluster_size();
-        let generation = self.l2_generation.load(Ordering::Acquire);
         self.caches.l2.get_or_load_checked(
             key,
             || self.load_l2(offset).map(|t| (t, cost)),
             || self.l2_generation.load(Ordering::Acquire) == generation,
         )
+    }
+}
+
+impl L2Source for Qcow2Image {
+    fn l2_table(&self, l1_index: u64, offset: HostOffset) -> Result<L2Table> {
+        self.check_l2_offset(l1_index, offset)?;
+        let generation = self.l2_generation.load(Ordering::Acquire);
+        self.shared_l2_table(offset, generation)
+    }
+
+    fn with_l2_table<R>(
+        &self,
+        l1_index: u64,
+        offset: HostOffset,
+        f: impl FnOnce(&[u64]) -> R,
+    ) -> Result<R> {
+        self.check_l2_offset(l1_index, offset)?;
+        let generation = self.l2_generation.load(Ordering::Acquire);
+        let f = match recent_l2::with(self.id, offset.0, generation, f) {
+            Ok(result) => return Ok(result),
+            Err(f) => f,
+        };
+        let table = self.shared_l2_table(offset, generation)?;
+        recent_l2::remember(
+            self.id,
+            offset.0,
+            generation,
+            &table,
+            self.caches.l2_budget() / 8,
+        );
+        Ok(f(&table))
     }
 
     fn metadata_error(&self, error: MetadataError) -> Error {

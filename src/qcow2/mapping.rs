@@ -89,6 +89,16 @@ impl Mapping {
 pub trait L2Source {
     /// Loads the L2 table at `offset`, named by L1 entry `l1_index` (for error messages).
     fn l2_table(&self, l1_index: u64, offset: HostOffset) -> crate::error::Result<L2Table>;
+    /// Runs `f` on the L2 table at `offset`. An image may answer this without taking a
+    /// reference to a shared table (see `recent_l2`); by default it borrows one.
+    fn with_l2_table<R>(
+        &self,
+        l1_index: u64,
+        offset: HostOffset,
+        f: impl FnOnce(&[u64]) -> R,
+    ) -> crate::error::Result<R> {
+        Ok(f(&self.l2_table(l1_index, offset)?))
+    }
     /// Wraps a metadata error with the image's name.
     fn metadata_error(&self, error: MetadataError) -> crate::error::Error;
 }
@@ -115,22 +125,24 @@ pub fn map_range(
     guest: GuestOffset,
     max_len: u64,
 ) -> crate::error::Result<Mapping> {
-    let unit_size = geometry.subcluster_size();
     let mut pos = guest.0;
     let end = guest.0.saturating_add(max_len);
-    let mut first: Option<Unit> = None;
-    let mut first_skip = 0;
+    let mut run = Run {
+        start: guest,
+        first: None,
+        first_skip: 0,
+    };
 
-    'tables: while pos < end {
+    while pos < end {
         let l1_index = geometry.l1_index(GuestOffset(pos));
         let table_end = (l1_index + 1)
             .checked_mul(geometry.l2_coverage())
             .map_or(end, |e| e.min(end));
         let Some(l2_offset) = l1.l2_offset(l1_index) else {
-            if !continues(first, Unit::Unallocated, 0) {
+            if !continues(run.first, Unit::Unallocated, 0) {
                 break;
             }
-            first.get_or_insert(Unit::Unallocated);
+            run.first.get_or_insert(Unit::Unallocated);
             // Past the last entry the table holds, everything is unallocated: jump to the end
             // rather than step through the (up to 2^55) missing entries one by one.
             pos = if l1_index >= l1.entries().len() as u64 {
@@ -144,7 +156,7 @@ pub fn map_range(
         // next call, starting at the damaged place, gets the error. (Failing the whole call made a
         // walk over a disk redo the run up to the damage at every step.)
         if geometry.in_cluster(l2_offset.0) != 0 {
-            if first.is_some() {
+            if run.first.is_some() {
                 break;
             }
             return Err(source.metadata_error(MetadataError::Unaligned {
@@ -153,59 +165,100 @@ pub fn map_range(
                 offset: l2_offset.0,
             }));
         }
-        let table = match source.l2_table(l1_index, l2_offset) {
-            Ok(table) => table,
-            Err(_) if first.is_some() => break,
+        let walked = source.with_l2_table(l1_index, l2_offset, |table| {
+            walk_table(geometry, table, &mut run, pos, table_end.min(end))
+        });
+        match walked {
+            Ok(Ok(Walked::TableDone(next))) => pos = next,
+            Ok(Ok(Walked::RunEnds(next))) => {
+                pos = next;
+                break;
+            }
+            Ok(Err(_)) | Err(_) if run.first.is_some() => break,
+            Ok(Err(e)) => return Err(source.metadata_error(e)),
             Err(e) => return Err(e),
-        };
-        while pos < table_end {
-            let unit = match unit_at(geometry, &table, GuestOffset(pos)) {
-                Ok(unit) => unit,
-                Err(_) if first.is_some() => break 'tables,
-                Err(e) => return Err(source.metadata_error(e)),
-            };
-            // A cluster whose subclusters are all unallocated (or all zero) is stepped over at
-            // once: walking a large hole subcluster by subcluster cost 32 steps per cluster.
-            let step = if whole_cluster(geometry, &table, GuestOffset(pos), unit) {
-                geometry.cluster_size()
-            } else {
-                unit_size
-            };
-            let unit_end = ((pos / step) + 1).saturating_mul(step).min(end);
-            if first.is_none() {
-                first_skip = match unit {
-                    Unit::Compressed(_) => geometry.in_cluster(pos),
-                    _ => pos % unit_size,
-                };
-            }
-            if !continues(first, unit, pos - (guest.0 - guest.0 % unit_size)) {
-                break 'tables;
-            }
-            first.get_or_insert(unit);
-            if let Unit::Compressed(_) = unit {
-                // One compressed cluster per mapping: the caller decompresses it as a whole.
-                let cluster_end = (pos | (geometry.cluster_size() - 1)).saturating_add(1);
-                pos = cluster_end.min(end);
-                break 'tables;
-            }
-            pos = unit_end;
         }
     }
 
     let len = pos.min(end) - guest.0;
-    Ok(match first.unwrap_or(Unit::Unallocated) {
+    Ok(match run.first.unwrap_or(Unit::Unallocated) {
         Unit::Data(host) => Mapping::Data {
-            host: HostOffset(host.0 + first_skip),
+            host: HostOffset(host.0 + run.first_skip),
             len,
         },
         Unit::Compressed(cluster) => Mapping::Compressed {
             cluster,
-            skip: first_skip,
+            skip: run.first_skip,
             len,
         },
         Unit::Zero => Mapping::Zero { len },
         Unit::Unallocated => Mapping::Unallocated { len },
     })
+}
+
+/// The run [`map_range`] is building.
+struct Run {
+    /// Where the caller's range starts.
+    start: GuestOffset,
+    /// The state of the run's first unit; `None` until one is decoded.
+    first: Option<Unit>,
+    /// How far into its first unit the run starts.
+    first_skip: u64,
+}
+
+/// How a walk over one L2 table ended.
+enum Walked {
+    /// The run went on to `table_end`, the given position: it may go on in the next table.
+    TableDone(u64),
+    /// The run stops at the given position.
+    RunEnds(u64),
+}
+
+/// Extends `run` over `table` from `pos` up to `table_end` (the end of the table's coverage or
+/// of the caller's range, whichever is first). A damaged entry is an error; the caller decides
+/// whether it ends the run or fails the call.
+fn walk_table(
+    geometry: &Geometry,
+    table: &[u64],
+    run: &mut Run,
+    mut pos: u64,
+    table_end: u64,
+) -> Result<Walked, MetadataError> {
+    let unit_size = geometry.subcluster_size();
+    let run_base = run.start.0 - run.start.0 % unit_size;
+    while pos < table_end {
+        let unit = match unit_at(geometry, table, GuestOffset(pos)) {
+            Ok(unit) => unit,
+            Err(_) if run.first.is_some() => return Ok(Walked::RunEnds(pos)),
+            Err(e) => return Err(e),
+        };
+        // A cluster whose subclusters are all unallocated (or all zero) is stepped over at
+        // once: walking a large hole subcluster by subcluster cost 32 steps per cluster.
+        let step = if whole_cluster(geometry, table, GuestOffset(pos), unit) {
+            geometry.cluster_size()
+        } else {
+            unit_size
+        };
+        // `step` is a power of two: the end of the unit without a division.
+        let unit_end = (pos | (step - 1)).saturating_add(1).min(table_end);
+        if run.first.is_none() {
+            run.first_skip = match unit {
+                Unit::Compressed(_) => geometry.in_cluster(pos),
+                _ => pos % unit_size,
+            };
+        }
+        if !continues(run.first, unit, pos - run_base) {
+            return Ok(Walked::RunEnds(pos));
+        }
+        run.first.get_or_insert(unit);
+        if let Unit::Compressed(_) = unit {
+            // One compressed cluster per mapping: the caller decompresses it as a whole.
+            let cluster_end = (pos | (geometry.cluster_size() - 1)).saturating_add(1);
+            return Ok(Walked::RunEnds(cluster_end.min(table_end)));
+        }
+        pos = unit_end;
+    }
+    Ok(Walked::TableDone(pos))
 }
 
 /// Whether `next`, `distance` guest bytes after the start of the run's first unit, continues the

@@ -10,10 +10,12 @@ pub mod l1;
 pub mod lock;
 pub mod mapping;
 pub mod offsets;
+mod recent_l2;
 pub mod refcount;
 pub mod snapshot;
 pub mod snapshot_ops;
 pub mod write;
+mod write_behind;
 
 pub use image::{Caches, OpenOptions, Qcow2Image};
 pub use mapping::Mapping;

@@ -472,7 +472,10 @@ impl Qcow2Image {
     pub fn write_at(&self, data: &[u8], offset: u64, backing: BackingRead) -> Result<()> {
         let mut w = self.writer()?;
         self.check_not_retired()?;
-        self.write_locked(&mut w, data, offset, backing)
+        self.write_locked(&mut w, data, offset, backing)?;
+        drop(w);
+        self.write_behind.wrote(&self.file, data.len() as u64);
+        Ok(())
     }
 
     fn check_not_retired(&self) -> Result<()> {
