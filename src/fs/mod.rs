@@ -2,6 +2,7 @@
 //! format knowledge stays in the engine and all command logic in [`crate::control`]; this module
 //! translates requests and tells the kernel what changed.
 
+mod gate;
 mod nodes;
 
 use std::cell::RefCell;
@@ -34,6 +35,8 @@ pub struct SnapFs {
     open_handles: Mutex<Handles>,
     /// Set once the session exists; used to tell the kernel about changes.
     notifier: Arc<OnceLock<Notifier>>,
+    /// Bounds the threads answering large reads at once.
+    large_reads: gate::Gate,
 }
 
 /// See [`SnapFs::open_handles`].
@@ -94,7 +97,16 @@ impl SnapFs {
             owner,
             open_handles: Mutex::new(Handles::default()),
             notifier,
+            large_reads: gate::Gate::for_this_machine(),
         }
+    }
+
+    /// Sends the data of a read. Large replies pass the gate first: their cost is the kernel's
+    /// copy into the page cache, made in this call. (The pread before it does not: disk reads
+    /// of a host image out of the page cache still overlap.)
+    fn reply_read(&self, reply: ReplyData, data: &[u8]) {
+        let _pass = (data.len() >= gate::LARGE_READ).then(|| self.large_reads.enter());
+        reply.data(data);
     }
 
     fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
@@ -389,7 +401,7 @@ impl Filesystem for SnapFs {
             if let Ok((crate::view::Extent::Hole, hole)) = view.extent_at(offset, len as u64)
                 && hole >= len as u64
             {
-                return reply.data(&zeros()[..len]);
+                return self.reply_read(reply, &zeros()[..len]);
             }
         }
         READ_BUF.with_borrow_mut(|buf| {
@@ -398,7 +410,7 @@ impl Filesystem for SnapFs {
                 buf.resize(len, 0);
             }
             match view.read_at(&mut buf[..len], offset) {
-                Ok(()) => reply.data(&buf[..len]),
+                Ok(()) => self.reply_read(reply, &buf[..len]),
                 Err(e) => {
                     log::error!("{}: read {len} bytes at {offset:#x}: {e}", entry.file_name);
                     reply.error(errno(&e));
