@@ -150,15 +150,20 @@ wait_gone() { # PID (not our child)
 resident_pages() { fincore -n -b -o PAGES "$1" 2>/dev/null | awk '{ print $1 }'; }
 file_pages() { echo $((($(stat -c %s "$1") + 4095) / 4096)); }
 
-# Keep the host image in the page cache (cold runs measure snapfs/the peer, not the disk).
+# Keep the host image files in the page cache (cold runs measure snapfs/the peer, not the disk).
+# Called before every measured read: the kernel may reclaim pages it has not seen used for a
+# while (this machine kind runs DAMON-based reclaim), and a random read run touches few of them.
+HOST_FILES=("$IMG")
 warm_host_image() {
-    cat "$IMG" >/dev/null
-    local res all
-    res=$(resident_pages "$IMG")
-    all=$(file_pages "$IMG")
-    if [[ -n $res && $res -lt $((all * 95 / 100)) ]]; then
-        warn "only $res of $all pages of the host image stay in the page cache (low memory?): cold figures include disk reads"
-    fi
+    local f res all
+    for f in "${HOST_FILES[@]}"; do
+        cat "$f" >/dev/null
+        res=$(resident_pages "$f")
+        all=$(file_pages "$f")
+        if [[ -n $res && $res -lt $((all * 95 / 100)) ]]; then
+            warn "only $res of $all pages of $f stay in the page cache (low memory?): figures include disk reads"
+        fi
+    done
 }
 
 drop_cache_method=fadvise
@@ -275,6 +280,7 @@ wl_mount() {
 # seqread: dd bs=1M of the whole file; cold (view cache dropped) then warm (read again at once)
 seq_pair() { # FILE -> COLD, WARM (seconds)
     local f=$1 t0 t1 t2
+    warm_host_image
     drop_view_cache "$f"
     t0=$(now)
     dd if="$f" of=/dev/null bs=1M status=none
@@ -334,6 +340,7 @@ ceiling_read() {
 # pages that a 10 s run over a 4 GiB file had already brought in (from one run to the next the
 # same mount gave 35k to 140k IOPS as those accumulated), not FUSE and the format engine.
 fio_iops() { # FILE JOBS
+    warm_host_image
     fio --name=randread --filename="$1" --readonly --rw=randread --bs=4k --ioengine=psync \
         --direct=1 --numjobs="$2" --time_based --runtime="$FIO_SECONDS" \
         --group_reporting --output-format=terse --terse-version=3 |
@@ -361,6 +368,7 @@ wl_randread() {
 copy_snapfs() {
     local t0 t1
     rm -f "$OUT"
+    warm_host_image
     drop_view_cache "$SNAPFILE"
     t0=$(now)
     cp --sparse=always "$SNAPFILE" "$OUT"
@@ -371,6 +379,7 @@ copy_snapfs() {
 copy_peer() {
     local t0 t1
     rm -f "$OUT"
+    warm_host_image
     t0=$(now)
     qemu-img convert -U -O raw -l "snapshot.name=$SNAP" "$IMG" "$OUT"
     sync "$OUT"
@@ -449,7 +458,8 @@ chain_randread() {
 wl_chain() {
     make_chain
     # like the main image: the layers stay in the host page cache (reads measure snapfs/the peer)
-    cat "$WORK"/chain?.qcow2 >/dev/null
+    HOST_FILES=("$WORK"/chain?.qcow2)
+    warm_host_image
     section "5-layer chain: random 4 KiB reads of the live view, 2 jobs; mount time"
     with_image "$WORK/chain4.qcow2" -r -- chain_randread
     row "rand 4K read, 2 jobs, 5-layer chain [live.raw vs live]" "$CHAIN_S" "$CHAIN_P" iops higher
@@ -458,6 +468,7 @@ wl_chain() {
     fi
     with_image "$WORK/chain4.qcow2" -r -- alternate time_snapfs_mount time_peer_mount
     row "mount: 5-layer chain, command start -> live disk readable" "$A_MED" "$B_MED" ms lower
+    HOST_FILES=("$IMG")
 }
 
 # write: fio on live.raw of a fresh image; MiB/s (sequential) and IOPS (random)
