@@ -32,6 +32,9 @@
 #   snapfs is mounted read-only (-r) and measured on snapshots/s1.raw AND on live.raw.
 #   The peer can only export the live disk (qemu-storage-daemon opens no internal snapshot), so
 #   both snapfs rows are compared with the peer's export of the live disk; rows say which file.
+#   Two indented "ceiling" rows compare snapfs with the machine instead of the peer: the warm
+#   read with the same bytes read from tmpfs (every page present), and the sequential write with
+#   the same fio job on a plain file in $SNAPFS_BENCH_DIR.
 #   The copy workload compares like with like: cp --sparse=always of snapshots/s1.raw versus
 #   qemu-img convert -O raw -l snapshot.name=s1 (both followed by an fsync of the output).
 #
