@@ -166,7 +166,7 @@ pub fn map_range(
             }));
         }
         let walked = source.with_l2_table(l1_index, l2_offset, |table| {
-            walk_table(geometry, table, &mut run, pos, table_end.min(end))
+            walk_table(geometry, table, &mut run, pos, table_end)
         });
         match walked {
             Ok(Ok(Walked::TableDone(next))) => pos = next,
