@@ -30,6 +30,8 @@
 #
 # What is compared with what:
 #   snapfs is mounted read-only (-r) and measured on snapshots/s1.raw AND on live.raw.
+#   The sequential read also runs on a second snapfs mount of the same image with --direct-io
+#   (no page cache for the disk files, as the peer's export), rows marked "--direct-io".
 #   The peer can only export the live disk (qemu-storage-daemon opens no internal snapshot), so
 #   both snapfs rows are compared with the peer's export of the live disk; rows say which file.
 #   Two indented "ceiling" rows compare snapfs with the machine instead of the peer: the warm
@@ -97,8 +99,11 @@ PEER=$WORK/peer.raw    # qemu-storage-daemon FUSE export (a regular file as moun
 SNAP=s1                # the snapshot measured
 SNAPFILE=$MNT/snapshots/$SNAP.raw
 LIVEFILE=$MNT/live.raw
+DMNT=$WORK/mnt-direct  # a second snapfs mount of the same image, with --direct-io
+DSNAPFILE=$DMNT/snapshots/$SNAP.raw
 OUT=$WORK/out.raw      # copy target
 snapfs_mounted=0
+direct_mounted=0
 peer_pid=
 # What start_snapfs / start_peer serve: the image, snapfs's extra options, whether the peer
 # export is writable. Workloads with their own image set these and restore them.
@@ -113,12 +118,13 @@ cleanup() {
     local rc=$?
     set +e
     stop_snapfs
+    stop_direct
     stop_peer
     rm -f "$OUT" "$WORK"/rand.* "$WORK"/plain.raw "$CEILING_FILE"
     if [[ $keep -eq 0 ]]; then
         rm -f "$IMG" "$PEER" "$WORK"/chain*.qcow2 "$WORK"/write.qcow2 "$WORK"/many.qcow2 \
             "$WORK"/big.qcow2 "$WORK"/qsd.pid
-        rmdir "$MNT" "$WORK" 2>/dev/null
+        rmdir "$MNT" "$DMNT" "$WORK" 2>/dev/null
     else
         note "work directory kept: $WORK"
     fi
@@ -196,6 +202,18 @@ stop_snapfs() {
     [[ $snapfs_mounted -eq 1 ]] || return 0
     "$SNAPFS" umount "$MNT" 2>/dev/null || fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT"
     snapfs_mounted=0
+}
+# The same image mounted a second time with --direct-io (no page cache for the disk files).
+start_direct() {
+    mkdir -p "$DMNT"
+    "$SNAPFS" mount -r --direct-io "$S_IMG" "$DMNT"
+    direct_mounted=1
+    wait_readable "$DSNAPFILE" || die "snapfs --direct-io mounted $S_IMG but $DSNAPFILE is not readable"
+}
+stop_direct() {
+    [[ $direct_mounted -eq 1 ]] || return 0
+    "$SNAPFS" umount "$DMNT" 2>/dev/null || fusermount3 -u "$DMNT" 2>/dev/null || umount -l "$DMNT"
+    direct_mounted=0
 }
 start_peer() {
     : >"$PEER"
@@ -295,7 +313,8 @@ seq_pair() { # FILE -> COLD, WARM (seconds)
 }
 wl_seqread() {
     section "sequential read, dd bs=1M of the whole 4 GiB file"
-    local i sc=() sw=() lc=() lw=() pc=() pw=()
+    local i sc=() sw=() lc=() lw=() pc=() pw=() dc=() dw=()
+    start_direct
     for ((i = 0; i < RUNS; i++)); do
         seq_pair "$SNAPFILE"
         sc+=("$COLD") sw+=("$WARM")
@@ -303,7 +322,10 @@ wl_seqread() {
         pc+=("$COLD") pw+=("$WARM")
         seq_pair "$LIVEFILE"
         lc+=("$COLD") lw+=("$WARM")
+        seq_pair "$DSNAPFILE"
+        dc+=("$COLD") dw+=("$WARM")
     done
+    stop_direct
     local pcm pwm
     pcm=$(median "${pc[@]}")
     pwm=$(median "${pw[@]}")
@@ -311,6 +333,8 @@ wl_seqread() {
     row "seq read, cold [live.raw vs live]" "$(median "${lc[@]}")" "$pcm" s lower
     row "seq read again, warm [snapshots/$SNAP.raw vs live]" "$(median "${sw[@]}")" "$pwm" s lower
     row "seq read again, warm [live.raw vs live]" "$(median "${lw[@]}")" "$pwm" s lower
+    row "seq read, --direct-io [snapshots/$SNAP.raw vs live]" "$(median "${dc[@]}")" "$pcm" s lower
+    row "seq read again, --direct-io [snapshots/$SNAP.raw vs live]" "$(median "${dw[@]}")" "$pwm" s lower
     if ceiling_read; then
         row "  page cache ceiling: warm snapfs vs tmpfs [same bytes, all pages present]" \
             "$(median "${sw[@]}")" "$CEILING" s lower

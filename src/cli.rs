@@ -209,7 +209,7 @@ pub struct MountArgs {
     pub read_only: bool,
     /// Mount options, as mount(8) passes them (ro, rw, allow_other, allow_root,
     /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, cache=SIZE, threads=N,
-    /// log=FILE).
+    /// direct_io, log=FILE).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
     /// libvirt snapshot metadata folder.
@@ -221,6 +221,11 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Bypass the kernel page cache for live.raw and the snapshot files (same as -o direct_io):
+    /// a single pass over a file (cp, a backup) reads about twice as fast and leaves no copy
+    /// of the disk in memory, but a second read goes to the image again.
+    #[arg(long)]
+    pub direct_io: bool,
     /// Append log records to FILE instead of syslog when in the background (same as -o log=FILE).
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub log: Option<PathBuf>,

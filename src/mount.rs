@@ -15,7 +15,7 @@ use crate::chain::Chain;
 use crate::cli::{MountArgs, parse_size};
 use crate::control::Controller;
 use crate::error::Error;
-use crate::fs::{Ownership, SnapFs};
+use crate::fs::{DataCaching, Ownership, SnapFs};
 use crate::metadata::Metadata;
 use crate::qcow2::{Caches, OpenOptions};
 
@@ -37,6 +37,8 @@ pub struct MountSettings {
     pub threads: usize,
     pub libvirt: Option<PathBuf>,
     pub libvirt_write: bool,
+    /// Reads and writes of live.raw and the snapshot files bypass the kernel page cache.
+    pub direct_io: bool,
 }
 
 impl MountSettings {
@@ -54,6 +56,7 @@ impl MountSettings {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
             libvirt: args.libvirt.clone(),
             libvirt_write: false,
+            direct_io: args.direct_io,
         };
         for opt in args.options.iter().flat_map(|o| o.split(',')) {
             let (key, value) = match opt.split_once('=') {
@@ -82,6 +85,7 @@ impl MountSettings {
                 "threads" => s.threads = number()? as usize,
                 "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
                 "libvirt-write" => s.libvirt_write = true,
+                "direct_io" => s.direct_io = true,
                 _ => return Err(format!("unknown mount option {opt:?}")),
             }
         }
@@ -158,7 +162,12 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         ));
     }
     let notifier = Arc::new(OnceLock::new());
-    let fs = SnapFs::new(catalog, controller, owner, notifier.clone());
+    let caching = if settings.direct_io {
+        DataCaching::Bypass
+    } else {
+        DataCaching::PageCache
+    };
+    let fs = SnapFs::new(catalog, controller, owner, notifier.clone(), caching);
     let config = fuse_config(&settings, chain.top().path(), !owner.writable);
 
     let ready = if settings.foreground {

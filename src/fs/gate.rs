@@ -7,7 +7,8 @@
 //! threads answering its readahead at once, 1.8 s with one (medians of 9). The gate is held for
 //! the reply only, not for reading the data, so reads of a host image that is not in the page
 //! cache still keep several disk reads in flight. Small reads pass freely: random 4 KiB reads
-//! from two readers need both threads.
+//! from two readers need both threads. So do replies with `--direct-io`: they go straight into
+//! the buffer of a reader that has nothing to do but wait for them.
 
 use parking_lot::{Condvar, Mutex};
 
