@@ -192,27 +192,34 @@ drop_view_cache() {
 }
 
 # ---------------------------------------------------------------- the two servers
+# mount_snapfs MOUNTPOINT FILE OPTIONS...: mounts $S_IMG and waits until FILE is readable
+mount_snapfs() {
+    local mp=$1 file=$2
+    shift 2
+    mkdir -p "$mp"
+    "$SNAPFS" mount "$@" "$S_IMG" "$mp"
+    wait_readable "$file" || die "snapfs $* mounted $S_IMG but $file is not readable"
+}
+unmount_snapfs() {
+    "$SNAPFS" umount "$1" 2>/dev/null || fusermount3 -u "$1" 2>/dev/null || umount -l "$1"
+}
 start_snapfs() {
-    mkdir -p "$MNT"
-    "$SNAPFS" mount "${S_OPTS[@]}" "$S_IMG" "$MNT"
     snapfs_mounted=1
-    wait_readable "$LIVEFILE" || die "snapfs mounted $S_IMG but $LIVEFILE is not readable"
+    mount_snapfs "$MNT" "$LIVEFILE" "${S_OPTS[@]}"
 }
 stop_snapfs() {
     [[ $snapfs_mounted -eq 1 ]] || return 0
-    "$SNAPFS" umount "$MNT" 2>/dev/null || fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT"
+    unmount_snapfs "$MNT"
     snapfs_mounted=0
 }
 # The same image mounted a second time with --direct-io (no page cache for the disk files).
 start_direct() {
-    mkdir -p "$DMNT"
-    "$SNAPFS" mount -r --direct-io "$S_IMG" "$DMNT"
     direct_mounted=1
-    wait_readable "$DSNAPFILE" || die "snapfs --direct-io mounted $S_IMG but $DSNAPFILE is not readable"
+    mount_snapfs "$DMNT" "$DSNAPFILE" -r --direct-io
 }
 stop_direct() {
     [[ $direct_mounted -eq 1 ]] || return 0
-    "$SNAPFS" umount "$DMNT" 2>/dev/null || fusermount3 -u "$DMNT" 2>/dev/null || umount -l "$DMNT"
+    unmount_snapfs "$DMNT"
     direct_mounted=0
 }
 start_peer() {

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::images;
-use common::write_support::{assert_check_clean, server_log, with_deadline};
+use common::write_support::{assert_check_clean, run_fio};
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(150);
@@ -159,37 +159,21 @@ fn writes_verify_and_leave_a_clean_image() {
     {
         let m = Mount::with_args(&img, &["--direct-io"]);
         let live = m.live();
-        let out = with_deadline(
-            m.path(),
-            LIMIT,
-            "fio",
-            &|| server_log(m.stderr_text()),
-            || {
-                run_timeout(
-                    Command::new("fio").args([
-                        "--name=v",
-                        "--rw=randwrite",
-                        "--bs=4k",
-                        "--size=16M",
-                        "--verify=crc32c",
-                        "--do_verify=1",
-                        "--ioengine=psync",
-                        "--end_fsync=1",
-                        "--randseed=7",
-                        &format!("--filename={}", live.display()),
-                    ]),
-                    LIMIT,
-                )
-            },
-        );
-        assert!(
-            out.status.is_some_and(|s| s.success()),
-            "fio failed ({:?}):\n{}\n{}\n{}",
-            out.status,
-            out.stdout,
-            out.stderr,
-            server_log(m.stderr_text())
-        );
+        let mut args: Vec<String> = [
+            "--name=v",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=16M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--ioengine=psync",
+            "--end_fsync=1",
+            "--randseed=7",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.push(format!("--filename={}", live.display()));
+        run_fio(&m, &args, "fio", LIMIT);
         let f = OpenOptions::new().write(true).open(&live).unwrap();
         let block: Vec<u8> = (0..MIB).map(|i| (i * 7 + i / 4093) as u8).collect();
         for at in [32 * MIB, 40 * MIB + 512, 63 * MIB] {

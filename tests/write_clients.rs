@@ -59,48 +59,16 @@ fn fio_randwrite_verify() {
     let img = fresh_image(dir.path(), 48 * MIB, "cluster_size=65536");
     {
         let m = Mount::new(&img);
-        let out = with_deadline(
-            m.path(),
-            IO_LIMIT,
-            "fio",
-            &|| server_log(m.stderr_text()),
-            || {
-                run_timeout(
-                    Command::new("fio").args(fio_args(&m.live(), false)),
-                    CMD_LIMIT,
-                )
-            },
-        );
-        assert!(
-            out.status.is_some_and(|s| s.success()),
-            "fio failed ({:?}):\n{}\n{}\n{}",
-            out.status,
-            out.stdout,
-            out.stderr,
-            server_log(m.stderr_text())
-        );
+        run_fio(&m, &fio_args(&m.live(), false), "fio", IO_LIMIT);
     }
     assert_check_clean(&img, false);
     {
         let m = Mount::new(&img);
-        let out = with_deadline(
-            m.path(),
+        run_fio(
+            &m,
+            &fio_args(&m.live(), true),
+            "fio --verify_only after remount",
             IO_LIMIT,
-            "fio --verify_only",
-            &|| server_log(m.stderr_text()),
-            || {
-                run_timeout(
-                    Command::new("fio").args(fio_args(&m.live(), true)),
-                    CMD_LIMIT,
-                )
-            },
-        );
-        assert!(
-            out.status.is_some_and(|s| s.success()),
-            "fio --verify_only after remount failed ({:?}):\n{}\n{}",
-            out.status,
-            out.stdout,
-            out.stderr
         );
     }
     assert_check_clean(&img, false);

@@ -638,6 +638,26 @@ pub fn with_deadline<T: Send>(
     with_watchdog(mp, limit, limit, what, context, |_| f())
 }
 
+/// Runs fio with `args` under a deadline of `limit` (the mount is torn down if it hangs) and
+/// fails the test, with fio's output and the server's log, unless fio succeeds.
+pub fn run_fio(m: &super::Mount, args: &[String], what: &str, limit: Duration) {
+    let out = with_deadline(
+        m.path(),
+        limit,
+        what,
+        &|| server_log(m.stderr_text()),
+        || run_timeout(Command::new("fio").args(args), limit),
+    );
+    assert!(
+        out.status.is_some_and(|s| s.success()),
+        "{what} failed ({:?}):\n{}\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr,
+        server_log(m.stderr_text())
+    );
+}
+
 /// What a failure message says about a mount: the server's stderr.
 pub fn server_log(stderr: String) -> String {
     if stderr.trim().is_empty() {
