@@ -46,7 +46,7 @@ pub struct SnapFs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataCaching {
     /// Pages are kept across opens: a second read of a file is a copy out of memory. Each first
-    /// read pays for a page cache page per 4 KiB (this kernel's FUSE has no large folios) and a
+    /// read pays for a page cache page per 4 KiB (FUSE in Linux 6.18 has no large folios) and a
     /// second copy, into the reader's buffer.
     PageCache,
     /// Every read and write goes to snapfs, which copies straight into or out of the caller's
@@ -97,7 +97,8 @@ fn map_repeated_zeros(len: usize) -> std::io::Result<&'static [u8]> {
     // SAFETY: plain syscalls. The memory file is closed at the end (its mappings keep it
     // alive). The reserved range is fresh and ours; each fixed mapping replaces part of it and
     // nothing else. The result is never unmapped, so the slice lives for 'static, and every
-    // byte of it reads as zero: the file is all hole, filled (allocated) before mapping.
+    // byte of it reads as zero: a new memory file is all zeros, and its pages are allocated
+    // (fallocate) before it is mapped.
     unsafe {
         let fd = libc::memfd_create(c"snapfs-zeros".as_ptr(), libc::MFD_CLOEXEC);
         if fd < 0 {
