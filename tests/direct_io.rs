@@ -8,7 +8,6 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -120,31 +119,9 @@ fn mmap_still_works() {
     for (name, _view, oracle) in oracles(&exp) {
         let f = File::open(m.path().join(&name)).unwrap();
         let len = f.metadata().unwrap().len() as usize;
-        // SAFETY: a fresh read-only shared map of an open file, unmapped below; the slice is
-        // dropped before the unmap.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap {name}: {}",
-            std::io::Error::last_os_error()
-        );
-        let same = {
-            // SAFETY: `p` maps `len` readable bytes until the munmap below.
-            let mapped = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
-            mapped == fs::read(&oracle).unwrap().as_slice()
-        };
-        // SAFETY: `p` and `len` are the map made above, no longer borrowed.
-        unsafe { libc::munmap(p, len) };
+        let mapped =
+            Mapped::new(&f, len, libc::MAP_SHARED).unwrap_or_else(|e| panic!("mmap {name}: {e}"));
+        let same = mapped.bytes() == fs::read(&oracle).unwrap().as_slice();
         assert!(same, "mmap {name}: differs from {}", oracle.display());
     }
 }

@@ -854,21 +854,14 @@ fn mmap_reads_match() {
             } else {
                 libc::MAP_SHARED
             };
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ,
-                    flags,
-                    std::os::unix::io::AsRawFd::as_raw_fd(&f),
-                    0,
-                )
+            let map = match Mapped::new(&f, len, flags) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.push(format!("mmap {name}: {e}"));
+                    continue;
+                }
             };
-            if p == libc::MAP_FAILED {
-                problems.push(format!("mmap {name}: {}", std::io::Error::last_os_error()));
-                continue;
-            }
-            let mapped = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
+            let mapped = map.bytes();
             let o = File::open(oracle).unwrap();
             let mut buf = vec![0u8; 1 << 20];
             let mut off = 0usize;
@@ -884,9 +877,6 @@ fn mmap_reads_match() {
                     break;
                 }
                 off += n;
-            }
-            unsafe {
-                libc::munmap(p, len);
             }
         }
     }

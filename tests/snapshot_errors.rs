@@ -320,23 +320,11 @@ fn ebusy_revert_while_live_is_open() {
         // a memory mapping keeps the file in use after close
         {
             let f = File::open(&live).unwrap();
-            let len = 4096;
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    std::os::unix::io::AsRawFd::as_raw_fd(&f),
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED, "mmap live.raw");
+            let mapped = Mapped::new(&f, 4096, libc::MAP_SHARED)
+                .unwrap_or_else(|e| panic!("mmap live.raw: {e}"));
             drop(f);
             refused(&m, "revert", b"pre\n", libc::EBUSY, "revert pre");
-            unsafe {
-                libc::munmap(p, len);
-            }
+            drop(mapped);
         }
         // closed: the revert goes through
         control_ok(mp, "revert", "pre");

@@ -791,6 +791,45 @@ fn watchdog_limit() -> Duration {
 /// the server, also when the test panicked. A watchdog kills the server if the mount lives longer
 /// than `SNAPFS_TEST_MOUNT_TIMEOUT` seconds (default 900), so that a hung FUSE server makes the
 /// test fail (reads get ENOTCONN) instead of hanging the suite.
+/// A read-only memory map of the first `len` bytes of a file, unmapped on drop.
+pub struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapped {
+    /// Maps `file` read-only with `flags` (`MAP_SHARED` or `MAP_PRIVATE`).
+    pub fn new(file: &File, len: usize, flags: libc::c_int) -> std::io::Result<Mapped> {
+        // SAFETY: a fresh read-only map of an open file; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                flags,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr, len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until drop, which the borrow outlives not.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the map made in `new`, unmapped once; no borrow of it outlives `self`.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
 pub struct Mount {
     dir: PathBuf,
     mp: PathBuf,
