@@ -1,0 +1,287 @@
+//! libvirt snapshot metadata: the `<domainsnapshot>` XML files libvirt keeps per domain in
+//! `/var/lib/libvirt/qemu/snapshot/DOMAIN/NAME.xml` (see DESIGN.md section 4).
+//!
+//! Reading is tolerant: elements may come in any order, unknown elements are ignored, and the
+//! (large) `<domain>`, `<inactiveDomain>` and `<cookie>` elements are skipped entirely, so that the
+//! `<name>`, `<description>` and `<disk>` elements of the *domain* are never mistaken for the
+//! snapshot's. Only a missing `<name>`, a root element other than `<domainsnapshot>`, or XML that is
+//! not well formed makes a file fail, and [`load_dir`] reports such a file and goes on with the rest.
+//!
+//! Writing ([`to_xml`], [`write_atomically`]) produces libvirt's own layout, so that
+//! `parse_snapshot_xml(&to_xml(s), p) == s` holds for every snapshot whose `source_file` is `p`
+//! (strings must not contain NUL, which XML cannot carry; names and other one-word fields are
+//! read trimmed, so they must not begin or end with white space).
+//!
+//! The parts: this module holds the model and its errors and reads a folder; `parse` reads one
+//! file, `write` writes and edits files, `tree` relates snapshots by their parents.
+
+mod parse;
+mod tree;
+mod write;
+
+pub use parse::parse_snapshot_xml;
+pub use tree::SnapshotTree;
+pub use write::{remove, set_active_in_file, set_parent_in_file, to_xml, write_atomically};
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Largest snapshot XML file [`load_dir`] reads (a `<domain>` is a few tens of KiB in practice).
+pub const MAX_XML_SIZE: u64 = 16 * 1024 * 1024;
+
+/// One libvirt snapshot, as described by one `NAME.xml` file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DomainSnapshot {
+    /// `<name>`: the snapshot's name; for internal snapshots also the qcow2 snapshot tag.
+    pub name: String,
+    /// `<description>`, verbatim (not trimmed).
+    pub description: Option<String>,
+    /// `<state>`: running | paused | shutoff | disk-snapshot | ...
+    pub state: Option<String>,
+    /// `<parent><name>`: the snapshot this one was taken on top of.
+    pub parent: Option<String>,
+    /// `<creationTime>` (seconds since the epoch), or the older `<creationdate>`.
+    pub creation_time: Option<i64>,
+    /// `<active>1</active>`: this is the domain's current snapshot.
+    pub current: bool,
+    /// `<memory snapshot='no|internal|external'/>`.
+    pub memory: Option<String>,
+    /// `<disks><disk .../></disks>`, in file order.
+    pub disks: Vec<SnapshotDisk>,
+    /// The XML file this snapshot was read from.
+    pub source_file: PathBuf,
+}
+
+/// One `<disks><disk>` entry of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotDisk {
+    /// The guest disk (`<target dev=...>` of the domain), e.g. `vda`.
+    pub name: String,
+    /// The `snapshot=` attribute.
+    pub snapshot: DiskSnapshotKind,
+    /// `<source file=.../>` (or `dev=` for block devices): for an external snapshot the NEW overlay
+    /// created at snapshot time.
+    pub source_file: Option<PathBuf>,
+    /// `<driver type=.../>`, e.g. `qcow2`.
+    pub driver_type: Option<String>,
+}
+
+/// The `snapshot=` attribute of a snapshot `<disk>`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum DiskSnapshotKind {
+    /// `no`: the disk is not part of the snapshot.
+    No,
+    /// `internal`: the state is a snapshot inside the qcow2 image, tagged with the snapshot name.
+    Internal,
+    /// `external`: the old image became read-only and a new overlay (`source_file`) was created.
+    External,
+    /// `manual`: the snapshot of this disk was taken by the user outside libvirt.
+    Manual,
+    /// Any other value. `Other("")` stands for an absent attribute (the domain's default); libvirt
+    /// treats such a disk with a `<source>` as external, see [`SnapshotDisk::is_external`].
+    Other(String),
+}
+
+impl DiskSnapshotKind {
+    /// Reads the attribute's value.
+    pub fn parse(value: &str) -> Self {
+        match value {
+            "no" => DiskSnapshotKind::No,
+            "internal" => DiskSnapshotKind::Internal,
+            "external" => DiskSnapshotKind::External,
+            "manual" => DiskSnapshotKind::Manual,
+            other => DiskSnapshotKind::Other(other.to_string()),
+        }
+    }
+
+    /// The attribute's value (`""` when absent).
+    pub fn as_str(&self) -> &str {
+        match self {
+            DiskSnapshotKind::No => "no",
+            DiskSnapshotKind::Internal => "internal",
+            DiskSnapshotKind::External => "external",
+            DiskSnapshotKind::Manual => "manual",
+            DiskSnapshotKind::Other(s) => s,
+        }
+    }
+}
+
+impl SnapshotDisk {
+    /// Whether the disk was snapshotted externally: `snapshot='external'`, or no `snapshot=`
+    /// attribute but a `<source>` (libvirt's rule: a source implies an external snapshot).
+    pub fn is_external(&self) -> bool {
+        match &self.snapshot {
+            DiskSnapshotKind::External => true,
+            DiskSnapshotKind::Other(s) => s.is_empty() && self.source_file.is_some(),
+            _ => false,
+        }
+    }
+}
+
+impl DomainSnapshot {
+    /// `virsh snapshot-info`'s "Location": `external` if any disk was snapshotted externally (or
+    /// the memory state is external), else `internal` if any disk or the memory is internal, else
+    /// `none`.
+    pub fn location(&self) -> &'static str {
+        if self.disks.iter().any(SnapshotDisk::is_external)
+            || self.memory.as_deref() == Some("external")
+        {
+            "external"
+        } else if self
+            .disks
+            .iter()
+            .any(|d| d.snapshot == DiskSnapshotKind::Internal)
+            || self.memory.as_deref() == Some("internal")
+        {
+            "internal"
+        } else {
+            "none"
+        }
+    }
+}
+
+/// Why a snapshot XML file (or the folder) could not be used. Every message is one line that names
+/// the file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtError {
+    /// The file or folder could not be read.
+    #[error("{}: cannot read: {}", one_line_path(.path), one_line(&.source.to_string()))]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is larger than [`MAX_XML_SIZE`].
+    #[error("{}: file is larger than {limit} bytes, not read", one_line_path(.path))]
+    TooLarge { path: PathBuf, limit: u64 },
+    /// The file is not UTF-8 text.
+    #[error("{}: not UTF-8 text (invalid byte at offset {offset})", one_line_path(.path))]
+    NotUtf8 { path: PathBuf, offset: usize },
+    /// The XML is not well formed.
+    #[error("{}: malformed XML at byte {position}: {}", one_line_path(.path), one_line(.message))]
+    Malformed {
+        path: PathBuf,
+        position: u64,
+        message: String,
+    },
+    /// The root element is not `<domainsnapshot>`.
+    #[error("{}: root element is <{}>, not <domainsnapshot>", one_line_path(.path), one_line(.found))]
+    NotASnapshot { path: PathBuf, found: String },
+    /// `<domainsnapshot>` has no (or an empty) `<name>`.
+    #[error("{}: <domainsnapshot> has no <name>", one_line_path(.path))]
+    MissingName { path: PathBuf },
+    /// `<domainsnapshot>` has more than one `<name>`.
+    #[error("{}: <domainsnapshot> has more than one <name> ({:?} and {:?})", one_line_path(.path), .first, .second)]
+    DuplicateName {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
+}
+
+impl LibvirtError {
+    /// The file (or folder) the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            LibvirtError::Io { path, .. }
+            | LibvirtError::TooLarge { path, .. }
+            | LibvirtError::NotUtf8 { path, .. }
+            | LibvirtError::Malformed { path, .. }
+            | LibvirtError::NotASnapshot { path, .. }
+            | LibvirtError::MissingName { path }
+            | LibvirtError::DuplicateName { path, .. } => path,
+        }
+    }
+}
+
+/// Text with control characters (newlines included) escaped, so that it stays on one line.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn one_line_path(p: &Path) -> String {
+    one_line(&p.to_string_lossy())
+}
+
+/// Reads every `*.xml` file of `dir`, in file-name order. Returns the snapshots that parsed and one
+/// error per file that did not (or a single error if the folder itself cannot be read). Never fails
+/// as a whole. Files larger than [`MAX_XML_SIZE`] are reported and not read.
+pub fn load_dir(dir: &Path) -> (Vec<DomainSnapshot>, Vec<LibvirtError>) {
+    let mut snapshots = Vec::new();
+    let mut errors = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(it) => it,
+        Err(source) => {
+            errors.push(LibvirtError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+            return (snapshots, errors);
+        }
+    };
+    let mut files: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => {
+                let path = entry.path();
+                if path.extension() == Some(OsStr::new("xml")) {
+                    files.push(path);
+                }
+            }
+            Err(source) => errors.push(LibvirtError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }),
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    for path in files {
+        // Sub-folders named *.xml are not snapshots; skip them silently.
+        if fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        match read_capped(&path).and_then(|text| parse_snapshot_xml(&text, &path)) {
+            Ok(s) => snapshots.push(s),
+            Err(e) => errors.push(e),
+        }
+    }
+    (snapshots, errors)
+}
+
+/// The file's text, refusing files larger than [`MAX_XML_SIZE`].
+fn read_capped(path: &Path) -> Result<String, LibvirtError> {
+    let io_err = |source| LibvirtError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = fs::File::open(path).map_err(io_err)?;
+    let too_large = || LibvirtError::TooLarge {
+        path: path.to_path_buf(),
+        limit: MAX_XML_SIZE,
+    };
+    if file.metadata().map_err(io_err)?.len() > MAX_XML_SIZE {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    // The file may grow while being read: never read more than the limit (+1 to notice).
+    file.take(MAX_XML_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    if bytes.len() as u64 > MAX_XML_SIZE {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|e| LibvirtError::NotUtf8 {
+        path: path.to_path_buf(),
+        offset: e.utf8_error().valid_up_to(),
+    })
+}

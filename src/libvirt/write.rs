@@ -1,0 +1,257 @@
+//! Writing snapshot files in libvirt's own layout, and editing the fields snapfs changes in
+//! files libvirt wrote.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::DomainSnapshot;
+
+/// Escapes text for XML element content or a quoted attribute value: the five special characters,
+/// and control characters (including tab, CR and LF, which attribute values and EOL normalization
+/// would not keep) as character references. NUL cannot be represented in XML and is dropped.
+fn xml_escape(s: &str, attribute: bool) -> String {
+    let base = quick_xml::escape::escape(s);
+    if !base.chars().any(char::is_control) {
+        return base.into_owned();
+    }
+    let mut out = String::with_capacity(base.len() + 8);
+    for c in base.chars() {
+        match c {
+            '\0' => {}
+            '\n' | '\t' if !attribute => out.push(c),
+            c if c.is_control() => {
+                let _ = write!(out, "&#x{:X};", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The snapshot in libvirt's `<domainsnapshot>` format (without a `<domain>` element).
+pub fn to_xml(s: &DomainSnapshot) -> String {
+    let mut out = String::new();
+    let text = |t: &str| xml_escape(t, false);
+    let attr = |t: &str| xml_escape(t, true);
+    out.push_str("<domainsnapshot>\n");
+    let _ = writeln!(out, "  <name>{}</name>", text(&s.name));
+    if let Some(d) = &s.description {
+        let _ = writeln!(out, "  <description>{}</description>", text(d));
+    }
+    if let Some(st) = &s.state {
+        let _ = writeln!(out, "  <state>{}</state>", text(st));
+    }
+    if let Some(p) = &s.parent {
+        let _ = writeln!(out, "  <parent>\n    <name>{}</name>\n  </parent>", text(p));
+    }
+    if let Some(t) = s.creation_time {
+        let _ = writeln!(out, "  <creationTime>{t}</creationTime>");
+    }
+    if let Some(m) = &s.memory {
+        let _ = writeln!(out, "  <memory snapshot='{}'/>", attr(m));
+    }
+    if !s.disks.is_empty() {
+        out.push_str("  <disks>\n");
+        for d in &s.disks {
+            let _ = write!(out, "    <disk name='{}'", attr(&d.name));
+            let kind = d.snapshot.as_str();
+            if !kind.is_empty() {
+                let _ = write!(out, " snapshot='{}'", attr(kind));
+            }
+            if d.driver_type.is_none() && d.source_file.is_none() {
+                out.push_str("/>\n");
+                continue;
+            }
+            out.push_str(">\n");
+            if let Some(t) = &d.driver_type {
+                let _ = writeln!(out, "      <driver type='{}'/>", attr(t));
+            }
+            if let Some(f) = &d.source_file {
+                let _ = writeln!(out, "      <source file='{}'/>", attr(&f.to_string_lossy()));
+            }
+            out.push_str("    </disk>\n");
+        }
+        out.push_str("  </disks>\n");
+    }
+    let _ = writeln!(out, "  <active>{}</active>", u8::from(s.current));
+    out.push_str("</domainsnapshot>\n");
+    out
+}
+
+/// Refuses snapshot names that are not a single safe file-name component.
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("snapshot name {:?} is not usable as a file name", name),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes a rename or unlink in `dir` durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `DIR/NAME.xml` (replacing an existing file of that name) atomically: a temporary file in
+/// the same folder, written, fsynced and renamed, then the folder fsynced. The file has mode 0600,
+/// like libvirt's. Fails with `InvalidInput` if the name is empty, `.`, `..`, or contains `/` or
+/// NUL. Returns the path written.
+pub fn write_atomically(dir: &Path, s: &DomainSnapshot) -> io::Result<PathBuf> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    check_name(&s.name)?;
+    let target = dir.join(format!("{}.xml", s.name));
+    let xml = to_xml(s);
+    // The temporary name does not end in ".xml", so a concurrent load_dir never sees it.
+    let tmp = loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let candidate = dir.join(format!(".snapfs-{}-{}.tmp", std::process::id(), n));
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&candidate)
+        {
+            Ok(f) => break (candidate, f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let (tmp_path, mut file) = tmp;
+    let result = (|| {
+        // The umask may have removed bits; make it exactly 0600.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        file.write_all(xml.as_bytes())?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp_path, &target)?;
+        sync_dir(dir)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp_path);
+        return Err(e);
+    }
+    Ok(target)
+}
+
+/// Removes `DIR/NAME.xml` (same name rules as [`write_atomically`]) and fsyncs the folder.
+pub fn remove(dir: &Path, name: &str) -> io::Result<()> {
+    check_name(name)?;
+    fs::remove_file(dir.join(format!("{name}.xml")))?;
+    sync_dir(dir)
+}
+
+/// Where the `<domain>` element of a snapshot file lies (its text is libvirt's domain definition
+/// and may hold elements of the same names as the snapshot's own).
+fn domain_span(text: &str) -> Option<(usize, usize)> {
+    let start = ["<domain ", "<domain>", "<domain\n", "<domain\t"]
+        .iter()
+        .filter_map(|tag| text.find(tag))
+        .min()?;
+    let end = text[start..]
+        .find("</domain>")
+        .map_or(text.len(), |e| start + e + "</domain>".len());
+    Some((start, end))
+}
+
+/// The last occurrence of `needle` outside the `<domain>` element.
+fn find_outside_domain(text: &str, needle: &str) -> Option<usize> {
+    let span = domain_span(text);
+    text.match_indices(needle)
+        .map(|(at, _)| at)
+        .filter(|at| span.is_none_or(|(s, e)| *at < s || *at >= e))
+        .last()
+}
+
+/// Replaces a snapshot file atomically with `text`, keeping its mode.
+fn replace_file(path: &Path, text: &str) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".snapfs-{}-edit.tmp", std::process::id()));
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Marks the snapshot in `path` as libvirt's current one or not, changing only its top-level
+/// `<active>` element and keeping every other byte of libvirt's file (its `<domain>` above all).
+/// The file is replaced atomically and keeps its mode.
+pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let wanted = if current {
+        "<active>1</active>"
+    } else {
+        "<active>0</active>"
+    };
+    let other = if current {
+        "<active>0</active>"
+    } else {
+        "<active>1</active>"
+    };
+    let new_text = match find_outside_domain(&text, other) {
+        Some(at) => format!("{}{wanted}{}", &text[..at], &text[at + other.len()..]),
+        None if find_outside_domain(&text, wanted).is_some() => return Ok(()),
+        None => match text.rfind("</domainsnapshot>") {
+            Some(at) => format!("{}  {wanted}\n{}", &text[..at], &text[at..]),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: no </domainsnapshot> element", path.display()),
+                ));
+            }
+        },
+    };
+    replace_file(path, &new_text)
+}
+
+/// Gives the snapshot in `path` another parent (or none), changing only its top-level
+/// `<parent>` element, as libvirt does to the children of a deleted snapshot.
+pub fn set_parent_in_file(path: &Path, parent: Option<&str>) -> io::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    let element = parent.map(|p| {
+        format!(
+            "<parent>\n    <name>{}</name>\n  </parent>",
+            quick_xml::escape::escape(p)
+        )
+    });
+    let new_text = match find_outside_domain(&text, "<parent>") {
+        Some(start) => {
+            let end = text[start..]
+                .find("</parent>")
+                .map(|e| start + e + "</parent>".len())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: unterminated <parent>", path.display()),
+                    )
+                })?;
+            format!(
+                "{}{}{}",
+                &text[..start],
+                element.unwrap_or_default(),
+                &text[end..]
+            )
+        }
+        None => match (element, text.find("</name>")) {
+            (None, _) => return Ok(()),
+            (Some(el), Some(at)) => {
+                let at = at + "</name>".len();
+                format!("{}\n  {el}{}", &text[..at], &text[at..])
+            }
+            (Some(_), None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: no <name> element", path.display()),
+                ));
+            }
+        },
+    };
+    replace_file(path, &new_text)
+}
