@@ -347,6 +347,16 @@ fn round_trip() {
     ];
     let xml = to_xml(&s);
     assert_eq!(parse_snapshot_xml(&xml, &p()).unwrap(), s, "{xml}");
+    // U+0085 and U+2028 are line ends only in XML 1.1; libvirt's files are XML 1.0.
+    let mut s = snap("0\u{2028}!", Some("p\u{85}q"));
+    s.description = Some("a\u{2028}b\u{85}c".into());
+    s.disks = vec![SnapshotDisk {
+        name: "v\u{2028}da".into(),
+        snapshot: DiskSnapshotKind::External,
+        source_file: Some("/x\u{2028}\u{85}.qcow2".into()),
+        driver_type: Some("qcow2".into()),
+    }];
+    assert_eq!(parse_snapshot_xml(&to_xml(&s), &p()).unwrap(), s);
     // Empty description survives.
     let mut s = snap("x", None);
     s.description = Some(String::new());

@@ -119,8 +119,10 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
                 }
             }
             Event::Text(t) => {
+                // libvirt writes XML 1.0 (libxml2): only CR and CR LF are line ends. XML 1.1's
+                // rules would also turn U+0085 and U+2028 in a name into LF.
                 let s = t
-                    .xml_content()
+                    .xml10_content()
                     .map_err(|e| malformed(&reader, e.to_string()))?;
                 if stack.is_empty() {
                     if !s.trim().is_empty() {
@@ -137,7 +139,7 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
                     return Err(malformed(&reader, "CDATA outside the root element".into()));
                 }
                 let s = t
-                    .xml_content()
+                    .xml10_content()
                     .map_err(|e| malformed(&reader, e.to_string()))?;
                 if collecting(&stack) {
                     if let Some(buf) = text_buf.as_mut() {
