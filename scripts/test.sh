@@ -61,7 +61,11 @@ else
     section "cargo test --no-fail-fast (cargo-nextest is not installed)"
     test_cmd=(cargo test --no-fail-fast "$@" -- --test-threads "$threads")
 fi
-if ! "${test_cmd[@]}"; then
+# The output is kept so that the end of the log (all a CI summary may show) can name the failed
+# tests and their panics again after the long fuzz output.
+test_log=$(mktemp)
+trap 'rm -f "$test_log"' EXIT
+if ! "${test_cmd[@]}" 2>&1 | tee "$test_log"; then
     failed+=(tests)
 fi
 
@@ -78,6 +82,12 @@ if [[ $fuzz_seconds -gt 0 ]]; then
         failed+=(fuzz)
         echo "FAILED: fuzz (the failing inputs are listed above)"
     fi
+fi
+
+if [[ " ${failed[*]} " == *" tests "* ]]; then
+    section "the failed tests again (their whole output is above)"
+    grep -E '^ *(FAIL|SIGKILL|SIGSEGV|SIGABRT|SIGBUS|TIMEOUT|LEAK-FAIL) \[' "$test_log" | sort -u | head -20 || true
+    grep -A1 -E 'panicked at' "$test_log" | cut -c1-300 | head -24 || true
 fi
 
 if [[ ${#failed[@]} -gt 0 ]]; then
