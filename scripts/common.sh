@@ -46,6 +46,7 @@ _packages_for() {
     make) echo make ;;
     pkg-config) echo pkg-config ;;
     shellcheck) echo shellcheck ;;
+    xmllint) echo libxml2-utils ;;
     *) echo "$1" ;;
     esac
 }

@@ -18,9 +18,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$REPO_ROOT"
 
 ensure_rust
-# tests use qemu-img / qemu-io / qemu-storage-daemon as oracles, mount FUSE, loop devices, ext4
+# tests use qemu-img / qemu-io / qemu-storage-daemon as oracles (xmllint, i.e. libxml2, for libvirt
+# XML), mount FUSE, loop devices, ext4
 ensure_tools qemu-img qemu-io qemu-nbd qemu-storage-daemon fusermount3 mkfs.ext4 \
-    losetup mount findmnt getfattr fio shellcheck
+    losetup mount findmnt getfattr fio shellcheck xmllint
 ensure_fuse
 
 threads=${SNAPFS_TEST_THREADS:-4}

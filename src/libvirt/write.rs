@@ -10,18 +10,32 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::DomainSnapshot;
 
+/// Whether XML 1.0 can hold `c` at all, raw or as a character reference (its `Char`
+/// production). libvirt's files are XML 1.0 and libxml2 refuses a file with any other character.
+fn is_xml10_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}')
+        || c >= '\u{10000}'
+}
+
+/// The first character of `s` that no XML 1.0 file can hold.
+fn first_non_xml10_char(s: &str) -> Option<char> {
+    s.chars().find(|&c| !is_xml10_char(c))
+}
+
 /// Escapes text for XML element content or a quoted attribute value: the five special characters,
-/// and control characters (including tab, CR and LF, which attribute values and EOL normalization
-/// would not keep) as character references. NUL cannot be represented in XML and is dropped.
+/// and control characters as character references where a reader would not keep them raw (CR
+/// anywhere, tab and LF in attribute values, which the reader's line-end and attribute
+/// normalization would change). Characters XML 1.0 cannot hold are dropped, as libvirt's own
+/// writer drops them; [`write_atomically`] refuses such text before it gets here.
 fn xml_escape(s: &str, attribute: bool) -> String {
     let base = quick_xml::escape::escape(s);
-    if !base.chars().any(char::is_control) {
+    if !base.chars().any(|c| c.is_control() || !is_xml10_char(c)) {
         return base.into_owned();
     }
     let mut out = String::with_capacity(base.len() + 8);
     for c in base.chars() {
         match c {
-            '\0' => {}
+            c if !is_xml10_char(c) => {}
             '\n' | '\t' if !attribute => out.push(c),
             c if c.is_control() => {
                 let _ = write!(out, "&#x{:X};", c as u32);
@@ -30,6 +44,54 @@ fn xml_escape(s: &str, attribute: bool) -> String {
         }
     }
     out
+}
+
+/// Refuses a snapshot whose text holds a character XML 1.0 cannot hold (a C0 control other than
+/// tab, LF and CR, U+FFFE or U+FFFF): libvirt could not read the file written.
+fn check_xml10_text(s: &DomainSnapshot) -> io::Result<()> {
+    let source_files: Vec<String> = s
+        .disks
+        .iter()
+        .filter_map(|d| d.source_file.as_ref())
+        .map(|f| f.to_string_lossy().into_owned())
+        .collect();
+    let fields = [
+        ("name", Some(s.name.as_str())),
+        ("description", s.description.as_deref()),
+        ("state", s.state.as_deref()),
+        ("parent", s.parent.as_deref()),
+        ("memory", s.memory.as_deref()),
+    ]
+    .into_iter()
+    .chain(s.disks.iter().flat_map(|d| {
+        [
+            ("disk name", Some(d.name.as_str())),
+            ("disk snapshot kind", Some(d.snapshot.as_str())),
+            ("disk driver type", d.driver_type.as_deref()),
+        ]
+    }))
+    .chain(
+        source_files
+            .iter()
+            .map(|f| ("disk source file", Some(f.as_str()))),
+    );
+    for (field, text) in fields {
+        if let Some(c) = text.and_then(first_non_xml10_char) {
+            return Err(non_xml10_error(&s.name, field, c));
+        }
+    }
+    Ok(())
+}
+
+fn non_xml10_error(snapshot: &str, field: &str, c: char) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "snapshot {}: its {field} holds U+{:04X}, which libvirt's XML cannot hold",
+            snapshot.escape_debug(),
+            c as u32
+        ),
+    )
 }
 
 /// The snapshot in libvirt's `<domainsnapshot>` format (without a `<domain>` element).
@@ -101,10 +163,11 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Writes `DIR/NAME.xml` (replacing an existing file of that name) atomically: a temporary file in
 /// the same folder, written, fsynced and renamed, then the folder fsynced. The file has mode 0600,
 /// like libvirt's. Fails with `InvalidInput` if the name is empty, `.`, `..`, or contains `/` or
-/// NUL. Returns the path written.
+/// NUL, or if any text holds a character XML 1.0 cannot hold. Returns the path written.
 pub fn write_atomically(dir: &Path, s: &DomainSnapshot) -> io::Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     check_name(&s.name)?;
+    check_xml10_text(s)?;
     let target = dir.join(format!("{}.xml", s.name));
     let xml = to_xml(s);
     // The temporary name does not end in ".xml", so a concurrent load_dir never sees it.
@@ -214,11 +277,15 @@ pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
 /// Gives the snapshot in `path` another parent (or none), changing only its top-level
 /// `<parent>` element, as libvirt does to the children of a deleted snapshot.
 pub fn set_parent_in_file(path: &Path, parent: Option<&str>) -> io::Result<()> {
+    if let Some(c) = parent.and_then(first_non_xml10_char) {
+        let child = path.file_stem().unwrap_or_default().to_string_lossy();
+        return Err(non_xml10_error(&child, "parent", c));
+    }
     let text = std::fs::read_to_string(path)?;
     let element = parent.map(|p| {
         format!(
             "<parent>\n    <name>{}</name>\n  </parent>",
-            quick_xml::escape::escape(p)
+            xml_escape(p, false)
         )
     });
     let new_text = match find_outside_domain(&text, "<parent>") {
