@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use snapfs::catalog::Catalog;
 use snapfs::chain::Chain;
 use snapfs::error::{Error, MetadataError, Result};
+use snapfs::libvirt::{check_writable, parse_snapshot_xml, to_xml};
 use snapfs::qcow2::compress::decompress as decompress_cluster;
 use snapfs::qcow2::header::{CompressionType, Header};
 use snapfs::qcow2::l1::L1Table;
@@ -196,6 +197,30 @@ pub fn decompress(data: &[u8]) {
     let _ = decompress_cluster(kind, input, &mut out);
 }
 
+/// `libvirt_xml`: `libvirt::parse_snapshot_xml` on arbitrary text; a snapshot that parses and
+/// that XML 1.0 can hold (`check_writable`) must read back equal from what `to_xml` writes, and
+/// writing it again must give the same text.
+pub fn libvirt_xml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let source = Path::new("/fuzz/snapshot.xml");
+    let Ok(snapshot) = parse_snapshot_xml(text, source) else {
+        return;
+    };
+    if check_writable(&snapshot).is_err() {
+        return;
+    }
+    let written = to_xml(&snapshot);
+    let again = parse_snapshot_xml(&written, source)
+        .unwrap_or_else(|e| panic!("written XML does not parse: {e}\n{written}"));
+    assert_eq!(
+        again, snapshot,
+        "to_xml/parse round trip changed the snapshot\n{written}"
+    );
+    assert_eq!(to_xml(&again), written, "writing is not stable");
+}
+
 /// The backing file names an `image_read` input may use: the files [`image_read_in`] provides.
 pub const ALLOWED_BACKING: [&str; 3] = ["base.qcow2", "base.raw", "top.qcow2"];
 
@@ -280,10 +305,11 @@ fn exercise(view: &View) {
 /// What a fuzz target checks about one input.
 pub type Check = fn(&[u8]);
 
-pub const TARGETS: [(&str, Check); 5] = [
+pub const TARGETS: [(&str, Check); 6] = [
     ("header", header),
     ("snapshot_table", snapshot_table),
     ("l2_decode", l2_decode),
     ("decompress", decompress),
     ("image_read", image_read),
+    ("libvirt_xml", libvirt_xml),
 ];

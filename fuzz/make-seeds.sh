@@ -36,11 +36,66 @@ img -o cluster_size=512 -b base.raw -F raw over-raw.qcow2 64K
 io over-raw.qcow2 "write -P 0x82 0 512"
 
 rm -rf "$out"
-mkdir -p "$out"/{header,snapshot_table,l2_decode,decompress,image_read}
+mkdir -p "$out"/{header,snapshot_table,l2_decode,decompress,image_read,libvirt_xml}
 for f in v3 v2 deflate zstd extl2 snaps over-qcow2 over-raw; do
     cp "$f.qcow2" "$out/image_read/$f.qcow2"
     # The header target sees the first cluster (and the backing name after the extensions).
     head -c 1024 "$f.qcow2" > "$out/header/$f"
 done
 python3 "$here/make-seeds.py" "$work" "$out"
+
+# libvirt snapshot XML in the shapes libvirt writes (shared/reference/libvirt-snapshots.md), and
+# one with every escape a reader must undo.
+cat > "$out/libvirt_xml/internal.xml" <<'XML'
+<domainsnapshot>
+  <name>pkg-updated</name>
+  <description>after apt upgrade</description>
+  <state>shutoff</state>
+  <parent>
+    <name>bare-os-install</name>
+  </parent>
+  <creationTime>1706250054</creationTime>
+  <memory snapshot='no'/>
+  <disks>
+    <disk name='vda' snapshot='internal'/>
+  </disks>
+  <domain type='kvm'>
+    <name>vm</name>
+    <devices><disk type='file'><source file='/var/lib/libvirt/images/vm.qcow2'/></disk></devices>
+  </domain>
+  <active>1</active>
+</domainsnapshot>
+XML
+cat > "$out/libvirt_xml/external.xml" <<'XML'
+<domainsnapshot>
+  <name>1270477159</name>
+  <state>disk-snapshot</state>
+  <parent>
+    <name>bare-os-install</name>
+  </parent>
+  <creationTime>1270477159</creationTime>
+  <memory snapshot='no'/>
+  <disks>
+    <disk name='vda' snapshot='external' type='file'>
+      <driver type='qcow2'/>
+      <source file='/var/lib/libvirt/images/vm.1270477159'/>
+    </disk>
+    <disk name='vdb' snapshot='no'/>
+  </disks>
+  <active>0</active>
+</domainsnapshot>
+XML
+cat > "$out/libvirt_xml/escapes.xml" <<'XML'
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- a comment -->
+<domainsnapshot>
+  <name>a &lt;b&gt; &amp; &apos;c&apos; &quot;d&quot; &#xe9;&#233;</name>
+  <description>line&#xD;
+two&#9;tab <![CDATA[<raw> & ]]> end</description>
+  <parent><name> p&#x2028;q </name></parent>
+  <disks>
+    <disk name='v&#xA;d&#x9;a' snapshot='manual'><source file="/a b/&apos;q&apos;.qcow2"/></disk>
+  </disks>
+</domainsnapshot>
+XML
 ls -l "$out"/*

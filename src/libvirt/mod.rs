@@ -21,7 +21,9 @@ mod write;
 
 pub use parse::parse_snapshot_xml;
 pub use tree::SnapshotTree;
-pub use write::{remove, set_active_in_file, set_parent_in_file, to_xml, write_atomically};
+pub use write::{
+    check_writable, remove, set_active_in_file, set_parent_in_file, to_xml, write_atomically,
+};
 
 use std::ffi::OsStr;
 use std::fs;

@@ -26,7 +26,7 @@ fn first_non_xml10_char(s: &str) -> Option<char> {
 /// and control characters as character references where a reader would not keep them raw (CR
 /// anywhere, tab and LF in attribute values, which the reader's line-end and attribute
 /// normalization would change). Characters XML 1.0 cannot hold are dropped, as libvirt's own
-/// writer drops them; [`write_atomically`] refuses such text before it gets here.
+/// writer drops them; [`check_writable`] refuses such text.
 fn xml_escape(s: &str, attribute: bool) -> String {
     let base = quick_xml::escape::escape(s);
     if !base.chars().any(|c| c.is_control() || !is_xml10_char(c)) {
@@ -46,9 +46,10 @@ fn xml_escape(s: &str, attribute: bool) -> String {
     out
 }
 
-/// Refuses a snapshot whose text holds a character XML 1.0 cannot hold (a C0 control other than
-/// tab, LF and CR, U+FFFE or U+FFFF): libvirt could not read the file written.
-fn check_xml10_text(s: &DomainSnapshot) -> io::Result<()> {
+/// Refuses (with `InvalidInput`, naming the field and the character) a snapshot whose text holds
+/// a character XML 1.0 cannot hold (a C0 control other than tab, LF and CR, U+FFFE or U+FFFF):
+/// libvirt could not read the file written. [`to_xml`] of a snapshot that passes reads back equal.
+pub fn check_writable(s: &DomainSnapshot) -> io::Result<()> {
     let source_files: Vec<String> = s
         .disks
         .iter()
@@ -167,7 +168,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 pub fn write_atomically(dir: &Path, s: &DomainSnapshot) -> io::Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     check_name(&s.name)?;
-    check_xml10_text(s)?;
+    check_writable(s)?;
     let target = dir.join(format!("{}.xml", s.name));
     let xml = to_xml(s);
     // The temporary name does not end in ".xml", so a concurrent load_dir never sees it.
