@@ -82,8 +82,8 @@ fn compressed_odd_reads_match() {
 }
 
 /// A full read leaves no page of a snapshot or of live.raw in the page cache with
-/// `--direct-io`; the same read on a default mount leaves every page (the contrast shows that
-/// the count means something).
+/// `--direct-io`; the same read on a default mount leaves (nearly) every page (the contrast
+/// shows that the count means something).
 #[test]
 fn reads_leave_no_page_cache() {
     let dir = workdir();
@@ -101,11 +101,14 @@ fn reads_leave_no_page_cache() {
     {
         let m = Mount::with_args(&top, &["-r"]);
         let file = m.path().join("snapshots/t1.raw");
-        let len = read_all(&file, 1 << 20).len() as u64;
-        assert_eq!(
-            cached_pages(&file),
-            len.div_ceil(4096),
-            "default mount: a snapshot read once should be cached whole"
+        let pages = (read_all(&file, 1 << 20).len() as u64).div_ceil(4096);
+        // Nearly whole: reclaim may take pages back before fincore counts them. This machine
+        // kind runs DAMON pageout over physical memory (regions idle for 60 s): a page filled
+        // into such a region can go before DAMON sees it used (1 of 16384 did, in a busy run).
+        let cached = cached_pages(&file);
+        assert!(
+            cached * 10 >= pages * 9 && cached <= pages,
+            "default mount: a snapshot read once should stay cached, {cached} of {pages} pages are"
         );
     }
 }
