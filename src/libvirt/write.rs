@@ -48,7 +48,8 @@ fn xml_escape(s: &str, attribute: bool) -> String {
 
 /// Refuses (with `InvalidInput`, naming the field and the character) a snapshot whose text holds
 /// a character XML 1.0 cannot hold (a C0 control other than tab, LF and CR, U+FFFE or U+FFFF):
-/// libvirt could not read the file written. [`to_xml`] of a snapshot that passes reads back equal.
+/// libvirt could not read the file written. What [`to_xml`] writes of a snapshot that passes
+/// reads back equal, but for the outer white space the reader trims (names, state).
 pub fn check_writable(s: &DomainSnapshot) -> io::Result<()> {
     let source_files: Vec<String> = s
         .disks
