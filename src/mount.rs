@@ -167,7 +167,14 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     } else {
         DataCaching::PageCache
     };
-    let fs = SnapFs::new(catalog, controller, owner, notifier.clone(), caching);
+    let fs = SnapFs::new(
+        catalog,
+        controller,
+        owner,
+        notifier.clone(),
+        caching,
+        settings.threads,
+    );
     let config = fuse_config(&settings, chain.top().path(), !owner.writable);
 
     let ready = if settings.foreground {

@@ -40,6 +40,8 @@ pub struct SnapFs {
     large_reads: gate::Gate,
     /// Whether the disk files (live.raw, snapshots) go through the kernel page cache.
     caching: DataCaching,
+    /// How many threads answer requests (see [`SnapFs::announce`]).
+    worker_threads: usize,
 }
 
 /// How the kernel caches the contents of the disk files (live.raw and the snapshots).
@@ -154,6 +156,7 @@ impl SnapFs {
         owner: Ownership,
         notifier: Arc<OnceLock<Notifier>>,
         caching: DataCaching,
+        worker_threads: usize,
     ) -> Self {
         SnapFs {
             catalog,
@@ -163,6 +166,7 @@ impl SnapFs {
             notifier,
             large_reads: gate::Gate::for_this_machine(),
             caching,
+            worker_threads,
         }
     }
 
@@ -227,6 +231,9 @@ impl SnapFs {
     }
 
     /// Tells the kernel what a command changed: dropped names, new names, stale live pages.
+    /// Returns once the kernel has dropped the names, or after [`TTL`] at the most (when its
+    /// cached entries would have expired anyway), so that a `stat` right after the command's
+    /// `write` returns sees the new names. (Not with one worker thread: see below.)
     fn announce(&self, effect: &Effect) {
         let Some(notifier) = self.notifier.get() else {
             return;
@@ -248,15 +255,23 @@ impl SnapFs {
         if names.is_empty() {
             return;
         }
-        // Entry invalidation may wait for directory locks the kernel holds while it waits for
-        // this request's reply, so it runs on its own thread.
+        // Entry invalidation takes the directory's lock, which a lookup or readdir in snapshots/
+        // holds while it waits for a reply from this daemon: it runs on its own thread, and the
+        // wait for it is bounded. With a single worker thread (the one that would wait here) a
+        // concurrent `ls` would hold every command up for the whole bound, so that mount does not
+        // wait, and a name may show for a moment after its command.
         let notifier = notifier.clone();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             for (_, name) in names {
                 let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
             }
             let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
+            let _ = done.send(());
         });
+        if self.worker_threads > 1 && finished.recv_timeout(TTL).is_err() {
+            log::debug!("snapshots/: the kernel took longer than {TTL:?} to drop changed names");
+        }
     }
 
     /// The mode bits decide, as the kernel's `default_permissions` would: the owner's, the
