@@ -2,8 +2,11 @@
 //! `qemu-img create` lays it out: the header, the refcount table, refcount blocks covering the
 //! metadata, then a zeroed L1 table.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -24,9 +27,9 @@ pub struct NewImage {
     pub backing_format: Option<String>,
 }
 
-/// Creates `path` (which must not exist) as an empty v3 qcow2 image.
+/// Creates `path` (which must not exist) as an empty v3 qcow2 image, all or nothing (see
+/// [`create_whole`]).
 pub fn create(path: &Path, new: &NewImage) -> Result<File> {
-    let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
     let cs = 1u64 << new.cluster_bits;
     let geometry = Geometry::new(new.cluster_bits, false);
     let l1_entries = geometry.l1_entries_for(new.size).max(1);
@@ -97,16 +100,100 @@ pub fn create(path: &Path, new: &NewImage) -> Result<File> {
             1,
         );
     }
-    let file = std::fs::OpenOptions::new()
+    create_whole(path, &image)
+}
+
+/// Creates `path` holding `bytes`, all or nothing: the bytes are written and synced in a file
+/// without a name (`O_TMPFILE`), or under a hidden temporary name where the file system has no
+/// such files, and only then linked to `path`, which fails if `path` exists. A kill at any moment
+/// leaves no half-written image under `path` (a retry would find the name taken and a file that
+/// is no image); the fallback may leave its temporary file behind.
+fn create_whole(path: &Path, bytes: &[u8]) -> Result<File> {
+    let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let unnamed = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o666)
+        .open(dir);
+    let file = match unnamed {
+        Ok(file) => {
+            write_and_sync(&file, bytes).map_err(|e| io("cannot write", e))?;
+            match link_unnamed(&file, path) {
+                Ok(()) => file,
+                // No /proc to name the file by.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOENT)
+                        && !Path::new("/proc/self/fd").exists() =>
+                {
+                    create_via_temporary_name(dir, path, bytes)
+                        .map_err(|e| io("cannot create", e))?
+                }
+                Err(e) => return Err(io("cannot create", e)),
+            }
+        }
+        // No O_TMPFILE on this file system (or kernel): a temporary name.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            ) =>
+        {
+            create_via_temporary_name(dir, path, bytes).map_err(|e| io("cannot create", e))?
+        }
+        Err(e) => return Err(io("cannot create", e)),
+    };
+    // The new name is durable before anything refers to it.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync its folder", e))?;
+    Ok(file)
+}
+
+fn write_and_sync(file: &File, bytes: &[u8]) -> std::io::Result<()> {
+    file.write_all_at(bytes, 0)?;
+    file.sync_all()
+}
+
+/// Gives the `O_TMPFILE` file `file` the name `path` (`EEXIST` if taken), through its
+/// `/proc/self/fd` link, which needs no privilege (`AT_EMPTY_PATH` would).
+fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let to = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: both are NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The fallback of [`create_whole`]: a hidden file beside `path`, written, synced and hard-linked
+/// to `path` (no-clobber), then removed.
+fn create_via_temporary_name(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<File> {
+    let stem = path.file_name().unwrap_or_default().to_string_lossy();
+    let temporary = dir.join(format!(".{stem}.snapfs-{}.tmp", std::process::id()));
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
-        .open(path)
-        .map_err(|e| io("cannot create", e))?;
-    file.write_all_at(&image, 0)
-        .map_err(|e| io("cannot write", e))?;
-    file.sync_all().map_err(|e| io("cannot sync", e))?;
-    Ok(file)
+        .open(&temporary)?;
+    let linked = write_and_sync(&file, bytes).and_then(|()| std::fs::hard_link(&temporary, path));
+    let _ = std::fs::remove_file(&temporary);
+    linked.map(|()| file)
 }
 
 #[cfg(test)]
@@ -135,5 +222,26 @@ mod tests {
             create(&path, &new).is_err(),
             "an existing file is never overwritten"
         );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["new.qcow2"], "nothing else is left in the folder");
+    }
+
+    /// The path for file systems without `O_TMPFILE`: the same result, no temporary file left,
+    /// and a taken name refused without touching the file that has it.
+    #[test]
+    fn temporary_name_fallback() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.qcow2");
+        let file = create_via_temporary_name(dir.path(), &path, b"first").unwrap();
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut read).unwrap();
+        assert_eq!(read, b"first");
+        let taken = create_via_temporary_name(dir.path(), &path, b"second").unwrap_err();
+        assert_eq!(taken.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
