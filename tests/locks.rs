@@ -418,14 +418,19 @@ fn qemu_writer_keeps_snapfs_out() {
     let top = create_qcow2(dir.path(), "top.qcow2", Some(&base));
     let daemon = storage_daemon(dir.path(), &top);
 
-    // QEMU 10's bytes for a writable qcow2 image and for its backing file.
-    assert_eq!(
-        ofd_locked_bytes(&top),
-        set(LockMode::ReadWrite.lock_bytes())
+    // QEMU 10's bytes for a writable qcow2 image and for its backing file. QEMU may still be
+    // updating its permissions when the export shows (it unlocks and locks byte by byte; a busy
+    // run once caught the backing file at {100, 201}), so wait for them to settle.
+    let settled = |image: &Path, mode: LockMode| ofd_locked_bytes(image) == set(mode.lock_bytes());
+    wait_until(
+        "QEMU's lock bytes on the image",
+        Duration::from_secs(10),
+        || settled(&top, LockMode::ReadWrite),
     );
-    assert_eq!(
-        ofd_locked_bytes(&base),
-        set(LockMode::ReadOnly.lock_bytes())
+    wait_until(
+        "QEMU's lock bytes on the backing file",
+        Duration::from_secs(10),
+        || settled(&base, LockMode::ReadOnly),
     );
 
     let rw = open_rw(&top);
