@@ -51,36 +51,21 @@ fn xml_escape(s: &str, attribute: bool) -> String {
 /// libvirt could not read the file written. What [`to_xml`] writes of a snapshot that passes
 /// reads back equal, but for the outer white space the reader trims (names, state).
 pub fn check_writable(s: &DomainSnapshot) -> io::Result<()> {
-    let source_files: Vec<String> = s
-        .disks
-        .iter()
-        .filter_map(|d| d.source_file.as_ref())
-        .map(|f| f.to_string_lossy().into_owned())
-        .collect();
-    let fields = [
-        ("name", Some(s.name.as_str())),
-        ("description", s.description.as_deref()),
-        ("state", s.state.as_deref()),
-        ("parent", s.parent.as_deref()),
-        ("memory", s.memory.as_deref()),
-    ]
-    .into_iter()
-    .chain(s.disks.iter().flat_map(|d| {
-        [
-            ("disk name", Some(d.name.as_str())),
-            ("disk snapshot kind", Some(d.snapshot.as_str())),
-            ("disk driver type", d.driver_type.as_deref()),
-        ]
-    }))
-    .chain(
-        source_files
-            .iter()
-            .map(|f| ("disk source file", Some(f.as_str()))),
-    );
-    for (field, text) in fields {
-        if let Some(c) = text.and_then(first_non_xml10_char) {
-            return Err(non_xml10_error(&s.name, field, c));
-        }
+    let check = |field: &str, text: Option<&str>| match text.and_then(first_non_xml10_char) {
+        Some(c) => Err(non_xml10_error(&s.name, field, c)),
+        None => Ok(()),
+    };
+    check("name", Some(&s.name))?;
+    check("description", s.description.as_deref())?;
+    check("state", s.state.as_deref())?;
+    check("parent", s.parent.as_deref())?;
+    check("memory", s.memory.as_deref())?;
+    for d in &s.disks {
+        check("disk name", Some(&d.name))?;
+        check("disk snapshot kind", Some(d.snapshot.as_str()))?;
+        check("disk driver type", d.driver_type.as_deref())?;
+        let source = d.source_file.as_ref().map(|f| f.to_string_lossy());
+        check("disk source file", source.as_deref())?;
     }
     Ok(())
 }
