@@ -186,6 +186,8 @@ fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
 fn create_via_temporary_name(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<File> {
     let stem = path.file_name().unwrap_or_default().to_string_lossy();
     let temporary = dir.join(format!(".{stem}.snapfs-{}.tmp", std::process::id()));
+    // One by this name can only be left by a killed process that had this process's id.
+    let _ = std::fs::remove_file(&temporary);
     let file = OpenOptions::new()
         .read(true)
         .write(true)
