@@ -1,0 +1,468 @@
+//! Graceful degradation (issue 8): the host file system fills up.
+//!
+//! - Writes through live.raw to an image on a small ext4 file system (64 MiB, loop-mounted) fail
+//!   with ENOSPC (or EIO) once it is full; the daemon stays alive, data written before is intact,
+//!   writes work again once space is freed, and after unmounting `qemu-img check` finds no
+//!   corruption (leaked clusters are allowed).
+//! - A commit of a large top (on the roomy file system) into a base on the small one fails with an
+//!   error in `control/status`; live.raw is unchanged, before and after unmounting.
+//!
+//! Loop devices and kernel mounts are cleaned up by guards, also when a test fails.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::common::snapshot_support::{control, errno_name, status_text};
+use crate::common::stress_support::*;
+use crate::common::write_support::{Rng, qemu_check, qemu_compare, server_log, with_watchdog};
+use crate::common::*;
+
+const FS_SIZE: u64 = 64 * MIB;
+const CHUNK: u64 = MIB;
+
+fn chunk_data(seed: u64, i: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut v = vec![0u8; CHUNK as usize];
+    rng.fill(&mut v);
+    v
+}
+
+fn read_fresh(f: &File, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    drop_file_cache(f);
+    let mut v = vec![0u8; len];
+    f.read_exact_at(&mut v, off)?;
+    Ok(v)
+}
+
+#[test]
+fn degrade_enospc_on_write_fails_cleanly_and_recovers() {
+    let small = SmallFs::new(FS_SIZE);
+    let filler = small.path().join("filler");
+    fs::write(&filler, vec![0x77u8; 8 * MIB as usize]).unwrap();
+    let image = small.path().join("disk.qcow2");
+    create_qcow2(&image, 256 * MIB, "", None);
+    let free = small.free_bytes();
+    eprintln!("small fs: {} MiB free", free / MIB);
+    assert!(free < 200 * MIB);
+    let seed = 0x5eed_0001;
+
+    let mut m = Mount::new(&image);
+    let mp = m.path().to_path_buf();
+    let ctx = mp.clone();
+    let context = move || format!("mount {}", ctx.display());
+    let mut problems = Vec::new();
+    // Chunk index -> whether its write returned success.
+    let mut written: Vec<u64> = Vec::new();
+    let mut synced: Vec<u64> = Vec::new();
+    let mut failed_errno = None;
+    let mut late_chunk = None;
+    with_watchdog(
+        &mp,
+        Duration::from_secs(60),
+        Duration::from_secs(150),
+        "ENOSPC on write",
+        &context,
+        |progress| {
+            let live = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(mp.join("live.raw"))
+                .unwrap();
+            for i in 0..200u64 {
+                let data = chunk_data(seed, i);
+                match live.write_all_at(&data, i * CHUNK) {
+                    Ok(()) => written.push(i),
+                    Err(e) => {
+                        failed_errno = Some(err_no(&e));
+                        eprintln!("write of chunk {i} failed: {e}");
+                        break;
+                    }
+                }
+                progress.tick();
+                if i % 4 == 3 {
+                    match live.sync_all() {
+                        Ok(()) => synced = written.clone(),
+                        Err(e) => {
+                            failed_errno = Some(err_no(&e));
+                            eprintln!("fsync after chunk {i} failed: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            match failed_errno {
+                None => problems.push(format!(
+                    "200 MiB written to a {} MiB file system without an error",
+                    FS_SIZE / MIB
+                )),
+                Some(e) if e == libc::ENOSPC || e == libc::EIO => {}
+                Some(e) => problems.push(format!(
+                    "the full file system gave {}, ENOSPC or EIO expected",
+                    errno_name(e)
+                )),
+            }
+            // The daemon is alive and what was fsynced reads back.
+            if let Err(e) = fs::metadata(mp.join("live.raw")) {
+                problems.push(format!("stat live.raw when full: {e}"));
+            }
+            for &i in &synced {
+                match read_fresh(&live, i * CHUNK, CHUNK as usize) {
+                    Ok(got) if got == chunk_data(seed, i) => {}
+                    Ok(_) => problems.push(format!("fsynced chunk {i} reads wrong when full")),
+                    Err(e) => problems.push(format!("fsynced chunk {i} when full: {e}")),
+                }
+            }
+            // A snapshot on a full file system: works, or is refused and leaves nothing behind.
+            let before = m.snapshot_names();
+            match control(&mp, "create", "when-full") {
+                Ok(()) => {
+                    if !m.snapshot_names().contains("when-full.raw") {
+                        problems.push("create when-full succeeded but is not listed".into());
+                    }
+                }
+                Err(e) => {
+                    eprintln!("create when full: {}", errno_name(e));
+                    if m.snapshot_names() != before {
+                        problems.push(format!(
+                            "a refused create changed snapshots/: {:?}",
+                            m.snapshot_names()
+                        ));
+                    }
+                    if !status_text(&mp)
+                        .lines()
+                        .last()
+                        .is_some_and(|l| l.contains("error"))
+                    {
+                        problems.push("refused create not reported in control/status".into());
+                    }
+                }
+            }
+            // Free space: writing works again.
+            fs::remove_file(&filler).unwrap();
+            let i = 230u64;
+            let data = chunk_data(seed, i);
+            match live
+                .write_all_at(&data, i * CHUNK)
+                .and_then(|()| live.sync_all())
+            {
+                Ok(()) => late_chunk = Some(i),
+                Err(e) => problems.push(format!(
+                    "after freeing {} MiB, a 1 MiB write still fails: {e}",
+                    8
+                )),
+            }
+            if late_chunk.is_some() {
+                match read_fresh(&live, i * CHUNK, CHUNK as usize) {
+                    Ok(got) if got == data => {}
+                    Ok(_) => {
+                        problems.push("the chunk written after freeing space reads wrong".into())
+                    }
+                    Err(e) => problems.push(format!(
+                        "reading the chunk written after freeing space: {e}"
+                    )),
+                }
+            }
+        },
+    );
+    eprintln!(
+        "ENOSPC write: {} chunks written ({} fsynced) before {:?}",
+        written.len(),
+        synced.len(),
+        failed_errno.map(errno_name)
+    );
+    let (out, status) = m.snapfs_umount();
+    let log = m.stderr_text();
+    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
+        problems.push(format!(
+            "unmount: {:?} {}; server exit {status:?}",
+            out.status, out.stderr
+        ));
+    }
+    if log.contains("panicked") {
+        problems.push("the server panicked".into());
+    }
+    drop(m);
+
+    let c = qemu_check(&image);
+    eprintln!(
+        "qemu-img check after ENOSPC: corruptions {}, leaks {}, check-errors {}",
+        c.corruptions(),
+        c.leaks(),
+        c.check_errors()
+    );
+    if c.corruptions() > 0 || c.check_errors() > 0 || !matches!(c.exit, Some(0) | Some(3)) {
+        problems.push(format!(
+            "qemu-img check after ENOSPC: exit {:?}, {}",
+            c.exit,
+            c.stdout.trim()
+        ));
+    }
+    let info = info_json(&image);
+    if info["format-specific"]["data"]["corrupt"].as_bool() == Some(true) {
+        problems.push("the image is marked corrupt after ENOSPC".into());
+    }
+    // Every write that returned success is in the image (a clean unmount flushed them).
+    // (Converted to the roomy file system: the small one has no space for it.)
+    let scratch = workdir();
+    let raw = scratch.path().join("disk.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let f = File::open(&raw).unwrap();
+    for i in written.iter().copied().chain(late_chunk) {
+        let mut got = vec![0u8; CHUNK as usize];
+        f.read_exact_at(&mut got, i * CHUNK).unwrap();
+        if got != chunk_data(seed, i) {
+            problems.push(format!(
+                "chunk {i} (write returned success{}) is not in the image after unmounting",
+                if synced.contains(&i) { ", fsynced" } else { "" }
+            ));
+        }
+    }
+    drop(f);
+    fs::remove_file(&raw).ok();
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        server_log(log)
+    );
+}
+
+#[test]
+fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
+    let small = SmallFs::new(FS_SIZE);
+    let dir = workdir();
+    let base = small.path().join("base.qcow2");
+    create_qcow2(&base, 128 * MIB, "", None);
+    qemu_io(&base, &["write -P 0x11 0 1M", "write -P 0x12 100M 1M"]);
+    let top = dir.path().join("top.qcow2");
+    create_qcow2(&top, 128 * MIB, "", Some((base.to_str().unwrap(), "qcow2")));
+    // 80 MiB of data in the top: more than the small file system holds.
+    let cmds: Vec<String> = (0..10)
+        .map(|i| format!("write -P {} {} 8M", 0x40 + i, i * 8 * MIB + 512 * KIB))
+        .collect();
+    qemu_io_s(&top, &cmds);
+    let free = small.free_bytes();
+    assert!(
+        free < 80 * MIB,
+        "test setup: the small fs has {} MiB free",
+        free / MIB
+    );
+    let oracle = convert_to_raw(&top, None);
+    let base_before = read_all(&base);
+
+    let mut m = Mount::new(&top);
+    let mp = m.path().to_path_buf();
+    let ctx = mp.clone();
+    let context = move || format!("mount {}", ctx.display());
+    let names_before = m.snapshot_names();
+    let mut problems = Vec::new();
+    with_watchdog(
+        &mp,
+        Duration::from_secs(60),
+        Duration::from_secs(150),
+        "commit into a full file system",
+        &context,
+        |_| {
+            let r = control(&mp, "commit", "");
+            let status = status_text(&mp);
+            let last = status.lines().last().unwrap_or("").to_string();
+            eprintln!("commit into the small fs: {r:?}; status: {last}");
+            match r {
+                Ok(()) => problems.push(format!(
+                    "commit of 80 MiB into a file system with {} MiB free succeeded",
+                    free / MIB
+                )),
+                Err(e) if e == libc::ENOSPC || e == libc::EIO => {}
+                Err(e) => problems.push(format!(
+                    "commit gave {}, ENOSPC or EIO expected",
+                    errno_name(e)
+                )),
+            }
+            if !(last.contains("commit") && last.contains("error")) {
+                problems.push(format!(
+                    "control/status does not report the failed commit: {last:?}"
+                ));
+            }
+            if m.snapshot_names() != names_before {
+                problems.push(format!(
+                    "snapshots/ changed after a failed commit: {:?} -> {:?}",
+                    names_before,
+                    m.snapshot_names()
+                ));
+            }
+            let live = mp.join("live.raw");
+            if let Ok(f) = File::open(&live) {
+                drop_file_cache(&f);
+            }
+            if let Err(e) = compare_files(&live, &oracle) {
+                problems.push(format!("live.raw after the failed commit: {e}"));
+            }
+            // The mount still takes writes.
+            let f = OpenOptions::new().write(true).open(&live).unwrap();
+            if let Err(e) = f.write_all_at(&[0x99; 4096], 0).and_then(|()| f.sync_all()) {
+                problems.push(format!("write to live.raw after the failed commit: {e}"));
+            }
+        },
+    );
+    let (out, status) = m.snapfs_umount();
+    let log = m.stderr_text();
+    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
+        problems.push(format!(
+            "unmount: {:?} {}; server exit {status:?}",
+            out.status, out.stderr
+        ));
+    }
+    if log.contains("panicked") {
+        problems.push("the server panicked".into());
+    }
+    drop(m);
+    // Live content: the oracle plus the 4 KiB written afterwards.
+    {
+        let f = OpenOptions::new().write(true).open(&oracle).unwrap();
+        f.write_all_at(&[0x99; 4096], 0).unwrap();
+    }
+    if let Err(e) = qemu_compare(&top, &oracle) {
+        problems.push(format!("after unmounting: {e}"));
+    }
+    let ct = qemu_check(&top);
+    if ct.corruptions() > 0 || ct.check_errors() > 0 || ct.exit != Some(0) {
+        problems.push(format!(
+            "qemu-img check top: exit {:?}, {}",
+            ct.exit,
+            ct.stdout.trim()
+        ));
+    }
+    let cb = qemu_check(&base);
+    eprintln!(
+        "base after the failed commit: corruptions {}, leaks {}, {} bytes (was {})",
+        cb.corruptions(),
+        cb.leaks(),
+        fs::metadata(&base).unwrap().len(),
+        base_before.len()
+    );
+    if cb.corruptions() > 0 || cb.check_errors() > 0 || !matches!(cb.exit, Some(0) | Some(3)) {
+        problems.push(format!(
+            "qemu-img check base: exit {:?}, {}",
+            cb.exit,
+            cb.stdout.trim()
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        server_log(log)
+    );
+}
+
+/// Fills the file system at `dir` with a file of zeros until a write fails; returns its path.
+fn fill_up(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("fill");
+    let mut f = File::create(&path).unwrap();
+    for size in [256 * KIB, 4 * KIB, 512] {
+        let block = vec![0u8; size as usize];
+        while f.write_all(&block).is_ok() {}
+    }
+    let _ = f.sync_all();
+    path
+}
+
+/// A snapshot create that fails for lack of space is a refused command: it changes nothing —
+/// in particular it does not leave every data cluster's refcount raised (which would leak the
+/// whole disk and make each later overwrite copy-on-write, doubling the space used).
+#[test]
+fn degrade_enospc_refused_create_leaves_refcounts_unchanged() {
+    let small = SmallFs::new(FS_SIZE);
+    let image = small.path().join("disk.qcow2");
+    create_qcow2(&image, 64 * MIB, "", None);
+    qemu_io(&image, &["write -P 0x21 0 16M"]);
+    let scratch = workdir();
+    let before = read_all(&convert_to_raw_elsewhere(&image, scratch.path()));
+    let mut m = Mount::new(&image);
+    let mp = m.path().to_path_buf();
+    // Full, but for 64 KiB: room for the snapshot's L1 copy, not for the new snapshot table
+    // (the failure then comes after the refcounts were raised).
+    let fill = fill_up(small.path());
+    {
+        let f = OpenOptions::new().write(true).open(&fill).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - 64 * KIB).unwrap();
+        f.sync_all().unwrap();
+    }
+    let r = control(&mp, "create", "no-room");
+    eprintln!(
+        "create on a full file system: {}; status: {}",
+        match r {
+            Ok(()) => "ok".to_string(),
+            Err(e) => errno_name(e),
+        },
+        status_text(&mp).lines().last().unwrap_or("")
+    );
+    fs::remove_file(&fill).unwrap();
+    let refused = r.is_err();
+    if refused {
+        assert!(
+            !m.snapshot_names().contains("no-room.raw"),
+            "a refused create is listed"
+        );
+    }
+    let (out, status) = m.snapfs_umount();
+    assert!(
+        out.status.is_some_and(|s| s.success()) && status.is_some_and(|s| s.success()),
+        "unmount: {:?} {}; server exit {status:?}\n{}",
+        out.status,
+        out.stderr,
+        server_log(m.stderr_text())
+    );
+    drop(m);
+    let c = qemu_check(&image);
+    assert!(
+        c.corruptions() == 0 && c.check_errors() == 0,
+        "qemu-img check: {}",
+        c.stdout
+    );
+    assert_eq!(
+        read_all(&convert_to_raw_elsewhere(&image, scratch.path())),
+        before,
+        "live content changed"
+    );
+    if refused {
+        assert!(
+            snapshots(&image).is_empty(),
+            "a refused create left a snapshot in the image"
+        );
+        assert!(
+            c.leaks() <= 8,
+            "the refused create left {} leaked clusters (16 MiB of data = 256 clusters): \
+             refcounts raised for the snapshot were not put back; qemu-img check:\n{}",
+            c.leaks(),
+            crate::common::write_support::qemu_check_text(&image)
+        );
+    }
+}
+
+/// `qemu-img convert -O raw` into a temp dir on the roomy file system.
+fn convert_to_raw_elsewhere(image: &Path, scratch: &Path) -> std::path::PathBuf {
+    let out = scratch.join(format!("out-{}.raw", unique()));
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    out
+}
