@@ -143,8 +143,21 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// Opens the chain whose top is `top`, which must be a qcow2 image.
+    /// Opens the chain whose top is `top`, which must be a qcow2 image. Backing files that are not
+    /// regular files are opened read-only (see [`Chain::open_with`]).
     pub fn open(top: &Path, caches: Arc<Caches>, options: OpenOptions) -> Result<Chain> {
+        Self::open_with(top, caches, options, false)
+    }
+
+    /// As [`Chain::open`]. On a writable mount, a backing file is opened for writing (commands
+    /// that rearrange the chain write it) only if the open file is a regular file, or a block
+    /// device when `write_devices` says so (`-o write_devices`); anything else stays read-only.
+    pub fn open_with(
+        top: &Path,
+        caches: Arc<Caches>,
+        options: OpenOptions,
+        write_devices: bool,
+    ) -> Result<Chain> {
         let top_path = absolute(top)?;
         let mut seen = vec![canonical(&top_path)?];
         // The type first: opening a FIFO would wait for a writer forever.
@@ -214,7 +227,7 @@ impl Chain {
             // Backing files are read, and written only by commands that rearrange the chain (with
             // their locks upgraded for the time): a writable mount opens them read-write where the
             // file permits it.
-            let file = open_backing(&path, options.writable).map_err(missing)?;
+            let file = open_backing(&path, options.writable, write_devices).map_err(missing)?;
             take_lock(&file, &path, LockMode::ReadOnly, options.lock)?;
             let meta = file.metadata().map_err(missing)?;
             {
@@ -285,19 +298,39 @@ fn take_lock(file: &File, path: &Path, mode: LockMode, wanted: bool) -> Result<(
     Ok(())
 }
 
-fn open_backing(path: &Path, writable: bool) -> std::io::Result<File> {
-    if writable {
-        match open_file(path, true) {
-            Ok(f) => return Ok(f),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EACCES | libc::EROFS | libc::EPERM)
-                ) => {}
-            Err(e) => return Err(e),
+/// Opens a backing file read-only, without blocking (a FIFO swapped in after the type check
+/// would wait for a writer forever); then, if `writable` and the open file is a regular file (or
+/// a block device and `write_devices`), reopens that same file read-write through its
+/// descriptor, so that what the path names by then does not matter. Stays read-only where the
+/// file's permissions refuse writing.
+fn open_backing(path: &Path, writable: bool, write_devices: bool) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    // SAFETY: fcntl on our own descriptor, clearing O_NONBLOCK for the reads to come.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
     }
-    open_file(path, false)
+    let kind = file.metadata()?.file_type();
+    if !(writable && (kind.is_file() || (write_devices && kind.is_block_device()))) {
+        return Ok(file);
+    }
+    match open_file(
+        Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())),
+        true,
+    ) {
+        Ok(rw) => Ok(rw),
+        Err(e) => {
+            log::debug!("{}: stays read-only: {e}", path.display());
+            Ok(file)
+        }
+    }
 }
 
 fn open_file(path: &Path, writable: bool) -> std::io::Result<File> {

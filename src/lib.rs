@@ -1,10 +1,12 @@
 //! snapfs: every point in time of a qcow2 disk image chain as an ordinary file.
 
+pub mod access;
 pub mod catalog;
 pub mod chain;
 pub mod cli;
 pub mod control;
 pub mod error;
+pub mod folder;
 pub mod fs;
 pub mod info;
 pub mod libvirt;

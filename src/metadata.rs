@@ -59,10 +59,10 @@ impl Metadata {
                 }
             }
             if !external.is_empty() && !in_chain {
+                // Names no snapshot: a file in the folder may be anyone's (docs/security.md).
                 meta.problems.push(format!(
-                    "skipped: {}: snapshot {:?} names files that are not in the mounted chain",
+                    "skipped: {}: its disks name files that are not in the mounted chain",
                     snap.source_file.display(),
-                    snap.name
                 ));
                 continue;
             }

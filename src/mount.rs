@@ -4,12 +4,12 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::access::DeviceWrites;
 use crate::catalog::Catalog;
 use crate::chain::Chain;
 use crate::cli::{MountArgs, parse_size};
@@ -37,6 +37,8 @@ pub struct MountSettings {
     pub threads: usize,
     pub libvirt: Option<PathBuf>,
     pub libvirt_write: bool,
+    /// Commands may write backing files that are block devices (`-o write_devices`).
+    pub write_devices: bool,
     /// Reads and writes of live.raw and the snapshot files bypass the kernel page cache.
     pub direct_io: bool,
 }
@@ -56,6 +58,7 @@ impl MountSettings {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
             libvirt: args.libvirt.clone(),
             libvirt_write: false,
+            write_devices: false,
             direct_io: args.direct_io,
         };
         for opt in args.options.iter().flat_map(|o| o.split(',')) {
@@ -85,6 +88,7 @@ impl MountSettings {
                 "threads" => s.threads = number()? as usize,
                 "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
                 "libvirt-write" => s.libvirt_write = true,
+                "write_devices" => s.write_devices = true,
                 "direct_io" => s.direct_io = true,
                 _ => return Err(format!("unknown mount option {opt:?}")),
             }
@@ -111,14 +115,20 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         writable,
         lock: true,
     };
-    let chain = match Chain::open(&settings.image, caches.clone(), options) {
+    let devices = if settings.write_devices {
+        DeviceWrites::Allowed
+    } else {
+        DeviceWrites::Refused
+    };
+    let write_devices = devices == DeviceWrites::Allowed;
+    let chain = match Chain::open_with(&settings.image, caches.clone(), options, write_devices) {
         Err(Error::NeedsReadOnly { path, reason }) => {
             eprintln!("snapfs: {}: {reason}", path.display());
             let read_only = OpenOptions {
                 writable: false,
                 ..options
             };
-            Chain::open(&settings.image, caches, read_only)
+            Chain::open_with(&settings.image, caches, read_only, write_devices)
         }
         other => other,
     }
@@ -136,9 +146,8 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         .metadata()
         .map_err(|e| format!("{}: {e}", settings.image.display()))?;
     let owner = Ownership {
-        uid: settings.uid.unwrap_or(meta.uid()),
-        gid: settings.gid.unwrap_or(meta.gid()),
-        mode: (meta.mode() & 0o777) as u16,
+        uid: settings.uid,
+        gid: settings.gid,
         image_mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
         writable: catalog.live().view.is_writable(),
     };
@@ -153,6 +162,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         catalog.clone(),
         owner.writable,
         libvirt_write,
+        devices,
     ));
     for problem in problems {
         log::warn!("libvirt metadata: {problem}");
@@ -171,10 +181,12 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         catalog,
         controller,
         owner,
+        devices,
         notifier.clone(),
         caching,
         settings.threads,
-    );
+    )
+    .map_err(|e| format!("cannot start the command thread: {e}"))?;
     let config = fuse_config(&settings, chain.top().path(), !owner.writable);
 
     let ready = if settings.foreground {

@@ -1,14 +1,18 @@
 //! The FUSE adapter: presents a [`Catalog`] of views and the control files as a file tree. All
-//! format knowledge stays in the engine and all command logic in [`crate::control`]; this module
-//! translates requests and tells the kernel what changed.
+//! format knowledge stays in the engine, all command logic in [`crate::control`], and what a
+//! caller may do in [`access`] (answers, no FUSE calls); this module translates requests, asks,
+//! and tells the kernel what changed.
 
+mod access;
+mod attrs;
+mod commands;
 mod gate;
+mod handles;
 mod nodes;
+mod zeros;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::FromRawFd;
 use std::sync::{Arc, OnceLock};
 
 use fuser::{
@@ -18,11 +22,17 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+use crate::access::{Caller, DeviceWrites, EXEC, LayerPerms, READ, WRITE};
 use crate::catalog::{Catalog, ViewEntry};
-use crate::control::{Controller, Effect, Target};
+use crate::control::{CommandKind, Controller, Effect, Target};
 use crate::info;
-pub use nodes::Ownership;
+use access::{Guard, MetadataChange};
+pub use attrs::Ownership;
+use attrs::{AttrParts, file_attr};
+use commands::CommandQueue;
+use handles::Handles;
 use nodes::{Node, TTL};
+use zeros::{HOLE_CHECK_MIN, zeros};
 
 /// Largest request we ask the kernel for (reads and writes): 1 MiB, FUSE's `max_pages` of 256.
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -31,17 +41,17 @@ pub struct SnapFs {
     catalog: Arc<Catalog>,
     controller: Arc<Controller>,
     owner: Ownership,
-    /// Open handles per inode, and the inodes a running command has claimed: a command may
-    /// not change or remove a file that is open, and a claimed file cannot be opened.
-    open_handles: Mutex<Handles>,
-    /// Set once the session exists; used to tell the kernel about changes.
-    notifier: Arc<OnceLock<Notifier>>,
+    /// Which backing files snapfs may write at all (shown in the modes).
+    devices: DeviceWrites,
+    /// Open files, who opened them, and the files a running command has claimed.
+    handles: Arc<Mutex<Handles>>,
+    /// Commands run here, one at a time, off the threads that answer requests.
+    commands: CommandQueue,
+    announcer: Announcer,
     /// Bounds the threads answering large reads at once.
     large_reads: gate::Gate,
     /// Whether the disk files (live.raw, snapshots) go through the kernel page cache.
     caching: DataCaching,
-    /// How many threads answer requests (see [`SnapFs::announce`]).
-    worker_threads: usize,
 }
 
 /// How the kernel caches the contents of the disk files (live.raw and the snapshots).
@@ -59,115 +69,126 @@ pub enum DataCaching {
     Bypass,
 }
 
-/// See [`SnapFs::open_handles`].
-#[derive(Default)]
-struct Handles {
-    open: HashMap<u64, u32>,
-    claimed: std::collections::HashSet<u64>,
-}
-
 thread_local! {
     /// Each FUSE worker thread reuses one read buffer instead of allocating per request.
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The reply to a read that lies wholly in a hole: `MAX_REQUEST` zero bytes, read-only, made of
-/// one 64 KiB piece of zeroed memory mapped over and over. No memset per request, and the
-/// kernel's copy out of it reads the same 64 KiB again and again, from the CPU cache.
-///
-/// The piece is a memory file's own pages: the kernel's one shared zero page (what an untouched
-/// anonymous mapping would give) is a "special" page that the kernel's fast lookup of a
-/// sender's pages refuses, so every reply out of it took the slow path (the process's mapping
-/// lock and a tree walk per page); measured on a sequential read of a sparse snapshot with
-/// `--direct-io`: ~8% of all CPU. (A zeroed static would land in .rodata: 256 pages of the
-/// binary.)
-fn zeros() -> &'static [u8] {
-    static ZEROS: OnceLock<&'static [u8]> = OnceLock::new();
-    ZEROS.get_or_init(|| {
-        map_repeated_zeros(MAX_REQUEST as usize).unwrap_or_else(|e| {
-            log::debug!("zero buffer from one repeated piece: {e}; using a plain one");
-            Box::leak(vec![0u8; MAX_REQUEST as usize].into_boxed_slice())
-        })
-    })
-}
-
-/// Maps `len` bytes (a multiple of the piece) read-only, every 64 KiB of it the same zeroed
-/// pages of a memory file.
-fn map_repeated_zeros(len: usize) -> std::io::Result<&'static [u8]> {
-    const PIECE: usize = 64 << 10;
-    let last_error = || std::io::Error::last_os_error();
-    // SAFETY: plain syscalls. The memory file is closed at the end (its mappings keep it
-    // alive). The reserved range is fresh and ours; each fixed mapping replaces part of it and
-    // nothing else. The result is never unmapped, so the slice lives for 'static, and every
-    // byte of it reads as zero: a new memory file is all zeros, and its pages are allocated
-    // (fallocate) before it is mapped.
-    unsafe {
-        let fd = libc::memfd_create(c"snapfs-zeros".as_ptr(), libc::MFD_CLOEXEC);
-        if fd < 0 {
-            return Err(last_error());
-        }
-        let file = std::fs::File::from_raw_fd(fd);
-        if libc::fallocate(fd, 0, 0, PIECE as libc::off_t) != 0 {
-            return Err(last_error());
-        }
-        let base = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if base == libc::MAP_FAILED {
-            return Err(last_error());
-        }
-        for at in (0..len).step_by(PIECE) {
-            let p = libc::mmap(
-                base.cast::<u8>().add(at).cast(),
-                PIECE.min(len - at),
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd,
-                0,
-            );
-            if p == libc::MAP_FAILED {
-                let e = last_error();
-                libc::munmap(base, len);
-                return Err(e);
-            }
-        }
-        drop(file);
-        Ok(std::slice::from_raw_parts(base as *const u8, len))
-    }
-}
-
-/// Reads at least this long ask first whether they lie in a hole (a mapping walk, cheap next to
-/// copying the bytes); shorter ones just read.
-const HOLE_CHECK_MIN: usize = 64 << 10;
-
 fn errno(e: &crate::error::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// The caller of a request.
+fn caller(req: &Request) -> Caller {
+    Caller::of_request(req.uid(), req.gid(), req.pid())
+}
+
+/// What a node's content comes from, for [`access`].
+fn guard(node: Node, catalog: &Catalog, writable: bool) -> Guard {
+    match node {
+        Node::Live => Guard::View { from: 0, writable },
+        Node::Snapshot(key) => Guard::View {
+            // A view that is gone reads nothing: past the end of any chain.
+            from: catalog.get(key).map_or(usize::MAX, |e| e.layer),
+            writable: false,
+        },
+        Node::InfoJson | Node::Status => Guard::ChainText,
+        Node::Command(_) => Guard::Command,
+        Node::Root | Node::ControlDir => Guard::Entry,
+        Node::SnapshotsDir => Guard::SnapshotsDir,
+    }
+}
+
+/// Tells the kernel what a command changed. Cloned into the command thread.
+#[derive(Clone)]
+struct Announcer {
+    /// Set once the session exists.
+    notifier: Arc<OnceLock<Notifier>>,
+    /// How many threads answer requests (see [`Announcer::announce`]).
+    worker_threads: usize,
+}
+
+impl Announcer {
+    /// Drops dropped names, new names and stale pages from the kernel's caches. Returns once the
+    /// kernel has dropped the names, or after [`TTL`] at the most (when its cached entries would
+    /// have expired anyway), so that a `stat` right after the command's `write` returns sees the
+    /// new names. (Not with one worker thread: see below.)
+    fn announce(&self, effect: &Effect) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        if effect.live_changed
+            && let Err(e) = notifier.inval_inode(INodeNo(nodes::LIVE), 0, 0)
+        {
+            log::debug!("invalidating live.raw: {e}");
+        }
+        for key in &effect.changed {
+            let _ = notifier.inval_inode(INodeNo(nodes::FIRST_SNAPSHOT + key), 0, 0);
+        }
+        let names: Vec<(u64, String)> = effect
+            .removed
+            .iter()
+            .chain(&effect.added)
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        // Entry invalidation takes the directory's lock, which a lookup or readdir in snapshots/
+        // holds while it waits for a reply from this daemon: it runs on its own thread, and the
+        // wait for it is bounded. With a single worker thread (busy in that lookup) a concurrent
+        // `ls` would hold every command up for the whole bound, so that mount does not wait,
+        // and a name may show for a moment after its command.
+        let notifier = notifier.clone();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            for (_, name) in names {
+                let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
+            }
+            let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
+            let _ = done.send(());
+        });
+        if self.worker_threads > 1 && finished.recv_timeout(TTL).is_err() {
+            log::debug!("snapshots/: the kernel took longer than {TTL:?} to drop changed names");
+        }
+    }
+}
+
+/// Whether `target` is open; if it is not, it stays closed (claimed) until the running command
+/// ends, so that an open cannot slip in between the check and the change.
+fn is_open_else_claim(handles: &Mutex<Handles>, target: Target) -> bool {
+    let ino = match target {
+        Target::Live => nodes::LIVE,
+        Target::Snapshot(key) => nodes::FIRST_SNAPSHOT + key,
+    };
+    handles.lock().is_open_else_claim(ino)
+}
+
 impl SnapFs {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         catalog: Arc<Catalog>,
         controller: Arc<Controller>,
         owner: Ownership,
+        devices: DeviceWrites,
         notifier: Arc<OnceLock<Notifier>>,
         caching: DataCaching,
         worker_threads: usize,
-    ) -> Self {
-        SnapFs {
+    ) -> std::io::Result<Self> {
+        Ok(SnapFs {
             catalog,
             controller,
             owner,
-            open_handles: Mutex::new(Handles::default()),
-            notifier,
+            devices,
+            handles: Arc::default(),
+            commands: CommandQueue::start()?,
+            announcer: Announcer {
+                notifier,
+                worker_threads,
+            },
             large_reads: gate::Gate::for_this_machine(),
             caching,
-            worker_threads,
-        }
+        })
     }
 
     /// Sends the data of a read. Large replies into the page cache pass the gate first: their
@@ -193,8 +214,37 @@ impl SnapFs {
         json
     }
 
+    fn status_text(&self) -> String {
+        self.controller.status_text() + &self.commands.waiting_text()
+    }
+
+    /// The permissions of every file of the chain, read now.
+    fn layer_perms(&self) -> Vec<LayerPerms> {
+        crate::access::chain_perms(&self.catalog.chain(), self.devices)
+    }
+
+    fn guard(&self, node: Node) -> Guard {
+        guard(node, &self.catalog, self.owner.writable)
+    }
+
+    /// Whether the caller of `req` may do all of `want` to `node`.
+    fn allows(&self, req: &Request, node: Node, want: u16) -> bool {
+        access::allows(self.guard(node), &self.layer_perms(), &caller(req), want)
+    }
+
+    /// The owner `stat` shows (`-o uid=`/`gid=`, else the top image's) and the mode bits that
+    /// the files behind `node` give each class.
+    fn owner_and_mode(&self, node: Node) -> (u32, u32, u16) {
+        let perms = self.layer_perms();
+        let (top_uid, top_gid) = perms.first().and_then(LayerPerms::owner).unwrap_or((0, 0));
+        let uid = self.owner.uid.unwrap_or(top_uid);
+        let gid = self.owner.gid.unwrap_or(top_gid);
+        (uid, gid, access::mode(self.guard(node), &perms, uid, gid))
+    }
+
     fn attr(&self, node: Node) -> Result<fuser::FileAttr, Errno> {
-        Ok(match node.view(&self.catalog) {
+        let (uid, gid, perm) = self.owner_and_mode(node);
+        let (size, allocated, mtime) = match node.view(&self.catalog) {
             Some(entry) => {
                 // Damaged metadata fails the reads that meet it, not every stat of the file.
                 let allocated = entry.view.allocated_bytes().unwrap_or_else(|e| {
@@ -202,95 +252,67 @@ impl SnapFs {
                     0
                 });
                 let mtime = match node {
-                    Node::Live => Some(self.owner.image_mtime),
+                    Node::Live => None,
                     _ => entry.created,
                 };
-                self.owner.attr(node, entry.view.size(), allocated, mtime)
+                (entry.view.size(), allocated, mtime)
             }
             None if node == Node::InfoJson => {
                 let len = self.info_json().len() as u64;
-                self.owner.attr(node, len, len, None)
+                (len, len, None)
             }
-            None => self.owner.attr(node, 0, 0, None),
-        })
+            None => (0, 0, None),
+        };
+        let parts = AttrParts {
+            size,
+            allocated,
+            mtime: mtime.unwrap_or(self.owner.image_mtime),
+            uid,
+            gid,
+            perm,
+        };
+        Ok(file_attr(node, &parts))
     }
 
-    /// Whether `target` is open; if it is not, it stays closed (claimed) until the running
-    /// command ends, so that an open cannot slip in between the check and the change.
-    fn is_open_else_claim(&self, target: Target) -> bool {
-        let ino = match target {
-            Target::Live => nodes::LIVE,
-            Target::Snapshot(key) => nodes::FIRST_SNAPSHOT + key,
-        };
-        let mut handles = self.open_handles.lock();
-        if handles.open.contains_key(&ino) {
-            return true;
-        }
-        handles.claimed.insert(ino);
-        false
-    }
-
-    /// Tells the kernel what a command changed: dropped names, new names, stale live pages.
-    /// Returns once the kernel has dropped the names, or after [`TTL`] at the most (when its
-    /// cached entries would have expired anyway), so that a `stat` right after the command's
-    /// `write` returns sees the new names. (Not with one worker thread: see below.)
-    fn announce(&self, effect: &Effect) {
-        let Some(notifier) = self.notifier.get() else {
-            return;
-        };
-        if effect.live_changed
-            && let Err(e) = notifier.inval_inode(INodeNo(nodes::LIVE), 0, 0)
-        {
-            log::debug!("invalidating live.raw: {e}");
-        }
-        for key in &effect.changed {
-            let _ = notifier.inval_inode(INodeNo(nodes::FIRST_SNAPSHOT + key), 0, 0);
-        }
-        let names: Vec<(u64, String)> = effect
-            .removed
-            .iter()
-            .chain(&effect.added)
-            .cloned()
-            .collect();
-        if names.is_empty() {
-            return;
-        }
-        // Entry invalidation takes the directory's lock, which a lookup or readdir in snapshots/
-        // holds while it waits for a reply from this daemon: it runs on its own thread, and the
-        // wait for it is bounded. With a single worker thread (the one that would wait here) a
-        // concurrent `ls` would hold every command up for the whole bound, so that mount does not
-        // wait, and a name may show for a moment after its command.
-        let notifier = notifier.clone();
-        let (done, finished) = std::sync::mpsc::channel::<()>();
-        std::thread::spawn(move || {
-            for (_, name) in names {
-                let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
+    /// Hands a command to the command thread; it replies to the writer when it has run.
+    fn submit_command(
+        &self,
+        kind: CommandKind,
+        data: &[u8],
+        who: Caller,
+        reply: fuser::ReplyWrite,
+    ) {
+        let written = data.len() as u32;
+        let input = data.to_vec();
+        let controller = self.controller.clone();
+        let handles = self.handles.clone();
+        let announcer = self.announcer.clone();
+        let label = format!(
+            "{} {}",
+            kind.file_name(),
+            String::from_utf8_lossy(&input).trim()
+        );
+        let job: commands::Job = Box::new(move |refused| {
+            if let Some(errno) = refused {
+                return reply.error(errno);
             }
-            let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
-            let _ = done.send(());
+            let result = controller.run(kind, &input, &who, &|t| is_open_else_claim(&handles, t));
+            handles.lock().end_claims();
+            match result {
+                Ok(effect) => {
+                    announcer.announce(&effect);
+                    reply.written(written)
+                }
+                Err(e) => {
+                    log::warn!("control/{}: {}", kind.file_name(), e.message);
+                    reply.error(Errno::from_i32(e.errno))
+                }
+            }
         });
-        if self.worker_threads > 1 && finished.recv_timeout(TTL).is_err() {
-            log::debug!("snapshots/: the kernel took longer than {TTL:?} to drop changed names");
+        if let Err((errno, job)) = self.commands.submit(label, job) {
+            log::warn!("control/{}: not queued: {errno:?}", kind.file_name());
+            job(Some(errno));
         }
-    }
-
-    /// The mode bits decide, as the kernel's `default_permissions` would: the owner's, the
-    /// group's (primary or supplementary) or the others' bits by who asks. Root may do anything
-    /// except write what has no write bit (snapshot files: not even root writes them).
-    fn permitted(&self, req: &Request, node: Node, read: bool, write: bool, search: bool) -> bool {
-        let attr = self.owner.attr(node, 0, 0, None);
-        let perm = attr.perm as u32;
-        if req.uid() == 0 {
-            return !write || perm & 0o222 != 0;
-        }
-        let bits = if req.uid() == attr.uid {
-            perm >> 6
-        } else if req.gid() == attr.gid || in_group(req.pid(), attr.gid) {
-            perm >> 3
-        } else {
-            perm
-        } & 0o7;
-        (!read || bits & 0o4 != 0) && (!write || bits & 0o2 != 0) && (!search || bits & 0o1 != 0)
     }
 
     fn xattrs(entry: &ViewEntry) -> Vec<(&'static str, String)> {
@@ -319,22 +341,6 @@ impl SnapFs {
     }
 }
 
-/// Whether process `pid` has `gid` among its supplementary groups (FUSE passes only the primary
-/// group; /proc has the rest).
-fn in_group(pid: u32, gid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .is_some_and(|groups| {
-            groups
-                .split_whitespace()
-                .any(|g| g.parse::<u32>() == Ok(gid))
-        })
-}
-
 /// Answers an xattr request: the size when `size` is 0, ERANGE when the buffer is too small.
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
@@ -344,6 +350,16 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     } else {
         reply.data(data);
     }
+}
+
+/// The rwx bits an `access(2)` mask asks for.
+fn access_want(mask: fuser::AccessFlags) -> u16 {
+    let bits = mask.bits();
+    [(libc::R_OK, READ), (libc::W_OK, WRITE), (libc::X_OK, EXEC)]
+        .into_iter()
+        .filter(|(flag, _)| bits & flag != 0)
+        .map(|(_, b)| b)
+        .sum()
 }
 
 impl Filesystem for SnapFs {
@@ -365,6 +381,8 @@ impl Filesystem for SnapFs {
     }
 
     fn destroy(&mut self) {
+        // The running command finishes; waiting ones are answered without running.
+        self.commands.shutdown();
         if let Err(e) = self.catalog.live().view.flush() {
             log::error!("flushing live.raw at unmount: {e}");
         }
@@ -373,7 +391,7 @@ impl Filesystem for SnapFs {
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = self.node(parent).and_then(|dir| {
             // Looking a name up in a directory needs its search (x) bit.
-            if !self.permitted(req, dir, false, false, true) {
+            if !self.allows(req, dir, EXEC) {
                 return Err(Errno::EACCES);
             }
             let name = name.to_str().ok_or(Errno::ENOENT)?;
@@ -402,9 +420,6 @@ impl Filesystem for SnapFs {
         };
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
-        if !self.permitted(req, node, wants_read, wants_write, false) {
-            return reply.error(Errno::EACCES);
-        }
         let open_flags = match node {
             Node::Root | Node::SnapshotsDir | Node::ControlDir => {
                 return reply.error(Errno::EISDIR);
@@ -427,34 +442,29 @@ impl Filesystem for SnapFs {
             // Snapshot files never change while they exist: keep their pages across opens.
             Node::Snapshot(_) => FopenFlags::FOPEN_KEEP_CACHE,
         };
-        {
-            let mut handles = self.open_handles.lock();
-            if handles.claimed.contains(&ino.0) {
-                // A command is changing or removing this very file right now.
-                return reply.error(Errno::EBUSY);
-            }
-            *handles.open.entry(ino.0).or_insert(0) += 1;
+        let want = if wants_read { READ } else { 0 } | if wants_write { WRITE } else { 0 };
+        let who = caller(req);
+        if !access::allows(self.guard(node), &self.layer_perms(), &who, want) {
+            return reply.error(Errno::EACCES);
         }
-        reply.opened(FileHandle(0), open_flags);
+        match self.handles.lock().open(ino.0, who) {
+            Ok(handle) => reply.opened(FileHandle(handle), open_flags),
+            // A command is changing or removing this very file right now.
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let mut handles = self.open_handles.lock();
-        if let Some(n) = handles.open.get_mut(&ino.0) {
-            *n -= 1;
-            if *n == 0 {
-                handles.open.remove(&ino.0);
-            }
-        }
+        self.handles.lock().release(fh.0);
         reply.ok();
     }
 
@@ -475,7 +485,7 @@ impl Filesystem for SnapFs {
         };
         let text = match node {
             Node::InfoJson => Some(self.info_json()),
-            Node::Status => Some(self.controller.status_text().into_bytes()),
+            Node::Status => Some(self.status_text().into_bytes()),
             _ => None,
         };
         if let Some(text) = text {
@@ -513,9 +523,9 @@ impl Filesystem for SnapFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: fuser::WriteFlags,
@@ -526,20 +536,11 @@ impl Filesystem for SnapFs {
         match self.node(ino) {
             Ok(Node::Live) => {}
             Ok(Node::Command(kind)) => {
-                let result = self
-                    .controller
-                    .run(kind, data, &|t| self.is_open_else_claim(t));
-                self.open_handles.lock().claimed.clear();
-                return match result {
-                    Ok(effect) => {
-                        self.announce(&effect);
-                        reply.written(data.len() as u32)
-                    }
-                    Err(e) => {
-                        log::warn!("control/{}: {}", kind.file_name(), e.message);
-                        reply.error(Errno::from_i32(e.errno))
-                    }
-                };
+                // A command runs with the rights of whoever opened the file, as a descriptor
+                // carries its opener's rights.
+                let opener = self.handles.lock().opener(fh.0).cloned();
+                let who = opener.unwrap_or_else(|| caller(req));
+                return self.submit_command(kind, data, who, reply);
             }
             Ok(_) => return reply.error(Errno::EBADF),
             Err(e) => return reply.error(e),
@@ -601,14 +602,14 @@ impl Filesystem for SnapFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
@@ -621,22 +622,37 @@ impl Filesystem for SnapFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        match (node, size) {
-            (Node::Live, Some(new_size)) => {
-                let view = &self.catalog.live().view;
-                if new_size != view.size()
-                    && let Err(e) = view.grow(new_size)
-                {
-                    log::warn!("live.raw: resize to {new_size}: {e}");
-                    return reply.error(errno(&e));
-                }
+        let who = caller(req);
+        let change = MetadataChange {
+            mode,
+            uid,
+            gid,
+            times: atime.is_some() || mtime.is_some(),
+        };
+        let (shown_uid, shown_gid, perm) = self.owner_and_mode(node);
+        if let Err(e) = access::metadata_change(&change, &who, shown_uid, shown_gid, perm) {
+            return reply.error(e);
+        }
+        if let Some(new_size) = size {
+            // truncate(2) needs write permission, as a write does (open checked it for
+            // ftruncate; a path truncate comes here without an open).
+            if !access::allows(self.guard(node), &self.layer_perms(), &who, WRITE) {
+                return reply.error(Errno::EACCES);
             }
-            // `echo NAME > control/create` truncates before it writes: nothing to truncate.
-            (Node::Command(_), Some(_)) => {}
-            (_, Some(_)) => return reply.error(Errno::EACCES),
-            // Owner, mode and times follow the image file; changes are accepted and ignored, as
-            // on file systems without such metadata.
-            (_, None) => {}
+            match node {
+                Node::Live => {
+                    let view = &self.catalog.live().view;
+                    if new_size != view.size()
+                        && let Err(e) = view.grow(new_size)
+                    {
+                        log::warn!("live.raw: resize to {new_size}: {e}");
+                        return reply.error(errno(&e));
+                    }
+                }
+                // `echo NAME > control/create` truncates before it writes: nothing to truncate.
+                Node::Command(_) => {}
+                _ => return reply.error(Errno::EACCES),
+            }
         }
         match self.attr(node) {
             Ok(attr) => reply.attr(&TTL, &attr),
@@ -654,6 +670,7 @@ impl Filesystem for SnapFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        // Only on a descriptor open for writing (the kernel checks), so open checked the caller.
         if ino.0 != nodes::LIVE {
             return reply.error(Errno::EOPNOTSUPP);
         }
@@ -687,7 +704,7 @@ impl Filesystem for SnapFs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             Ok(dir) if dir.kind() == FileType::Directory => {
-                if self.permitted(req, dir, true, false, false) {
+                if self.allows(req, dir, READ) {
                     reply.opened(FileHandle(0), FopenFlags::empty());
                 } else {
                     reply.error(Errno::EACCES);
@@ -729,13 +746,20 @@ impl Filesystem for SnapFs {
         reply.statfs(used.div_ceil(4096), 0, 0, files, 0, 4096, 255, 4096);
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         // Only our own names exist; the kernel's own questions (security.capability, ACLs)
         // are answered without building the list.
         if !name.as_encoded_bytes().starts_with(b"user.snapfs.") {
             return reply.error(Errno::NO_XATTR);
         }
-        let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
+        let Ok(node) = self.node(ino) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        // user.* attributes are read with the file's read permission, as on any file system.
+        if !self.allows(req, node, READ) {
+            return reply.error(Errno::EACCES);
+        }
+        let Some(entry) = node.view(&self.catalog) else {
             return reply.error(Errno::NO_XATTR);
         };
         match Self::xattrs(&entry)
@@ -747,9 +771,12 @@ impl Filesystem for SnapFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let mut names = Vec::new();
-        if let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) {
+        if let Ok(node) = self.node(ino)
+            && self.allows(req, node, READ)
+            && let Some(entry) = node.view(&self.catalog)
+        {
             for (name, _) in Self::xattrs(&entry) {
                 names.extend_from_slice(name.as_bytes());
                 names.push(0);
@@ -759,18 +786,10 @@ impl Filesystem for SnapFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        let node = match self.node(ino) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
-        let bits = mask.bits();
-        let read = bits & libc::R_OK != 0;
-        let write = bits & libc::W_OK != 0;
-        let search = bits & libc::X_OK != 0 && node.kind() == FileType::Directory;
-        if self.permitted(req, node, read, write, search) {
-            reply.ok();
-        } else {
-            reply.error(Errno::EACCES);
+        match self.node(ino) {
+            Ok(node) if self.allows(req, node, access_want(mask)) => reply.ok(),
+            Ok(_) => reply.error(Errno::EACCES),
+            Err(e) => reply.error(e),
         }
     }
 

@@ -1,9 +1,9 @@
-//! The file tree a mount shows, as inode numbers, and the attributes of each node.
+//! The file tree a mount shows, as inode numbers.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use fuser::{FileAttr, FileType, INodeNo};
+use fuser::FileType;
 
 use crate::catalog::{Catalog, ViewEntry};
 use crate::control::CommandKind;
@@ -126,61 +126,6 @@ impl Node {
             Node::Live => Some(catalog.live()),
             Node::Snapshot(key) => catalog.get(key),
             _ => None,
-        }
-    }
-}
-
-/// Owner, permissions and times that the mount's nodes take from the image file.
-#[derive(Debug, Clone, Copy)]
-pub struct Ownership {
-    pub uid: u32,
-    pub gid: u32,
-    /// Permission bits of the top image file.
-    pub mode: u16,
-    pub image_mtime: SystemTime,
-    pub writable: bool,
-}
-
-impl Ownership {
-    pub fn attr(
-        &self,
-        node: Node,
-        size: u64,
-        allocated: u64,
-        mtime: Option<SystemTime>,
-    ) -> FileAttr {
-        let read_bits = self.mode & 0o444;
-        let perm = match node {
-            Node::Root | Node::SnapshotsDir | Node::ControlDir => {
-                read_bits | (read_bits >> 2) | (0o200 & self.mode)
-            }
-            Node::Live if self.writable => self.mode & 0o666,
-            Node::Command(_) => 0o200,
-            _ => read_bits,
-        };
-        let time = mtime.unwrap_or(self.image_mtime).max(UNIX_EPOCH);
-        FileAttr {
-            ino: INodeNo(node.ino()),
-            size,
-            blocks: allocated.div_ceil(512),
-            atime: time,
-            mtime: time,
-            ctime: time,
-            crtime: time,
-            kind: node.kind(),
-            perm,
-            nlink: if node.kind() == FileType::Directory {
-                2
-            } else {
-                1
-            },
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            // The "preferred I/O size" that cp, cat and backup tools size their buffers by: the
-            // largest request the kernel passes to us in one piece.
-            blksize: super::MAX_REQUEST,
-            flags: 0,
         }
     }
 }

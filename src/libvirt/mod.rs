@@ -26,9 +26,10 @@ pub use write::{
 };
 
 use std::ffi::OsStr;
-use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+
+use crate::folder::{Folder, FolderError, OpenError};
 
 /// Largest snapshot XML file [`load_dir`] reads (a `<domain>` is a few tens of KiB in practice).
 pub const MAX_XML_SIZE: u64 = 16 * 1024 * 1024;
@@ -145,7 +146,8 @@ impl DomainSnapshot {
 }
 
 /// Why a snapshot XML file (or the folder) could not be used. Every message is one line that names
-/// the file and what is wrong with it.
+/// the file and what is wrong with it, and quotes nothing of the file: the file may be a way to
+/// a secret (docs/security.md), and `control/status` shows these lines.
 #[derive(Debug, thiserror::Error)]
 pub enum LibvirtError {
     /// The file or folder could not be read.
@@ -155,31 +157,53 @@ pub enum LibvirtError {
         #[source]
         source: io::Error,
     },
+    /// The folder, or a folder on the way to it, is a symlink (or cannot be reached).
+    #[error("libvirt folder: {}", one_line(&.source.to_string()))]
+    Folder {
+        path: PathBuf,
+        #[source]
+        source: FolderError,
+    },
+    /// A symlink named `*.xml`: never followed.
+    #[error("{}: a symlink, not followed", one_line_path(.path))]
+    Symlink { path: PathBuf },
+    /// A FIFO, socket or device named `*.xml`: never read.
+    #[error("{}: {kind}, not a regular file; not read", one_line_path(.path))]
+    NotRegular { path: PathBuf, kind: &'static str },
+    /// A file with more than one name: it may be a hard link to a file outside the folder.
+    #[error("{}: has {links} hard links; only files with one name are read", one_line_path(.path))]
+    Linked { path: PathBuf, links: u64 },
     /// The file is larger than [`MAX_XML_SIZE`].
     #[error("{}: file is larger than {limit} bytes, not read", one_line_path(.path))]
     TooLarge { path: PathBuf, limit: u64 },
     /// The file is not UTF-8 text.
     #[error("{}: not UTF-8 text (invalid byte at offset {offset})", one_line_path(.path))]
     NotUtf8 { path: PathBuf, offset: usize },
-    /// The XML is not well formed.
-    #[error("{}: malformed XML at byte {position}: {}", one_line_path(.path), one_line(.message))]
+    /// The XML is not well formed; `message` is snapfs's own words, never the file's text.
+    #[error("{}: malformed XML at line {line}, column {column} (byte {position}): {message}", one_line_path(.path))]
     Malformed {
         path: PathBuf,
         position: u64,
+        line: u64,
+        column: u64,
         message: String,
     },
     /// The root element is not `<domainsnapshot>`.
-    #[error("{}: root element is <{}>, not <domainsnapshot>", one_line_path(.path), one_line(.found))]
-    NotASnapshot { path: PathBuf, found: String },
+    #[error("{}: the root element (line {line}, column {column}) is not <domainsnapshot>", one_line_path(.path))]
+    NotASnapshot {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+    },
     /// `<domainsnapshot>` has no (or an empty) `<name>`.
     #[error("{}: <domainsnapshot> has no <name>", one_line_path(.path))]
     MissingName { path: PathBuf },
     /// `<domainsnapshot>` has more than one `<name>`.
-    #[error("{}: <domainsnapshot> has more than one <name> ({:?} and {:?})", one_line_path(.path), .first, .second)]
+    #[error("{}: <domainsnapshot> has a second <name> (ending at line {line}, column {column})", one_line_path(.path))]
     DuplicateName {
         path: PathBuf,
-        first: String,
-        second: String,
+        line: u64,
+        column: u64,
     },
 }
 
@@ -188,6 +212,10 @@ impl LibvirtError {
     pub fn path(&self) -> &Path {
         match self {
             LibvirtError::Io { path, .. }
+            | LibvirtError::Folder { path, .. }
+            | LibvirtError::Symlink { path }
+            | LibvirtError::NotRegular { path, .. }
+            | LibvirtError::Linked { path, .. }
             | LibvirtError::TooLarge { path, .. }
             | LibvirtError::NotUtf8 { path, .. }
             | LibvirtError::Malformed { path, .. }
@@ -215,14 +243,40 @@ fn one_line_path(p: &Path) -> String {
     one_line(&p.to_string_lossy())
 }
 
+/// Opens the libvirt folder `dir` without following a symlink anywhere on its path (see
+/// [`crate::folder`]): the folder is untrusted input, and a symlink swapped in for it or for a
+/// folder above it would point snapfs's reads and writes somewhere else.
+pub fn open_folder(dir: &Path) -> Result<Folder, LibvirtError> {
+    Folder::open(dir).map_err(|source| match source {
+        FolderError::Io { source, .. } => LibvirtError::Io {
+            path: dir.to_path_buf(),
+            source,
+        },
+        source => LibvirtError::Folder {
+            path: dir.to_path_buf(),
+            source,
+        },
+    })
+}
+
 /// Reads every `*.xml` file of `dir`, in file-name order. Returns the snapshots that parsed and one
 /// error per file that did not (or a single error if the folder itself cannot be read). Never fails
-/// as a whole. Files larger than [`MAX_XML_SIZE`] are reported and not read.
+/// as a whole. The folder is untrusted input: no symlink is followed (neither to it nor in it),
+/// only regular files with one name are read (a FIFO, socket or device is reported, never
+/// opened in a way that could block), files larger than [`MAX_XML_SIZE`] are reported and not
+/// read, and no error quotes a file's content.
 pub fn load_dir(dir: &Path) -> (Vec<DomainSnapshot>, Vec<LibvirtError>) {
     let mut snapshots = Vec::new();
     let mut errors = Vec::new();
-    let entries = match fs::read_dir(dir) {
-        Ok(it) => it,
+    let folder = match open_folder(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            errors.push(e);
+            return (snapshots, errors);
+        }
+    };
+    let mut names = match folder.names() {
+        Ok(n) => n,
         Err(source) => {
             errors.push(LibvirtError::Io {
                 path: dir.to_path_buf(),
@@ -231,47 +285,61 @@ pub fn load_dir(dir: &Path) -> (Vec<DomainSnapshot>, Vec<LibvirtError>) {
             return (snapshots, errors);
         }
     };
-    let mut files: Vec<PathBuf> = Vec::new();
-    for entry in entries {
-        match entry {
-            Ok(entry) => {
-                let path = entry.path();
-                if path.extension() == Some(OsStr::new("xml")) {
-                    files.push(path);
-                }
-            }
-            Err(source) => errors.push(LibvirtError::Io {
-                path: dir.to_path_buf(),
-                source,
-            }),
-        }
-    }
-    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
-    for path in files {
-        // Sub-folders named *.xml are not snapshots; skip them silently.
-        if fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
-            continue;
-        }
-        match read_capped(&path).and_then(|text| parse_snapshot_xml(&text, &path)) {
-            Ok(s) => snapshots.push(s),
+    names.retain(|n| Path::new(n).extension() == Some(OsStr::new("xml")));
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        match read_capped(&folder, &name, &path) {
+            Ok(Some((text, _))) => match parse_snapshot_xml(&text, &path) {
+                Ok(s) => snapshots.push(s),
+                Err(e) => errors.push(e),
+            },
+            // Sub-folders named *.xml are not snapshots; skipped silently.
+            Ok(None) => {}
             Err(e) => errors.push(e),
         }
     }
     (snapshots, errors)
 }
 
-/// The file's text, refusing files larger than [`MAX_XML_SIZE`].
-fn read_capped(path: &Path) -> Result<String, LibvirtError> {
+/// The text of `name` in `folder` and its `fstat`, refusing what is not a regular file with one
+/// name or is larger than [`MAX_XML_SIZE`]; `None` for a folder.
+fn read_capped(
+    folder: &Folder,
+    name: &OsStr,
+    path: &Path,
+) -> Result<Option<(String, libc::stat)>, LibvirtError> {
     let io_err = |source| LibvirtError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = fs::File::open(path).map_err(io_err)?;
+    let (file, st) = match folder.open_regular(name) {
+        Ok(opened) => opened,
+        Err(OpenError::Symlink) => {
+            return Err(LibvirtError::Symlink {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(OpenError::NotRegular("a folder")) => return Ok(None),
+        Err(OpenError::NotRegular(kind)) => {
+            return Err(LibvirtError::NotRegular {
+                path: path.to_path_buf(),
+                kind,
+            });
+        }
+        Err(OpenError::Io(e)) => return Err(io_err(e)),
+    };
+    if st.st_nlink != 1 {
+        return Err(LibvirtError::Linked {
+            path: path.to_path_buf(),
+            links: st.st_nlink,
+        });
+    }
     let too_large = || LibvirtError::TooLarge {
         path: path.to_path_buf(),
         limit: MAX_XML_SIZE,
     };
-    if file.metadata().map_err(io_err)?.len() > MAX_XML_SIZE {
+    if st.st_size as u64 > MAX_XML_SIZE {
         return Err(too_large());
     }
     let mut bytes = Vec::new();
@@ -282,8 +350,10 @@ fn read_capped(path: &Path) -> Result<String, LibvirtError> {
     if bytes.len() as u64 > MAX_XML_SIZE {
         return Err(too_large());
     }
-    String::from_utf8(bytes).map_err(|e| LibvirtError::NotUtf8 {
-        path: path.to_path_buf(),
-        offset: e.utf8_error().valid_up_to(),
-    })
+    String::from_utf8(bytes)
+        .map(|text| Some((text, st)))
+        .map_err(|e| LibvirtError::NotUtf8 {
+            path: path.to_path_buf(),
+            offset: e.utf8_error().valid_up_to(),
+        })
 }

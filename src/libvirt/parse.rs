@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use quick_xml::events::{BytesRef, BytesStart, Event};
 use quick_xml::reader::Reader;
 
-use super::{DiskSnapshotKind, DomainSnapshot, LibvirtError, SnapshotDisk, one_line_path};
+use super::{DiskSnapshotKind, DomainSnapshot, LibvirtError, SnapshotDisk};
 
 /// Where the parser is; one entry per open element.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,14 +49,77 @@ struct Partial {
     disks: Vec<SnapshotDisk>,
 }
 
+/// Line and column (both from 1, the column in characters) of byte `position` of `text`.
+fn line_and_column(text: &str, position: u64) -> (u64, u64) {
+    let mut end = (position as usize).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() as u64 + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() as u64 + 1)
+}
+
+/// A [`LibvirtError::Malformed`] at byte `position` of `text`. `message` says what is wrong in
+/// words of its own: it never holds text of the file (whose content may be someone else's
+/// secret; see docs/security.md).
+pub(super) fn malformed_at(
+    text: &str,
+    source: &Path,
+    position: u64,
+    message: impl Into<String>,
+) -> LibvirtError {
+    let (line, column) = line_and_column(text, position);
+    LibvirtError::Malformed {
+        path: source.to_path_buf(),
+        position,
+        line,
+        column,
+        message: message.into(),
+    }
+}
+
+/// What is wrong, in words that quote nothing of the document (quick-xml's own messages name
+/// elements and entities).
+fn describe(e: &quick_xml::Error) -> String {
+    use quick_xml::Error as X;
+    use quick_xml::errors::IllFormedError as I;
+    use quick_xml::escape::EscapeError as E;
+    match e {
+        // These messages are fixed texts.
+        X::Syntax(s) => s.to_string(),
+        X::IllFormed(I::MissingDeclVersion(_)) => "an XML declaration without a version".into(),
+        X::IllFormed(I::MissingDoctypeName) => "a DOCTYPE without a name".into(),
+        X::IllFormed(I::MissingEndTag(_)) => "an element that is not closed".into(),
+        X::IllFormed(I::UnmatchedEndTag(_)) => "an end tag without a start tag".into(),
+        X::IllFormed(I::MismatchedEndTag { .. }) => {
+            "an end tag that does not match its start tag".into()
+        }
+        X::IllFormed(I::DoubleHyphenInComment) => "`--` inside a comment".into(),
+        X::IllFormed(_) => "XML that is not well formed".into(),
+        X::InvalidAttr(_) => "a malformed attribute".into(),
+        X::Encoding(_) => "text that is not valid in its encoding".into(),
+        X::Escape(E::UnrecognizedEntity(..)) => "an unknown entity reference".into(),
+        X::Escape(E::UnterminatedEntity(_)) => "an unterminated entity reference".into(),
+        X::Escape(E::InvalidCharRef(_)) => "an invalid character reference".into(),
+        X::Namespace(_) => "a namespace error".into(),
+        X::Io(_) => "a read error".into(),
+    }
+}
+
 /// Parses one `<domainsnapshot>` document; `source` is the file it came from (used in errors and
-/// stored in [`DomainSnapshot::source_file`]).
+/// stored in [`DomainSnapshot::source_file`]). Errors name the file and the line, column and
+/// byte, and never quote the document.
 pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, LibvirtError> {
     let mut reader = Reader::from_str(text);
-    let malformed = |reader: &Reader<&[u8]>, message: String| LibvirtError::Malformed {
-        path: source.to_path_buf(),
-        position: reader.error_position().max(reader.buffer_position()),
-        message,
+    let malformed = |reader: &Reader<&[u8]>, message: &str| {
+        malformed_at(
+            text,
+            source,
+            reader.error_position().max(reader.buffer_position()),
+            message,
+        )
     };
 
     let mut stack: Vec<Ctx> = Vec::new();
@@ -70,34 +133,35 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
         let event = match reader.read_event() {
             Ok(ev) => ev,
             Err(e) => {
-                let pos = reader.error_position();
-                return Err(LibvirtError::Malformed {
-                    path: source.to_path_buf(),
-                    position: pos,
-                    message: e.to_string(),
-                });
+                return Err(malformed_at(
+                    text,
+                    source,
+                    reader.error_position(),
+                    describe(&e),
+                ));
             }
         };
         match event {
-            Event::Start(e) | Event::Empty(e) if done => {
-                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+            Event::Start(_) | Event::Empty(_) if done => {
                 return Err(malformed(
                     &reader,
-                    format!("second root element <{name}> after </domainsnapshot>"),
+                    "a second root element after </domainsnapshot>",
                 ));
             }
             Event::Start(e) => {
-                let ctx = open_element(&e, &stack, &mut seen_root, &mut part, &reader, source)?;
+                let ctx =
+                    open_element(&e, &stack, &mut seen_root, &mut part, &reader, text, source)?;
                 if matches!(ctx, Ctx::Field(_) | Ctx::ParentName) {
                     text_buf = Some(String::new());
                 }
                 stack.push(ctx);
             }
             Event::Empty(e) => {
-                let ctx = open_element(&e, &stack, &mut seen_root, &mut part, &reader, source)?;
+                let ctx =
+                    open_element(&e, &stack, &mut seen_root, &mut part, &reader, text, source)?;
                 // An empty element is opened and closed at once.
                 if matches!(ctx, Ctx::Field(_) | Ctx::ParentName) {
-                    close_text(ctx, String::new(), &mut part, source)?;
+                    close_text(ctx, String::new(), &mut part, &reader, text, source)?;
                 }
                 if ctx == Ctx::Root {
                     done = true;
@@ -105,14 +169,11 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
             }
             Event::End(_) => {
                 let Some(ctx) = stack.pop() else {
-                    return Err(malformed(
-                        &reader,
-                        "closing tag without an opening tag".into(),
-                    ));
+                    return Err(malformed(&reader, "a closing tag without an opening tag"));
                 };
                 if matches!(ctx, Ctx::Field(_) | Ctx::ParentName) {
-                    let text = text_buf.take().unwrap_or_default();
-                    close_text(ctx, text, &mut part, source)?;
+                    let field_text = text_buf.take().unwrap_or_default();
+                    close_text(ctx, field_text, &mut part, &reader, text, source)?;
                 }
                 if stack.is_empty() {
                     done = true;
@@ -123,10 +184,10 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
                 // rules would also turn U+0085 and U+2028 in a name into LF.
                 let s = t
                     .xml10_content()
-                    .map_err(|e| malformed(&reader, e.to_string()))?;
+                    .map_err(|e| malformed(&reader, &describe(&e.into())))?;
                 if stack.is_empty() {
                     if !s.trim().is_empty() {
-                        return Err(malformed(&reader, "text outside the root element".into()));
+                        return Err(malformed(&reader, "text outside the root element"));
                     }
                 } else if collecting(&stack) {
                     if let Some(buf) = text_buf.as_mut() {
@@ -136,11 +197,11 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
             }
             Event::CData(t) => {
                 if stack.is_empty() {
-                    return Err(malformed(&reader, "CDATA outside the root element".into()));
+                    return Err(malformed(&reader, "CDATA outside the root element"));
                 }
                 let s = t
                     .xml10_content()
-                    .map_err(|e| malformed(&reader, e.to_string()))?;
+                    .map_err(|e| malformed(&reader, &describe(&e.into())))?;
                 if collecting(&stack) {
                     if let Some(buf) = text_buf.as_mut() {
                         buf.push_str(&s);
@@ -149,10 +210,7 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
             }
             Event::GeneralRef(r) => {
                 if stack.is_empty() {
-                    return Err(malformed(
-                        &reader,
-                        "reference outside the root element".into(),
-                    ));
+                    return Err(malformed(&reader, "a reference outside the root element"));
                 }
                 let resolved = resolve_reference(&r).map_err(|m| malformed(&reader, m))?;
                 if collecting(&stack) {
@@ -167,13 +225,11 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
     }
 
     if !stack.is_empty() {
-        return Err(malformed(
-            &reader,
-            format!("end of file inside an element ({} not closed)", stack.len()),
-        ));
+        let open = format!("end of file inside an element ({} not closed)", stack.len());
+        return Err(malformed(&reader, &open));
     }
     if !seen_root {
-        return Err(malformed(&reader, "no root element".into()));
+        return Err(malformed(&reader, "no root element"));
     }
 
     let name = match part.name {
@@ -210,6 +266,7 @@ fn open_element(
     seen_root: &mut bool,
     part: &mut Partial,
     reader: &Reader<&[u8]>,
+    text: &str,
     source: &Path,
 ) -> Result<Ctx, LibvirtError> {
     let qname = e.name();
@@ -217,9 +274,11 @@ fn open_element(
     let Some(&parent) = stack.last() else {
         // A root element.
         if name != b"domainsnapshot" {
+            let (line, column) = line_and_column(text, reader.buffer_position());
             return Err(LibvirtError::NotASnapshot {
                 path: source.to_path_buf(),
-                found: String::from_utf8_lossy(name).into_owned(),
+                line,
+                column,
             });
         }
         *seen_root = true;
@@ -235,7 +294,7 @@ fn open_element(
         (Ctx::Root, b"parent") => Ctx::Parent,
         (Ctx::Root, b"disks") => Ctx::Disks,
         (Ctx::Root, b"memory") => {
-            if let Some(v) = attribute(e, b"snapshot", reader, source)? {
+            if let Some(v) = attribute(e, b"snapshot", reader, text, source)? {
                 let v = v.trim();
                 part.memory = (!v.is_empty()).then(|| v.to_string());
             }
@@ -243,8 +302,8 @@ fn open_element(
         }
         (Ctx::Parent, b"name") => Ctx::ParentName,
         (Ctx::Disks, b"disk") => {
-            let name = attribute(e, b"name", reader, source)?.unwrap_or_default();
-            let kind = attribute(e, b"snapshot", reader, source)?.unwrap_or_default();
+            let name = attribute(e, b"name", reader, text, source)?.unwrap_or_default();
+            let kind = attribute(e, b"snapshot", reader, text, source)?.unwrap_or_default();
             part.disks.push(SnapshotDisk {
                 name,
                 snapshot: DiskSnapshotKind::parse(&kind),
@@ -254,9 +313,9 @@ fn open_element(
             Ctx::Disk
         }
         (Ctx::Disk, b"source") => {
-            let file = match attribute(e, b"file", reader, source)? {
+            let file = match attribute(e, b"file", reader, text, source)? {
                 Some(f) => Some(f),
-                None => attribute(e, b"dev", reader, source)?,
+                None => attribute(e, b"dev", reader, text, source)?,
             };
             if let (Some(f), Some(disk)) = (file, part.disks.last_mut()) {
                 disk.source_file = Some(PathBuf::from(f));
@@ -265,7 +324,7 @@ fn open_element(
         }
         (Ctx::Disk, b"driver") => {
             if let (Some(t), Some(disk)) = (
-                attribute(e, b"type", reader, source)?,
+                attribute(e, b"type", reader, text, source)?,
                 part.disks.last_mut(),
             ) {
                 disk.driver_type = Some(t);
@@ -283,38 +342,37 @@ fn attribute(
     e: &BytesStart<'_>,
     key: &[u8],
     reader: &Reader<&[u8]>,
+    text: &str,
     source: &Path,
 ) -> Result<Option<String>, LibvirtError> {
-    let malformed = |message: String| LibvirtError::Malformed {
-        path: source.to_path_buf(),
-        position: reader.buffer_position(),
-        message,
-    };
+    let malformed = |message: String| malformed_at(text, source, reader.buffer_position(), message);
     let mut found = None;
     // All attributes are looked at, so that malformed ones (e.g. duplicates) are noticed.
     for attr in e.attributes() {
-        let attr = attr.map_err(|err| malformed(format!("bad attribute: {err}")))?;
+        let attr = attr.map_err(|_| malformed("a malformed attribute".into()))?;
         if found.is_none() && attr.key.as_ref() == key {
             let value = attr
                 .decode_and_unescape_value(reader.decoder())
-                .map_err(|err| malformed(format!("bad attribute value: {err}")))?;
+                .map_err(|err| malformed(format!("an attribute value with {}", describe(&err))))?;
             found = Some(value.into_owned());
         }
     }
     Ok(found)
 }
 
-/// Resolves `&name;` / `&#N;` to its text.
-fn resolve_reference(r: &BytesRef<'_>) -> Result<String, String> {
+/// Resolves `&name;` / `&#N;` to its text; the error says what is wrong without quoting it.
+fn resolve_reference(r: &BytesRef<'_>) -> Result<String, &'static str> {
     match r.resolve_char_ref() {
         Ok(Some(c)) => return Ok(c.to_string()),
         Ok(None) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(_) => return Err("an invalid character reference"),
     }
-    let name = r.decode().map_err(|e| e.to_string())?;
+    let name = r
+        .decode()
+        .map_err(|_| "a reference that is not valid text")?;
     match quick_xml::escape::resolve_xml_entity(&name) {
         Some(s) => Ok(s.to_string()),
-        None => Err(format!("unknown entity &{name};")),
+        None => Err("an unknown entity reference"),
     }
 }
 
@@ -323,6 +381,8 @@ fn close_text(
     ctx: Ctx,
     text: String,
     part: &mut Partial,
+    reader: &Reader<&[u8]>,
+    document: &str,
     source: &Path,
 ) -> Result<(), LibvirtError> {
     let trimmed = || {
@@ -332,11 +392,12 @@ fn close_text(
     match ctx {
         Ctx::Field(Field::Name) => {
             let new = text.trim().to_string();
-            if let Some(old) = &part.name {
+            if part.name.is_some() {
+                let (line, column) = line_and_column(document, reader.buffer_position());
                 return Err(LibvirtError::DuplicateName {
                     path: source.to_path_buf(),
-                    first: old.clone(),
-                    second: new,
+                    line,
+                    column,
                 });
             }
             part.name = Some(new);
@@ -371,9 +432,8 @@ fn parse_time(text: &str, source: &Path) -> Option<i64> {
         });
     }
     log::warn!(
-        "{}: creation time {:?} is not a number of seconds, ignored",
-        one_line_path(source),
-        t
+        "{}: a creation time that is not a number of seconds or a date, ignored",
+        super::one_line_path(source)
     );
     None
 }

@@ -1,12 +1,10 @@
 //! Writing snapshot files in libvirt's own layout, and editing the fields snapfs changes in
 //! files libvirt wrote.
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
-use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::DomainSnapshot;
 
@@ -142,58 +140,57 @@ fn check_name(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// Makes a rename or unlink in `dir` durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    fs::File::open(dir)?.sync_all()
-}
-
-/// Writes `DIR/NAME.xml` (replacing an existing file of that name) atomically: a temporary file in
-/// the same folder, written, fsynced and renamed, then the folder fsynced. The file has mode 0600,
-/// like libvirt's. Fails with `InvalidInput` if the name is empty, `.`, `..`, or contains `/` or
-/// NUL, or if any text holds a character XML 1.0 cannot hold. Returns the path written.
+/// Writes `DIR/NAME.xml` (replacing an existing file of that name) atomically: a new file under a
+/// random name in the same folder, created exclusively and never through a symlink, given mode
+/// 0600 (like libvirt's) on its descriptor, written, fsynced and renamed, then the folder
+/// fsynced (see [`crate::folder`]). The folder is reached without following any symlink. Fails
+/// with `InvalidInput` if the name is empty, `.`, `..`, or contains `/` or NUL, or if any text
+/// holds a character XML 1.0 cannot hold. Returns the path written.
 pub fn write_atomically(dir: &Path, s: &DomainSnapshot) -> io::Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     check_name(&s.name)?;
     check_writable(s)?;
-    let target = dir.join(format!("{}.xml", s.name));
-    let xml = to_xml(s);
-    // The temporary name does not end in ".xml", so a concurrent load_dir never sees it.
-    let tmp = loop {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let candidate = dir.join(format!(".snapfs-{}-{}.tmp", std::process::id(), n));
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&candidate)
-        {
-            Ok(f) => break (candidate, f),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    };
-    let (tmp_path, mut file) = tmp;
-    let result = (|| {
-        // The umask may have removed bits; make it exactly 0600.
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
-        file.write_all(xml.as_bytes())?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp_path, &target)?;
-        sync_dir(dir)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp_path);
-        return Err(e);
-    }
-    Ok(target)
+    let name = format!("{}.xml", s.name);
+    let folder = super::open_folder(dir).map_err(io::Error::other)?;
+    folder.replace(OsStr::new(&name), to_xml(s).as_bytes(), 0o600, None)?;
+    Ok(dir.join(name))
 }
 
-/// Removes `DIR/NAME.xml` (same name rules as [`write_atomically`]) and fsyncs the folder.
+/// Removes `DIR/NAME.xml` (same name rules as [`write_atomically`]; a symlink of that name is
+/// removed, not followed) and fsyncs the folder.
 pub fn remove(dir: &Path, name: &str) -> io::Result<()> {
     check_name(name)?;
-    fs::remove_file(dir.join(format!("{name}.xml")))?;
-    sync_dir(dir)
+    let folder = super::open_folder(dir).map_err(io::Error::other)?;
+    folder.remove(OsStr::new(&format!("{name}.xml")))?;
+    folder.sync()
+}
+
+/// Rewrites the snapshot file `path` with `edit` of its text (`None`: nothing to change),
+/// atomically, keeping its mode and (where snapfs may) its owner. The file is read as
+/// [`super::load_dir`] reads (no symlink, a regular file with one name) and replaced as
+/// [`write_atomically`] writes, so a symlink put in its place is never followed.
+fn edit_file(path: &Path, edit: impl FnOnce(&str) -> io::Result<Option<String>>) -> io::Result<()> {
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(d), Some(n)) => (d, n),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a file path", path.display()),
+            ));
+        }
+    };
+    let folder = super::open_folder(dir).map_err(io::Error::other)?;
+    let (text, st) = super::read_capped(&folder, name, path)
+        .map_err(io::Error::other)?
+        .ok_or_else(|| io::Error::other(format!("{} is a folder", path.display())))?;
+    match edit(&text)? {
+        Some(new_text) => folder.replace(
+            name,
+            new_text.as_bytes(),
+            st.st_mode & 0o7777,
+            Some((st.st_uid, st.st_gid)),
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Where the `<domain>` element of a snapshot file lies (its text is libvirt's domain definition
@@ -218,23 +215,14 @@ fn find_outside_domain(text: &str, needle: &str) -> Option<usize> {
         .last()
 }
 
-/// Replaces a snapshot file atomically with `text`, keeping its mode.
-fn replace_file(path: &Path, text: &str) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".snapfs-{}-edit.tmp", std::process::id()));
-    let mode = std::fs::metadata(path)?.permissions().mode();
-    std::fs::write(&tmp, text)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Marks the snapshot in `path` as libvirt's current one or not, changing only its top-level
 /// `<active>` element and keeping every other byte of libvirt's file (its `<domain>` above all).
 /// The file is replaced atomically and keeps its mode.
 pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
-    let text = std::fs::read_to_string(path)?;
+    edit_file(path, |text| set_active_in_text(text, path, current))
+}
+
+fn set_active_in_text(text: &str, path: &Path, current: bool) -> io::Result<Option<String>> {
     let wanted = if current {
         "<active>1</active>"
     } else {
@@ -245,9 +233,9 @@ pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
     } else {
         "<active>1</active>"
     };
-    let new_text = match find_outside_domain(&text, other) {
+    let new_text = match find_outside_domain(text, other) {
         Some(at) => format!("{}{wanted}{}", &text[..at], &text[at + other.len()..]),
-        None if find_outside_domain(&text, wanted).is_some() => return Ok(()),
+        None if find_outside_domain(text, wanted).is_some() => return Ok(None),
         None => match text.rfind("</domainsnapshot>") {
             Some(at) => format!("{}  {wanted}\n{}", &text[..at], &text[at..]),
             None => {
@@ -258,7 +246,7 @@ pub fn set_active_in_file(path: &Path, current: bool) -> io::Result<()> {
             }
         },
     };
-    replace_file(path, &new_text)
+    Ok(Some(new_text))
 }
 
 /// Gives the snapshot in `path` another parent (or none), changing only its top-level
@@ -268,14 +256,17 @@ pub fn set_parent_in_file(path: &Path, parent: Option<&str>) -> io::Result<()> {
         let child = path.file_stem().unwrap_or_default().to_string_lossy();
         return Err(non_xml10_error(&child, "parent", c));
     }
-    let text = std::fs::read_to_string(path)?;
+    edit_file(path, |text| set_parent_in_text(text, path, parent))
+}
+
+fn set_parent_in_text(text: &str, path: &Path, parent: Option<&str>) -> io::Result<Option<String>> {
     let element = parent.map(|p| {
         format!(
             "<parent>\n    <name>{}</name>\n  </parent>",
             xml_escape(p, false)
         )
     });
-    let new_text = match find_outside_domain(&text, "<parent>") {
+    let new_text = match find_outside_domain(text, "<parent>") {
         Some(start) => {
             let end = text[start..]
                 .find("</parent>")
@@ -294,7 +285,7 @@ pub fn set_parent_in_file(path: &Path, parent: Option<&str>) -> io::Result<()> {
             )
         }
         None => match (element, text.find("</name>")) {
-            (None, _) => return Ok(()),
+            (None, _) => return Ok(None),
             (Some(el), Some(at)) => {
                 let at = at + "</name>".len();
                 format!("{}\n  {el}{}", &text[..at], &text[at..])
@@ -307,5 +298,5 @@ pub fn set_parent_in_file(path: &Path, parent: Option<&str>) -> io::Result<()> {
             }
         },
     };
-    replace_file(path, &new_text)
+    Ok(Some(new_text))
 }

@@ -1,12 +1,16 @@
 //! `create NAME --external [FILE]`: a new qcow2 overlay becomes the live top and the old top
 //! becomes a read-only layer, as `virsh snapshot-create-as --disk-only` does.
 
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chain::{Chain, Layer};
-use crate::error::{Error, Result};
-use crate::qcow2::create::{NewImage, create};
+use crate::error::Result;
+use crate::qcow2::create::{NewImage, create_in};
 use crate::qcow2::lock::{ImageLock, LockMode, downgrade_to_read_only};
 use crate::qcow2::{OpenOptions, Qcow2Image};
 
@@ -25,17 +29,17 @@ pub fn overlay_path(top: &Path, name: &str, file: Option<&str>) -> PathBuf {
     }
 }
 
-/// Creates the overlay at `path` over the top of `chain` and returns the new chain. Guest writes
-/// wait during the switch; any that still reach the old top afterwards are refused there and
-/// retried on the new one.
-pub fn create_external(chain: &Arc<Chain>, path: &Path) -> Result<Arc<Chain>> {
+/// Creates the overlay `name` inside the open folder `dir` (its path is `path`) over the top of
+/// `chain` and returns the new chain; an existing file of that name is never replaced (EEXIST).
+/// Guest writes wait during the switch; any that still reach the old top afterwards are refused
+/// there and retried on the new one.
+pub fn create_external(
+    chain: &Arc<Chain>,
+    dir: &File,
+    name: &OsStr,
+    path: &Path,
+) -> Result<Arc<Chain>> {
     let top = chain.top_image();
-    if path.exists() {
-        return Err(Error::Io {
-            context: format!("{} already exists", path.display()),
-            source: std::io::Error::from_raw_os_error(libc::EEXIST),
-        });
-    }
     let writes_wait = top.writer()?;
     top.flush()?;
     let top_path = top.path();
@@ -46,7 +50,7 @@ pub fn create_external(chain: &Arc<Chain>, path: &Path) -> Result<Arc<Chain>> {
         backing_file: Some(backing),
         backing_format: Some("qcow2".into()),
     };
-    let file = create(path, &new)?;
+    let file = create_in(dir, name, path, &new)?;
     let opened = (|| {
         let lock = ImageLock::acquire(&file, path, LockMode::ReadWrite)?;
         if let Some(warning) = lock.warning() {
@@ -62,7 +66,10 @@ pub fn create_external(chain: &Arc<Chain>, path: &Path) -> Result<Arc<Chain>> {
         Ok(image) => image,
         Err(e) => {
             // Nothing points at the new file yet: take it away again.
-            let _ = std::fs::remove_file(path);
+            if let Ok(c_name) = std::ffi::CString::new(name.as_bytes()) {
+                // SAFETY: unlinkat of a NUL-terminated name in the open folder.
+                unsafe { libc::unlinkat(dir.as_raw_fd(), c_name.as_ptr(), 0) };
+            }
             return Err(e);
         }
     };

@@ -2,11 +2,11 @@
 //! `qemu-img create` lays it out: the header, the refcount table, refcount blocks covering the
 //! metadata, then a zeroed L1 table.
 
-use std::ffi::CString;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -30,6 +30,19 @@ pub struct NewImage {
 /// Creates `path` (which must not exist) as an empty v3 qcow2 image, all or nothing (see
 /// [`create_whole`]).
 pub fn create(path: &Path, new: &NewImage) -> Result<File> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().unwrap_or_default();
+    let dir = File::open(dir)
+        .map_err(|e| Error::io(format!("{}: cannot open its folder", path.display()), e))?;
+    create_in(&dir, name, path, new)
+}
+
+/// Creates `name` in the open folder `dir` (`path` names it in messages) as [`create`] does:
+/// only inside that folder, whatever its path names by now, and never over an existing file.
+pub fn create_in(dir: &File, name: &OsStr, path: &Path, new: &NewImage) -> Result<File> {
     let cs = 1u64 << new.cluster_bits;
     let geometry = Geometry::new(new.cluster_bits, false);
     let l1_entries = geometry.l1_entries_for(new.size).max(1);
@@ -100,7 +113,7 @@ pub fn create(path: &Path, new: &NewImage) -> Result<File> {
             1,
         );
     }
-    create_whole(path, &image)
+    create_whole(dir, name, path, &image)
 }
 
 /// Creates `path` holding `bytes`, all or nothing: the bytes are written and synced in a file
@@ -108,29 +121,20 @@ pub fn create(path: &Path, new: &NewImage) -> Result<File> {
 /// such files, and only then linked to `path`, which fails if `path` exists. A kill at any moment
 /// leaves no half-written image under `path` (a retry would find the name taken and a file that
 /// is no image); the fallback may leave its temporary file behind.
-fn create_whole(path: &Path, bytes: &[u8]) -> Result<File> {
+fn create_whole(dir: &File, name: &OsStr, path: &Path, bytes: &[u8]) -> Result<File> {
     let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let unnamed = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o666)
-        .open(dir);
+    let unnamed = open_at(dir, c".", libc::O_RDWR | libc::O_TMPFILE);
     let file = match unnamed {
         Ok(file) => {
             write_and_sync(&file, bytes).map_err(|e| io("cannot write", e))?;
-            match link_unnamed(&file, path) {
+            match link_unnamed(&file, dir, name) {
                 Ok(()) => file,
                 // No /proc to name the file by.
                 Err(e)
                     if e.raw_os_error() == Some(libc::ENOENT)
                         && !Path::new("/proc/self/fd").exists() =>
                 {
-                    create_via_temporary_name(dir, path, bytes)
+                    create_via_temporary_name(dir, name, bytes)
                         .map_err(|e| io("cannot create", e))?
                 }
                 Err(e) => return Err(io("cannot create", e)),
@@ -143,35 +147,51 @@ fn create_whole(path: &Path, bytes: &[u8]) -> Result<File> {
                 Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
             ) =>
         {
-            create_via_temporary_name(dir, path, bytes).map_err(|e| io("cannot create", e))?
+            create_via_temporary_name(dir, name, bytes).map_err(|e| io("cannot create", e))?
         }
         Err(e) => return Err(io("cannot create", e)),
     };
     // The new name is durable before anything refers to it.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+    dir.sync_all()
         .map_err(|e| io("cannot sync its folder", e))?;
     Ok(file)
 }
 
-fn write_and_sync(file: &File, bytes: &[u8]) -> std::io::Result<()> {
-    file.write_all_at(bytes, 0)?;
-    file.sync_all()
+/// `openat(dir, name, flags | O_CLOEXEC, 0666)`.
+fn open_at(dir: &File, name: &CStr, flags: i32) -> std::io::Result<File> {
+    // SAFETY: a valid descriptor and a NUL-terminated name; the result is a new descriptor
+    // that nothing else owns.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            0o666,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: see above.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// Gives the `O_TMPFILE` file `file` the name `path` (`EEXIST` if taken), through its
-/// `/proc/self/fd` link, which needs no privilege (`AT_EMPTY_PATH` would).
-fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
-    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    let to = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: both are NUL-terminated strings that outlive the call.
+/// `linkat(from_dir, from, to_dir, to, flags)`, which fails with `EEXIST` if `to` exists.
+fn link_at(
+    from_dir: i32,
+    from: &CStr,
+    to_dir: &File,
+    to: &CStr,
+    flags: i32,
+) -> std::io::Result<()> {
+    // SAFETY: valid descriptors and NUL-terminated names that outlive the call.
     let rc = unsafe {
         libc::linkat(
-            libc::AT_FDCWD,
+            from_dir,
             from.as_ptr(),
-            libc::AT_FDCWD,
+            to_dir.as_raw_fd(),
             to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
+            flags,
         )
     };
     if rc == 0 {
@@ -181,20 +201,40 @@ fn link_unnamed(file: &File, path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The fallback of [`create_whole`]: a hidden file beside `path`, written, synced and hard-linked
-/// to `path` (no-clobber), then removed.
-fn create_via_temporary_name(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<File> {
-    let stem = path.file_name().unwrap_or_default().to_string_lossy();
-    let temporary = dir.join(format!(".{stem}.snapfs-{}.tmp", std::process::id()));
+fn write_and_sync(file: &File, bytes: &[u8]) -> std::io::Result<()> {
+    file.write_all_at(bytes, 0)?;
+    file.sync_all()
+}
+
+/// Gives the `O_TMPFILE` file `file` the name `name` in `dir` (`EEXIST` if taken), through its
+/// `/proc/self/fd` link, which needs no privilege (`AT_EMPTY_PATH` would).
+fn link_unnamed(file: &File, dir: &File, name: &OsStr) -> std::io::Result<()> {
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let to = CString::new(name.as_bytes())?;
+    link_at(libc::AT_FDCWD, &from, dir, &to, libc::AT_SYMLINK_FOLLOW)
+}
+
+/// The fallback of [`create_whole`]: a hidden file beside `name` in `dir`, created exclusively
+/// (never through a symlink), written, synced and hard-linked to `name` (no-clobber), then
+/// removed.
+fn create_via_temporary_name(dir: &File, name: &OsStr, bytes: &[u8]) -> std::io::Result<File> {
+    let stem = name.to_string_lossy();
+    let temporary = CString::new(format!(".{stem}.snapfs-{}.tmp", std::process::id()))?;
+    let unlink = || {
+        // SAFETY: unlinkat of a NUL-terminated name in our folder.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), temporary.as_ptr(), 0) };
+    };
     // One by this name can only be left by a killed process that had this process's id.
-    let _ = std::fs::remove_file(&temporary);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&temporary)?;
-    let linked = write_and_sync(&file, bytes).and_then(|()| std::fs::hard_link(&temporary, path));
-    let _ = std::fs::remove_file(&temporary);
+    unlink();
+    let file = open_at(
+        dir,
+        &temporary,
+        libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+    )?;
+    let to = CString::new(name.as_bytes())?;
+    let linked = write_and_sync(&file, bytes)
+        .and_then(|()| link_at(dir.as_raw_fd(), &temporary, dir, &to, 0));
+    unlink();
     linked.map(|()| file)
 }
 
@@ -237,11 +277,13 @@ mod tests {
     fn temporary_name_fallback() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new.qcow2");
-        let file = create_via_temporary_name(dir.path(), &path, b"first").unwrap();
+        let folder = File::open(dir.path()).unwrap();
+        let name = OsStr::new("new.qcow2");
+        let file = create_via_temporary_name(&folder, name, b"first").unwrap();
         let mut read = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut read).unwrap();
         assert_eq!(read, b"first");
-        let taken = create_via_temporary_name(dir.path(), &path, b"second").unwrap_err();
+        let taken = create_via_temporary_name(&folder, name, b"second").unwrap_err();
         assert_eq!(taken.raw_os_error(), Some(libc::EEXIST));
         assert_eq!(std::fs::read(&path).unwrap(), b"first");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
