@@ -185,8 +185,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         notifier.clone(),
         caching,
         settings.threads,
-    )
-    .map_err(|e| format!("cannot start the command thread: {e}"))?;
+    );
     let config = fuse_config(&settings, chain.top().path(), !owner.writable);
 
     let ready = if settings.foreground {

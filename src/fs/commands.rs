@@ -170,12 +170,15 @@ mod tests {
         while queue.waiting_text().contains("waiting: a") {
             std::thread::yield_now();
         }
-        let stopper = std::thread::spawn(move || {
-            queue.shutdown();
-            queue
-        });
+        let queue = Arc::new(queue);
+        let stopping = queue.clone();
+        let stopper = std::thread::spawn(move || stopping.shutdown());
+        // Job 1 runs (waiting for `go`) until shutdown has dropped job 2 from the list.
+        while !queue.waiting_text().is_empty() {
+            std::thread::yield_now();
+        }
         go.send(()).unwrap();
-        let queue = stopper.join().unwrap();
+        stopper.join().unwrap();
         let got: Vec<(u32, bool)> = results.try_iter().collect();
         assert_eq!(got, [(1, false), (2, true)]);
         let refused = queue.submit("c".into(), job(3, None, done));

@@ -45,8 +45,10 @@ pub struct SnapFs {
     devices: DeviceWrites,
     /// Open files, who opened them, and the files a running command has claimed.
     handles: Arc<Mutex<Handles>>,
-    /// Commands run here, one at a time, off the threads that answer requests.
-    commands: CommandQueue,
+    /// Commands run here, one at a time, off the threads that answer requests. Started in
+    /// `init`, in the process that serves (a background mount forks after `new`, and threads do
+    /// not survive a fork).
+    commands: Option<CommandQueue>,
     announcer: Announcer,
     /// Bounds the threads answering large reads at once.
     large_reads: gate::Gate,
@@ -174,21 +176,21 @@ impl SnapFs {
         notifier: Arc<OnceLock<Notifier>>,
         caching: DataCaching,
         worker_threads: usize,
-    ) -> std::io::Result<Self> {
-        Ok(SnapFs {
+    ) -> Self {
+        SnapFs {
             catalog,
             controller,
             owner,
             devices,
             handles: Arc::default(),
-            commands: CommandQueue::start()?,
+            commands: None,
             announcer: Announcer {
                 notifier,
                 worker_threads,
             },
             large_reads: gate::Gate::for_this_machine(),
             caching,
-        })
+        }
     }
 
     /// Sends the data of a read. Large replies into the page cache pass the gate first: their
@@ -215,7 +217,8 @@ impl SnapFs {
     }
 
     fn status_text(&self) -> String {
-        self.controller.status_text() + &self.commands.waiting_text()
+        let waiting = self.commands.as_ref().map(CommandQueue::waiting_text);
+        self.controller.status_text() + &waiting.unwrap_or_default()
     }
 
     /// The permissions of every file of the chain, read now.
@@ -309,7 +312,10 @@ impl SnapFs {
                 }
             }
         });
-        if let Err((errno, job)) = self.commands.submit(label, job) {
+        let Some(commands) = &self.commands else {
+            return job(Some(Errno::ENOTCONN));
+        };
+        if let Err((errno, job)) = commands.submit(label, job) {
             log::warn!("control/{}: not queued: {errno:?}", kind.file_name());
             job(Some(errno));
         }
@@ -364,6 +370,7 @@ fn access_want(mask: fuser::AccessFlags) -> u16 {
 
 impl Filesystem for SnapFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.commands = Some(CommandQueue::start()?);
         let _ = config.set_max_write(MAX_REQUEST);
         let _ = config.set_max_readahead(MAX_REQUEST);
         // Without this the kernel asks for `security.capability` (a GETXATTR round trip) before
@@ -382,7 +389,9 @@ impl Filesystem for SnapFs {
 
     fn destroy(&mut self) {
         // The running command finishes; waiting ones are answered without running.
-        self.commands.shutdown();
+        if let Some(commands) = &self.commands {
+            commands.shutdown();
+        }
         if let Err(e) = self.catalog.live().view.flush() {
             log::error!("flushing live.raw at unmount: {e}");
         }

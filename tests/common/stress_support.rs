@@ -57,6 +57,16 @@ pub enum Op {
     Write,
     /// opendir + readdir
     List,
+    /// truncate(2) by path to the size given as text
+    Truncate,
+    /// chmod(2) to the octal mode given as text
+    Chmod,
+    /// chown(2) to the `UID:GID` given as text
+    Chown,
+    /// utime(2) to a fixed time (what `touch -d` does)
+    Utime,
+    /// access(2) with the mode given as text: `r`, `w` or `x`
+    Access,
 }
 
 const PROBE: &str = r#"
@@ -78,6 +88,15 @@ elsif ($op eq "list") {
   if (opendir(my $d, $p)) { $! = 0; my @e = readdir($d); $r = (@e || $! == 0) ? 0 : $!+0; }
   else { $r = $!+0; }
 }
+elsif ($op eq "truncate") { $r = truncate($p, $text) ? 0 : $!+0; }
+elsif ($op eq "chmod") { $r = chmod(oct($text), $p) ? 0 : $!+0; }
+elsif ($op eq "chown") { my ($u, $g) = split(/:/, $text); $r = chown($u, $g, $p) ? 0 : $!+0; }
+elsif ($op eq "utime") { $r = utime(1000000000, 1000000000, $p) ? 0 : $!+0; }
+elsif ($op eq "access") {
+  use filetest 'access';
+  my $ok = $text eq "r" ? -r $p : $text eq "w" ? -w $p : -x $p;
+  $r = $ok ? 0 : ($!+0 || 13);
+}
 else { $r = -1; }
 print "$r\n";
 "#;
@@ -91,6 +110,11 @@ pub fn probe_as(user: &User, op: Op, path: &Path, text: &str) -> i32 {
         Op::OpenRdWr => "openrw",
         Op::Write => "write",
         Op::List => "list",
+        Op::Truncate => "truncate",
+        Op::Chmod => "chmod",
+        Op::Chown => "chown",
+        Op::Utime => "utime",
+        Op::Access => "access",
     };
     let mut c = Command::new("setpriv");
     c.arg(format!("--reuid={}", user.uid))

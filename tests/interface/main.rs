@@ -14,3 +14,4 @@ mod libvirt_write;
 mod perm_control_input;
 mod perm_modes;
 mod perm_names;
+mod trust;
