@@ -183,7 +183,7 @@ for _ in $(seq 50); do [[ -e $MNT/live.raw ]] && break; sleep 0.1; done
 section "What the mount shows"
 show_run ls -l "$MNT" "$MNT/snapshots/"
 show_run head -n 25 "$MNT/info.json"
-# internal snapshots stored in a backing layer are named LAYER@TAG.raw (DESIGN.md section 2)
+# internal snapshots stored in a backing layer are named LAYER@TAG.raw (docs/design.md section 2)
 OLD=$MNT/snapshots/base@fresh-install.raw
 show_run getfattr -d "$OLD"
 

@@ -1,7 +1,7 @@
 //! The catalog of views a mount shows: the live disk and every snapshot, with their file names and
 //! metadata.
 //!
-//! Naming (DESIGN.md section 2): an internal snapshot of the top image is `TAG.raw`; a backing
+//! Naming (docs/design.md section 2): an internal snapshot of the top image is `TAG.raw`; a backing
 //! layer is named after its file without the extension (`base.qcow2` -> `base.raw`); an internal
 //! snapshot inside a backing layer `B` is `B@TAG.raw`. A tag that is empty, repeated within its
 //! image, not UTF-8, or not a valid file name gets `id-ID.raw`; any remaining clash gets `~N`.

@@ -1,5 +1,5 @@
 //! libvirt snapshot metadata: the `<domainsnapshot>` XML files libvirt keeps per domain in
-//! `/var/lib/libvirt/qemu/snapshot/DOMAIN/NAME.xml` (see DESIGN.md section 4).
+//! `/var/lib/libvirt/qemu/snapshot/DOMAIN/NAME.xml` (see docs/design.md section 4).
 //!
 //! Reading is tolerant: elements may come in any order, unknown elements are ignored, and the
 //! (large) `<domain>`, `<inactiveDomain>` and `<cookie>` elements are skipped entirely, so that the

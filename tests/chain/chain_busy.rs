@@ -1,4 +1,4 @@
-//! Refused chain commands (issue 5; DESIGN.md section 3, "Errors"): EBUSY while a view that the
+//! Refused chain commands (issue 5; docs/design.md section 3, "Errors"): EBUSY while a view that the
 //! command would change or remove is open, EINVAL for impossible commands, ENOENT for unknown
 //! names, EEXIST for an external snapshot onto an existing file or a taken name, EROFS on
 //! read-only mounts. A refused command changes nothing: every file keeps its bytes, snapshots/

@@ -1,6 +1,6 @@
 //! `kill -9` during chain operations (issue 5: "a kill -9 at any moment of a commit, pull or
 //! external create leaves every file consistent for qemu-img check, and the live disk's content
-//! is never lost"; DESIGN.md section 5).
+//! is never lost"; docs/design.md section 5).
 //!
 //! For each operation the test first runs it once to completion (to time it), then on fresh
 //! copies of the chain kills the `snapfs mount -f` server with SIGKILL at random moments, one in

@@ -1,5 +1,5 @@
 //! Progress of a long commit (issue 5: "A 2 GiB commit shows progress lines in control/status
-//! while it runs"; DESIGN.md section 3), reads and writes of live.raw while it runs, and the
+//! while it runs"; docs/design.md section 3), reads and writes of live.raw while it runs, and the
 //! progress bar of `snapfs commit`.
 
 use std::fs::{File, OpenOptions};

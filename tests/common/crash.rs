@@ -1,5 +1,5 @@
 //! The crash harness shared by the `kill -9` tests (`tests/write_crash.rs`,
-//! `tests/snapshot_crash.rs`, `tests/chain_crash.rs`; DESIGN.md section 5: "every image snapfs
+//! `tests/snapshot_crash.rs`, `tests/chain_crash.rs`; docs/design.md section 5: "every image snapfs
 //! writes passes `qemu-img check` with no errors ... after `kill -9` at any moment").
 //!
 //! One iteration: the workload names the image to mount (the image the previous kill left, or a

@@ -2,7 +2,7 @@
 //! few lines of our own (independent of snapfs's parser), patch them, and run snapfs on the result
 //! with a time limit while measuring its memory.
 //!
-//! What the tests hold snapfs to (DESIGN.md section 5, shared/reference/bad-inputs.md): a hostile
+//! What the tests hold snapfs to (docs/design.md section 5, shared/reference/bad-inputs.md): a hostile
 //! image is either refused — exit status non-zero, exactly one line on stderr that names the field,
 //! no panic — or it mounts and only the reads of the damaged range fail, with EIO and a logged
 //! reason, while everything else reads as the oracle says. Either way no process grows beyond

@@ -1,4 +1,4 @@
-//! libvirt's snapshot folder names and describes the views (DESIGN.md sections 2 and 4, issue 6):
+//! libvirt's snapshot folder names and describes the views (docs/design.md sections 2 and 4, issue 6):
 //! a chain built by qemu-img (base.qcow2 <- mid.qcow2 <- vm.qcow2, internal snapshots in vm and
 //! mid) and a libvirt-style folder written by the test (external and internal snapshots, a tree
 //! with branches, a big `<domain>` with its own `<name>`/`<description>`/`<disk>`s, a disk of

@@ -1,4 +1,4 @@
-//! Control-file input is bounded and parsed strictly (issue 8, DESIGN.md section 3): one write is
+//! Control-file input is bounded and parsed strictly (issue 8, docs/design.md section 3): one write is
 //! one command; an oversized write, two commands in one write, NUL or invalid UTF-8, and names
 //! that are not valid file names are refused with EINVAL and change nothing; the refusal is
 //! reported in `control/status` in one bounded line.

@@ -1,4 +1,4 @@
-//! Permissions (issue 8, DESIGN.md sections 2 and 3): owner and mode of every file follow the
+//! Permissions (issue 8, docs/design.md sections 2 and 3): owner and mode of every file follow the
 //! image file (or `-o uid=,gid=`); snapshot files have no write bit and nobody, not even root,
 //! opens them for writing; control command files are 0200, `status` 0444 (for a 0644 image);
 //! `-r` makes live.raw read-only; without `allow_other` no other user reaches the mount, with it

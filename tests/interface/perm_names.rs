@@ -1,4 +1,4 @@
-//! Name safety (issue 8, DESIGN.md section 2 "Names"): however a snapshot tag or a layer file
+//! Name safety (issue 8, docs/design.md section 2 "Names"): however a snapshot tag or a layer file
 //! name is spelled in the image (slashes, `.`, `..`, empty, repeated, NUL, not UTF-8, control
 //! characters, very long, clashing with another view's name or with a fallback name), every entry
 //! of `snapshots/` is a plain file name inside `snapshots/`, unique, and opens to exactly the

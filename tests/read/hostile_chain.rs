@@ -1,4 +1,4 @@
-//! Hostile backing chains (DESIGN.md section 5): loops, absurd depth, missing backing files, and
+//! Hostile backing chains (docs/design.md section 5): loops, absurd depth, missing backing files, and
 //! backing files that are not image files (a directory, character devices, a FIFO). Each is refused
 //! with one line naming the file at fault, in bounded time and memory, and nothing is written;
 //! a chain of exactly `chain::MAX_DEPTH` (256) layers is accepted and reads through every layer.

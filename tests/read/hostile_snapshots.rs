@@ -1,4 +1,4 @@
-//! Hostile snapshot tables and snapshot L1 tables (DESIGN.md section 5): absurd counts, offsets
+//! Hostile snapshot tables and snapshot L1 tables (docs/design.md section 5): absurd counts, offsets
 //! and sizes, id and name lengths running past the table, extra data of absurd length, snapshot L1
 //! tables that are unaligned, too large, too small, shared or past the end of the file.
 //!

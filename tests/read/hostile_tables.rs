@@ -1,4 +1,4 @@
-//! Hostile L1 and L2 tables, compressed descriptors and extended-L2 bitmaps (DESIGN.md section 5,
+//! Hostile L1 and L2 tables, compressed descriptors and extended-L2 bitmaps (docs/design.md section 5,
 //! shared/reference/bad-inputs.md): qemu-img-made images with one entry damaged on purpose.
 //!
 //! What snapfs does, entry by entry (and why):

@@ -1,4 +1,4 @@
-//! The errno rules of the snapshot control files (DESIGN.md section 3, issue 4): one test per
+//! The errno rules of the snapshot control files (docs/design.md section 3, issue 4): one test per
 //! rule. Every refused command must leave the image file byte-identical (read with std::fs
 //! while mounted) and put `TIME LABEL: error: MESSAGE` in `control/status`. Also: the
 //! `snapfs snapshot` wrapper's exit codes and output, `snapshots/` updating at once, and
