@@ -60,9 +60,11 @@ pub fn mode(guard: Guard, layers: &[LayerPerms], uid: u32, gid: u32) -> u16 {
         let bits: Vec<u16> = layers.iter().map(|l| l.bits(who)).collect();
         node_bits(guard, &bits)
     };
+    // The owner shown as that user in no group: their groups are unknown here, and the owner
+    // class must not show what only a group membership would give.
     let owner = Caller {
         uid,
-        gid,
+        gid: u32::MAX,
         groups: Vec::new(),
     };
     class(&owner) << 6 | class(&Caller::member_of(gid)) << 3 | class(&Caller::anyone())

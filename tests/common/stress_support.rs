@@ -157,9 +157,10 @@ pub fn chown(path: &Path, uid: u32, gid: u32) {
 }
 
 /// Makes every directory from `path` up to `/` searchable by everyone (temp dirs are 0700), so
-/// that another user can reach a mount point.
+/// that another user can reach a mount point. The mount point itself is left alone: its mode
+/// is the mount's own (chmod there is EPERM, as on any file whose mode is not the caller's to set).
 pub fn open_path_to(path: &Path) {
-    let mut p = Some(path);
+    let mut p = path.parent();
     while let Some(d) = p {
         if d == Path::new("/") || d.as_os_str().is_empty() {
             break;
