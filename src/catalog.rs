@@ -478,7 +478,7 @@ fn layer_stem(layer: &Arc<Layer>) -> String {
 }
 
 fn file_mtime(layer: &Arc<Layer>) -> Option<SystemTime> {
-    layer.file().metadata().and_then(|m| m.modified()).ok()
+    layer.host_metadata().and_then(|m| m.modified()).ok()
 }
 
 /// Names handed out so far in `snapshots/`.

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{ChainError, Error, Result};
-use crate::qcow2::image::{file_size, read_or_zero};
-use crate::qcow2::lock::{ImageLock, LockMode};
+use crate::qcow2::lock::LockMode;
+use crate::qcow2::storage::{FileStorage, Storage};
 use crate::qcow2::{Caches, OpenOptions, Qcow2Image};
 
 /// The deepest chain snapfs opens. Real chains are a handful of layers; thousands are an attack.
@@ -23,17 +23,21 @@ const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 #[derive(Debug)]
 pub struct RawImage {
     pub path: PathBuf,
-    pub file: File,
+    storage: Box<dyn Storage>,
     size: std::sync::atomic::AtomicU64,
 }
 
 impl RawImage {
-    pub fn new(path: PathBuf, file: File, size: u64) -> Self {
+    pub fn new(path: PathBuf, storage: Box<dyn Storage>, size: u64) -> Self {
         RawImage {
             path,
-            file,
+            storage,
             size: size.into(),
         }
+    }
+
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
     }
 
     pub fn size(&self) -> u64 {
@@ -41,21 +45,21 @@ impl RawImage {
     }
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        read_or_zero(&self.file, buf, offset)
+        self.storage
+            .read_at(buf, offset)
             .map_err(|e| Error::io(format!("{}: read at {offset:#x}", self.path.display()), e))
     }
 
     /// Writes guest data (used when a commit lands in a raw backing file).
     pub fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file
-            .write_all_at(buf, offset)
+        self.storage
+            .write_at(buf, offset)
             .map_err(|e| Error::io(format!("{}: write at {offset:#x}", self.path.display()), e))
     }
 
     /// Makes a range read as zeros, deallocating it where the file system can.
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        if crate::qcow2::image::punch_hole(&self.file, offset, len).is_ok() {
+        if self.storage.punch_hole(offset, len).is_ok() {
             return Ok(());
         }
         // No hole punching here (a block device, an old file system): write zeros.
@@ -71,7 +75,7 @@ impl RawImage {
 
     /// Grows the file (a commit of a larger overlay into a smaller raw base).
     pub fn grow(&self, size: u64) -> Result<()> {
-        self.file
+        self.storage
             .set_len(size)
             .map_err(|e| Error::io(format!("{}: resize to {size}", self.path.display()), e))?;
         self.size.store(size, std::sync::atomic::Ordering::Release);
@@ -79,8 +83,8 @@ impl RawImage {
     }
 
     pub fn flush(&self) -> Result<()> {
-        self.file
-            .sync_data()
+        self.storage
+            .flush()
             .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))
     }
 }
@@ -121,10 +125,26 @@ impl Layer {
         }
     }
 
-    pub fn file(&self) -> &File {
+    /// The layer's storage: every read and write of the file's bytes goes through it.
+    pub fn storage(&self) -> &dyn Storage {
         match self {
-            Layer::Qcow2(q) => q.file(),
-            Layer::Raw(r) => &r.file,
+            Layer::Qcow2(q) => q.storage(),
+            Layer::Raw(r) => r.storage(),
+        }
+    }
+
+    /// The open host file behind the layer, for `fstat` and extended attributes of the image file
+    /// (owner, mode, times, allocated size); `None` for a storage that is no host file. Never
+    /// for reading or writing its bytes: those go through [`Layer::storage`].
+    pub fn host_file(&self) -> Option<&File> {
+        self.storage().host_file()
+    }
+
+    /// `fstat` of the host file behind the layer (`Unsupported` if there is none).
+    pub fn host_metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        match self.host_file() {
+            Some(file) => file.metadata(),
+            None => Err(std::io::ErrorKind::Unsupported.into()),
         }
     }
 
@@ -136,17 +156,31 @@ impl Layer {
     }
 }
 
+/// Wraps the storage of every file a chain opens, and of the overlays chain operations create
+/// for it (`create --external`): how a test records every write and flush, or fails chosen
+/// ones, without any change to the engine. It gets the file's path and its [`FileStorage`].
+pub type Interpose = Arc<dyn Fn(&Path, Box<dyn Storage>) -> Box<dyn Storage> + Send + Sync>;
+
 /// The layers of a chain, top (the active image) first.
-#[derive(Debug)]
 pub struct Chain {
     pub layers: Vec<Arc<Layer>>,
+    interpose: Option<Interpose>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chain")
+            .field("layers", &self.layers)
+            .field("interposed", &self.interpose.is_some())
+            .finish()
+    }
 }
 
 impl Chain {
     /// Opens the chain whose top is `top`, which must be a qcow2 image. Backing files that are not
     /// regular files are opened read-only (see [`Chain::open_with`]).
     pub fn open(top: &Path, caches: Arc<Caches>, options: OpenOptions) -> Result<Chain> {
-        Self::open_with(top, caches, options, false)
+        Self::open_layers(top, caches, options, false, None)
     }
 
     /// As [`Chain::open`]. On a writable mount, a backing file is opened for writing (commands
@@ -158,6 +192,57 @@ impl Chain {
         options: OpenOptions,
         write_devices: bool,
     ) -> Result<Chain> {
+        Self::open_layers(top, caches, options, write_devices, None)
+    }
+
+    /// [`Chain::open`], with every file's storage wrapped by `interpose` (see [`Interpose`]).
+    pub fn open_interposed(
+        top: &Path,
+        caches: Arc<Caches>,
+        options: OpenOptions,
+        interpose: Interpose,
+    ) -> Result<Chain> {
+        Self::open_layers(top, caches, options, false, Some(interpose))
+    }
+
+    /// A chain of layers the caller opened itself (on storages of its choice).
+    pub fn from_layers(layers: Vec<Arc<Layer>>) -> Chain {
+        Chain {
+            layers,
+            interpose: None,
+        }
+    }
+
+    /// Another arrangement of this chain's layers (after a chain operation), keeping how its
+    /// files are reached.
+    pub fn with_layers(&self, layers: Vec<Arc<Layer>>) -> Chain {
+        Chain {
+            layers,
+            interpose: self.interpose.clone(),
+        }
+    }
+
+    /// The storage a new file of this chain is reached through.
+    pub fn interpose(&self, path: &Path, storage: Box<dyn Storage>) -> Box<dyn Storage> {
+        match &self.interpose {
+            Some(wrap) => wrap(path, storage),
+            None => storage,
+        }
+    }
+
+    fn open_layers(
+        top: &Path,
+        caches: Arc<Caches>,
+        options: OpenOptions,
+        write_devices: bool,
+        interpose: Option<Interpose>,
+    ) -> Result<Chain> {
+        let wrap = |path: &Path, storage: FileStorage| -> Box<dyn Storage> {
+            match &interpose {
+                Some(wrap) => wrap(path, Box::new(storage)),
+                None => Box::new(storage),
+            }
+        };
         let top_path = absolute(top)?;
         let mut seen = vec![canonical(&top_path)?];
         // The type first: opening a FIFO would wait for a writer forever.
@@ -171,6 +256,7 @@ impl Chain {
             }
         }
         let file = open_file(&top_path, options.writable)
+            .and_then(|file| FileStorage::new(file, &top_path))
             .map_err(|e| Error::io(format!("cannot open {}", top_path.display()), e))?;
         if !has_qcow2_magic(&file) {
             return Err(ChainError::NotQcow2 { path: top_path }.into());
@@ -180,8 +266,9 @@ impl Chain {
         } else {
             LockMode::ReadOnly
         };
-        take_lock(&file, &top_path, top_mode, options.lock)?;
-        let image = Qcow2Image::from_file(&top_path, file, caches.clone(), options)?;
+        take_lock(&file, top_mode, options.lock)?;
+        let storage = wrap(&top_path, file);
+        let image = Qcow2Image::from_storage(&top_path, storage, caches.clone(), options)?;
         let mut layers = vec![Arc::new(Layer::Qcow2(Box::new(image)))];
 
         while let Some(Layer::Qcow2(overlay)) = layers.last().map(|l| l.as_ref()) {
@@ -228,7 +315,6 @@ impl Chain {
             // their locks upgraded for the time): a writable mount opens them read-write where the
             // file permits it.
             let file = open_backing(&path, options.writable, write_devices).map_err(missing)?;
-            take_lock(&file, &path, LockMode::ReadOnly, options.lock)?;
             let meta = file.metadata().map_err(missing)?;
             {
                 use std::os::unix::fs::FileTypeExt;
@@ -241,6 +327,8 @@ impl Chain {
                     .into());
                 }
             }
+            let file = FileStorage::new(file, &path).map_err(missing)?;
+            take_lock(&file, LockMode::ReadOnly, options.lock)?;
             let is_qcow2 = match format.as_deref() {
                 Some("qcow2") => true,
                 Some("raw") => false,
@@ -253,10 +341,14 @@ impl Chain {
                     .into());
                 }
             };
+            let size = file
+                .len()
+                .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
+            let storage = wrap(&path, file);
             let layer = if is_qcow2 {
-                Layer::Qcow2(Box::new(Qcow2Image::from_file(
+                Layer::Qcow2(Box::new(Qcow2Image::from_storage(
                     &path,
-                    file,
+                    storage,
                     caches.clone(),
                     OpenOptions {
                         writable: false,
@@ -264,13 +356,11 @@ impl Chain {
                     },
                 )?))
             } else {
-                let size = file_size(&file)
-                    .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
-                Layer::Raw(RawImage::new(path, file, size))
+                Layer::Raw(RawImage::new(path, storage, size))
             };
             layers.push(Arc::new(layer));
         }
-        Ok(Chain { layers })
+        Ok(Chain { layers, interpose })
     }
 
     pub fn top(&self) -> &Arc<Layer> {
@@ -287,11 +377,11 @@ impl Chain {
 }
 
 /// Takes QEMU's locks on an image file; they last as long as the file stays open.
-fn take_lock(file: &File, path: &Path, mode: LockMode, wanted: bool) -> Result<()> {
+fn take_lock(file: &FileStorage, mode: LockMode, wanted: bool) -> Result<()> {
     if !wanted {
         return Ok(());
     }
-    let lock = ImageLock::acquire(file, path, mode)?;
+    let lock = file.lock(mode)?;
     if let Some(warning) = lock.warning() {
         log::warn!("{warning}");
     }
@@ -340,9 +430,9 @@ fn open_file(path: &Path, writable: bool) -> std::io::Result<File> {
         .open(path)
 }
 
-fn has_qcow2_magic(file: &File) -> bool {
+fn has_qcow2_magic(file: &FileStorage) -> bool {
     let mut magic = [0u8; 4];
-    read_or_zero(file, &mut magic, 0).is_ok() && magic == QCOW2_MAGIC
+    file.read_at(&mut magic, 0).is_ok() && magic == QCOW2_MAGIC
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {

@@ -136,11 +136,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 pub fn layer_info(layer: &Layer) -> LayerInfo {
     use std::os::unix::fs::MetadataExt;
-    let actual_size = layer
-        .file()
-        .metadata()
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0);
+    let actual_size = layer.host_metadata().map(|m| m.blocks() * 512).unwrap_or(0);
     let mut info = LayerInfo {
         filename: layer.path().display().to_string(),
         format: match layer {

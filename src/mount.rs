@@ -142,8 +142,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     let catalog = Arc::new(Catalog::with_metadata(chain.clone(), meta).map_err(|e| e.to_string())?);
     let meta = chain
         .top()
-        .file()
-        .metadata()
+        .host_metadata()
         .map_err(|e| format!("{}: {e}", settings.image.display()))?;
     let owner = Ownership {
         uid: settings.uid,

@@ -5,7 +5,6 @@
 //! unallocated. Each backing layer is read through its own active L1 and is limited to its own
 //! virtual size (reads past it are zeros, as QEMU reads a short backing file).
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -14,6 +13,7 @@ use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
 use crate::qcow2::Mapping;
 use crate::qcow2::l1::L1Table;
+use crate::qcow2::storage::Allocation;
 
 /// Which L1 table a view starts from.
 #[derive(Debug, Clone)]
@@ -370,27 +370,9 @@ fn allocated_layer(
 }
 
 fn raw_extent(raw: &crate::chain::RawImage, offset: u64, max_len: u64) -> Result<(Extent, u64)> {
-    let fd = raw.file.as_raw_fd();
-    let seek = |whence| {
-        // SAFETY: lseek on a file descriptor we own; it only moves the file position, which no
-        // other code relies on (all reads use pread).
-        let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
-        }
-    };
-    let io = |e| Error::io(format!("{}: lseek", raw.path.display()), e);
-    match seek(libc::SEEK_DATA) {
-        Ok(data) if data == offset => {
-            let hole = seek(libc::SEEK_HOLE).map_err(io)?;
-            Ok((Extent::Data, (hole - offset).clamp(1, max_len)))
-        }
-        Ok(data) => Ok((Extent::Hole, (data - offset).min(max_len))),
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((Extent::Hole, max_len)),
-        // A file system without SEEK_DATA support: everything is data.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((Extent::Data, max_len)),
-        Err(e) => Err(io(e)),
+    match raw.storage().allocation(offset, max_len) {
+        Ok((Allocation::Data, len)) => Ok((Extent::Data, len)),
+        Ok((Allocation::Hole, len)) => Ok((Extent::Hole, len)),
+        Err(e) => Err(Error::io(format!("{}: lseek", raw.path.display()), e)),
     }
 }

@@ -87,9 +87,12 @@ pub fn chain_perms(chain: &Chain, devices: DeviceWrites) -> Vec<LayerPerms> {
         .iter()
         .enumerate()
         .map(|(i, layer)| {
-            let perms = FilePerms::of(layer.file())
-                .map_err(|e| log::warn!("{}: {e}", layer.path().display()))
-                .ok();
+            // A storage with no host file (a test's memory) has no permissions to read.
+            let perms = layer.storage().host_file().and_then(|file| {
+                FilePerms::of(file)
+                    .map_err(|e| log::warn!("{}: {e}", layer.path().display()))
+                    .ok()
+            });
             let regular = perms.as_ref().is_some_and(FilePerms::is_regular);
             let device = perms
                 .as_ref()

@@ -237,7 +237,12 @@ impl Controller {
         let path = place.path();
         let new_chain =
             crate::ops::create_external(&chain, place.folder.as_file(), &place.name, &path)?;
-        adopt(new_chain.top().file(), chain.top().file(), who, &path);
+        if let (Some(new), Some(old)) = (
+            new_chain.top().storage().host_file(),
+            chain.top().storage().host_file(),
+        ) {
+            adopt(new, old, who, &path);
+        }
         self.catalog.name_layer(top_path, name.to_owned());
         let mut effect = self.switch_chain(new_chain)?;
         let mut detail = format!("the live disk is now {}", path.display());

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chain::{Chain, Layer};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::qcow2::create::{NewImage, create_in};
-use crate::qcow2::lock::{ImageLock, LockMode, downgrade_to_read_only};
+use crate::qcow2::lock::LockMode;
+use crate::qcow2::storage::FileStorage;
 use crate::qcow2::{OpenOptions, Qcow2Image};
 
 /// Where the overlay goes: FILE (relative to the top's folder), else `TOP-DIR/TOP-STEM.NAME.qcow2`.
@@ -52,7 +53,9 @@ pub fn create_external(
     };
     let file = create_in(dir, name, path, &new)?;
     let opened = (|| {
-        let lock = ImageLock::acquire(&file, path, LockMode::ReadWrite)?;
+        let storage = FileStorage::new(file, path)
+            .map_err(|e| Error::io(format!("{}: cannot open", path.display()), e))?;
+        let lock = storage.lock(LockMode::ReadWrite)?;
         if let Some(warning) = lock.warning() {
             log::warn!("{warning}");
         }
@@ -60,7 +63,8 @@ pub fn create_external(
             writable: true,
             lock: true,
         };
-        Qcow2Image::from_file(path, file, top.caches(), options)
+        let storage = chain.interpose(path, Box::new(storage));
+        Qcow2Image::from_storage(path, storage, top.caches(), options)
     })();
     let overlay = match opened {
         Ok(image) => image,
@@ -76,9 +80,9 @@ pub fn create_external(
     let mut layers = vec![Arc::new(Layer::Qcow2(Box::new(overlay)))];
     layers.extend(chain.layers.iter().cloned());
     top.retire();
-    if let Err(e) = downgrade_to_read_only(top.file(), top_path) {
+    if let Err(e) = top.storage().unlock_writing() {
         log::warn!("{e}");
     }
     drop(writes_wait);
-    Ok(Arc::new(Chain { layers }))
+    Ok(Arc::new(chain.with_layers(layers)))
 }

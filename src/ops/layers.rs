@@ -93,9 +93,7 @@ fn source_runs(chain: &Chain, index: usize) -> Result<Vec<Run>> {
         Layer::Qcow2(image) => allocated_runs(image),
         Layer::Raw(raw) => {
             let view = crate::view::View::new(
-                Arc::new(Chain {
-                    layers: vec![chain.layers[index].clone()],
-                }),
+                Arc::new(Chain::from_layers(vec![chain.layers[index].clone()])),
                 0,
                 crate::view::StartTable::Active,
                 raw.size(),
@@ -145,7 +143,7 @@ pub fn revert_to_layer(chain: &Arc<Chain>, index: usize) -> Result<Arc<Chain>> {
     top.set_backing_locked(&mut w, Some(name), Some(format_name(&target).to_owned()))?;
     let mut layers = vec![chain.layers[0].clone()];
     layers.extend(chain.layers[index..].iter().cloned());
-    Ok(Arc::new(Chain { layers }))
+    Ok(Arc::new(chain.with_layers(layers)))
 }
 
 fn invalid(chain: &Chain, index: usize, reason: &str) -> Error {

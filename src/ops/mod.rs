@@ -19,7 +19,6 @@ pub use layers::{pull_into_above, revert_to_layer};
 
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
-use crate::qcow2::lock::{downgrade_to_read_only, upgrade_to_read_write};
 use crate::qcow2::{Mapping, Qcow2Image};
 
 /// Bytes moved per step (and between progress reports).
@@ -45,14 +44,14 @@ impl<'a> WriteAccess<'a> {
                 restore: false,
             });
         }
-        upgrade_to_read_write(layer.file(), layer.path())?;
+        layer.storage().lock_for_writing()?;
         let access = WriteAccess {
             layer,
             restore: true,
         };
         if let Layer::Qcow2(image) = layer {
             image.enable_writes()?;
-        } else if !is_open_for_writing(layer.file()) {
+        } else if !layer.storage().is_writable() {
             return Err(Error::ReadOnly {
                 path: layer.path().to_owned(),
             });
@@ -64,17 +63,11 @@ impl<'a> WriteAccess<'a> {
 impl Drop for WriteAccess<'_> {
     fn drop(&mut self) {
         if self.restore
-            && let Err(e) = downgrade_to_read_only(self.layer.file(), self.layer.path())
+            && let Err(e) = self.layer.storage().unlock_writing()
         {
             log::warn!("{e}");
         }
     }
-}
-
-fn is_open_for_writing(file: &std::fs::File) -> bool {
-    // SAFETY: F_GETFL only reads the descriptor's flags.
-    let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(file), libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 /// A run of guest bytes that a layer maps itself.
@@ -189,7 +182,7 @@ fn flush_layer(layer: &Layer) -> Result<()> {
 fn without(chain: &Chain, index: usize) -> Arc<Chain> {
     let mut layers = chain.layers.clone();
     layers.remove(index);
-    Arc::new(Chain { layers })
+    Arc::new(chain.with_layers(layers))
 }
 
 /// The name to store in `overlay`'s header for backing file `target`: relative to the overlay's

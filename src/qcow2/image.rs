@@ -1,8 +1,6 @@
 //! One open qcow2 file: its header, active L1 table and snapshot table, and the read side of the
 //! format (mapping guest offsets and reading data, compressed or not).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -18,6 +16,7 @@ use crate::qcow2::mapping::{self, CompressedCluster, L2Source, L2Table, Mapping}
 use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
 use crate::qcow2::recent_l2;
 use crate::qcow2::snapshot::{self, Snapshot};
+use crate::qcow2::storage::{FileStorage, Storage};
 use crate::qcow2::write::Writer;
 
 /// Bytes read from the start of the file for the header: the largest cluster 0 (2 MiB) plus the
@@ -64,7 +63,8 @@ static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
 pub struct Qcow2Image {
     pub(super) id: u64,
     pub(super) path: PathBuf,
-    pub(super) file: File,
+    /// The image file: every read and write of its bytes goes through here.
+    pub(super) storage: Box<dyn Storage>,
     pub(super) header: Header,
     pub(super) geometry: Geometry,
     /// The virtual size now (it changes when the disk grows).
@@ -100,77 +100,42 @@ impl std::fmt::Debug for Qcow2Image {
     }
 }
 
-/// Reads `buf.len()` bytes at `offset`, filling with zeros what lies past the end of the file
-/// (QEMU reads beyond EOF as zeros, metadata included).
-pub(crate) fn read_or_zero(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Deallocates a byte range of `file` (FALLOC_FL_PUNCH_HOLE, size kept): it reads as zeros
-/// after. Fails where the file system or device cannot punch holes.
-pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate on a descriptor the caller owns, with a range and mode checked by the
-    // kernel.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 impl Qcow2Image {
     /// Opens and validates `path`. The file must start with the qcow2 magic.
     pub fn open(path: &Path, caches: Arc<Caches>, options: OpenOptions) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(options.writable)
-            .open(path)
+        let storage = FileStorage::open(path, options.writable)
             .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        Self::from_file(path, file, caches, options)
+        Self::from_storage(path, Box::new(storage), caches, options)
     }
 
-    /// Validates an already opened file as a qcow2 image; with `options.writable` the file must be
-    /// open for writing and the write side is set up.
-    pub fn from_file(
+    /// Validates `storage` as a qcow2 image named `path` (the name is for messages and for
+    /// resolving a relative backing file name); with `options.writable` the storage must be
+    /// writable and the write side is set up.
+    pub fn from_storage(
         path: &Path,
-        file: File,
+        storage: Box<dyn Storage>,
         caches: Arc<Caches>,
         options: OpenOptions,
     ) -> Result<Self> {
         let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
-        let file_len = file_size(&file).map_err(|e| io("cannot get the file size", e))?;
+        let file_len = storage
+            .len()
+            .map_err(|e| io("cannot get the file size", e))?;
         // Cluster 0 and a backing name at its end are all the header can use: read the cluster
         // size first (bytes 20..24) rather than always the largest cluster.
         let mut bits = [0u8; 24];
-        read_or_zero(&file, &mut bits, 0).map_err(|e| io("cannot read the header", e))?;
+        storage
+            .read_at(&mut bits, 0)
+            .map_err(|e| io("cannot read the header", e))?;
         let cluster_bits = u32::from_be_bytes([bits[20], bits[21], bits[22], bits[23]]);
         let header_len = match cluster_bits {
             9..=21 => (1u64 << cluster_bits) + 1024,
             _ => HEADER_READ_LEN,
         };
         let mut start = vec![0u8; file_len.min(header_len) as usize];
-        read_or_zero(&file, &mut start, 0).map_err(|e| io("cannot read the header", e))?;
+        storage
+            .read_at(&mut start, 0)
+            .map_err(|e| io("cannot read the header", e))?;
         let header = Header::parse(&start, file_len).map_err(|source| Error::Header {
             path: path.to_owned(),
             source,
@@ -181,7 +146,7 @@ impl Qcow2Image {
         let mut image = Qcow2Image {
             id: NEXT_IMAGE_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
-            file,
+            storage,
             header,
             geometry,
             size,
@@ -210,15 +175,12 @@ impl Qcow2Image {
         Ok(image)
     }
 
-    /// Sets up the write side (the file must be open for writing).
+    /// Sets up the write side (the storage must be writable).
     pub fn enable_writes(&self) -> Result<()> {
         if self.writer.get().is_some() {
             return Ok(());
         }
-        // SAFETY: F_GETFL only reads the descriptor's flags.
-        let flags =
-            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&self.file), libc::F_GETFL) };
-        if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
+        if !self.storage.is_writable() {
             return Err(Error::ReadOnly {
                 path: self.path.clone(),
             });
@@ -302,11 +264,12 @@ impl Qcow2Image {
 
     /// The image file's length now (a writable image grows while it is open).
     pub fn file_len(&self) -> u64 {
-        file_size(&self.file).unwrap_or(0)
+        self.storage.len().unwrap_or(0)
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The image file's storage.
+    pub fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
     }
 
     /// The internal snapshots now (the list is replaced as a whole when it changes).
@@ -350,11 +313,13 @@ impl Qcow2Image {
         }
         let in_file = self.file_len().saturating_sub(offset).min(bytes);
         let mut buf = vec![0u8; in_file as usize];
-        read_or_zero(&self.file, &mut buf, offset).map_err(|e| MetadataError::Read {
-            what,
-            offset,
-            reason: e.to_string(),
-        })?;
+        self.storage
+            .read_at(&mut buf, offset)
+            .map_err(|e| MetadataError::Read {
+                what,
+                offset,
+                reason: e.to_string(),
+            })?;
         let table = L1Table::from_be_bytes(&buf, entries);
         // Two ranges of the disk sharing one L2 table would change together on a write.
         if let Some((first, second, offset)) = table.find_shared_l2() {
@@ -383,7 +348,7 @@ impl Qcow2Image {
         let mut want = (count as u64 * 256).max(64 << 10).min(limit);
         loop {
             let mut buf = vec![0u8; want as usize];
-            read_or_zero(&self.file, &mut buf, offset).map_err(|e| {
+            self.storage.read_at(&mut buf, offset).map_err(|e| {
                 Error::io(
                     format!("{}: cannot read the snapshot table", self.path.display()),
                     e,
@@ -439,7 +404,7 @@ impl Qcow2Image {
 
     /// Reads uncompressed data at `host`.
     pub fn read_data(&self, host: HostOffset, buf: &mut [u8]) -> Result<()> {
-        read_or_zero(&self.file, buf, host.0).map_err(|e| {
+        self.storage.read_at(buf, host.0).map_err(|e| {
             Error::io(
                 format!(
                     "{}: reading {} bytes at {host}",
@@ -572,16 +537,4 @@ impl L2Source for Qcow2Image {
     fn metadata_error(&self, error: MetadataError) -> Error {
         Qcow2Image::metadata_error(self, error)
     }
-}
-
-/// The size of a regular file or a block device.
-pub(crate) fn file_size(file: &File) -> std::io::Result<u64> {
-    use std::io::Seek;
-    let meta = file.metadata()?;
-    if meta.is_file() {
-        return Ok(meta.len());
-    }
-    // Block devices report 0 in st_size; their size is where the end is.
-    let mut f = file;
-    f.seek(std::io::SeekFrom::End(0))
 }

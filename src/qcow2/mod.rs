@@ -14,6 +14,7 @@ mod recent_l2;
 pub mod refcount;
 pub mod snapshot;
 pub mod snapshot_ops;
+pub mod storage;
 pub mod write;
 mod write_behind;
 

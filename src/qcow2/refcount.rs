@@ -18,14 +18,11 @@
 //! into a free cluster that some existing block can count, or into its own range, where it counts
 //! itself; either way its own refcount is on disk before the table points at it.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-
 use lru::LruCache;
 
 use crate::error::MetadataError;
 use crate::qcow2::header::Header;
-use crate::qcow2::image::read_or_zero;
+use crate::qcow2::storage::Storage;
 
 mod shadow;
 pub use shadow::{Shadow, ShadowCommit};
@@ -80,24 +77,31 @@ fn io_err(offset: u64) -> impl FnOnce(std::io::Error) -> RefcountError {
     move |source| RefcountError::Io { offset, source }
 }
 
-fn write_all(file: &File, buf: &[u8], offset: u64) -> Result<()> {
-    file.write_all_at(buf, offset).map_err(io_err(offset))
+fn write_all(storage: &dyn Storage, buf: &[u8], offset: u64) -> Result<()> {
+    storage.write_at(buf, offset).map_err(io_err(offset))
 }
 
 impl Refcounts {
     /// Loads the refcount table described by `header`. `cache_blocks` bounds the blocks kept.
-    pub fn load(file: &File, header: &Header, file_len: u64, cache_blocks: usize) -> Result<Self> {
+    pub fn load(
+        storage: &dyn Storage,
+        header: &Header,
+        file_len: u64,
+        cache_blocks: usize,
+    ) -> Result<Self> {
         let cluster_size = header.cluster_size();
         let capacity = header.refcount_table_clusters as u64 * cluster_size / 8;
         let offset = header.refcount_table_offset;
         // Memory follows what the file holds, not what the header claims.
         let in_file = file_len.saturating_sub(offset).min(capacity * 8);
         let mut bytes = vec![0u8; in_file as usize];
-        read_or_zero(file, &mut bytes, offset).map_err(|e| MetadataError::Read {
-            what: "refcount table",
-            offset,
-            reason: e.to_string(),
-        })?;
+        storage
+            .read_at(&mut bytes, offset)
+            .map_err(|e| MetadataError::Read {
+                what: "refcount table",
+                offset,
+                reason: e.to_string(),
+            })?;
         let mut table = Vec::with_capacity(bytes.len() / 8);
         for (i, c) in bytes.chunks_exact(8).enumerate() {
             let entry = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
@@ -188,14 +192,16 @@ impl Refcounts {
     }
 
     /// The block at `offset`, loaded into the cache.
-    fn block(&mut self, file: &File, offset: u64) -> Result<&mut Vec<u8>> {
+    fn block(&mut self, storage: &dyn Storage, offset: u64) -> Result<&mut Vec<u8>> {
         if !self.blocks.contains(&offset) {
             let mut data = vec![0u8; self.cluster_size() as usize];
-            read_or_zero(file, &mut data, offset).map_err(|e| MetadataError::Read {
-                what: "refcount block",
-                offset,
-                reason: e.to_string(),
-            })?;
+            storage
+                .read_at(&mut data, offset)
+                .map_err(|e| MetadataError::Read {
+                    what: "refcount block",
+                    offset,
+                    reason: e.to_string(),
+                })?;
             self.blocks.put(offset, data);
         }
         self.blocks
@@ -204,27 +210,27 @@ impl Refcounts {
     }
 
     /// The refcount of the cluster with index `cluster` (host offset >> cluster_bits).
-    pub fn get(&mut self, file: &File, cluster: u64) -> Result<u64> {
+    pub fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64> {
         let (b, i) = self.block_of(cluster);
         let block = self.block_entry(b);
         if block == 0 {
             return Ok(0);
         }
         let order = self.order;
-        Ok(read_entry(self.block(file, block)?, i, order))
+        Ok(read_entry(self.block(storage, block)?, i, order))
     }
 
     /// Sets the refcount of `cluster`, creating its refcount block (and growing the table) if
     /// needed, and writes the change through.
-    fn set(&mut self, file: &File, cluster: u64, value: u64) -> Result<()> {
+    fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
         let (b, i) = self.block_of(cluster);
-        self.ensure_block(file, b)?;
+        self.ensure_block(storage, b)?;
         let block = self.block_entry(b);
         let order = self.order;
-        let data = self.block(file, block)?;
+        let data = self.block(storage, block)?;
         let (start, len) = write_entry(data, i, order, value);
         let bytes = data[start..start + len].to_vec();
-        write_all(file, &bytes, block + start as u64)?;
+        write_all(storage, &bytes, block + start as u64)?;
         if value == 0 {
             self.free_hint = self.free_hint.min(cluster);
         }
@@ -232,9 +238,9 @@ impl Refcounts {
     }
 
     /// Adds `delta` to the refcount of the cluster at host `offset`; returns the new value.
-    pub fn update(&mut self, file: &File, offset: u64, delta: i64) -> Result<u64> {
+    pub fn update(&mut self, storage: &dyn Storage, offset: u64, delta: i64) -> Result<u64> {
         let cluster = offset >> self.cluster_bits;
-        let old = self.get(file, cluster)?;
+        let old = self.get(storage, cluster)?;
         let new = if delta >= 0 {
             old.checked_add(delta as u64)
                 .filter(|&v| v <= self.max_refcount())
@@ -247,23 +253,23 @@ impl Refcounts {
             old.checked_sub(delta.unsigned_abs())
                 .ok_or(RefcountError::Underflow { offset })?
         };
-        self.set(file, cluster, new)?;
+        self.set(storage, cluster, new)?;
         Ok(new)
     }
 
     /// Whether the cluster may be handed out (refcount 0; a range without a block is free).
-    fn is_free(&mut self, file: &File, cluster: u64) -> Result<bool> {
-        Ok(self.get(file, cluster)? == 0)
+    fn is_free(&mut self, storage: &dyn Storage, cluster: u64) -> Result<bool> {
+        Ok(self.get(storage, cluster)? == 0)
     }
 
     /// Finds `count` free clusters in a row; returns where the run starts and the first free
     /// cluster seen on the way (everything below it is in use: the next search can start there).
-    fn find_free_run(&mut self, file: &File, count: u64) -> Result<(u64, u64)> {
+    fn find_free_run(&mut self, storage: &dyn Storage, count: u64) -> Result<(u64, u64)> {
         let mut start = self.free_hint.max(1);
         let mut first_free = None;
         let mut cluster = start;
         while cluster - start < count {
-            if self.is_free(file, cluster)? {
+            if self.is_free(storage, cluster)? {
                 first_free.get_or_insert(cluster);
                 cluster += 1;
             } else {
@@ -275,28 +281,28 @@ impl Refcounts {
     }
 
     /// Allocates `count` contiguous clusters with refcount 1; returns the host offset of the first.
-    pub fn allocate(&mut self, file: &File, count: u64) -> Result<u64> {
+    pub fn allocate(&mut self, storage: &dyn Storage, count: u64) -> Result<u64> {
         'search: loop {
-            let (first, first_free) = self.find_free_run(file, count)?;
+            let (first, first_free) = self.find_free_run(storage, count)?;
             let run = first..first + count;
             let last_block = (run.end - 1) >> self.block_bits;
             if last_block >= self.table_capacity {
-                self.grow_table(file, last_block + 1)?;
+                self.grow_table(storage, last_block + 1)?;
                 continue;
             }
             // Blocks for the run's ranges go elsewhere, so the run stays free.
             for b in (first >> self.block_bits)..=last_block {
                 if self.block_entry(b as usize) == 0 {
-                    match self.place_block(file, b as usize, run.clone(), self.table_capacity) {
+                    match self.place_block(storage, b as usize, run.clone(), self.table_capacity) {
                         Err(RefcountError::NeedsGrowth { range }) => {
-                            self.grow_table(file, range + 1)?;
+                            self.grow_table(storage, range + 1)?;
                             continue 'search;
                         }
                         other => other?,
                     }
                 }
             }
-            self.set_run(file, first, count, 1)?;
+            self.set_run(storage, first, count, 1)?;
             self.free_hint = if first_free < first {
                 first_free
             } else {
@@ -311,7 +317,7 @@ impl Refcounts {
     /// range met on the way gets its own block first, so that its clusters can be counted.
     fn place_block(
         &mut self,
-        file: &File,
+        storage: &dyn Storage,
         index: usize,
         exclude: std::ops::Range<u64>,
         disk_capacity: u64,
@@ -327,29 +333,29 @@ impl Refcounts {
                 return Err(RefcountError::NeedsGrowth { range });
             }
             if self.block_entry(range as usize) != 0 {
-                if self.get(file, cluster)? == 0 {
-                    return self.create_block(file, index, cluster, disk_capacity);
+                if self.get(storage, cluster)? == 0 {
+                    return self.create_block(storage, index, cluster, disk_capacity);
                 }
                 cluster += 1;
             } else if range as usize == index {
-                return self.create_block(file, index, cluster, disk_capacity);
+                return self.create_block(storage, index, cluster, disk_capacity);
             } else {
-                self.create_block(file, range as usize, cluster, disk_capacity)?;
+                self.create_block(storage, range as usize, cluster, disk_capacity)?;
                 cluster += 1;
             }
         }
     }
 
     /// Sets the refcounts of `count` clusters from `first` to `value`, one write per block.
-    fn set_run(&mut self, file: &File, first: u64, count: u64, value: u64) -> Result<()> {
+    fn set_run(&mut self, storage: &dyn Storage, first: u64, count: u64, value: u64) -> Result<()> {
         let order = self.order;
         let mut cluster = first;
         while cluster < first + count {
             let (b, i) = self.block_of(cluster);
-            self.ensure_block(file, b)?;
+            self.ensure_block(storage, b)?;
             let in_block = ((1u64 << self.block_bits) - i as u64).min(first + count - cluster);
             let block = self.block_entry(b);
-            let data = self.block(file, block)?;
+            let data = self.block(storage, block)?;
             let (start, _) = write_entry(data, i, order, value);
             let mut end = start;
             for n in 0..in_block as usize {
@@ -357,7 +363,7 @@ impl Refcounts {
                 end = end.max(s + len);
             }
             let bytes = data[start..end].to_vec();
-            write_all(file, &bytes, block + start as u64)?;
+            write_all(storage, &bytes, block + start as u64)?;
             cluster += in_block;
         }
         if value == 0 {
@@ -367,24 +373,24 @@ impl Refcounts {
     }
 
     /// Drops one reference to each of `count` clusters from host `offset`.
-    pub fn free(&mut self, file: &File, offset: u64, count: u64) -> Result<()> {
+    pub fn free(&mut self, storage: &dyn Storage, offset: u64, count: u64) -> Result<()> {
         for n in 0..count {
-            self.update(file, offset + (n << self.cluster_bits), -1)?;
+            self.update(storage, offset + (n << self.cluster_bits), -1)?;
         }
         Ok(())
     }
 
     /// Creates refcount block `index` if it does not exist.
-    fn ensure_block(&mut self, file: &File, index: usize) -> Result<()> {
+    fn ensure_block(&mut self, storage: &dyn Storage, index: usize) -> Result<()> {
         loop {
             if index as u64 >= self.table_capacity {
-                self.grow_table(file, index as u64 + 1)?;
+                self.grow_table(storage, index as u64 + 1)?;
             }
             if self.block_entry(index) != 0 {
                 return Ok(());
             }
-            match self.place_block(file, index, 0..0, self.table_capacity) {
-                Err(RefcountError::NeedsGrowth { range }) => self.grow_table(file, range + 1)?,
+            match self.place_block(storage, index, 0..0, self.table_capacity) {
+                Err(RefcountError::NeedsGrowth { range }) => self.grow_table(storage, range + 1)?,
                 other => return other,
             }
         }
@@ -392,7 +398,7 @@ impl Refcounts {
 
     /// Moves the refcount table to a larger place holding at least `min_entries` entries:
     /// write the new table, switch the header to it in one write, then free the old one.
-    fn grow_table(&mut self, file: &File, min_entries: u64) -> Result<()> {
+    fn grow_table(&mut self, storage: &dyn Storage, min_entries: u64) -> Result<()> {
         let per_cluster = self.cluster_size() / 8;
         let mut entries = min_entries
             .max(self.table_capacity * 2)
@@ -403,7 +409,7 @@ impl Refcounts {
         let old_capacity = self.table_capacity;
         let (first, clusters) = 'place: loop {
             let clusters = entries / per_cluster;
-            let (first, _) = self.find_free_run(file, clusters)?;
+            let (first, _) = self.find_free_run(storage, clusters)?;
             let run = first..first + clusters;
             let last_block = (run.end - 1) >> self.block_bits;
             if last_block + 2 > entries {
@@ -415,7 +421,7 @@ impl Refcounts {
             self.table_capacity = entries;
             for b in (first >> self.block_bits)..=last_block {
                 if self.block_entry(b as usize) == 0 {
-                    match self.place_block(file, b as usize, run.clone(), old_capacity) {
+                    match self.place_block(storage, b as usize, run.clone(), old_capacity) {
                         Err(RefcountError::NeedsGrowth { range }) => {
                             entries = (range + 2).next_multiple_of(per_cluster).max(entries * 2);
                             continue 'place;
@@ -430,26 +436,26 @@ impl Refcounts {
             let (b, i) = self.block_of(cluster);
             let block = self.block_entry(b);
             let order = self.order;
-            let data = self.block(file, block)?;
+            let data = self.block(storage, block)?;
             let (start, len) = write_entry(data, i, order, 1);
             let bytes = data[start..start + len].to_vec();
-            write_all(file, &bytes, block + start as u64)?;
+            write_all(storage, &bytes, block + start as u64)?;
         }
         let new_offset = first << self.cluster_bits;
         let mut bytes = vec![0u8; (self.table_capacity * 8) as usize];
         for (i, e) in self.table.iter().enumerate() {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
-        write_all(file, &bytes, new_offset)?;
-        file.sync_data().map_err(io_err(new_offset))?;
+        write_all(storage, &bytes, new_offset)?;
+        storage.flush().map_err(io_err(new_offset))?;
         // The switch: refcount_table_offset (48) and refcount_table_clusters (56) in one write.
         let mut header = [0u8; 12];
         header[..8].copy_from_slice(&new_offset.to_be_bytes());
         header[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        write_all(file, &header, 48)?;
+        write_all(storage, &header, 48)?;
         self.table_offset = new_offset;
         self.free_hint = self.free_hint.min(old_offset >> self.cluster_bits);
-        self.free(file, old_offset, old_clusters)
+        self.free(storage, old_offset, old_clusters)
     }
 
     /// Creates block `index` in cluster `at` (free). Its own refcount goes into itself when `at`
@@ -458,7 +464,7 @@ impl Refcounts {
     /// (`disk_capacity`: a table being replaced keeps its size).
     fn create_block(
         &mut self,
-        file: &File,
+        storage: &dyn Storage,
         index: usize,
         at: u64,
         disk_capacity: u64,
@@ -469,14 +475,14 @@ impl Refcounts {
         if range == index {
             write_entry(&mut data, entry, self.order, 1);
         }
-        write_all(file, &data, offset)?;
+        write_all(storage, &data, offset)?;
         if range != index {
             let counting = self.block_entry(range);
             let order = self.order;
-            let block = self.block(file, counting)?;
+            let block = self.block(storage, counting)?;
             let (start, len) = write_entry(block, entry, order, 1);
             let bytes = block[start..start + len].to_vec();
-            write_all(file, &bytes, counting + start as u64)?;
+            write_all(storage, &bytes, counting + start as u64)?;
         }
         if self.table.len() <= index {
             self.table.resize(index + 1, 0);
@@ -485,7 +491,7 @@ impl Refcounts {
         self.block_clusters.insert(at);
         if (index as u64) < disk_capacity {
             write_all(
-                file,
+                storage,
                 &offset.to_be_bytes(),
                 self.table_offset + index as u64 * 8,
             )?;

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
-use crate::qcow2::image::{Qcow2Image, punch_hole};
+use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
 use crate::qcow2::mapping::{
     CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2Source, L2Table,
@@ -71,7 +71,7 @@ impl Qcow2Image {
                 ..
             } = &mut *w;
             let is_metadata = |cluster: u64| metadata.contains_key(&cluster);
-            let mut tx = Shadow::new(refcounts, &self.file, &is_metadata);
+            let mut tx = Shadow::new(refcounts, self.storage.as_ref(), &is_metadata);
             build(&mut tx).and_then(|(state, out)| {
                 let commit = tx.finish().map_err(self.refcount_err())?;
                 Ok((state, out, commit))
@@ -87,7 +87,7 @@ impl Qcow2Image {
             Err(e) => {
                 // Only clusters of the unfinished state lie past the old end.
                 if self.file_len() > len_before {
-                    let _ = self.file.set_len(len_before);
+                    let _ = self.storage.set_len(len_before);
                 }
                 return Err(e);
             }
@@ -99,7 +99,7 @@ impl Qcow2Image {
             // As QEMU discards what a snapshot operation frees, so that the host file system
             // gets the space back; only once the new state is durable.
             for (offset, len) in commit.freed_ranges(self.geometry.cluster_bits) {
-                if let Err(e) = punch_hole(&self.file, offset, len) {
+                if let Err(e) = self.storage.punch_hole(offset, len) {
                     log::debug!(
                         "{}: no hole punched for {len} freed bytes at {offset:#x}: {e}",
                         self.path.display()
@@ -583,7 +583,8 @@ impl Qcow2Image {
     ) -> Result<()> {
         let cs = self.geometry.cluster_size() as usize;
         let mut start = vec![0u8; cs];
-        crate::qcow2::image::read_or_zero(&self.file, &mut start, 0)
+        self.storage
+            .read_at(&mut start, 0)
             .map_err(|e| Error::io(format!("{}: reading the header", self.path.display()), e))?;
         let header_error = |source| Error::Header {
             path: self.path.clone(),

@@ -11,7 +11,6 @@
 //! COPIED (bit 63 of L1 and L2 entries) is set exactly on entries whose cluster has refcount 1:
 //! only those are written in place; anything else is copied to a new cluster first.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -81,12 +80,10 @@ impl Writer {
             });
         }
         let cache_blocks = (image.caches.l2_budget() / 16 / image.geometry.cluster_size()) as usize;
-        let refcounts =
-            Refcounts::load(&image.file, h, image.file_len(), cache_blocks).map_err(|source| {
-                Error::Refcount {
-                    path: path.clone(),
-                    source,
-                }
+        let refcounts = Refcounts::load(image.storage(), h, image.file_len(), cache_blocks)
+            .map_err(|source| Error::Refcount {
+                path: path.clone(),
+                source,
             })?;
         let mut writer = Writer {
             refcounts,
@@ -283,7 +280,7 @@ impl Qcow2Image {
     }
 
     pub(super) fn write_file(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
+        self.storage.write_at(buf, offset).map_err(|e| {
             Error::io(
                 format!("{}: writing {what} at {offset:#x}", self.path.display()),
                 e,
@@ -318,8 +315,8 @@ impl Qcow2Image {
                 );
                 w.corrupt = true;
                 let flags = self.header.incompatible_features | incompatible::CORRUPT;
-                let _ = self.file.write_all_at(&flags.to_be_bytes(), 72);
-                let _ = self.file.sync_data();
+                let _ = self.storage.write_at(&flags.to_be_bytes(), 72);
+                let _ = self.storage.flush();
                 return Err(Error::Overlap {
                     path: self.path.clone(),
                     what,
@@ -379,7 +376,7 @@ impl Qcow2Image {
         };
         let new = w
             .refcounts
-            .allocate(&self.file, 1)
+            .allocate(self.storage(), 1)
             .map_err(self.refcount_err())?;
         self.check_overlap(w, "new L2 table", new, cs)?;
         let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
@@ -391,7 +388,7 @@ impl Qcow2Image {
             // The old table now belongs to snapshots only (or to nobody).
             w.remove_metadata(old, 1, self.geometry.cluster_bits);
             w.refcounts
-                .update(&self.file, old, -1)
+                .update(self.storage(), old, -1)
                 .map_err(self.refcount_err())?;
         }
         Ok(L2Edit {
@@ -429,7 +426,7 @@ impl Qcow2Image {
             match r {
                 OldReference::Cluster(host) => {
                     w.refcounts
-                        .update(&self.file, host, -1)
+                        .update(self.storage(), host, -1)
                         .map_err(self.refcount_err())?;
                 }
                 OldReference::Compressed(c) => {
@@ -437,7 +434,7 @@ impl Qcow2Image {
                     let last = (c.host.0 + c.len - 1) >> bits;
                     for cluster in first..=last {
                         w.refcounts
-                            .update(&self.file, cluster << bits, -1)
+                            .update(self.storage(), cluster << bits, -1)
                             .map_err(self.refcount_err())?;
                     }
                 }
@@ -474,7 +471,7 @@ impl Qcow2Image {
         self.check_not_retired()?;
         self.write_locked(&mut w, data, offset, backing)?;
         drop(w);
-        self.write_behind.wrote(&self.file, data.len() as u64);
+        self.write_behind.wrote(self.storage(), data.len() as u64);
         Ok(())
     }
 
@@ -605,7 +602,7 @@ impl Qcow2Image {
             };
             let host = w
                 .refcounts
-                .allocate(&self.file, count)
+                .allocate(self.storage(), count)
                 .map_err(self.refcount_err())?;
             self.check_overlap(w, "new data cluster", host, run_len)?;
             if buf.is_empty() {
@@ -676,14 +673,13 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// The file's length if it is a regular file (None for a block device, whose unused space
-    /// holds whatever was there before).
+    /// The file's length if it is growable (None for a block device, whose unused space holds
+    /// whatever was there before).
     fn regular_file_len(&self) -> Option<u64> {
-        self.file
-            .metadata()
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
+        if self.storage.fixed_size() {
+            return None;
+        }
+        self.storage.len().ok()
     }
 
     /// Writes the newly allocated run `buf` at `host`, of which `write_from..write_to` is guest
@@ -726,7 +722,7 @@ impl Qcow2Image {
         if to < buf.len() && self.regular_file_len().is_some_and(|len| len < run_end) {
             // The skipped tail lies past the end: extend the file so that the whole cluster is
             // inside it (a hole), as a full write would have.
-            self.file.set_len(run_end).map_err(|e| {
+            self.storage.set_len(run_end).map_err(|e| {
                 Error::io(
                     format!(
                         "{}: extending the file to {run_end:#x}",
@@ -900,7 +896,7 @@ impl Qcow2Image {
         let clusters = (needed * 8).div_ceil(cs);
         let new_offset = w
             .refcounts
-            .allocate(&self.file, clusters)
+            .allocate(self.storage(), clusters)
             .map_err(self.refcount_err())?;
         self.check_overlap(w, "new L1 table", new_offset, clusters * cs)?;
         let mut bytes = vec![0u8; (clusters * cs) as usize];
@@ -920,14 +916,14 @@ impl Qcow2Image {
         w.remove_metadata(old_offset, old_clusters, g.cluster_bits);
         w.add_metadata(new_offset, clusters, g.cluster_bits, MetadataKind::ActiveL1);
         w.refcounts
-            .free(&self.file, old_offset, old_clusters)
+            .free(self.storage(), old_offset, old_clusters)
             .map_err(self.refcount_err())
     }
 
     /// Makes everything written so far durable.
     pub fn flush(&self) -> Result<()> {
-        self.file
-            .sync_data()
+        self.storage
+            .flush()
             .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))
     }
 }

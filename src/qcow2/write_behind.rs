@@ -17,9 +17,9 @@
 //! without, 342 MiB/s with (medians of three). The rest is the disk: a plain file on the same
 //! file system takes the same fio job at 320 to 430 MiB/s.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::qcow2::storage::Storage;
 
 /// Writes smaller than this are not part of a stream.
 const STREAM_WRITE: u64 = 256 << 10;
@@ -34,9 +34,9 @@ pub(super) struct WriteBehind {
 }
 
 impl WriteBehind {
-    /// Notes a write of `bytes` to `file` (done, and no lock held); after every [`KICK_EVERY`]
-    /// bytes of large writes, starts the write-back of the file's dirty pages.
-    pub(super) fn wrote(&self, file: &File, bytes: u64) {
+    /// Notes a write of `bytes` to `storage` (done, and no lock held); after every [`KICK_EVERY`]
+    /// bytes of large writes, starts the write-back of its dirty pages.
+    pub(super) fn wrote(&self, storage: &dyn Storage, bytes: u64) {
         if bytes < STREAM_WRITE {
             return;
         }
@@ -50,20 +50,7 @@ impl WriteBehind {
             .compare_exchange(before + bytes, 0, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            start_writeback(file);
+            storage.start_writeback();
         }
-    }
-}
-
-/// Starts the write-back of every dirty page of `file` and returns without waiting for it.
-fn start_writeback(file: &File) {
-    // SAFETY: a plain syscall on an open descriptor; offset 0 and length 0 mean "to the end of
-    // the file". A failure (a file system without write-back, say) only loses the head start.
-    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    if rc != 0 {
-        log::debug!(
-            "sync_file_range: {} (write-behind skipped)",
-            std::io::Error::last_os_error()
-        );
     }
 }

@@ -14,9 +14,9 @@
 //! image a crash leaves behind is intact, and not yet taken in the new one.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 
 use super::{REFTABLE_OFFSET_MASK, RefcountError, Refcounts, Result, read_entry, write_entry};
+use crate::qcow2::storage::Storage;
 
 /// A refcount block of the new view.
 struct ShadowBlock {
@@ -30,7 +30,7 @@ struct ShadowBlock {
 /// The refcounts as they will be once the caller's operation is switched in.
 pub struct Shadow<'a> {
     base: &'a mut Refcounts,
-    file: &'a File,
+    storage: &'a dyn Storage,
     /// Changed blocks, by block index.
     blocks: BTreeMap<usize, ShadowBlock>,
     /// Where the search for free clusters goes on from.
@@ -81,13 +81,13 @@ impl ShadowCommit {
 impl<'a> Shadow<'a> {
     pub fn new(
         base: &'a mut Refcounts,
-        file: &'a File,
+        storage: &'a dyn Storage,
         is_metadata: &'a dyn Fn(u64) -> bool,
     ) -> Self {
         let hint = base.free_hint.max(1);
         Shadow {
             base,
-            file,
+            storage,
             blocks: BTreeMap::new(),
             hint,
             lowest_freed: u64::MAX,
@@ -109,7 +109,7 @@ impl<'a> Shadow<'a> {
         let (b, i) = self.base.block_of(cluster);
         match self.blocks.get(&b) {
             Some(block) => Ok(read_entry(&block.data, i, self.base.order)),
-            None => self.base.get(self.file, cluster),
+            None => self.base.get(self.storage, cluster),
         }
     }
 
@@ -120,7 +120,7 @@ impl<'a> Shadow<'a> {
             let data = if old == 0 {
                 vec![0u8; self.base.cluster_size() as usize]
             } else {
-                self.base.block(self.file, old)?.clone()
+                self.base.block(self.storage, old)?.clone()
             };
             self.blocks.insert(
                 b,
@@ -137,7 +137,7 @@ impl<'a> Shadow<'a> {
         }
         if value == 0 {
             self.lowest_freed = self.lowest_freed.min(cluster);
-            if self.base.get(self.file, cluster)? != 0 {
+            if self.base.get(self.storage, cluster)? != 0 {
                 self.freed.push(cluster);
             }
         }
@@ -169,7 +169,7 @@ impl<'a> Shadow<'a> {
 
     /// Whether `cluster` is free in both views.
     fn is_free(&mut self, cluster: u64) -> Result<bool> {
-        if self.base.get(self.file, cluster)? != 0 || self.get_cluster(cluster)? != 0 {
+        if self.base.get(self.storage, cluster)? != 0 || self.get_cluster(cluster)? != 0 {
             return Ok(false);
         }
         if self.base.metadata_at(cluster).is_some() || (self.is_metadata)(cluster) {
@@ -279,7 +279,7 @@ impl<'a> Shadow<'a> {
                 continue;
             };
             let offset = home << self.base.cluster_bits;
-            super::write_all(self.file, &block.data, offset)?;
+            super::write_all(self.storage, &block.data, offset)?;
             if table.len() <= index {
                 table.resize(index + 1, 0);
             }
@@ -293,7 +293,7 @@ impl<'a> Shadow<'a> {
         for (i, e) in table.iter().enumerate() {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&(e & REFTABLE_OFFSET_MASK).to_be_bytes());
         }
-        super::write_all(self.file, &bytes, table_offset)?;
+        super::write_all(self.storage, &bytes, table_offset)?;
         Ok(ShadowCommit {
             table,
             table_offset,
@@ -332,17 +332,16 @@ impl Refcounts {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::os::unix::fs::FileExt;
 
     use super::*;
     use crate::qcow2::create::{NewImage, create};
     use crate::qcow2::header::Header;
+    use crate::qcow2::storage::FileStorage;
 
-    fn header_of(file: &File) -> Header {
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    fn header_of(storage: &dyn Storage) -> Header {
+        let len = storage.len().expect("length");
         let mut start = vec![0u8; 4096.min(len as usize)];
-        file.read_exact_at(&mut start, 0)
-            .expect("reading the header");
+        storage.read_at(&mut start, 0).expect("reading the header");
         Header::parse(&start, len).expect("a valid header")
     }
 
@@ -362,6 +361,7 @@ mod tests {
             },
         )
         .expect("creating the image");
+        let file = FileStorage::new(file, &path).expect("storage");
         let header = header_of(&file);
         let before = std::fs::read(&path).expect("reading the image");
         let mut base = Refcounts::load(&file, &header, before.len() as u64, 16).expect("load");
