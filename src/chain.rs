@@ -147,13 +147,6 @@ impl Layer {
             None => Err(std::io::ErrorKind::Unsupported.into()),
         }
     }
-
-    pub fn as_qcow2(&self) -> Option<&Qcow2Image> {
-        match self {
-            Layer::Qcow2(q) => Some(q),
-            Layer::Raw(_) => None,
-        }
-    }
 }
 
 /// Wraps the storage of every file a chain opens, and of the overlays chain operations create

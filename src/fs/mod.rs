@@ -6,6 +6,7 @@
 mod access;
 mod attrs;
 mod commands;
+mod errno;
 mod gate;
 mod handles;
 mod nodes;

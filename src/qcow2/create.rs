@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::qcow2::error::{Error, Result};
 use crate::qcow2::header::{CompressionType, Header};
 use crate::qcow2::offsets::Geometry;
 use crate::qcow2::refcount::write_entry;

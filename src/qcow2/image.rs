@@ -7,9 +7,9 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
-use crate::error::{Error, MetadataError, Result};
 use crate::qcow2::cache::{ByteLru, CacheKey};
 use crate::qcow2::compress;
+use crate::qcow2::error::{Error, MetadataError, Result};
 use crate::qcow2::header::Header;
 use crate::qcow2::l1::L1Table;
 use crate::qcow2::mapping::{self, CompressedCluster, L2Source, L2Table, Mapping};

@@ -326,14 +326,6 @@ impl LockError {
         }
     }
 
-    /// The errno a file-system caller should see: `EBUSY` when in use.
-    pub fn errno(&self) -> i32 {
-        match self {
-            LockError::InUse { .. } => libc::EBUSY,
-            LockError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        }
-    }
-
     fn in_use(path: &Path, mode: LockMode, mut conflicts: Vec<Conflict>) -> LockError {
         conflicts.sort_by_key(|c| c.rank());
         conflicts.dedup();
@@ -730,7 +722,6 @@ mod tests {
         assert!(msg.starts_with("/img/top.qcow2: image is in use by another process"));
         assert!(msg.contains("open for writing"), "{msg}");
         assert!(msg.contains("mount read-only"), "{msg}");
-        assert_eq!(e.errno(), libc::EBUSY);
 
         let ro = LockError::in_use(
             Path::new("x"),

@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use crate::error::MetadataError;
+use crate::qcow2::error::MetadataError;
 use crate::qcow2::l1::L1Table;
 use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
 
@@ -88,7 +88,7 @@ impl Mapping {
 /// Where the mapper gets L2 tables from (the image, through the cache).
 pub trait L2Source {
     /// Loads the L2 table at `offset`, named by L1 entry `l1_index` (for error messages).
-    fn l2_table(&self, l1_index: u64, offset: HostOffset) -> crate::error::Result<L2Table>;
+    fn l2_table(&self, l1_index: u64, offset: HostOffset) -> crate::qcow2::error::Result<L2Table>;
     /// Runs `f` on the L2 table at `offset`. An image may answer this without taking a
     /// reference to a shared table (see `recent_l2`); by default it borrows one.
     fn with_l2_table<R>(
@@ -96,11 +96,11 @@ pub trait L2Source {
         l1_index: u64,
         offset: HostOffset,
         f: impl FnOnce(&[u64]) -> R,
-    ) -> crate::error::Result<R> {
+    ) -> crate::qcow2::error::Result<R> {
         Ok(f(&self.l2_table(l1_index, offset)?))
     }
     /// Wraps a metadata error with the image's name.
-    fn metadata_error(&self, error: MetadataError) -> crate::error::Error;
+    fn metadata_error(&self, error: MetadataError) -> crate::qcow2::error::Error;
 }
 
 /// The state of one cluster or subcluster, as an L2 entry describes it.
@@ -124,7 +124,7 @@ pub fn map_range(
     l1: &L1Table,
     guest: GuestOffset,
     max_len: u64,
-) -> crate::error::Result<Mapping> {
+) -> crate::qcow2::error::Result<Mapping> {
     let mut pos = guest.0;
     let end = guest.0.saturating_add(max_len);
     let mut run = Run {
@@ -367,11 +367,15 @@ mod tests {
     }
 
     impl L2Source for FakeImage {
-        fn l2_table(&self, _l1_index: u64, offset: HostOffset) -> crate::error::Result<L2Table> {
+        fn l2_table(
+            &self,
+            _l1_index: u64,
+            offset: HostOffset,
+        ) -> crate::qcow2::error::Result<L2Table> {
             Ok(self.tables[&offset.0].clone())
         }
-        fn metadata_error(&self, error: MetadataError) -> crate::error::Error {
-            crate::error::Error::Metadata {
+        fn metadata_error(&self, error: MetadataError) -> crate::qcow2::error::Error {
+            crate::qcow2::error::Error::Metadata {
                 path: "fake".into(),
                 source: error,
             }

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod compress;
 pub mod create;
+pub mod error;
 pub mod header;
 pub mod image;
 pub mod l1;

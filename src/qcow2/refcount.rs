@@ -20,7 +20,7 @@
 
 use lru::LruCache;
 
-use crate::error::MetadataError;
+use crate::qcow2::error::MetadataError;
 use crate::qcow2::header::Header;
 use crate::qcow2::storage::Storage;
 

@@ -11,7 +11,7 @@
 //! Extra data (v3 requires at least 16 bytes): `vm_state_size_large` u64, `disk_size` u64,
 //! `icount` u64 (-1 when record/replay was off). Unknown extra data is kept.
 
-use crate::error::MetadataError;
+use crate::qcow2::error::MetadataError;
 
 /// QEMU's limits (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOTS_SIZE`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`).
 pub const MAX_SNAPSHOTS: u32 = 65536;

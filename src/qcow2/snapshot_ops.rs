@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{Error, Result};
+use crate::qcow2::error::{Error, Result};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
 use crate::qcow2::mapping::{

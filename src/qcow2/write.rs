@@ -14,8 +14,8 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::error::{Error, Result};
 use crate::qcow2::cache::CacheKey;
+use crate::qcow2::error::{Error, Result};
 use crate::qcow2::header::{autoclear, incompatible};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};

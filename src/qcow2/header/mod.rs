@@ -270,20 +270,10 @@ impl Header {
         self.cluster_size() / self.subclusters_per_cluster()
     }
 
-    /// Refcount entries per refcount block.
-    pub fn refcount_block_entries(&self) -> u64 {
-        self.cluster_size() * 8 / u64::from(self.refcount_bits())
-    }
-
     /// Number of L1 entries needed to map `size` bytes (QEMU's `size_to_l1`). Needs a valid
     /// `cluster_bits`, as `parse` guarantees.
     pub fn l1_entries_for(&self, size: u64) -> u64 {
         l1_entries_for(size, self.cluster_bits, self.extended_l2())
-    }
-
-    /// The autoclear bits this implementation does not know; a writer must clear them first.
-    pub fn unknown_autoclear(&self) -> u64 {
-        self.autoclear_features & !autoclear::KNOWN
     }
 
     /// The first extension with this magic, if any.
