@@ -10,20 +10,25 @@ use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use crate::qcow2::cache::{ByteLru, CacheKey};
 use crate::qcow2::compress;
 use crate::qcow2::error::{Error, MetadataError, Result};
-use crate::qcow2::header::Header;
+use crate::qcow2::header::{Header, HeaderField};
 use crate::qcow2::l1::L1Table;
-use crate::qcow2::mapping::{self, CompressedCluster, L2Source, L2Table, Mapping};
+use crate::qcow2::l2::{CompressedCluster, L2Table};
+use crate::qcow2::limits::{
+    MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MAX_SNAPSHOT_TABLE_BYTES,
+    MIN_CLUSTER_BITS,
+};
+use crate::qcow2::mapping::{self, L2Source, Mapping};
 use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
 use crate::qcow2::recent_l2;
 use crate::qcow2::snapshot::{self, Snapshot};
 use crate::qcow2::storage::{FileStorage, Storage};
 use crate::qcow2::write::Writer;
 
-/// Bytes read from the start of the file for the header: the largest cluster 0 (2 MiB) plus the
-/// longest backing file name that may start at its end.
-const HEADER_READ_LEN: u64 = (2 << 20) + 1024;
-/// QEMU's `QCOW_MAX_L1_SIZE`: an L1 table larger than 32 MiB is refused.
-const MAX_L1_BYTES: u64 = 32 << 20;
+/// Bytes read from the start of the file for the header of an image of `cluster_bits`: cluster 0
+/// plus room for the longest backing file name, which may start at its end.
+fn header_read_len(cluster_bits: u32) -> u64 {
+    (1 << cluster_bits) + u64::from(MAX_BACKING_FILE_NAME) + 1
+}
 
 /// The caches every image of a mount shares.
 pub struct Caches {
@@ -122,16 +127,17 @@ impl Qcow2Image {
             .len()
             .map_err(|e| io("cannot get the file size", e))?;
         // Cluster 0 and a backing name at its end are all the header can use: read the cluster
-        // size first (bytes 20..24) rather than always the largest cluster.
-        let mut bits = [0u8; 24];
+        // size first rather than always the largest cluster.
+        let mut bits = [0u8; 4];
         storage
-            .read_at(&mut bits, 0)
+            .read_at(&mut bits, HeaderField::ClusterBits.offset())
             .map_err(|e| io("cannot read the header", e))?;
-        let cluster_bits = u32::from_be_bytes([bits[20], bits[21], bits[22], bits[23]]);
-        let header_len = match cluster_bits {
-            9..=21 => (1u64 << cluster_bits) + 1024,
-            _ => HEADER_READ_LEN,
-        };
+        let cluster_bits = u32::from_be_bytes(bits);
+        let header_len = header_read_len(match cluster_bits {
+            MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS => cluster_bits,
+            // Not a valid size: parsing says so, from the most a header can use.
+            _ => MAX_CLUSTER_BITS,
+        });
         let mut start = vec![0u8; file_len.min(header_len) as usize];
         storage
             .read_at(&mut start, 0)
@@ -342,7 +348,7 @@ impl Qcow2Image {
         let limit = self
             .file_len()
             .saturating_sub(offset)
-            .min(snapshot::MAX_TABLE_SIZE);
+            .min(MAX_SNAPSHOT_TABLE_BYTES);
         // Entries are about 100 bytes: start with a generous guess and read more only if the
         // table is longer, rather than everything up to the limit (64 MiB) at every open.
         let mut want = (count as u64 * 256).max(64 << 10).min(limit);

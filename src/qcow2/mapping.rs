@@ -1,14 +1,6 @@
-//! The cluster mapper: guest offset -> where its bytes are.
-//!
-//! An L2 entry (standard, 64 bits) is, from the spec:
-//! - bit 63: COPIED; bit 62: compressed;
-//! - standard cluster: bit 0 "all bits read as zero", bits 9–55 host offset (0 = unallocated);
-//! - compressed cluster: a descriptor of `x = 62 - (cluster_bits - 8)` bits of byte offset and the
-//!   count of additional 512-byte sectors above them.
-//!
-//! With extended L2 entries (128 bits) a second word holds a bitmap for 32 subclusters: bits 0–31
-//! "allocated" (data at host offset + subcluster offset), bits 32–63 "reads as zero"; neither means
-//! the subcluster falls through to the backing file. Bit 0 of the first word is then reserved.
+//! The cluster mapper: guest offset -> where its bytes are, through an L1 table and the L2
+//! tables it names. Entries are decoded by [`L2Entry`] (`l2.rs`), the only code that knows their
+//! bits.
 //!
 //! Hostile entries. An entry that cannot be right makes the mapping of its range fail (the read
 //! gets EIO, the rest of the disk still reads): an L1 or L2 offset that is not cluster-aligned
@@ -18,40 +10,10 @@
 //! without complaint are read the same way: reserved bits are ignored (only `qemu-img check`
 //! flags them), and tables or data past the end of the file read as zeros.
 
-use std::sync::Arc;
-
 use crate::qcow2::error::MetadataError;
 use crate::qcow2::l1::L1Table;
+use crate::qcow2::l2::{CompressedCluster, L2Entry, L2Table, Unit};
 use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
-
-pub const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub const L2_COPIED: u64 = 1 << 63;
-pub const L2_COMPRESSED: u64 = 1 << 62;
-pub const L2_ZERO: u64 = 1;
-
-/// One L2 table, entries decoded to host byte order. Extended L2 tables hold two words per entry.
-pub type L2Table = Arc<[u64]>;
-
-/// Where the data of a compressed cluster lies in the image file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CompressedCluster {
-    /// Byte offset of the compressed stream (not aligned).
-    pub host: HostOffset,
-    /// Bytes to read: `(n + 1) * 512 - (offset & 511)`.
-    pub len: u64,
-}
-
-impl CompressedCluster {
-    pub fn from_entry(entry: u64, geometry: &Geometry) -> Self {
-        let x = geometry.compressed_offset_bits();
-        let offset = entry & ((1u64 << x) - 1);
-        let extra_sectors = (entry & ((1u64 << 62) - 1)) >> x;
-        CompressedCluster {
-            host: HostOffset(offset),
-            len: (extra_sectors + 1) * 512 - (offset & 511),
-        }
-    }
-}
 
 /// What a guest range maps to, for the length `len` starting at the offset asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,16 +65,6 @@ pub trait L2Source {
     fn metadata_error(&self, error: MetadataError) -> crate::qcow2::error::Error;
 }
 
-/// The state of one cluster or subcluster, as an L2 entry describes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unit {
-    /// Data at this host offset (already including the subcluster's offset).
-    Data(HostOffset),
-    Compressed(CompressedCluster),
-    Zero,
-    Unallocated,
-}
-
 /// Maps the guest range starting at `guest`, at most `max_len` bytes, through `l1`.
 ///
 /// Returns the longest prefix of the range that maps the same way: contiguous host data, all zero,
@@ -145,7 +97,7 @@ pub fn map_range(
             run.first.get_or_insert(Unit::Unallocated);
             // Past the last entry the table holds, everything is unallocated: jump to the end
             // rather than step through the (up to 2^55) missing entries one by one.
-            pos = if l1_index >= l1.entries().len() as u64 {
+            pos = if l1_index >= l1.len_present() as u64 {
                 end
             } else {
                 table_end
@@ -227,14 +179,15 @@ fn walk_table(
     let unit_size = geometry.subcluster_size();
     let run_base = run.start.0 - run.start.0 % unit_size;
     while pos < table_end {
-        let unit = match unit_at(geometry, table, GuestOffset(pos)) {
+        let entry = L2Entry::read(table, geometry.l2_index(GuestOffset(pos)), geometry);
+        let unit = match entry.unit_at(geometry, GuestOffset(pos)) {
             Ok(unit) => unit,
             Err(_) if run.first.is_some() => return Ok(Walked::RunEnds(pos)),
             Err(e) => return Err(e),
         };
         // A cluster whose subclusters are all unallocated (or all zero) is stepped over at
         // once: walking a large hole subcluster by subcluster cost 32 steps per cluster.
-        let step = if whole_cluster(geometry, table, GuestOffset(pos), unit) {
+        let step = if entry.is_uniform(geometry, unit) {
             geometry.cluster_size()
         } else {
             unit_size
@@ -273,93 +226,14 @@ fn continues(first: Option<Unit>, next: Unit, distance: u64) -> bool {
     }
 }
 
-/// Whether `unit` (just decoded at `guest`) holds for every subcluster of its cluster: an
-/// extended-L2 entry whose bitmap marks all of them unallocated, or all of them zero. (Without
-/// extended L2 a unit is a whole cluster already.)
-fn whole_cluster(geometry: &Geometry, table: &[u64], guest: GuestOffset, unit: Unit) -> bool {
-    if !geometry.extended_l2 {
-        return false;
-    }
-    let index = geometry.l2_index(guest) * geometry.l2_entry_words();
-    let bitmap = table.get(index + 1).copied().unwrap_or(0);
-    match unit {
-        Unit::Unallocated => bitmap == 0,
-        Unit::Zero => bitmap == ALL_ZERO_BITMAP,
-        Unit::Data(_) | Unit::Compressed(_) => false,
-    }
-}
-
-/// Extended L2 bitmap: every subcluster reads as zero, none allocated.
-const ALL_ZERO_BITMAP: u64 = 0xffff_ffff_0000_0000;
-
-/// Decodes the entry covering `guest` in `table`.
-fn unit_at(geometry: &Geometry, table: &[u64], guest: GuestOffset) -> Result<Unit, MetadataError> {
-    let index = geometry.l2_index(guest);
-    let words = geometry.l2_entry_words();
-    let entry = table.get(index * words).copied().unwrap_or(0);
-    if entry & L2_COMPRESSED != 0 {
-        let cluster = CompressedCluster::from_entry(entry, geometry);
-        // Cluster 0 is the header: compressed data cannot start there (QEMU would feed the header
-        // to the decompressor and fail; saying so is clearer).
-        if cluster.host.0 < geometry.cluster_size() {
-            return Err(MetadataError::PointsAtHeader {
-                table: "L2 (compressed cluster)",
-                index: index as u64,
-                offset: cluster.host.0,
-            });
-        }
-        // The subcluster bitmap of a compressed entry is reserved; QEMU ignores it, and so do we.
-        return Ok(Unit::Compressed(cluster));
-    }
-    let host = entry & L2_OFFSET_MASK;
-    if host != 0 && geometry.in_cluster(host) != 0 {
-        return Err(MetadataError::Unaligned {
-            table: "L2",
-            index: index as u64,
-            offset: host,
-        });
-    }
-    if !geometry.extended_l2 {
-        return Ok(if entry & L2_ZERO != 0 {
-            Unit::Zero
-        } else if host == 0 {
-            Unit::Unallocated
-        } else {
-            Unit::Data(HostOffset(host))
-        });
-    }
-
-    let bitmap = table.get(index * words + 1).copied().unwrap_or(0);
-    let allocated = bitmap & 0xffff_ffff;
-    let zero = bitmap >> 32;
-    if allocated & zero != 0 {
-        return Err(MetadataError::SubclusterAllocatedAndZero {
-            guest: guest.0,
-            subcluster: (allocated & zero).trailing_zeros(),
-            bitmap,
-        });
-    }
-    if host == 0 && allocated != 0 {
-        return Err(MetadataError::SubclusterWithoutCluster {
-            guest: guest.0,
-            bitmap,
-        });
-    }
-    let sub = (geometry.in_cluster(guest.0) >> geometry.subcluster_bits()) as u32;
-    Ok(if zero & (1 << sub) != 0 {
-        Unit::Zero
-    } else if allocated & (1 << sub) != 0 {
-        Unit::Data(HostOffset(
-            host + ((sub as u64) << geometry.subcluster_bits()),
-        ))
-    } else {
-        Unit::Unallocated
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const L2_COPIED: u64 = 1 << 63;
+    const L2_COMPRESSED: u64 = 1 << 62;
+    const L2_ZERO: u64 = 1;
+    const ALL_ZERO_BITMAP: u64 = 0xffff_ffff_0000_0000;
     use std::collections::HashMap;
 
     struct FakeImage {

@@ -8,6 +8,8 @@ pub mod error;
 pub mod header;
 pub mod image;
 pub mod l1;
+pub mod l2;
+pub mod limits;
 pub mod lock;
 pub mod mapping;
 pub mod offsets;

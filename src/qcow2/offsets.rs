@@ -11,9 +11,32 @@ pub struct GuestOffset(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct HostOffset(pub u64);
 
+/// The index of a cluster of the image file (its host offset divided by the cluster size): what
+/// refcounts count and what the overlap checks index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostCluster(pub u64);
+
+impl HostCluster {
+    /// `count` clusters from this one on.
+    pub fn run(self, count: u64) -> impl Iterator<Item = HostCluster> {
+        (self.0..self.0.saturating_add(count)).map(HostCluster)
+    }
+
+    /// The cluster `n` clusters further on.
+    pub fn plus(self, n: u64) -> HostCluster {
+        HostCluster(self.0 + n)
+    }
+}
+
 impl fmt::Display for GuestOffset {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "guest {:#x}", self.0)
+    }
+}
+
+impl fmt::Display for HostCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "host cluster {:#x}", self.0)
     }
 }
 
@@ -85,6 +108,26 @@ impl Geometry {
 
     pub fn in_cluster(&self, offset: u64) -> u64 {
         offset & (self.cluster_size() - 1)
+    }
+
+    /// The host cluster `offset` lies in.
+    pub fn cluster_of(&self, offset: HostOffset) -> HostCluster {
+        HostCluster(offset.0 >> self.cluster_bits)
+    }
+
+    /// Where host cluster `cluster` starts.
+    pub fn offset_of(&self, cluster: HostCluster) -> HostOffset {
+        HostOffset(cluster.0 << self.cluster_bits)
+    }
+
+    /// The host clusters that `len` bytes at `offset` touch (none for `len` 0).
+    pub fn clusters_touched(&self, offset: u64, len: u64) -> impl Iterator<Item = HostCluster> {
+        let first = offset >> self.cluster_bits;
+        let end = match len {
+            0 => first,
+            _ => ((offset + len - 1) >> self.cluster_bits) + 1,
+        };
+        (first..end).map(HostCluster)
     }
 
     /// Number of L1 entries needed for a disk of `size` bytes.

@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 
-use super::mapping::L2Table;
+use super::l2::L2Table;
 
 /// Slots per thread (a power of two): direct-mapped by table, so a lookup is one probe.
 const SLOTS: usize = 64;

@@ -6,6 +6,11 @@
 //! refcount_bits` entries." Entries of 8 bits or more are big-endian; narrower ones are packed into
 //! bytes from the least significant bit up.
 //!
+//! Two kinds of numbers meet here and are kept apart by type: a [`HostCluster`] is what a
+//! refcount counts (an index into the refcount blocks), a [`HostOffset`] is where bytes lie (a
+//! block, the table, an allocated run). Callers speak offsets (they write there); the counting
+//! is done on clusters.
+//!
 //! Every change is written through to the file at once, in an order that makes a crash leave at
 //! most leaked clusters: a refcount is raised on disk before anything points at its cluster, and
 //! lowered only after the last pointer is gone (the callers' job).
@@ -18,10 +23,15 @@
 //! into a free cluster that some existing block can count, or into its own range, where it counts
 //! itself; either way its own refcount is on disk before the table points at it.
 
+use std::collections::HashSet;
+use std::ops::Range;
+
 use lru::LruCache;
 
 use crate::qcow2::error::MetadataError;
-use crate::qcow2::header::Header;
+use crate::qcow2::header::{FieldWrite, Header};
+use crate::qcow2::limits::{MAX_REFTABLE_BYTES, REFTABLE_ENTRY_SIZE};
+use crate::qcow2::offsets::{HostCluster, HostOffset};
 use crate::qcow2::storage::Storage;
 
 mod shadow;
@@ -29,6 +39,21 @@ pub use shadow::{Shadow, ShadowCommit};
 
 /// Bits 9–63 of a refcount table entry: the offset of a refcount block.
 const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+/// The number of references to a host cluster: one per L1 table path that reaches it (QEMU's
+/// rule), 0 for a free cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Refcount(pub u64);
+
+impl Refcount {
+    pub const FREE: Refcount = Refcount(0);
+
+    /// Exactly one reference: what an L1/L2 entry's COPIED flag says, and what allows a write
+    /// in place.
+    pub fn is_sole(self) -> bool {
+        self.0 == 1
+    }
+}
 
 /// Why a refcount operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +66,10 @@ pub enum RefcountError {
     Overflow { offset: u64, max: u64, bits: u32 },
     #[error("refcount of cluster at {offset:#x} would drop below zero")]
     Underflow { offset: u64 },
+    #[error(
+        "the refcount table would need {clusters} clusters, more than QEMU's limit of {max_bytes} bytes"
+    )]
+    TableTooLarge { clusters: u64, max_bytes: u64 },
     /// Internal: a block had to go into a range the refcount table does not reach yet.
     #[error("refcount table too small for range {range}")]
     NeedsGrowth { range: u64 },
@@ -61,24 +90,38 @@ pub struct Refcounts {
     order: u32,
     /// log2 of the entries in one refcount block.
     block_bits: u32,
-    table_offset: u64,
-    /// Refcount table entries (block offsets; 0 = no block).
-    table: Vec<u64>,
-    /// The clusters (indices) that hold refcount blocks, for overlap checks.
-    block_clusters: std::collections::HashSet<u64>,
+    table_offset: HostOffset,
+    /// Refcount table entries, by block index (None = no block: the range is free).
+    table: Vec<Option<HostOffset>>,
+    /// The clusters that hold refcount blocks, for overlap checks.
+    block_clusters: HashSet<HostCluster>,
     /// How many entries the on-disk table has room for.
     table_capacity: u64,
-    blocks: LruCache<u64, Vec<u8>>,
-    /// No free cluster lies below this index.
-    free_hint: u64,
+    /// Refcount blocks by where they lie.
+    blocks: LruCache<HostOffset, Vec<u8>>,
+    /// No free cluster lies below this one.
+    free_hint: HostCluster,
 }
 
-fn io_err(offset: u64) -> impl FnOnce(std::io::Error) -> RefcountError {
-    move |source| RefcountError::Io { offset, source }
+fn io_err(offset: HostOffset) -> impl FnOnce(std::io::Error) -> RefcountError {
+    move |source| RefcountError::Io {
+        offset: offset.0,
+        source,
+    }
 }
 
-fn write_all(storage: &dyn Storage, buf: &[u8], offset: u64) -> Result<()> {
-    storage.write_at(buf, offset).map_err(io_err(offset))
+fn write_all(storage: &dyn Storage, buf: &[u8], offset: HostOffset) -> Result<()> {
+    storage.write_at(buf, offset.0).map_err(io_err(offset))
+}
+
+/// A refcount table as stored: its entries big-endian, then zeros up to `clusters` clusters.
+fn encode_table(table: &[Option<HostOffset>], len: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; len as usize];
+    for (slot, e) in bytes.chunks_exact_mut(8).zip(table) {
+        let raw = e.map_or(0, |o| o.0 & REFTABLE_OFFSET_MASK);
+        slot.copy_from_slice(&raw.to_be_bytes());
+    }
+    bytes
 }
 
 impl Refcounts {
@@ -90,10 +133,12 @@ impl Refcounts {
         cache_blocks: usize,
     ) -> Result<Self> {
         let cluster_size = header.cluster_size();
-        let capacity = header.refcount_table_clusters as u64 * cluster_size / 8;
+        let capacity = header.refcount_table_clusters as u64 * cluster_size / REFTABLE_ENTRY_SIZE;
         let offset = header.refcount_table_offset;
         // Memory follows what the file holds, not what the header claims.
-        let in_file = file_len.saturating_sub(offset).min(capacity * 8);
+        let in_file = file_len
+            .saturating_sub(offset)
+            .min(capacity * REFTABLE_ENTRY_SIZE);
         let mut bytes = vec![0u8; in_file as usize];
         storage
             .read_at(&mut bytes, offset)
@@ -122,18 +167,19 @@ impl Refcounts {
                 }
                 .into());
             }
-            table.push(block);
+            table.push((block != 0).then_some(HostOffset(block)));
         }
         let order = header.refcount_order;
+        let cluster_bits = header.cluster_bits;
         Ok(Refcounts {
-            cluster_bits: header.cluster_bits,
+            cluster_bits,
             order,
-            block_bits: header.cluster_bits + 3 - order,
-            table_offset: offset,
+            block_bits: cluster_bits + 3 - order,
+            table_offset: HostOffset(offset),
             block_clusters: table
                 .iter()
-                .filter(|&&b| b != 0)
-                .map(|b| b >> header.cluster_bits)
+                .flatten()
+                .map(|b| HostCluster(b.0 >> cluster_bits))
                 .collect(),
             table,
             table_capacity: capacity,
@@ -141,12 +187,20 @@ impl Refcounts {
                 std::num::NonZeroUsize::new(cache_blocks.max(4))
                     .unwrap_or(std::num::NonZeroUsize::MIN),
             ),
-            free_hint: 0,
+            free_hint: HostCluster(0),
         })
     }
 
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    fn cluster_of(&self, offset: HostOffset) -> HostCluster {
+        HostCluster(offset.0 >> self.cluster_bits)
+    }
+
+    fn offset_of(&self, cluster: HostCluster) -> HostOffset {
+        HostOffset(cluster.0 << self.cluster_bits)
     }
 
     fn bits(&self) -> u32 {
@@ -161,10 +215,27 @@ impl Refcounts {
         }
     }
 
-    /// What refcount metadata, if any, lives in cluster `cluster` (index): the table or a block.
-    pub fn metadata_at(&self, cluster: u64) -> Option<&'static str> {
-        let first = self.table_offset >> self.cluster_bits;
-        if (first..first + self.table_clusters()).contains(&cluster) {
+    /// `old` changed by `delta`, within 0 ..= the largest refcount; `at` names the cluster in
+    /// the error.
+    fn add_delta(&self, old: u64, delta: i64, at: HostOffset) -> Result<u64> {
+        if delta >= 0 {
+            old.checked_add(delta as u64)
+                .filter(|&v| v <= self.max_refcount())
+                .ok_or(RefcountError::Overflow {
+                    offset: at.0,
+                    max: self.max_refcount(),
+                    bits: self.bits(),
+                })
+        } else {
+            old.checked_sub(delta.unsigned_abs())
+                .ok_or(RefcountError::Underflow { offset: at.0 })
+        }
+    }
+
+    /// What refcount metadata, if any, lives in `cluster`: the table or a block.
+    pub fn metadata_at(&self, cluster: HostCluster) -> Option<&'static str> {
+        let first = self.cluster_of(self.table_offset);
+        if (first.0..first.0 + self.table_clusters()).contains(&cluster.0) {
             return Some("the refcount table");
         }
         self.block_clusters
@@ -172,65 +243,75 @@ impl Refcounts {
             .then_some("a refcount block")
     }
 
-    pub fn table_offset(&self) -> u64 {
+    pub fn table_offset(&self) -> HostOffset {
         self.table_offset
     }
 
     pub fn table_clusters(&self) -> u64 {
-        (self.table_capacity * 8).div_ceil(self.cluster_size())
+        (self.table_capacity * REFTABLE_ENTRY_SIZE).div_ceil(self.cluster_size())
     }
 
-    fn block_of(&self, cluster: u64) -> (usize, usize) {
+    /// The refcount block index of `cluster` and its entry in that block.
+    fn block_of(&self, cluster: HostCluster) -> (usize, usize) {
         (
-            (cluster >> self.block_bits) as usize,
-            (cluster & ((1 << self.block_bits) - 1)) as usize,
+            (cluster.0 >> self.block_bits) as usize,
+            (cluster.0 & ((1 << self.block_bits) - 1)) as usize,
         )
     }
 
-    fn block_entry(&self, index: usize) -> u64 {
-        self.table.get(index).copied().unwrap_or(0)
+    fn block_entry(&self, index: usize) -> Option<HostOffset> {
+        self.table.get(index).copied().flatten()
     }
 
     /// The block at `offset`, loaded into the cache.
-    fn block(&mut self, storage: &dyn Storage, offset: u64) -> Result<&mut Vec<u8>> {
+    fn block(&mut self, storage: &dyn Storage, offset: HostOffset) -> Result<&mut Vec<u8>> {
         if !self.blocks.contains(&offset) {
             let mut data = vec![0u8; self.cluster_size() as usize];
             storage
-                .read_at(&mut data, offset)
+                .read_at(&mut data, offset.0)
                 .map_err(|e| MetadataError::Read {
                     what: "refcount block",
-                    offset,
+                    offset: offset.0,
                     reason: e.to_string(),
                 })?;
             self.blocks.put(offset, data);
         }
         self.blocks
             .get_mut(&offset)
-            .ok_or(RefcountError::Underflow { offset })
+            .ok_or(RefcountError::Underflow { offset: offset.0 })
     }
 
-    /// The refcount of the cluster with index `cluster` (host offset >> cluster_bits).
-    pub fn get(&mut self, storage: &dyn Storage, cluster: u64) -> Result<u64> {
+    /// The refcount of `cluster`.
+    pub fn get(&mut self, storage: &dyn Storage, cluster: HostCluster) -> Result<Refcount> {
         let (b, i) = self.block_of(cluster);
-        let block = self.block_entry(b);
-        if block == 0 {
-            return Ok(0);
-        }
+        let Some(block) = self.block_entry(b) else {
+            return Ok(Refcount::FREE);
+        };
         let order = self.order;
-        Ok(read_entry(self.block(storage, block)?, i, order))
+        Ok(Refcount(read_entry(self.block(storage, block)?, i, order)))
     }
 
-    /// Sets the refcount of `cluster`, creating its refcount block (and growing the table) if
-    /// needed, and writes the change through.
-    fn set(&mut self, storage: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
-        let (b, i) = self.block_of(cluster);
-        self.ensure_block(storage, b)?;
-        let block = self.block_entry(b);
+    /// Sets entry `i` of the (existing) block `block` to `value` and writes the changed bytes.
+    fn write_block_entry(
+        &mut self,
+        storage: &dyn Storage,
+        block: HostOffset,
+        i: usize,
+        value: u64,
+    ) -> Result<()> {
         let order = self.order;
         let data = self.block(storage, block)?;
         let (start, len) = write_entry(data, i, order, value);
         let bytes = data[start..start + len].to_vec();
-        write_all(storage, &bytes, block + start as u64)?;
+        write_all(storage, &bytes, HostOffset(block.0 + start as u64))
+    }
+
+    /// Sets the refcount of `cluster`, creating its refcount block (and growing the table) if
+    /// needed, and writes the change through.
+    fn set(&mut self, storage: &dyn Storage, cluster: HostCluster, value: u64) -> Result<()> {
+        let (b, i) = self.block_of(cluster);
+        let block = self.ensure_block(storage, b)?;
+        self.write_block_entry(storage, block, i, value)?;
         if value == 0 {
             self.free_hint = self.free_hint.min(cluster);
         }
@@ -238,42 +319,41 @@ impl Refcounts {
     }
 
     /// Adds `delta` to the refcount of the cluster at host `offset`; returns the new value.
-    pub fn update(&mut self, storage: &dyn Storage, offset: u64, delta: i64) -> Result<u64> {
-        let cluster = offset >> self.cluster_bits;
+    pub fn update(
+        &mut self,
+        storage: &dyn Storage,
+        offset: HostOffset,
+        delta: i64,
+    ) -> Result<Refcount> {
+        let cluster = self.cluster_of(offset);
         let old = self.get(storage, cluster)?;
-        let new = if delta >= 0 {
-            old.checked_add(delta as u64)
-                .filter(|&v| v <= self.max_refcount())
-                .ok_or(RefcountError::Overflow {
-                    offset,
-                    max: self.max_refcount(),
-                    bits: self.bits(),
-                })?
-        } else {
-            old.checked_sub(delta.unsigned_abs())
-                .ok_or(RefcountError::Underflow { offset })?
-        };
+        let new = self.add_delta(old.0, delta, offset)?;
         self.set(storage, cluster, new)?;
-        Ok(new)
+        Ok(Refcount(new))
     }
 
     /// Whether the cluster may be handed out (refcount 0; a range without a block is free).
-    fn is_free(&mut self, storage: &dyn Storage, cluster: u64) -> Result<bool> {
-        Ok(self.get(storage, cluster)? == 0)
+    fn is_free(&mut self, storage: &dyn Storage, cluster: HostCluster) -> Result<bool> {
+        Ok(self.get(storage, cluster)? == Refcount::FREE)
     }
 
     /// Finds `count` free clusters in a row; returns where the run starts and the first free
     /// cluster seen on the way (everything below it is in use: the next search can start there).
-    fn find_free_run(&mut self, storage: &dyn Storage, count: u64) -> Result<(u64, u64)> {
-        let mut start = self.free_hint.max(1);
+    /// Cluster 0 (the header) is never free.
+    fn find_free_run(
+        &mut self,
+        storage: &dyn Storage,
+        count: u64,
+    ) -> Result<(HostCluster, HostCluster)> {
+        let mut start = self.free_hint.max(HostCluster(1));
         let mut first_free = None;
         let mut cluster = start;
-        while cluster - start < count {
-            if self.is_free(storage, cluster)? {
-                first_free.get_or_insert(cluster);
-                cluster += 1;
+        while cluster.0 - start.0 < count {
+            let free = self.is_free(storage, cluster)?;
+            cluster = cluster.plus(1);
+            if free {
+                first_free.get_or_insert(HostCluster(cluster.0 - 1));
             } else {
-                cluster += 1;
                 start = cluster;
             }
         }
@@ -281,24 +361,26 @@ impl Refcounts {
     }
 
     /// Allocates `count` contiguous clusters with refcount 1; returns the host offset of the first.
-    pub fn allocate(&mut self, storage: &dyn Storage, count: u64) -> Result<u64> {
+    pub fn allocate(&mut self, storage: &dyn Storage, count: u64) -> Result<HostOffset> {
         'search: loop {
             let (first, first_free) = self.find_free_run(storage, count)?;
-            let run = first..first + count;
+            let run = first.0..first.0 + count;
             let last_block = (run.end - 1) >> self.block_bits;
             if last_block >= self.table_capacity {
                 self.grow_table(storage, last_block + 1)?;
                 continue;
             }
             // Blocks for the run's ranges go elsewhere, so the run stays free.
-            for b in (first >> self.block_bits)..=last_block {
-                if self.block_entry(b as usize) == 0 {
+            for b in (first.0 >> self.block_bits)..=last_block {
+                if self.block_entry(b as usize).is_none() {
                     match self.place_block(storage, b as usize, run.clone(), self.table_capacity) {
                         Err(RefcountError::NeedsGrowth { range }) => {
                             self.grow_table(storage, range + 1)?;
                             continue 'search;
                         }
-                        other => other?,
+                        other => {
+                            other?;
+                        }
                     }
                 }
             }
@@ -306,65 +388,72 @@ impl Refcounts {
             self.free_hint = if first_free < first {
                 first_free
             } else {
-                first + count
+                first.plus(count)
             };
-            return Ok(first << self.cluster_bits);
+            return Ok(self.offset_of(first));
         }
     }
 
-    /// Places refcount block `index` in a free cluster outside `exclude`: one that an existing
-    /// block counts, or one in its own range (where the new block counts itself). A wholly free
-    /// range met on the way gets its own block first, so that its clusters can be counted.
+    /// Places refcount block `index` in a free cluster outside `exclude` (cluster indices): one
+    /// that an existing block counts, or one in its own range (where the new block counts
+    /// itself). A wholly free range met on the way gets its own block first, so that its
+    /// clusters can be counted.
     fn place_block(
         &mut self,
         storage: &dyn Storage,
         index: usize,
-        exclude: std::ops::Range<u64>,
+        exclude: Range<u64>,
         disk_capacity: u64,
-    ) -> Result<()> {
-        let mut cluster = self.free_hint.max(1);
+    ) -> Result<HostOffset> {
+        let mut cluster = self.free_hint.max(HostCluster(1));
         loop {
-            if exclude.contains(&cluster) {
-                cluster = exclude.end;
+            if exclude.contains(&cluster.0) {
+                cluster = HostCluster(exclude.end);
                 continue;
             }
-            let range = cluster >> self.block_bits;
+            let range = cluster.0 >> self.block_bits;
             if range >= self.table_capacity {
                 return Err(RefcountError::NeedsGrowth { range });
             }
-            if self.block_entry(range as usize) != 0 {
-                if self.get(storage, cluster)? == 0 {
+            if self.block_entry(range as usize).is_some() {
+                if self.is_free(storage, cluster)? {
                     return self.create_block(storage, index, cluster, disk_capacity);
                 }
-                cluster += 1;
+                cluster = cluster.plus(1);
             } else if range as usize == index {
                 return self.create_block(storage, index, cluster, disk_capacity);
             } else {
                 self.create_block(storage, range as usize, cluster, disk_capacity)?;
-                cluster += 1;
+                cluster = cluster.plus(1);
             }
         }
     }
 
     /// Sets the refcounts of `count` clusters from `first` to `value`, one write per block.
-    fn set_run(&mut self, storage: &dyn Storage, first: u64, count: u64, value: u64) -> Result<()> {
+    fn set_run(
+        &mut self,
+        storage: &dyn Storage,
+        first: HostCluster,
+        count: u64,
+        value: u64,
+    ) -> Result<()> {
         let order = self.order;
+        let end = first.0 + count;
         let mut cluster = first;
-        while cluster < first + count {
+        while cluster.0 < end {
             let (b, i) = self.block_of(cluster);
-            self.ensure_block(storage, b)?;
-            let in_block = ((1u64 << self.block_bits) - i as u64).min(first + count - cluster);
-            let block = self.block_entry(b);
+            let block = self.ensure_block(storage, b)?;
+            let in_block = ((1u64 << self.block_bits) - i as u64).min(end - cluster.0);
             let data = self.block(storage, block)?;
             let (start, _) = write_entry(data, i, order, value);
-            let mut end = start;
+            let mut stop = start;
             for n in 0..in_block as usize {
                 let (s, len) = write_entry(data, i + n, order, value);
-                end = end.max(s + len);
+                stop = stop.max(s + len);
             }
-            let bytes = data[start..end].to_vec();
-            write_all(storage, &bytes, block + start as u64)?;
-            cluster += in_block;
+            let bytes = data[start..stop].to_vec();
+            write_all(storage, &bytes, HostOffset(block.0 + start as u64))?;
+            cluster = cluster.plus(in_block);
         }
         if value == 0 {
             self.free_hint = self.free_hint.min(first);
@@ -373,21 +462,22 @@ impl Refcounts {
     }
 
     /// Drops one reference to each of `count` clusters from host `offset`.
-    pub fn free(&mut self, storage: &dyn Storage, offset: u64, count: u64) -> Result<()> {
-        for n in 0..count {
-            self.update(storage, offset + (n << self.cluster_bits), -1)?;
+    pub fn free(&mut self, storage: &dyn Storage, offset: HostOffset, count: u64) -> Result<()> {
+        for cluster in self.cluster_of(offset).run(count) {
+            let at = self.offset_of(cluster);
+            self.update(storage, at, -1)?;
         }
         Ok(())
     }
 
-    /// Creates refcount block `index` if it does not exist.
-    fn ensure_block(&mut self, storage: &dyn Storage, index: usize) -> Result<()> {
+    /// Refcount block `index`, created if it does not exist.
+    fn ensure_block(&mut self, storage: &dyn Storage, index: usize) -> Result<HostOffset> {
         loop {
             if index as u64 >= self.table_capacity {
                 self.grow_table(storage, index as u64 + 1)?;
             }
-            if self.block_entry(index) != 0 {
-                return Ok(());
+            if let Some(block) = self.block_entry(index) {
+                return Ok(block);
             }
             match self.place_block(storage, index, 0..0, self.table_capacity) {
                 Err(RefcountError::NeedsGrowth { range }) => self.grow_table(storage, range + 1)?,
@@ -397,9 +487,9 @@ impl Refcounts {
     }
 
     /// Moves the refcount table to a larger place holding at least `min_entries` entries:
-    /// write the new table, switch the header to it in one write, then free the old one.
+    /// write the new table, flush, switch the header to it in one write, then free the old one.
     fn grow_table(&mut self, storage: &dyn Storage, min_entries: u64) -> Result<()> {
-        let per_cluster = self.cluster_size() / 8;
+        let per_cluster = self.cluster_size() / REFTABLE_ENTRY_SIZE;
         let mut entries = min_entries
             .max(self.table_capacity * 2)
             .max(per_cluster)
@@ -409,8 +499,16 @@ impl Refcounts {
         let old_capacity = self.table_capacity;
         let (first, clusters) = 'place: loop {
             let clusters = entries / per_cluster;
+            // QEMU refuses to open an image whose refcount table is larger (so it always fits
+            // the header's 32-bit field). Checked before anything changes.
+            if clusters << self.cluster_bits > MAX_REFTABLE_BYTES {
+                return Err(RefcountError::TableTooLarge {
+                    clusters,
+                    max_bytes: MAX_REFTABLE_BYTES,
+                });
+            }
             let (first, _) = self.find_free_run(storage, clusters)?;
-            let run = first..first + clusters;
+            let run = first.0..first.0 + clusters;
             let last_block = (run.end - 1) >> self.block_bits;
             if last_block + 2 > entries {
                 entries = (last_block + 2).next_multiple_of(per_cluster);
@@ -419,57 +517,59 @@ impl Refcounts {
             // New blocks are entered in the new table only (the old on-disk table keeps its
             // size); the blocks the new table's own clusters need are created now.
             self.table_capacity = entries;
-            for b in (first >> self.block_bits)..=last_block {
-                if self.block_entry(b as usize) == 0 {
+            for b in (first.0 >> self.block_bits)..=last_block {
+                if self.block_entry(b as usize).is_none() {
                     match self.place_block(storage, b as usize, run.clone(), old_capacity) {
                         Err(RefcountError::NeedsGrowth { range }) => {
                             entries = (range + 2).next_multiple_of(per_cluster).max(entries * 2);
                             continue 'place;
                         }
-                        other => other?,
+                        other => {
+                            other?;
+                        }
                     }
                 }
             }
             break (first, clusters);
         };
-        for cluster in first..first + clusters {
+        // The new table's own refcounts, before anything points at it.
+        for cluster in first.run(clusters) {
             let (b, i) = self.block_of(cluster);
-            let block = self.block_entry(b);
-            let order = self.order;
-            let data = self.block(storage, block)?;
-            let (start, len) = write_entry(data, i, order, 1);
-            let bytes = data[start..start + len].to_vec();
-            write_all(storage, &bytes, block + start as u64)?;
+            let block = self
+                .block_entry(b)
+                .ok_or(RefcountError::NeedsGrowth { range: b as u64 })?;
+            self.write_block_entry(storage, block, i, 1)?;
         }
-        let new_offset = first << self.cluster_bits;
-        let mut bytes = vec![0u8; (self.table_capacity * 8) as usize];
-        for (i, e) in self.table.iter().enumerate() {
-            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
+        let new_offset = self.offset_of(first);
+        let bytes = encode_table(&self.table, self.table_capacity * REFTABLE_ENTRY_SIZE);
         write_all(storage, &bytes, new_offset)?;
+        // The table is on disk before the header names it.
         storage.flush().map_err(io_err(new_offset))?;
-        // The switch: refcount_table_offset (48) and refcount_table_clusters (56) in one write.
-        let mut header = [0u8; 12];
-        header[..8].copy_from_slice(&new_offset.to_be_bytes());
-        header[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
-        write_all(storage, &header, 48)?;
+        // The switch: the table's offset and size in one write.
+        let (at, header) = FieldWrite::RefcountTable {
+            offset: new_offset.0,
+            // At most MAX_REFTABLE_BYTES of clusters, checked above.
+            clusters: clusters as u32,
+        }
+        .encode();
+        write_all(storage, &header, HostOffset(at))?;
         self.table_offset = new_offset;
-        self.free_hint = self.free_hint.min(old_offset >> self.cluster_bits);
+        self.free_hint = self.free_hint.min(self.cluster_of(old_offset));
         self.free(storage, old_offset, old_clusters)
     }
 
-    /// Creates block `index` in cluster `at` (free). Its own refcount goes into itself when `at`
-    /// lies in its range, else into the existing block of `at`'s range; then the table entry
-    /// points at it — written to the on-disk table only where that table has room
-    /// (`disk_capacity`: a table being replaced keeps its size).
+    /// Creates block `index` in cluster `at` (free); returns where it is. Its own refcount goes
+    /// into itself when `at` lies in its range, else into the existing block of `at`'s range;
+    /// then the table entry points at it — written to the on-disk table only where that table
+    /// has room (`disk_capacity`: a table being replaced keeps its size).
     fn create_block(
         &mut self,
         storage: &dyn Storage,
         index: usize,
-        at: u64,
+        at: HostCluster,
         disk_capacity: u64,
-    ) -> Result<()> {
-        let offset = at << self.cluster_bits;
+    ) -> Result<HostOffset> {
+        let offset = self.offset_of(at);
         let (range, entry) = self.block_of(at);
         let mut data = vec![0u8; self.cluster_size() as usize];
         if range == index {
@@ -477,27 +577,25 @@ impl Refcounts {
         }
         write_all(storage, &data, offset)?;
         if range != index {
-            let counting = self.block_entry(range);
-            let order = self.order;
-            let block = self.block(storage, counting)?;
-            let (start, len) = write_entry(block, entry, order, 1);
-            let bytes = block[start..start + len].to_vec();
-            write_all(storage, &bytes, counting + start as u64)?;
+            let counting = self.block_entry(range).ok_or(RefcountError::NeedsGrowth {
+                range: range as u64,
+            })?;
+            self.write_block_entry(storage, counting, entry, 1)?;
         }
         if self.table.len() <= index {
-            self.table.resize(index + 1, 0);
+            self.table.resize(index + 1, None);
         }
-        self.table[index] = offset;
+        self.table[index] = Some(offset);
         self.block_clusters.insert(at);
         if (index as u64) < disk_capacity {
             write_all(
                 storage,
-                &offset.to_be_bytes(),
-                self.table_offset + index as u64 * 8,
+                &offset.0.to_be_bytes(),
+                HostOffset(self.table_offset.0 + index as u64 * REFTABLE_ENTRY_SIZE),
             )?;
         }
         self.blocks.put(offset, data);
-        Ok(())
+        Ok(offset)
     }
 }
 

@@ -12,16 +12,13 @@
 //! `icount` u64 (-1 when record/replay was off). Unknown extra data is kept.
 
 use crate::qcow2::error::MetadataError;
+use crate::qcow2::limits::{
+    MAX_L1_BYTES, MAX_L1_ENTRIES, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES, MAX_SNAPSHOTS,
+    MIN_CLUSTER_BITS,
+};
 
-/// QEMU's limits (`QCOW_MAX_SNAPSHOTS`, `QCOW_MAX_SNAPSHOTS_SIZE`, `QCOW_MAX_SNAPSHOT_EXTRA_DATA`).
-pub const MAX_SNAPSHOTS: u32 = 65536;
-pub const MAX_TABLE_SIZE: u64 = 64 << 20;
-pub const MAX_EXTRA_DATA: u32 = 1024;
-/// QEMU's `QCOW_MAX_L1_SIZE` (32 MiB) in entries: a snapshot L1 table larger than this is refused
-/// ("Snapshot L1 table too large").
-pub const MAX_L1_ENTRIES: u32 = (32 << 20) / 8;
 /// The smallest cluster size: every L1 table offset is a multiple of it, whatever the cluster size.
-const MIN_CLUSTER_SIZE: u64 = 512;
+const MIN_CLUSTER_SIZE: u64 = 1 << MIN_CLUSTER_BITS;
 const FIXED_LEN: usize = 40;
 
 /// One internal snapshot.
@@ -96,7 +93,7 @@ fn be_u64(b: &[u8], at: usize) -> u64 {
 
 /// Parses `count` entries from `table`, the bytes read at the snapshot table offset.
 ///
-/// `table` holds what the file has there (at most [`MAX_TABLE_SIZE`]); an entry that runs past it
+/// `table` holds what the file has there (at most [`MAX_SNAPSHOT_TABLE_BYTES`]); an entry that runs past it
 /// is an error, as is an entry whose fields are out of range:
 /// - `extra_data_size` above 1024 (QEMU stops the open too);
 /// - an L1 table that cannot be one whatever the cluster size: `l1_size` above QEMU's 32 MiB limit,
@@ -128,9 +125,9 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataEr
         let id_len = be_u16(fixed, 12) as usize;
         let name_len = be_u16(fixed, 14) as usize;
         let extra_len = be_u32(fixed, 36);
-        if extra_len > MAX_EXTRA_DATA {
+        if extra_len > MAX_SNAPSHOT_EXTRA_DATA {
             return Err(err(format!(
-                "extra_data_size {extra_len} exceeds the maximum of {MAX_EXTRA_DATA}"
+                "extra_data_size {extra_len} exceeds the maximum of {MAX_SNAPSHOT_EXTRA_DATA}"
             )));
         }
         let extra_len = extra_len as usize;
@@ -173,9 +170,9 @@ pub fn parse_table(table: &[u8], count: u32) -> Result<Vec<Snapshot>, MetadataEr
             extra,
         });
         pos = body_end.next_multiple_of(8);
-        if pos as u64 > MAX_TABLE_SIZE {
+        if pos as u64 > MAX_SNAPSHOT_TABLE_BYTES {
             return Err(err(format!(
-                "the table exceeds the maximum size of {MAX_TABLE_SIZE} bytes"
+                "the table exceeds the maximum size of {MAX_SNAPSHOT_TABLE_BYTES} bytes"
             )));
         }
     }
@@ -202,7 +199,8 @@ pub fn table_len(table: &[u8], count: u32) -> Option<usize> {
 fn check_l1(offset: u64, l1_size: u32) -> Result<(), String> {
     if l1_size > MAX_L1_ENTRIES {
         return Err(format!(
-            "l1_size {l1_size} exceeds the maximum of {MAX_L1_ENTRIES} entries (32 MiB)"
+            "l1_size {l1_size} exceeds the maximum of {MAX_L1_ENTRIES} entries ({} MiB)",
+            MAX_L1_BYTES >> 20
         ));
     }
     if offset % MIN_CLUSTER_SIZE != 0 {

@@ -23,35 +23,37 @@ use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::qcow2::error::{Error, Result};
+use crate::qcow2::header::FieldWrite;
 use crate::qcow2::image::Qcow2Image;
-use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
-use crate::qcow2::mapping::{
-    CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2Source, L2Table,
-};
-use crate::qcow2::offsets::HostOffset;
+use crate::qcow2::l1::{L1Entry, L1Table};
+use crate::qcow2::l2::{L2Entry, L2Table};
+use crate::qcow2::limits::{L1_ENTRY_SIZE, MAX_L1_BYTES, MAX_SNAPSHOTS};
+use crate::qcow2::mapping::L2Source;
+use crate::qcow2::offsets::{HostCluster, HostOffset};
 use crate::qcow2::refcount::{Shadow, ShadowCommit};
-use crate::qcow2::snapshot::{self, MAX_SNAPSHOTS, Snapshot};
+use crate::qcow2::snapshot::{self, Snapshot};
 use crate::qcow2::write::{MetadataKind, Writer};
 
-/// Net reference changes by host offset. Applied at once, so that a cluster that gains and loses
-/// a reference in the same operation never passes through an out-of-range count.
-type Deltas = BTreeMap<u64, i64>;
+/// Net reference changes by host cluster (named by its offset). Applied at once, so that a
+/// cluster that gains and loses a reference in the same operation never passes through an
+/// out-of-range count.
+type Deltas = BTreeMap<HostOffset, i64>;
 
-/// The largest L1 table written (as when the disk grows).
-const MAX_L1_BYTES: u64 = 32 << 20;
+/// The L2 tables of an L1 table, by index (None where it has none).
+type TableOffsets = Vec<Option<HostOffset>>;
 
 /// What an operation switches the image to.
 struct NewState {
     size: u64,
     l1_offset: u64,
     l1_declared: u64,
-    l1_entries: Vec<u64>,
+    l1_entries: Vec<L1Entry>,
     /// Where the snapshot table is (0 when there is none) and how many bytes it takes.
     snapshots_offset: u64,
     snapshots_len: u64,
     snapshots: Arc<Vec<Snapshot>>,
     /// L2 tables written for the active state, to hand to readers.
-    copies: Vec<(u64, L2Table)>,
+    copies: Vec<(HostOffset, L2Table)>,
 }
 
 impl Qcow2Image {
@@ -70,7 +72,7 @@ impl Qcow2Image {
                 metadata,
                 ..
             } = &mut *w;
-            let is_metadata = |cluster: u64| metadata.contains_key(&cluster);
+            let is_metadata = |cluster: HostCluster| metadata.contains_key(&cluster);
             let mut tx = Shadow::new(refcounts, self.storage.as_ref(), &is_metadata);
             build(&mut tx).and_then(|(state, out)| {
                 let commit = tx.finish().map_err(self.refcount_err())?;
@@ -112,23 +114,25 @@ impl Qcow2Image {
 
     /// The one header write that switches from the old state to the new one.
     fn write_switch(&self, state: &NewState, commit: &ShadowCommit) -> Result<()> {
-        let (reftable_offset, reftable_clusters) = commit.table_location();
-        let mut fields = [0u8; 48];
-        fields[0..8].copy_from_slice(&state.size.to_be_bytes());
-        fields[8..12].copy_from_slice(&self.header.crypt_method.to_be_bytes());
-        fields[12..16].copy_from_slice(&(state.l1_declared as u32).to_be_bytes());
-        fields[16..24].copy_from_slice(&state.l1_offset.to_be_bytes());
-        fields[24..32].copy_from_slice(&reftable_offset.to_be_bytes());
-        fields[32..36].copy_from_slice(&reftable_clusters.to_be_bytes());
-        fields[36..40].copy_from_slice(&(state.snapshots.len() as u32).to_be_bytes());
-        fields[40..48].copy_from_slice(&state.snapshots_offset.to_be_bytes());
-        self.write_file(&fields, 24, "header (switch to the new state)")
+        let (refcount_table_offset, refcount_table_clusters) = commit.table_location();
+        // Both counts are bounded by the format's limits (32 MiB of L1, 65536 snapshots).
+        let fields = FieldWrite::State {
+            size: state.size,
+            crypt_method: self.header.crypt_method,
+            l1_entries: state.l1_declared as u32,
+            l1_offset: state.l1_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            snapshots: state.snapshots.len() as u32,
+            snapshots_offset: state.snapshots_offset,
+        };
+        self.write_header(fields, "header (switch to the new state)")
     }
 
     /// Makes the switched-in state the one that reads and writes use.
     fn install(&self, w: &mut Writer, state: NewState, commit: &ShadowCommit) {
-        let bits = self.geometry.cluster_bits;
-        let cs = self.geometry.cluster_size();
+        let g = self.geometry;
+        let cs = g.cluster_size();
         // Clusters the old state used are free now: no read of the old mapping may still run
         // when they are handed out again.
         let _quiet = self.reclaim.write();
@@ -143,30 +147,28 @@ impl Qcow2Image {
             )
         });
         let clusters = |len: u64| len.div_ceil(cs);
+        let at = |offset: u64| g.cluster_of(HostOffset(offset));
         w.add_metadata(
-            state.l1_offset,
-            clusters(state.l1_declared * 8),
-            bits,
+            at(state.l1_offset),
+            clusters(state.l1_declared * L1_ENTRY_SIZE),
             MetadataKind::ActiveL1,
         );
         if state.snapshots_len > 0 {
             w.add_metadata(
-                state.snapshots_offset,
+                at(state.snapshots_offset),
                 clusters(state.snapshots_len),
-                bits,
                 MetadataKind::SnapshotTable,
             );
         }
         for s in state.snapshots.iter() {
             w.add_metadata(
-                s.l1_table_offset,
-                clusters(s.l1_size as u64 * 8),
-                bits,
+                at(s.l1_table_offset),
+                clusters(u64::from(s.l1_size) * L1_ENTRY_SIZE),
                 MetadataKind::SnapshotL1,
             );
         }
-        let table = L1Table::new(state.l1_entries, state.l1_declared);
-        w.reindex_active_l2(&table, bits);
+        let table = L1Table::from_entries(state.l1_entries, state.l1_declared);
+        w.reindex_active_l2(&table, &g);
         w.l1_offset = state.l1_offset;
         w.snapshot_table = (state.snapshots_offset, state.snapshots_len);
         *self.active_l1.write() = Arc::new(table);
@@ -176,36 +178,24 @@ impl Qcow2Image {
 
     /// The host clusters an L2 table's entries reference, once per entry: data clusters
     /// (preallocated zero ones too), and for compressed data every host cluster its bytes touch.
-    fn referenced_clusters(&self, table: &[u64]) -> Vec<u64> {
-        let bits = self.geometry.cluster_bits;
-        let mut clusters = Vec::new();
-        for e in (0..table.len()).step_by(self.geometry.l2_entry_words()) {
-            let l2 = table[e];
-            if l2 & L2_COMPRESSED != 0 {
-                let c = CompressedCluster::from_entry(l2, &self.geometry);
-                if c.len == 0 {
-                    continue;
-                }
-                for cluster in (c.host.0 >> bits)..=((c.host.0 + c.len - 1) >> bits) {
-                    clusters.push(cluster << bits);
-                }
-            } else if l2 & L2_OFFSET_MASK != 0 {
-                clusters.push(l2 & L2_OFFSET_MASK);
-            }
-        }
-        clusters
+    fn referenced_clusters(&self, table: &[u64]) -> Vec<HostOffset> {
+        let g = &self.geometry;
+        let entries = table.len() / g.l2_entry_words();
+        (0..entries)
+            .filter_map(|i| L2Entry::read(table, i, g).reference(g))
+            .flat_map(|r| r.clusters(g))
+            .collect()
     }
 
     /// Adds `delta` references along every path from the L1 table `l1`: to each L2 table and to
     /// each cluster the tables reference.
-    fn add_paths(&self, deltas: &mut Deltas, l1: &[u64], delta: i64) -> Result<()> {
-        for (i, &entry) in l1.iter().enumerate() {
-            let l2_offset = entry & L1_OFFSET_MASK;
-            if l2_offset == 0 {
+    fn add_paths(&self, deltas: &mut Deltas, l1: &L1Table, delta: i64) -> Result<()> {
+        for (i, entry) in l1.iter().enumerate() {
+            let Some(l2_offset) = entry.l2_offset() else {
                 continue;
-            }
+            };
             *deltas.entry(l2_offset).or_default() += delta;
-            let table = self.l2_table(i as u64, HostOffset(l2_offset))?;
+            let table = self.l2_table(i as u64, l2_offset)?;
             for cluster in self.referenced_clusters(&table) {
                 *deltas.entry(cluster).or_default() += delta;
             }
@@ -224,12 +214,10 @@ impl Qcow2Image {
 
     /// Drops the reference of each cluster that `len` bytes at `offset` touch.
     fn release_range(&self, tx: &mut Shadow, offset: u64, len: u64) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let bits = self.geometry.cluster_bits;
-        for cluster in (offset >> bits)..=((offset + len - 1) >> bits) {
-            tx.add(cluster << bits, -1).map_err(self.refcount_err())?;
+        let g = &self.geometry;
+        for cluster in g.clusters_touched(offset, len) {
+            tx.add(g.offset_of(cluster), -1)
+                .map_err(self.refcount_err())?;
         }
         Ok(())
     }
@@ -240,30 +228,26 @@ impl Qcow2Image {
     fn settle_active_tables(
         &self,
         tx: &mut Shadow,
-        offsets: &mut [u64],
-    ) -> Result<Vec<(u64, L2Table)>> {
-        let words_per_entry = self.geometry.l2_entry_words();
+        offsets: &mut TableOffsets,
+    ) -> Result<Vec<(HostOffset, L2Table)>> {
+        let g = &self.geometry;
         let mut copies = Vec::new();
-        for (i, offset) in offsets.iter_mut().enumerate() {
-            if *offset == 0 {
+        for (i, slot) in offsets.iter_mut().enumerate() {
+            let Some(offset) = *slot else {
                 continue;
-            }
-            let table = self.l2_table(i as u64, HostOffset(*offset))?;
+            };
+            let table = self.l2_table(i as u64, offset)?;
             let mut words = table.to_vec();
             let mut changed = false;
-            for e in (0..words.len()).step_by(words_per_entry) {
-                let l2 = words[e];
-                if l2 & L2_COMPRESSED != 0 || l2 & L2_OFFSET_MASK == 0 {
+            for e in 0..words.len() / g.l2_entry_words() {
+                let entry = L2Entry::read(&words, e, g);
+                let Some(host) = entry.host() else {
                     continue;
-                }
-                let sole = tx.get(l2 & L2_OFFSET_MASK).map_err(self.refcount_err())? == 1;
-                let fixed = if sole {
-                    l2 | L2_COPIED
-                } else {
-                    l2 & !L2_COPIED
                 };
-                if fixed != l2 {
-                    words[e] = fixed;
+                let sole = tx.get(host).map_err(self.refcount_err())?.is_sole();
+                let fixed = entry.with_copied(sole);
+                if fixed != entry {
+                    fixed.store(&mut words, e, g);
                     changed = true;
                 }
             }
@@ -272,25 +256,29 @@ impl Qcow2Image {
             }
             let copy = tx.allocate(1).map_err(self.refcount_err())?;
             let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
-            self.write_file(&bytes, copy, "L2 table copy")?;
+            self.write_file(&bytes, copy.0, "L2 table copy")?;
             // The active path moves from the table to its copy; the data keeps its count.
-            tx.add(*offset, -1).map_err(self.refcount_err())?;
+            tx.add(offset, -1).map_err(self.refcount_err())?;
             copies.push((copy, Arc::from(words)));
-            *offset = copy;
+            *slot = Some(copy);
         }
         Ok(copies)
     }
 
     /// L1 entries for `offsets`, COPIED where the new refcount of the table is 1.
-    fn with_copied_flags(&self, tx: &mut Shadow, offsets: &[u64]) -> Result<Vec<u64>> {
+    fn with_copied_flags(
+        &self,
+        tx: &mut Shadow,
+        offsets: &[Option<HostOffset>],
+    ) -> Result<Vec<L1Entry>> {
         offsets
             .iter()
             .map(|&offset| {
-                if offset == 0 {
-                    return Ok(0);
-                }
-                let sole = tx.get(offset).map_err(self.refcount_err())? == 1;
-                Ok(if sole { offset | COPIED } else { offset })
+                let Some(offset) = offset else {
+                    return Ok(L1Entry::UNALLOCATED);
+                };
+                let sole = tx.get(offset).map_err(self.refcount_err())?.is_sole();
+                Ok(L1Entry::new(offset, sole))
             })
             .collect()
     }
@@ -299,26 +287,27 @@ impl Qcow2Image {
     fn write_new_l1(
         &self,
         tx: &mut Shadow,
-        entries: &[u64],
+        entries: &[L1Entry],
         declared: u64,
         what: &str,
     ) -> Result<u64> {
         let cs = self.geometry.cluster_size();
-        let bytes_len = declared * 8;
+        let bytes_len = declared * L1_ENTRY_SIZE;
         if bytes_len > MAX_L1_BYTES {
             return Err(Error::Invalid {
                 path: self.path.clone(),
-                reason: format!("{declared} L1 entries need a table larger than 32 MiB"),
+                reason: format!(
+                    "{declared} L1 entries need a table larger than {} MiB",
+                    MAX_L1_BYTES >> 20
+                ),
             });
         }
         let clusters = bytes_len.div_ceil(cs).max(1);
         let offset = tx.allocate(clusters).map_err(self.refcount_err())?;
-        let mut bytes = vec![0u8; (clusters * cs) as usize];
-        for (i, e) in entries.iter().enumerate().take(declared as usize) {
-            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
-        self.write_file(&bytes, offset, what)?;
-        Ok(offset)
+        let table =
+            L1Table::from_entries(entries.iter().copied().take(declared as usize), declared);
+        self.write_file(&table.to_be_bytes((clusters * cs) as usize), offset.0, what)?;
+        Ok(offset.0)
     }
 
     /// Writes a snapshot table into new clusters; returns where and its length (0, 0 if empty).
@@ -332,8 +321,8 @@ impl Qcow2Image {
         let clusters = len.div_ceil(cs);
         let offset = tx.allocate(clusters).map_err(self.refcount_err())?;
         bytes.resize((clusters * cs) as usize, 0);
-        self.write_file(&bytes, offset, "snapshot table")?;
-        Ok((offset, len))
+        self.write_file(&bytes, offset.0, "snapshot table")?;
+        Ok((offset.0, len))
     }
 
     /// Where the active L1 table goes: it stays where it is if its entries do not change, else
@@ -341,14 +330,17 @@ impl Qcow2Image {
     fn replace_active_l1(
         &self,
         tx: &mut Shadow,
-        (old_offset, old_entries): (u64, &[u64]),
-        entries: &[u64],
+        (old_offset, old): (u64, &L1Table),
+        entries: &[L1Entry],
         declared: u64,
     ) -> Result<u64> {
-        if entries == old_entries {
+        if old
+            .iter()
+            .eq(L1Table::from_entries(entries.iter().copied(), declared).iter())
+        {
             return Ok(old_offset);
         }
-        self.release_range(tx, old_offset, declared * 8)?;
+        self.release_range(tx, old_offset, declared * L1_ENTRY_SIZE)?;
         self.write_new_l1(tx, entries, declared, "active L1 table")
     }
 
@@ -364,8 +356,8 @@ impl Qcow2Image {
     }
 
     /// The L2 table offsets of an L1 table's entries.
-    fn table_offsets(entries: &[u64]) -> Vec<u64> {
-        entries.iter().map(|e| e & L1_OFFSET_MASK).collect()
+    fn table_offsets(l1: &L1Table) -> TableOffsets {
+        l1.iter().map(L1Entry::l2_offset).collect()
     }
 
     /// Creates an internal snapshot of the active state named `name`; returns it.
@@ -412,16 +404,18 @@ impl Qcow2Image {
             // The snapshot's paths: one more reference to every table and cluster (with 1-bit
             // refcounts this fails here, before anything is written).
             let mut deltas = Deltas::new();
-            self.add_paths(&mut deltas, l1.entries(), 1)?;
+            self.add_paths(&mut deltas, &l1, 1)?;
             self.apply_deltas(tx, deltas)?;
             // Everything is shared now, so COPIED goes: tables that carry it are copied ...
-            let original = Self::table_offsets(l1.entries());
+            let original = Self::table_offsets(&l1);
             let mut offsets = original.clone();
             let copies = self.settle_active_tables(tx, &mut offsets)?;
             // ... and the snapshot takes the copies too, sharing them with the active state as
             // it would have shared the originals.
-            for (&old, &new) in original.iter().zip(&offsets) {
-                if old != new {
+            for (old, new) in original.iter().zip(&offsets) {
+                if let (Some(old), Some(new)) = (*old, *new)
+                    && old != new
+                {
                     tx.add(new, 1).map_err(self.refcount_err())?;
                     tx.add(old, -1).map_err(self.refcount_err())?;
                 }
@@ -429,8 +423,7 @@ impl Qcow2Image {
             let entries = self.with_copied_flags(tx, &offsets)?;
             snap.l1_table_offset =
                 self.write_new_l1(tx, &entries, declared, "snapshot L1 table")?;
-            let l1_offset =
-                self.replace_active_l1(tx, (old_l1_offset, l1.entries()), &entries, declared)?;
+            let l1_offset = self.replace_active_l1(tx, (old_l1_offset, &l1), &entries, declared)?;
             let mut table = existing.as_ref().clone();
             table.push(snap.clone());
             let (snapshots_offset, snapshots_len) =
@@ -465,11 +458,11 @@ impl Qcow2Image {
         let declared = old.declared_len().max(needed);
         self.transact(&mut w, |tx| {
             let mut deltas = Deltas::new();
-            self.add_paths(&mut deltas, sn_l1.entries(), 1)?;
-            self.add_paths(&mut deltas, old.entries(), -1)?;
+            self.add_paths(&mut deltas, &sn_l1, 1)?;
+            self.add_paths(&mut deltas, &old, -1)?;
             self.apply_deltas(tx, deltas)?;
-            self.release_range(tx, old_l1_offset, old.declared_len() * 8)?;
-            let mut offsets = Self::table_offsets(sn_l1.entries());
+            self.release_range(tx, old_l1_offset, old.declared_len() * L1_ENTRY_SIZE)?;
+            let mut offsets = Self::table_offsets(&sn_l1);
             offsets.truncate(declared as usize);
             let copies = self.settle_active_tables(tx, &mut offsets)?;
             let entries = self.with_copied_flags(tx, &offsets)?;
@@ -505,15 +498,18 @@ impl Qcow2Image {
         let size = self.virtual_size();
         self.transact(&mut w, |tx| {
             let mut deltas = Deltas::new();
-            self.add_paths(&mut deltas, sn_l1.entries(), -1)?;
+            self.add_paths(&mut deltas, &sn_l1, -1)?;
             self.apply_deltas(tx, deltas)?;
-            self.release_range(tx, snap.l1_table_offset, snap.l1_size as u64 * 8)?;
+            self.release_range(
+                tx,
+                snap.l1_table_offset,
+                u64::from(snap.l1_size) * L1_ENTRY_SIZE,
+            )?;
             // What the snapshot shared with the active state may be the active state's alone now.
-            let mut offsets = Self::table_offsets(l1.entries());
+            let mut offsets = Self::table_offsets(&l1);
             let copies = self.settle_active_tables(tx, &mut offsets)?;
             let entries = self.with_copied_flags(tx, &offsets)?;
-            let l1_offset =
-                self.replace_active_l1(tx, (old_l1_offset, l1.entries()), &entries, declared)?;
+            let l1_offset = self.replace_active_l1(tx, (old_l1_offset, &l1), &entries, declared)?;
             let (snapshots_offset, snapshots_len) =
                 self.replace_snapshot_table(tx, old_table, &table)?;
             let state = NewState {
@@ -553,9 +549,9 @@ impl Qcow2Image {
         let size = self.virtual_size();
         self.transact(w, |tx| {
             let mut deltas = Deltas::new();
-            self.add_paths(&mut deltas, old.entries(), -1)?;
+            self.add_paths(&mut deltas, &old, -1)?;
             self.apply_deltas(tx, deltas)?;
-            self.release_range(tx, old_l1_offset, declared * 8)?;
+            self.release_range(tx, old_l1_offset, declared * L1_ENTRY_SIZE)?;
             let l1_offset = self.write_new_l1(tx, &[], declared, "active L1 table")?;
             let state = NewState {
                 size,

@@ -16,19 +16,14 @@ use std::sync::atomic::Ordering;
 
 use crate::qcow2::cache::CacheKey;
 use crate::qcow2::error::{Error, Result};
-use crate::qcow2::header::{autoclear, incompatible};
+use crate::qcow2::header::{FieldWrite, autoclear, incompatible};
 use crate::qcow2::image::Qcow2Image;
-use crate::qcow2::l1::{COPIED, L1_OFFSET_MASK, L1Table};
-use crate::qcow2::mapping::{
-    CompressedCluster, L2_COMPRESSED, L2_COPIED, L2_OFFSET_MASK, L2_ZERO, L2Table,
-};
-use crate::qcow2::offsets::HostOffset;
+use crate::qcow2::l1::{L1Entry, L1Table};
+use crate::qcow2::l2::{L2Entry, L2Table, Reference};
+use crate::qcow2::limits::{L1_ENTRY_SIZE, MAX_L1_BYTES};
+use crate::qcow2::mapping::L2Source;
+use crate::qcow2::offsets::{Geometry, GuestOffset, HostCluster, HostOffset};
 use crate::qcow2::refcount::{RefcountError, Refcounts};
-
-/// Extended L2 bitmap: every subcluster allocated.
-const ALL_ALLOCATED: u64 = 0x0000_0000_ffff_ffff;
-/// Extended L2 bitmap: every subcluster reads as zero.
-const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 /// What supplies the guest data below this image (the backing chain), for copy-on-write.
 pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
@@ -51,7 +46,7 @@ pub struct Writer {
     pub(super) snapshot_table: (u64, u64),
     /// Clusters holding metadata, by cluster index (QEMU's overlap checks, all of them but the
     /// inactive L2 tables).
-    pub(super) metadata: std::collections::HashMap<u64, MetadataKind>,
+    pub(super) metadata: std::collections::HashMap<HostCluster, MetadataKind>,
     corrupt: bool,
     /// Autoclear feature bits still set in the file's header. We maintain none of them (e.g.
     /// persistent bitmaps would not follow our writes), so they are cleared before the first
@@ -109,14 +104,11 @@ impl Writer {
     }
 
     fn index_metadata(&mut self, image: &Qcow2Image) {
-        let cs = image.geometry.cluster_size();
-        let bits = image.geometry.cluster_bits;
+        let g = image.geometry;
+        let cs = g.cluster_size();
         let h = &image.header;
         let mut add = |offset: u64, len: u64, kind| {
-            if len == 0 {
-                return;
-            }
-            for c in (offset >> bits)..=((offset + len - 1) >> bits) {
+            for c in g.clusters_touched(offset, len) {
                 self.metadata.insert(c, kind);
             }
         };
@@ -124,16 +116,13 @@ impl Writer {
         let l1 = image.active_l1();
         add(
             h.l1_table_offset,
-            l1.declared_len() * 8,
+            l1.declared_len() * L1_ENTRY_SIZE,
             MetadataKind::ActiveL1,
         );
         // The refcount table and blocks move and multiply on their own: `check_overlap` asks
         // the refcounts about them directly.
-        for e in l1.entries() {
-            let off = e & L1_OFFSET_MASK;
-            if off != 0 {
-                add(off, cs, MetadataKind::ActiveL2);
-            }
+        for l2 in l1.iter().filter_map(L1Entry::l2_offset) {
+            add(l2.0, cs, MetadataKind::ActiveL2);
         }
         if h.nb_snapshots > 0 {
             let len: u64 = image
@@ -145,7 +134,7 @@ impl Writer {
             for s in image.snapshots().iter() {
                 add(
                     s.l1_table_offset,
-                    s.l1_size as u64 * 8,
+                    u64::from(s.l1_size) * L1_ENTRY_SIZE,
                     MetadataKind::SnapshotL1,
                 );
             }
@@ -154,33 +143,25 @@ impl Writer {
 
     /// Re-reads which clusters hold active L2 tables (after an operation replaced or emptied
     /// the active L1 table).
-    pub(super) fn reindex_active_l2(&mut self, l1: &L1Table, cluster_bits: u32) {
+    pub(super) fn reindex_active_l2(&mut self, l1: &L1Table, geometry: &Geometry) {
         self.metadata
             .retain(|_, kind| *kind != MetadataKind::ActiveL2);
-        for e in l1.entries() {
-            let off = e & L1_OFFSET_MASK;
-            if off != 0 {
-                self.metadata
-                    .insert(off >> cluster_bits, MetadataKind::ActiveL2);
-            }
+        for l2 in l1.iter().filter_map(L1Entry::l2_offset) {
+            self.metadata
+                .insert(geometry.cluster_of(l2), MetadataKind::ActiveL2);
         }
     }
 
-    pub(super) fn add_metadata(
-        &mut self,
-        offset: u64,
-        clusters: u64,
-        cluster_bits: u32,
-        kind: MetadataKind,
-    ) {
-        for c in 0..clusters {
-            self.metadata.insert((offset >> cluster_bits) + c, kind);
+    /// Notes that `count` clusters from `first` hold metadata of `kind`.
+    pub(super) fn add_metadata(&mut self, first: HostCluster, count: u64, kind: MetadataKind) {
+        for c in first.run(count) {
+            self.metadata.insert(c, kind);
         }
     }
 
-    pub(super) fn remove_metadata(&mut self, offset: u64, clusters: u64, cluster_bits: u32) {
-        for c in 0..clusters {
-            self.metadata.remove(&((offset >> cluster_bits) + c));
+    pub(super) fn remove_metadata(&mut self, first: HostCluster, count: u64) {
+        for c in first.run(count) {
+            self.metadata.remove(&c);
         }
     }
 }
@@ -191,41 +172,24 @@ impl Writer {
 /// `Arc::make_mut`), so readers keep the old table until [`Qcow2Image::commit_l2`] publishes the
 /// new one, and an edit costs one copy of the table rather than one to edit and one to publish.
 struct L2Edit {
-    offset: u64,
+    offset: HostOffset,
     words: L2Table,
-    words_per_entry: usize,
+    geometry: Geometry,
     changed: Option<(usize, usize)>,
 }
 
 impl L2Edit {
-    fn entry(&self, index: usize) -> (u64, u64) {
-        let w = index * self.words_per_entry;
-        let bitmap = if self.words_per_entry == 2 {
-            self.words[w + 1]
-        } else {
-            0
-        };
-        (self.words[w], bitmap)
+    fn entry(&self, index: usize) -> L2Entry {
+        L2Entry::read(&self.words, index, &self.geometry)
     }
 
-    fn set(&mut self, index: usize, entry: u64, bitmap: u64) {
-        let w = index * self.words_per_entry;
-        let words = Arc::make_mut(&mut self.words);
-        words[w] = entry;
-        if self.words_per_entry == 2 {
-            words[w + 1] = bitmap;
-        }
+    fn set(&mut self, index: usize, entry: L2Entry) {
+        entry.store(Arc::make_mut(&mut self.words), index, &self.geometry);
         self.changed = Some(match self.changed {
             None => (index, index),
             Some((a, b)) => (a.min(index), b.max(index)),
         });
     }
-}
-
-/// References a cluster held before an entry was changed, to drop once the entry is written.
-pub(super) enum OldReference {
-    Cluster(u64),
-    Compressed(CompressedCluster),
 }
 
 impl Qcow2Image {
@@ -255,7 +219,10 @@ impl Qcow2Image {
     /// writes; a cleared bit tells QEMU they are stale.
     fn clear_autoclear(&self, w: &mut Writer) -> Result<()> {
         let bits = w.pending_autoclear;
-        self.write_file(&0u64.to_be_bytes(), 88, "header autoclear features")?;
+        self.write_header(
+            FieldWrite::AutoclearFeatures(0),
+            "header autoclear features",
+        )?;
         // Durable before the change it guards: a kill after the caller's first write must not
         // leave bitmaps that claim to be in step with the data.
         self.flush()?;
@@ -279,6 +246,12 @@ impl Qcow2Image {
         }
     }
 
+    /// Rewrites a group of header fields in one write.
+    pub(super) fn write_header(&self, fields: FieldWrite, what: &str) -> Result<()> {
+        let (offset, bytes) = fields.encode();
+        self.write_file(&bytes, offset, what)
+    }
+
     pub(super) fn write_file(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         self.storage.write_at(buf, offset).map_err(|e| {
             Error::io(
@@ -297,25 +270,27 @@ impl Qcow2Image {
         offset: u64,
         len: u64,
     ) -> Result<()> {
-        let bits = self.geometry.cluster_bits;
-        if len == 0 {
-            return Ok(());
-        }
-        for c in (offset >> bits)..=((offset + len - 1) >> bits) {
+        for c in self.geometry.clusters_touched(offset, len) {
             let found = w
                 .metadata
                 .get(&c)
                 .map(|kind| format!("{kind:?} metadata"))
                 .or_else(|| w.refcounts.metadata_at(c).map(str::to_owned));
             if let Some(what_is_there) = found {
-                let metadata = format!("{what_is_there} (cluster {:#x})", c << bits);
+                let metadata = format!(
+                    "{what_is_there} (cluster {:#x})",
+                    self.geometry.offset_of(c).0
+                );
                 log::error!(
                     "{}: Marking image as corrupt: {what} at {offset:#x} overlaps {metadata}",
                     self.path.display()
                 );
                 w.corrupt = true;
                 let flags = self.header.incompatible_features | incompatible::CORRUPT;
-                let _ = self.storage.write_at(&flags.to_be_bytes(), 72);
+                let _ = self.write_header(
+                    FieldWrite::IncompatibleFeatures(flags),
+                    "header (corrupt bit)",
+                );
                 let _ = self.storage.flush();
                 return Err(Error::Overlap {
                     path: self.path.clone(),
@@ -328,10 +303,10 @@ impl Qcow2Image {
         Ok(())
     }
 
-    pub(super) fn publish_l2(&self, offset: u64, table: L2Table) {
+    pub(super) fn publish_l2(&self, offset: HostOffset, table: L2Table) {
         let key = CacheKey {
             image: self.id,
-            offset,
+            offset: offset.0,
         };
         self.caches
             .l2
@@ -340,53 +315,49 @@ impl Qcow2Image {
             });
     }
 
-    pub(super) fn set_l1_entry(&self, w: &mut Writer, index: u64, entry: u64) -> Result<()> {
-        self.write_file(&entry.to_be_bytes(), w.l1_offset + index * 8, "L1 entry")?;
+    pub(super) fn set_l1_entry(&self, w: &mut Writer, index: u64, entry: L1Entry) -> Result<()> {
+        self.write_file(
+            &entry.raw().to_be_bytes(),
+            w.l1_offset + index * L1_ENTRY_SIZE,
+            "L1 entry",
+        )?;
         let mut l1 = self.active_l1.write();
-        let mut entries = l1.entries().to_vec();
-        if entries.len() <= index as usize {
-            entries.resize(index as usize + 1, 0);
-        }
-        entries[index as usize] = entry;
-        *l1 = Arc::new(L1Table::new(entries, l1.declared_len()));
+        *l1 = Arc::new(l1.with_entry(index as usize, entry));
         Ok(())
     }
 
     /// The L2 table for `l1_index`, ready to be changed in place: allocated if missing, copied if
     /// shared with a snapshot (COPIED clear).
     fn writable_l2(&self, w: &mut Writer, l1_index: u64) -> Result<L2Edit> {
-        let l1 = self.active_l1();
-        let entry = l1.entry(l1_index);
-        let old = entry & L1_OFFSET_MASK;
-        let words_per_entry = self.geometry.l2_entry_words();
-        let cs = self.geometry.cluster_size();
-        if old != 0 && entry & COPIED != 0 {
-            let table = crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?;
+        let g = self.geometry;
+        let entry = self.active_l1().entry(l1_index);
+        let old = entry.l2_offset();
+        let cs = g.cluster_size();
+        if let Some(old) = old.filter(|_| entry.is_copied()) {
             return Ok(L2Edit {
                 offset: old,
-                words: table,
-                words_per_entry,
+                words: self.l2_table(l1_index, old)?,
+                geometry: g,
                 changed: None,
             });
         }
-        let words: L2Table = if old == 0 {
-            std::iter::repeat_n(0u64, (cs / 8) as usize).collect()
-        } else {
-            crate::qcow2::mapping::L2Source::l2_table(self, l1_index, HostOffset(old))?
+        let words: L2Table = match old {
+            None => std::iter::repeat_n(0u64, (cs / 8) as usize).collect(),
+            Some(old) => self.l2_table(l1_index, old)?,
         };
         let new = w
             .refcounts
             .allocate(self.storage(), 1)
             .map_err(self.refcount_err())?;
-        self.check_overlap(w, "new L2 table", new, cs)?;
+        self.check_overlap(w, "new L2 table", new.0, cs)?;
         let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
-        self.write_file(&bytes, new, "L2 table")?;
-        w.add_metadata(new, 1, self.geometry.cluster_bits, MetadataKind::ActiveL2);
+        self.write_file(&bytes, new.0, "L2 table")?;
+        w.add_metadata(g.cluster_of(new), 1, MetadataKind::ActiveL2);
         self.publish_l2(new, words.clone());
-        self.set_l1_entry(w, l1_index, new | COPIED)?;
-        if old != 0 {
+        self.set_l1_entry(w, l1_index, L1Entry::new(new, true))?;
+        if let Some(old) = old {
             // The old table now belongs to snapshots only (or to nobody).
-            w.remove_metadata(old, 1, self.geometry.cluster_bits);
+            w.remove_metadata(g.cluster_of(old), 1);
             w.refcounts
                 .update(self.storage(), old, -1)
                 .map_err(self.refcount_err())?;
@@ -394,7 +365,7 @@ impl Qcow2Image {
         Ok(L2Edit {
             offset: new,
             words,
-            words_per_entry,
+            geometry: g,
             changed: None,
         })
     }
@@ -404,65 +375,31 @@ impl Qcow2Image {
         let Some((first, last)) = edit.changed else {
             return Ok(());
         };
-        let w = edit.words_per_entry;
+        let w = edit.geometry.l2_entry_words();
         let bytes: Vec<u8> = edit.words[first * w..(last + 1) * w]
             .iter()
             .flat_map(|v| v.to_be_bytes())
             .collect();
-        self.write_file(&bytes, edit.offset + (first * w * 8) as u64, "L2 entries")?;
+        self.write_file(&bytes, edit.offset.0 + (first * w * 8) as u64, "L2 entries")?;
         self.publish_l2(edit.offset, edit.words);
         Ok(())
     }
 
     /// Drops references held by entries that were just overwritten.
-    pub(super) fn release(&self, w: &mut Writer, old: Vec<OldReference>) -> Result<()> {
+    pub(super) fn release(&self, w: &mut Writer, old: Vec<Reference>) -> Result<()> {
         if old.is_empty() {
             return Ok(());
         }
         // Wait for reads that may still use the old mapping before a cluster can be reused.
         let _quiet = self.reclaim.write();
-        let bits = self.geometry.cluster_bits;
         for r in old {
-            match r {
-                OldReference::Cluster(host) => {
-                    w.refcounts
-                        .update(self.storage(), host, -1)
-                        .map_err(self.refcount_err())?;
-                }
-                OldReference::Compressed(c) => {
-                    let first = c.host.0 >> bits;
-                    let last = (c.host.0 + c.len - 1) >> bits;
-                    for cluster in first..=last {
-                        w.refcounts
-                            .update(self.storage(), cluster << bits, -1)
-                            .map_err(self.refcount_err())?;
-                    }
-                }
+            for cluster in r.clusters(&self.geometry) {
+                w.refcounts
+                    .update(self.storage(), cluster, -1)
+                    .map_err(self.refcount_err())?;
             }
         }
         Ok(())
-    }
-
-    /// What an entry held that a replacement must release.
-    fn old_reference(&self, entry: u64) -> Option<OldReference> {
-        if entry & L2_COMPRESSED != 0 {
-            return Some(OldReference::Compressed(CompressedCluster::from_entry(
-                entry,
-                &self.geometry,
-            )));
-        }
-        match entry & L2_OFFSET_MASK {
-            0 => None,
-            host => Some(OldReference::Cluster(host)),
-        }
-    }
-
-    /// Whether the cluster of `entry` is ours alone (refcount 1) and holds its data in place.
-    fn owned_host(&self, entry: u64) -> Option<u64> {
-        let host = entry & L2_OFFSET_MASK;
-        let plain =
-            entry & L2_COMPRESSED == 0 && (self.geometry.extended_l2 || entry & L2_ZERO == 0);
-        (plain && host != 0 && entry & L2_COPIED != 0).then_some(host)
     }
 
     /// Writes `data` at guest `offset` of the active disk.
@@ -521,20 +458,19 @@ impl Qcow2Image {
     ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
-        let mut edit = self.writable_l2(w, g.l1_index(crate::qcow2::GuestOffset(offset)))?;
+        let mut edit = self.writable_l2(w, g.l1_index(GuestOffset(offset)))?;
         let mut old_refs = Vec::new();
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
-            let index = g.l2_index(crate::qcow2::GuestOffset(pos));
-            let (entry, _) = edit.entry(index);
-            if let Some(host) = self.owned_host(entry) {
+            let index = g.l2_index(GuestOffset(pos));
+            if let Some(HostOffset(host)) = edit.entry(index).writable_in_place(&g) {
                 // In place: extend over following clusters whose host data is contiguous.
                 let mut end = ((pos / cs) + 1) * cs;
                 let mut next = index + 1;
                 while end < offset + data.len() as u64 && next < g.l2_entries() as usize {
-                    match self.owned_host(edit.entry(next).0) {
-                        Some(h) if h == host + (next - index) as u64 * cs => {
+                    match edit.entry(next).writable_in_place(&g) {
+                        Some(HostOffset(h)) if h == host + (next - index) as u64 * cs => {
                             end += cs;
                             next += 1;
                         }
@@ -545,7 +481,14 @@ impl Qcow2Image {
                 let chunk = &data[done..(end - offset) as usize];
                 let host_pos = host + g.in_cluster(pos);
                 if g.extended_l2 {
-                    self.write_subclusters_in_place(w, &mut edit, index, pos, chunk, backing)?;
+                    self.write_subclusters_in_place(
+                        w,
+                        &mut edit,
+                        (index, host),
+                        pos,
+                        chunk,
+                        backing,
+                    )?;
                     done += ((pos / cs + 1) * cs).min(end).saturating_sub(pos) as usize;
                     continue;
                 }
@@ -559,8 +502,9 @@ impl Qcow2Image {
             let last = (offset + data.len() as u64 - 1) / cs;
             while pos / cs + count <= last
                 && index + (count as usize) < g.l2_entries() as usize
-                && self
-                    .owned_host(edit.entry(index + count as usize).0)
+                && edit
+                    .entry(index + count as usize)
+                    .writable_in_place(&g)
                     .is_none()
             {
                 count += 1;
@@ -604,23 +548,16 @@ impl Qcow2Image {
                 .refcounts
                 .allocate(self.storage(), count)
                 .map_err(self.refcount_err())?;
-            self.check_overlap(w, "new data cluster", host, run_len)?;
+            self.check_overlap(w, "new data cluster", host.0, run_len)?;
             if buf.is_empty() {
-                self.write_file(guest, host, "guest data")?;
+                self.write_file(guest, host.0, "guest data")?;
             } else {
-                self.write_new_run(&buf, host, write_from, write_to, unwritten_from)?;
+                self.write_new_run(&buf, host.0, write_from, write_to, unwritten_from)?;
             }
             for i in 0..count as usize {
-                let (old, _) = edit.entry(index + i);
-                if let Some(r) = self.old_reference(old) {
-                    old_refs.push(r);
-                }
-                let new_host = host + i as u64 * cs;
-                edit.set(
-                    index + i,
-                    new_host | L2_COPIED,
-                    if g.extended_l2 { ALL_ALLOCATED } else { 0 },
-                );
+                old_refs.extend(edit.entry(index + i).reference(&g));
+                let new_host = HostOffset(host.0 + i as u64 * cs);
+                edit.set(index + i, L2Entry::data(new_host, &g));
             }
             done += write_to - write_from;
         }
@@ -628,13 +565,14 @@ impl Qcow2Image {
         self.release(w, old_refs)
     }
 
-    /// Extended L2, cluster ours: writes the subclusters touched by `data` at `pos` in place,
-    /// filling the unwritten parts of newly allocated subclusters from what they showed before.
+    /// Extended L2, cluster ours (entry `index` of `edit`, its data at host offset `host`):
+    /// writes the subclusters touched by `data` at `pos` in place, filling the unwritten parts of
+    /// newly allocated subclusters from what they showed before.
     fn write_subclusters_in_place(
         &self,
         w: &mut Writer,
         edit: &mut L2Edit,
-        index: usize,
+        (index, host): (usize, u64),
         pos: u64,
         data: &[u8],
         backing: BackingRead,
@@ -644,8 +582,7 @@ impl Qcow2Image {
         let sc = g.subcluster_size();
         let cluster_start = pos - g.in_cluster(pos);
         let end = (pos + data.len() as u64).min(cluster_start + cs);
-        let (entry, bitmap) = edit.entry(index);
-        let host = entry & L2_OFFSET_MASK;
+        let entry = edit.entry(index);
         let span_start = pos - pos % sc;
         let span_end = end.div_ceil(sc) * sc;
         let mut buf = vec![0u8; (span_end - span_start) as usize];
@@ -660,15 +597,9 @@ impl Qcow2Image {
         let host_pos = host + (span_start - cluster_start);
         self.check_overlap(w, "guest data", host_pos, buf.len() as u64)?;
         self.write_file(&buf, host_pos, "guest data")?;
-        let mut alloc = bitmap & ALL_ALLOCATED;
-        let mut zero = bitmap >> 32;
-        for s in first_sub..last_sub {
-            alloc |= 1 << s;
-            zero &= !(1u64 << s);
-        }
-        let new_bitmap = alloc | (zero << 32);
-        if new_bitmap != bitmap {
-            edit.set(index, entry, new_bitmap);
+        let written = entry.with_allocated_subclusters(first_sub..last_sub);
+        if written != entry {
+            edit.set(index, written);
         }
         Ok(())
     }
@@ -787,26 +718,20 @@ impl Qcow2Image {
             let mut pos = first_full;
             while pos < last_full {
                 let table_end = ((pos / coverage + 1) * coverage).min(last_full);
-                let l1_index = g.l1_index(crate::qcow2::GuestOffset(pos));
+                let l1_index = g.l1_index(GuestOffset(pos));
                 if self.active_l1().l2_offset(l1_index).is_none() && !has_backing {
                     pos = table_end; // Unallocated with nothing below: already reads as zeros.
                     continue;
                 }
                 let mut edit = self.writable_l2(w, l1_index)?;
                 let mut old_refs = Vec::new();
+                let zero = L2Entry::zero(&g, self.header.version);
                 while pos < table_end {
-                    let index = g.l2_index(crate::qcow2::GuestOffset(pos));
-                    let (entry, bitmap) = edit.entry(index);
-                    let (new_entry, new_bitmap) = match (zero_flag_ok, g.extended_l2) {
-                        (true, false) => (L2_ZERO, 0),
-                        (true, true) => (0, ALL_ZERO),
-                        (false, _) => (0, 0),
-                    };
-                    if (entry, bitmap) != (new_entry, new_bitmap) {
-                        if let Some(r) = self.old_reference(entry) {
-                            old_refs.push(r);
-                        }
-                        edit.set(index, new_entry, new_bitmap);
+                    let index = g.l2_index(GuestOffset(pos));
+                    let entry = edit.entry(index);
+                    if entry != zero {
+                        old_refs.extend(entry.reference(&g));
+                        edit.set(index, zero);
                     }
                     pos += cs;
                 }
@@ -876,7 +801,7 @@ impl Qcow2Image {
         if needed > self.active_l1().declared_len() {
             self.grow_l1(w, needed)?;
         }
-        self.write_file(&new_size.to_be_bytes(), 24, "header size")?;
+        self.write_header(FieldWrite::Size(new_size), "header size")?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
     }
@@ -886,35 +811,37 @@ impl Qcow2Image {
     pub(super) fn grow_l1(&self, w: &mut Writer, needed: u64) -> Result<()> {
         let g = self.geometry;
         let l1 = self.active_l1();
-        if needed * 8 > 32 << 20 {
+        if needed * L1_ENTRY_SIZE > MAX_L1_BYTES {
             return Err(Error::Invalid {
                 path: self.path.clone(),
-                reason: format!("{needed} L1 entries need a table larger than 32 MiB"),
+                reason: format!(
+                    "{needed} L1 entries need a table larger than {} MiB",
+                    MAX_L1_BYTES >> 20
+                ),
             });
         }
         let cs = g.cluster_size();
-        let clusters = (needed * 8).div_ceil(cs);
+        let clusters = (needed * L1_ENTRY_SIZE).div_ceil(cs);
         let new_offset = w
             .refcounts
             .allocate(self.storage(), clusters)
             .map_err(self.refcount_err())?;
-        self.check_overlap(w, "new L1 table", new_offset, clusters * cs)?;
-        let mut bytes = vec![0u8; (clusters * cs) as usize];
-        for (i, e) in l1.entries().iter().enumerate() {
-            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-        }
-        self.write_file(&bytes, new_offset, "L1 table")?;
+        self.check_overlap(w, "new L1 table", new_offset.0, clusters * cs)?;
+        let bytes = l1.to_be_bytes((clusters * cs) as usize);
+        self.write_file(&bytes, new_offset.0, "L1 table")?;
         self.flush()?;
-        let mut field = [0u8; 12];
-        field[..4].copy_from_slice(&(needed as u32).to_be_bytes());
-        field[4..].copy_from_slice(&new_offset.to_be_bytes());
-        self.write_file(&field, 36, "header L1 fields")?;
-        let old_offset = w.l1_offset;
-        let old_clusters = (l1.declared_len() * 8).div_ceil(cs);
-        w.l1_offset = new_offset;
-        *self.active_l1.write() = Arc::new(L1Table::new(l1.entries().to_vec(), needed));
-        w.remove_metadata(old_offset, old_clusters, g.cluster_bits);
-        w.add_metadata(new_offset, clusters, g.cluster_bits, MetadataKind::ActiveL1);
+        // `needed` fits: MAX_L1_BYTES holds fewer than 2^32 entries.
+        let fields = FieldWrite::L1Table {
+            entries: needed as u32,
+            offset: new_offset.0,
+        };
+        self.write_header(fields, "header L1 fields")?;
+        let old_offset = HostOffset(w.l1_offset);
+        let old_clusters = (l1.declared_len() * L1_ENTRY_SIZE).div_ceil(cs);
+        w.l1_offset = new_offset.0;
+        *self.active_l1.write() = Arc::new(l1.with_declared_len(needed));
+        w.remove_metadata(g.cluster_of(old_offset), old_clusters);
+        w.add_metadata(g.cluster_of(new_offset), clusters, MetadataKind::ActiveL1);
         w.refcounts
             .free(self.storage(), old_offset, old_clusters)
             .map_err(self.refcount_err())

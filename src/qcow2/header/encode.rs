@@ -1,6 +1,7 @@
 //! Writing cluster 0 back the way QEMU's `qcow2_update_header` does.
 
 use super::extensions::{extension_rank, parse_backing_format, push_extension};
+use super::fields::HeaderField;
 use super::{
     Header, HeaderError, HeaderExtension, QCOW_MAGIC, check_compression_type, ext, limits,
 };
@@ -167,8 +168,8 @@ impl Header {
                 }
                 None => (0, 0),
             };
-        bytes[8..16].copy_from_slice(&backing_file_offset.to_be_bytes());
-        bytes[16..20].copy_from_slice(&backing_file_size.to_be_bytes());
+        HeaderField::BackingFileOffset.put(&mut bytes, backing_file_offset);
+        HeaderField::BackingFileSize.put(&mut bytes, backing_file_size.into());
         Encoded {
             bytes,
             header_length,
@@ -180,27 +181,44 @@ impl Header {
 
     /// The fixed fields (backing file offset and size left zero) and the unknown header bytes.
     fn encode_fixed_fields(&self, header_length: u32) -> Vec<u8> {
-        let mut out = Vec::with_capacity(header_length as usize);
-        out.extend_from_slice(&QCOW_MAGIC.to_be_bytes());
-        out.extend_from_slice(&self.version.to_be_bytes());
-        out.extend_from_slice(&[0; 12]); // backing_file_offset, backing_file_size
-        out.extend_from_slice(&self.cluster_bits.to_be_bytes());
-        out.extend_from_slice(&self.size.to_be_bytes());
-        out.extend_from_slice(&self.crypt_method.to_be_bytes());
-        out.extend_from_slice(&self.l1_size.to_be_bytes());
-        out.extend_from_slice(&self.l1_table_offset.to_be_bytes());
-        out.extend_from_slice(&self.refcount_table_offset.to_be_bytes());
-        out.extend_from_slice(&self.refcount_table_clusters.to_be_bytes());
-        out.extend_from_slice(&self.nb_snapshots.to_be_bytes());
-        out.extend_from_slice(&self.snapshots_offset.to_be_bytes());
-        if self.version >= 3 {
-            out.extend_from_slice(&self.incompatible_features.to_be_bytes());
-            out.extend_from_slice(&self.compatible_features.to_be_bytes());
-            out.extend_from_slice(&self.autoclear_features.to_be_bytes());
-            out.extend_from_slice(&self.refcount_order.to_be_bytes());
-            out.extend_from_slice(&header_length.to_be_bytes());
-            out.push(self.compression_type.to_byte());
-            out.resize(limits::V3_HEADER_LENGTH as usize, 0);
+        use HeaderField as F;
+        let v3 = self.version >= 3;
+        let fixed_len = if v3 {
+            limits::V3_HEADER_LENGTH
+        } else {
+            limits::V2_HEADER_LENGTH
+        };
+        let mut out = vec![0u8; fixed_len as usize];
+        let mut fields = vec![
+            (F::Magic, u64::from(QCOW_MAGIC)),
+            (F::Version, self.version.into()),
+            (F::ClusterBits, self.cluster_bits.into()),
+            (F::Size, self.size),
+            (F::CryptMethod, self.crypt_method.into()),
+            (F::L1Size, self.l1_size.into()),
+            (F::L1TableOffset, self.l1_table_offset),
+            (F::RefcountTableOffset, self.refcount_table_offset),
+            (
+                F::RefcountTableClusters,
+                self.refcount_table_clusters.into(),
+            ),
+            (F::NbSnapshots, self.nb_snapshots.into()),
+            (F::SnapshotsOffset, self.snapshots_offset),
+        ];
+        if v3 {
+            fields.extend([
+                (F::IncompatibleFeatures, self.incompatible_features),
+                (F::CompatibleFeatures, self.compatible_features),
+                (F::AutoclearFeatures, self.autoclear_features),
+                (F::RefcountOrder, self.refcount_order.into()),
+                (F::HeaderLength, header_length.into()),
+                (F::CompressionType, self.compression_type.to_byte().into()),
+            ]);
+        }
+        for (field, value) in fields {
+            field.put(&mut out, value);
+        }
+        if v3 {
             out.extend_from_slice(&self.unknown_header_bytes);
         }
         out

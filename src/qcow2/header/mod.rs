@@ -13,16 +13,19 @@
 //! Like QEMU, bytes past the end of the file read as zeros, except for the backing file name, which
 //! must lie inside the file.
 //!
-//! The parts: this module holds the header's fields and the format's constants; `parse` reads and
-//! checks cluster 0, `extensions` the extension area, `encode` writes cluster 0 back, and `error`
-//! says what was refused.
+//! The parts: this module holds the header's fields and the format's constants; `fields` where
+//! each fixed field lies (the only place that knows header byte offsets) and the field groups a
+//! running image rewrites; `parse` reads and checks cluster 0, `extensions` the extension area,
+//! `encode` writes cluster 0 back, and `error` says what was refused.
 
 mod encode;
 mod error;
 mod extensions;
+mod fields;
 mod parse;
 
 pub use error::HeaderError;
+pub use fields::{FieldWrite, HeaderField};
 
 /// Feature bits of the `incompatible_features` field.
 pub mod incompatible {
@@ -56,47 +59,7 @@ pub mod ext {
     pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
 }
 
-/// Format limits, with the names QEMU gives them (`block/qcow2.h`).
-pub mod limits {
-    /// `MIN_CLUSTER_BITS`: 512-byte clusters.
-    pub const MIN_CLUSTER_BITS: u32 = 9;
-    /// `MAX_CLUSTER_BITS`: "QEMU as of today has an implementation limit of 2 MB as the maximum
-    /// cluster size and won't be able to open images with larger cluster sizes."
-    pub const MAX_CLUSTER_BITS: u32 = 21;
-    /// "For version 2, the header is exactly 72 bytes in length".
-    pub const V2_HEADER_LENGTH: u32 = 72;
-    /// "For version 3 or higher, the header length is at least 104 bytes".
-    pub const V3_MIN_HEADER_LENGTH: u32 = 104;
-    /// `sizeof(QCowHeader)`: the known v3 fields, compression type and its padding included. QEMU
-    /// always writes v3 headers of at least this length.
-    pub const V3_HEADER_LENGTH: u32 = 112;
-    /// Offset of the compression type byte, present only when `header_length` is larger.
-    pub const COMPRESSION_TYPE_OFFSET: u32 = 104;
-    /// `QCOW_MAX_REFTABLE_SIZE`.
-    pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
-    /// `QCOW_MAX_L1_SIZE`.
-    pub const MAX_L1_BYTES: u64 = 32 << 20;
-    /// Size of one L1 (and standard L2) entry.
-    pub const L1_ENTRY_SIZE: u64 = 8;
-    /// `QCOW_MAX_SNAPSHOTS`.
-    pub const MAX_SNAPSHOTS: u64 = 65536;
-    /// `sizeof(QCowSnapshotHeader)`: the fixed part of a snapshot table entry.
-    pub const SNAPSHOT_HEADER_SIZE: u64 = 40;
-    /// "Must not be longer than 1023 bytes."
-    pub const MAX_BACKING_FILE_NAME: u32 = 1023;
-    /// QEMU keeps the backing format in `char[16]` and rejects `len >= 16`.
-    pub const MAX_BACKING_FORMAT_LEN: u32 = 15;
-    /// `QCOW2_MAX_BITMAPS`.
-    pub const MAX_BITMAPS: u32 = 65535;
-    /// `QCOW2_MAX_BITMAP_DIRECTORY_SIZE` (1024 × 65535 bytes, just under 64 MiB).
-    pub const MAX_BITMAP_DIRECTORY_SIZE: u64 = 1024 * 65535;
-    /// Size of a feature name table entry: type u8, bit u8, name[46].
-    pub const FEATURE_NAME_ENTRY_SIZE: usize = 48;
-    /// `QCOW_EXTL2_SUBCLUSTERS_PER_CLUSTER`.
-    pub const SUBCLUSTERS_PER_CLUSTER: u64 = 32;
-    /// The largest index into the L1 table QEMU accepts (`INT_MAX`): beyond it "Image is too big".
-    pub const MAX_L1_INDEX: u64 = i32::MAX as u64;
-}
+pub use super::limits;
 
 /// `crypt_method` values.
 pub mod crypt {

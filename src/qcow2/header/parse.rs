@@ -4,6 +4,7 @@ use super::extensions::{
     check_crypto_extension, parse_backing_format, parse_bitmaps, parse_feature_table,
     scan_extensions,
 };
+use super::fields::HeaderField as F;
 use super::{
     CompressionType, Header, HeaderError, HeaderExtension, QCOW_MAGIC, autoclear,
     check_compression_type, crypt, ext, incompatible, limits,
@@ -53,29 +54,6 @@ impl BeReader<'_> {
     }
 }
 
-/// Header field offsets.
-mod off {
-    pub const MAGIC: u64 = 0;
-    pub const VERSION: u64 = 4;
-    pub const BACKING_FILE_OFFSET: u64 = 8;
-    pub const BACKING_FILE_SIZE: u64 = 16;
-    pub const CLUSTER_BITS: u64 = 20;
-    pub const SIZE: u64 = 24;
-    pub const CRYPT_METHOD: u64 = 32;
-    pub const L1_SIZE: u64 = 36;
-    pub const L1_TABLE_OFFSET: u64 = 40;
-    pub const REFCOUNT_TABLE_OFFSET: u64 = 48;
-    pub const REFCOUNT_TABLE_CLUSTERS: u64 = 56;
-    pub const NB_SNAPSHOTS: u64 = 60;
-    pub const SNAPSHOTS_OFFSET: u64 = 64;
-    pub const INCOMPATIBLE_FEATURES: u64 = 72;
-    pub const COMPATIBLE_FEATURES: u64 = 80;
-    pub const AUTOCLEAR_FEATURES: u64 = 88;
-    pub const REFCOUNT_ORDER: u64 = 96;
-    pub const HEADER_LENGTH: u64 = 100;
-    pub const COMPRESSION_TYPE: u64 = 104;
-}
-
 impl Header {
     /// Parses and validates the header from the first bytes of the file.
     ///
@@ -110,15 +88,15 @@ impl Header {
     /// Magic, version, cluster size, and every fixed field; the v3 fields take their implied values
     /// for v2 ("For version 2 images, the order is always assumed to be 4", header length 72).
     fn parse_fixed_fields(r: BeReader) -> Result<Header, HeaderError> {
-        let magic = r.u32(off::MAGIC);
+        let magic = r.u32(F::Magic.offset());
         if magic != QCOW_MAGIC {
             return Err(HeaderError::BadMagic { found: magic });
         }
-        let version = r.u32(off::VERSION);
+        let version = r.u32(F::Version.offset());
         if !(2..=3).contains(&version) {
             return Err(HeaderError::UnsupportedVersion { version });
         }
-        let cluster_bits = r.u32(off::CLUSTER_BITS);
+        let cluster_bits = r.u32(F::ClusterBits.offset());
         if !(limits::MIN_CLUSTER_BITS..=limits::MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(HeaderError::ClusterBits { bits: cluster_bits });
         }
@@ -126,23 +104,27 @@ impl Header {
         let v3_u64 = |offset| if v3 { r.u64(offset) } else { 0 };
         Ok(Header {
             version,
-            backing_file_offset: r.u64(off::BACKING_FILE_OFFSET),
-            backing_file_size: r.u32(off::BACKING_FILE_SIZE),
+            backing_file_offset: r.u64(F::BackingFileOffset.offset()),
+            backing_file_size: r.u32(F::BackingFileSize.offset()),
             cluster_bits,
-            size: r.u64(off::SIZE),
-            crypt_method: r.u32(off::CRYPT_METHOD),
-            l1_size: r.u32(off::L1_SIZE),
-            l1_table_offset: r.u64(off::L1_TABLE_OFFSET),
-            refcount_table_offset: r.u64(off::REFCOUNT_TABLE_OFFSET),
-            refcount_table_clusters: r.u32(off::REFCOUNT_TABLE_CLUSTERS),
-            nb_snapshots: r.u32(off::NB_SNAPSHOTS),
-            snapshots_offset: r.u64(off::SNAPSHOTS_OFFSET),
-            incompatible_features: v3_u64(off::INCOMPATIBLE_FEATURES),
-            compatible_features: v3_u64(off::COMPATIBLE_FEATURES),
-            autoclear_features: v3_u64(off::AUTOCLEAR_FEATURES),
-            refcount_order: if v3 { r.u32(off::REFCOUNT_ORDER) } else { 4 },
+            size: r.u64(F::Size.offset()),
+            crypt_method: r.u32(F::CryptMethod.offset()),
+            l1_size: r.u32(F::L1Size.offset()),
+            l1_table_offset: r.u64(F::L1TableOffset.offset()),
+            refcount_table_offset: r.u64(F::RefcountTableOffset.offset()),
+            refcount_table_clusters: r.u32(F::RefcountTableClusters.offset()),
+            nb_snapshots: r.u32(F::NbSnapshots.offset()),
+            snapshots_offset: r.u64(F::SnapshotsOffset.offset()),
+            incompatible_features: v3_u64(F::IncompatibleFeatures.offset()),
+            compatible_features: v3_u64(F::CompatibleFeatures.offset()),
+            autoclear_features: v3_u64(F::AutoclearFeatures.offset()),
+            refcount_order: if v3 {
+                r.u32(F::RefcountOrder.offset())
+            } else {
+                4
+            },
             header_length: if v3 {
-                r.u32(off::HEADER_LENGTH)
+                r.u32(F::HeaderLength.offset())
             } else {
                 limits::V2_HEADER_LENGTH
             },
@@ -186,8 +168,8 @@ impl Header {
                 cluster_size: self.cluster_size(),
             });
         }
-        Ok(if length > limits::COMPRESSION_TYPE_OFFSET {
-            r.u8(off::COMPRESSION_TYPE)
+        Ok(if length > F::CompressionType.offset() as u32 {
+            r.u8(F::CompressionType.offset())
         } else {
             0
         })
@@ -268,7 +250,7 @@ impl Header {
             offset: self.snapshots_offset,
             entries: self.nb_snapshots.into(),
             entry_size: limits::SNAPSHOT_HEADER_SIZE,
-            max_bytes: limits::SNAPSHOT_HEADER_SIZE * limits::MAX_SNAPSHOTS,
+            max_bytes: limits::SNAPSHOT_HEADER_SIZE * u64::from(limits::MAX_SNAPSHOTS),
         }
         .run(cluster_size)?;
         TableCheck {

@@ -15,16 +15,17 @@
 
 use std::collections::BTreeMap;
 
-use super::{REFTABLE_OFFSET_MASK, RefcountError, Refcounts, Result, read_entry, write_entry};
+use super::{Refcount, Refcounts, Result, encode_table, read_entry, write_entry};
+use crate::qcow2::offsets::{HostCluster, HostOffset};
 use crate::qcow2::storage::Storage;
 
 /// A refcount block of the new view.
 struct ShadowBlock {
     data: Vec<u8>,
-    /// Where the block lived in the current view (0: the range had no block).
-    old: u64,
-    /// The cluster index the copy goes to, once chosen.
-    home: Option<u64>,
+    /// Where the block lived in the current view (None: the range had no block).
+    old: Option<HostOffset>,
+    /// The cluster the copy goes to, once chosen.
+    home: Option<HostCluster>,
 }
 
 /// The refcounts as they will be once the caller's operation is switched in.
@@ -34,38 +35,39 @@ pub struct Shadow<'a> {
     /// Changed blocks, by block index.
     blocks: BTreeMap<usize, ShadowBlock>,
     /// Where the search for free clusters goes on from.
-    hint: u64,
+    hint: HostCluster,
     /// The lowest cluster that the new view frees, for the allocator afterwards.
-    lowest_freed: u64,
+    lowest_freed: HostCluster,
     /// Clusters in use now that the new view frees (some may be taken again before the end).
-    freed: Vec<u64>,
+    freed: Vec<HostCluster>,
     /// Clusters the current view must not lose to an allocation although their refcount says
     /// free (metadata that a damaged refcount forgot).
-    is_metadata: &'a dyn Fn(u64) -> bool,
+    is_metadata: &'a dyn Fn(HostCluster) -> bool,
 }
 
 /// A new view written to the file, to be installed once the header points at it.
 pub struct ShadowCommit {
-    table: Vec<u64>,
-    table_offset: u64,
+    table: Vec<Option<HostOffset>>,
+    table_offset: HostOffset,
     table_clusters: u64,
-    blocks: Vec<(u64, Vec<u8>)>,
-    replaced_blocks: Vec<u64>,
-    lowest_freed: u64,
-    freed: Vec<u64>,
+    blocks: Vec<(HostOffset, Vec<u8>)>,
+    replaced_blocks: Vec<HostOffset>,
+    lowest_freed: HostCluster,
+    freed: Vec<HostCluster>,
 }
 
 impl ShadowCommit {
     /// The header fields `refcount_table_offset` and `refcount_table_clusters`.
     pub fn table_location(&self) -> (u64, u32) {
-        (self.table_offset, self.table_clusters as u32)
+        // At most QEMU's 8 MiB of table: the cluster count fits the header's 32 bits.
+        (self.table_offset.0, self.table_clusters as u32)
     }
 
     /// The host ranges (offset, length) that the current state uses and the new one does not,
     /// merged where they touch: once the new state is in, their bytes are of no use.
     pub fn freed_ranges(&self, cluster_bits: u32) -> Vec<(u64, u64)> {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for &c in &self.freed {
+        for &HostCluster(c) in &self.freed {
             match ranges.last_mut() {
                 Some((start, len)) if *start + *len == c => *len += 1,
                 _ => ranges.push((c, 1)),
@@ -82,15 +84,15 @@ impl<'a> Shadow<'a> {
     pub fn new(
         base: &'a mut Refcounts,
         storage: &'a dyn Storage,
-        is_metadata: &'a dyn Fn(u64) -> bool,
+        is_metadata: &'a dyn Fn(HostCluster) -> bool,
     ) -> Self {
-        let hint = base.free_hint.max(1);
+        let hint = base.free_hint.max(HostCluster(1));
         Shadow {
             base,
             storage,
             blocks: BTreeMap::new(),
             hint,
-            lowest_freed: u64::MAX,
+            lowest_freed: HostCluster(u64::MAX),
             freed: Vec::new(),
             is_metadata,
         }
@@ -101,26 +103,26 @@ impl<'a> Shadow<'a> {
     }
 
     /// The refcount of the cluster at host `offset` in the new view.
-    pub fn get(&mut self, offset: u64) -> Result<u64> {
-        self.get_cluster(offset >> self.base.cluster_bits)
+    pub fn get(&mut self, offset: HostOffset) -> Result<Refcount> {
+        let cluster = self.base.cluster_of(offset);
+        self.get_cluster(cluster)
     }
 
-    fn get_cluster(&mut self, cluster: u64) -> Result<u64> {
+    fn get_cluster(&mut self, cluster: HostCluster) -> Result<Refcount> {
         let (b, i) = self.base.block_of(cluster);
         match self.blocks.get(&b) {
-            Some(block) => Ok(read_entry(&block.data, i, self.base.order)),
+            Some(block) => Ok(Refcount(read_entry(&block.data, i, self.base.order))),
             None => self.base.get(self.storage, cluster),
         }
     }
 
-    fn set_cluster(&mut self, cluster: u64, value: u64) -> Result<()> {
+    fn set_cluster(&mut self, cluster: HostCluster, value: u64) -> Result<()> {
         let (b, i) = self.base.block_of(cluster);
         if !self.blocks.contains_key(&b) {
             let old = self.base.block_entry(b);
-            let data = if old == 0 {
-                vec![0u8; self.base.cluster_size() as usize]
-            } else {
-                self.base.block(self.storage, old)?.clone()
+            let data = match old {
+                None => vec![0u8; self.base.cluster_size() as usize],
+                Some(old) => self.base.block(self.storage, old)?.clone(),
             };
             self.blocks.insert(
                 b,
@@ -137,7 +139,7 @@ impl<'a> Shadow<'a> {
         }
         if value == 0 {
             self.lowest_freed = self.lowest_freed.min(cluster);
-            if self.base.get(self.storage, cluster)? != 0 {
+            if self.base.get(self.storage, cluster)? != Refcount::FREE {
                 self.freed.push(cluster);
             }
         }
@@ -145,37 +147,36 @@ impl<'a> Shadow<'a> {
     }
 
     /// Adds `delta` to the refcount of the cluster at host `offset`; returns the new value.
-    pub fn add(&mut self, offset: u64, delta: i64) -> Result<u64> {
-        let cluster = offset >> self.base.cluster_bits;
+    pub fn add(&mut self, offset: HostOffset, delta: i64) -> Result<Refcount> {
+        let cluster = self.base.cluster_of(offset);
         let old = self.get_cluster(cluster)?;
-        let max = self.base.max_refcount();
-        let new = if delta >= 0 {
-            old.checked_add(delta as u64)
-                .filter(|&v| v <= max)
-                .ok_or(RefcountError::Overflow {
-                    offset,
-                    max,
-                    bits: self.base.bits(),
-                })?
-        } else {
-            old.checked_sub(delta.unsigned_abs())
-                .ok_or(RefcountError::Underflow { offset })?
-        };
-        if new != old {
+        let new = self.base.add_delta(old.0, delta, offset)?;
+        if new != old.0 {
             self.set_cluster(cluster, new)?;
         }
-        Ok(new)
+        Ok(Refcount(new))
+    }
+
+    /// Adds `delta` to each of `count` clusters from `first`.
+    fn add_run(&mut self, first: HostOffset, count: u64, delta: i64) -> Result<()> {
+        for cluster in self.base.cluster_of(first).run(count) {
+            let at = self.base.offset_of(cluster);
+            self.add(at, delta)?;
+        }
+        Ok(())
     }
 
     /// Whether `cluster` is free in both views.
-    fn is_free(&mut self, cluster: u64) -> Result<bool> {
-        if self.base.get(self.storage, cluster)? != 0 || self.get_cluster(cluster)? != 0 {
+    fn is_free(&mut self, cluster: HostCluster) -> Result<bool> {
+        if self.base.get(self.storage, cluster)? != Refcount::FREE
+            || self.get_cluster(cluster)? != Refcount::FREE
+        {
             return Ok(false);
         }
         if self.base.metadata_at(cluster).is_some() || (self.is_metadata)(cluster) {
             log::warn!(
                 "cluster {:#x} holds metadata but its refcount is 0; not reusing it",
-                cluster << self.base.cluster_bits
+                self.base.offset_of(cluster).0
             );
             return Ok(false);
         }
@@ -184,40 +185,40 @@ impl<'a> Shadow<'a> {
 
     /// Takes `count` contiguous clusters that are free in both views, with refcount 1 in the new
     /// one; returns the host offset of the first.
-    pub fn allocate(&mut self, count: u64) -> Result<u64> {
+    pub fn allocate(&mut self, count: u64) -> Result<HostOffset> {
         let mut start = self.hint;
         let mut first_free = None;
         let mut cluster = start;
-        while cluster - start < count {
+        while cluster.0 - start.0 < count {
             let free = self.is_free(cluster)?;
-            cluster += 1;
             if free {
-                first_free.get_or_insert(cluster - 1);
-            } else {
+                first_free.get_or_insert(cluster);
+            }
+            cluster = cluster.plus(1);
+            if !free {
                 start = cluster;
             }
         }
-        for c in start..start + count {
+        for c in start.run(count) {
             self.set_cluster(c, 1)?;
         }
         self.hint = match first_free {
             Some(f) if f < start => f,
-            _ => start + count,
+            _ => start.plus(count),
         };
-        Ok(start << self.base.cluster_bits)
+        Ok(self.base.offset_of(start))
     }
 
     /// Places the changed blocks and a new refcount table, and writes them into their (free)
     /// clusters. Nothing refers to them until the caller switches the header.
     pub fn finish(mut self) -> Result<ShadowCommit> {
         let cs = self.base.cluster_size();
-        let per_cluster = cs / 8;
+        let per_cluster = cs / crate::qcow2::limits::REFTABLE_ENTRY_SIZE;
         // The current table goes with the current view.
         let old_table = self.base.table_offset;
-        for c in 0..self.base.table_clusters() {
-            self.add(old_table + c * cs, -1)?;
-        }
-        let mut table_home: Option<(u64, u64)> = None;
+        let old_table_clusters = self.base.table_clusters();
+        self.add_run(old_table, old_table_clusters, -1)?;
+        let mut table_home: Option<(HostOffset, u64)> = None;
         let (table_offset, table_clusters) = loop {
             // Each changed block moves to a cluster of its own; choosing it may change (and so
             // move) further blocks, but every block moves once, so this ends.
@@ -229,15 +230,16 @@ impl<'a> Shadow<'a> {
                 .collect();
             if !unplaced.is_empty() {
                 for index in unplaced {
-                    let home = self.allocate(1)? >> self.base.cluster_bits;
+                    let home = self.allocate(1)?;
+                    let home = self.base.cluster_of(home);
                     let old = match self.blocks.get_mut(&index) {
                         Some(block) => {
                             block.home = Some(home);
                             block.old
                         }
-                        None => 0,
+                        None => None,
                     };
-                    if old != 0 {
+                    if let Some(old) = old {
                         self.add(old, -1)?;
                     }
                 }
@@ -252,9 +254,7 @@ impl<'a> Shadow<'a> {
                 Some((at, have)) if have >= clusters => break (at, have),
                 Some((at, have)) => {
                     // Too small after all: give the clusters back and take a larger run.
-                    for c in 0..have {
-                        self.add(at + c * cs, -1)?;
-                    }
+                    self.add_run(at, have, -1)?;
                 }
                 None => {}
             }
@@ -267,7 +267,7 @@ impl<'a> Shadow<'a> {
         freed.dedup();
         let mut still_free = Vec::with_capacity(freed.len());
         for c in freed {
-            if self.get_cluster(c)? == 0 {
+            if self.get_cluster(c)? == Refcount::FREE {
                 still_free.push(c);
             }
         }
@@ -278,21 +278,18 @@ impl<'a> Shadow<'a> {
             let Some(home) = block.home else {
                 continue;
             };
-            let offset = home << self.base.cluster_bits;
+            let offset = self.base.offset_of(home);
             super::write_all(self.storage, &block.data, offset)?;
             if table.len() <= index {
-                table.resize(index + 1, 0);
+                table.resize(index + 1, None);
             }
-            table[index] = offset;
-            if block.old != 0 {
-                replaced_blocks.push(block.old);
+            table[index] = Some(offset);
+            if let Some(old) = block.old {
+                replaced_blocks.push(old);
             }
             blocks.push((offset, block.data));
         }
-        let mut bytes = vec![0u8; (table_clusters * cs) as usize];
-        for (i, e) in table.iter().enumerate() {
-            bytes[i * 8..i * 8 + 8].copy_from_slice(&(e & REFTABLE_OFFSET_MASK).to_be_bytes());
-        }
+        let bytes = encode_table(&table, table_clusters * cs);
         super::write_all(self.storage, &bytes, table_offset)?;
         Ok(ShadowCommit {
             table,
@@ -309,7 +306,7 @@ impl<'a> Shadow<'a> {
 impl Refcounts {
     /// Makes a shadow view current, once the header points at its table.
     pub fn install(&mut self, commit: &ShadowCommit) {
-        let per_cluster = self.cluster_size() / 8;
+        let per_cluster = self.cluster_size() / crate::qcow2::limits::REFTABLE_ENTRY_SIZE;
         for old in &commit.replaced_blocks {
             self.blocks.pop(old);
         }
@@ -319,8 +316,8 @@ impl Refcounts {
         self.block_clusters = commit
             .table
             .iter()
-            .filter(|&&b| b != 0)
-            .map(|b| b >> self.cluster_bits)
+            .flatten()
+            .map(|&b| self.cluster_of(b))
             .collect();
         self.table = commit.table.clone();
         self.table_offset = commit.table_offset;
@@ -366,18 +363,18 @@ mod tests {
         let before = std::fs::read(&path).expect("reading the image");
         let mut base = Refcounts::load(&file, &header, before.len() as u64, 16).expect("load");
         let old_table = (base.table_offset, base.table_clusters());
-        let old_blocks: Vec<u64> = base.table.iter().copied().filter(|&b| b != 0).collect();
+        let old_blocks: Vec<HostOffset> = base.table.iter().flatten().copied().collect();
 
-        let no_metadata = |_: u64| false;
+        let no_metadata = |_: HostCluster| false;
         let mut tx = Shadow::new(&mut base, &file, &no_metadata);
         let mut allocated = BTreeSet::new();
         for _ in 0..4 {
-            let first = tx.allocate(5000).expect("allocate") >> 9;
+            let first = tx.allocate(5000).expect("allocate").0 >> 9;
             allocated.extend(first..first + 5000);
         }
         // A cluster that gains and loses a reference ends where it was.
-        assert_eq!(tx.add(0, 1).expect("add"), 2);
-        assert_eq!(tx.add(0, -1).expect("add"), 1);
+        assert_eq!(tx.add(HostOffset(0), 1).expect("add"), Refcount(2));
+        assert_eq!(tx.add(HostOffset(0), -1).expect("add"), Refcount(1));
         let commit = tx.finish().expect("finish");
 
         let after = std::fs::read(&path).expect("reading the image");
@@ -388,7 +385,7 @@ mod tests {
         );
         assert_eq!(
             header_of(&file).refcount_table_offset,
-            old_table.0,
+            old_table.0.0,
             "the header is the caller's to switch"
         );
 
@@ -404,13 +401,17 @@ mod tests {
         expected_used.extend(l1_first..l1_first + (header.l1_size as u64 * 8).div_ceil(512));
         expected_used.extend(allocated.iter().copied());
         expected_used.extend((table_offset >> 9)..(table_offset >> 9) + table_clusters as u64);
-        expected_used.extend(view.table.iter().filter(|&&b| b != 0).map(|b| b >> 9));
+        expected_used.extend(view.table.iter().flatten().map(|b| b.0 >> 9));
         let clusters = after.len() as u64 >> 9;
         for c in 0..clusters {
             let want = u64::from(expected_used.contains(&c));
-            assert_eq!(view.get(&file, c).expect("get"), want, "cluster {c}");
+            assert_eq!(
+                view.get(&file, HostCluster(c)).expect("get"),
+                Refcount(want),
+                "cluster {c}"
+            );
         }
-        for c in old_table.0 >> 9..(old_table.0 >> 9) + old_table.1 {
+        for c in old_table.0.0 >> 9..(old_table.0.0 >> 9) + old_table.1 {
             assert!(
                 !expected_used.contains(&c),
                 "old table cluster {c} still in use"
@@ -418,14 +419,15 @@ mod tests {
         }
         for b in old_blocks {
             assert!(
-                !view.table.contains(&b),
-                "block {b:#x} was changed in place instead of moved"
+                !view.table.contains(&Some(b)),
+                "block {:#x} was changed in place instead of moved",
+                b.0
             );
         }
         assert!(view.table.len() > 64, "the table grew");
         let freed = commit.freed_ranges(9);
         assert!(
-            freed.iter().any(|&(o, _)| o == old_table.0),
+            freed.iter().any(|&(o, _)| o == old_table.0.0),
             "the old table is reported freed: {freed:?}"
         );
     }
