@@ -2,9 +2,13 @@
 //! offsets and reads data.
 
 pub mod cache;
+mod cluster;
 pub mod compress;
+mod corrupt;
+mod cow;
 pub mod create;
 pub mod error;
+mod grow;
 pub mod header;
 pub mod image;
 pub mod l1;
@@ -13,8 +17,10 @@ pub mod limits;
 pub mod lock;
 pub mod mapping;
 pub mod offsets;
+mod overlap;
 mod recent_l2;
 pub mod refcount;
+mod release;
 pub mod snapshot;
 pub mod snapshot_ops;
 pub mod storage;

@@ -30,9 +30,10 @@ use crate::qcow2::l2::{L2Entry, L2Table};
 use crate::qcow2::limits::{L1_ENTRY_SIZE, MAX_L1_BYTES, MAX_SNAPSHOTS};
 use crate::qcow2::mapping::L2Source;
 use crate::qcow2::offsets::{HostCluster, HostOffset};
+use crate::qcow2::overlap::MetadataKind;
 use crate::qcow2::refcount::{Shadow, ShadowCommit};
 use crate::qcow2::snapshot::{self, Snapshot};
-use crate::qcow2::write::{MetadataKind, Writer};
+use crate::qcow2::write::Writer;
 
 /// Net reference changes by host cluster (named by its offset). Applied at once, so that a
 /// cluster that gains and loses a reference in the same operation never passes through an
