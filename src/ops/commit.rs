@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{
-    Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer, format_name, read_own,
-    run_bytes, without, write_into, zero_into,
+    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
+    format_name, read_own, run_bytes, without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -29,18 +29,18 @@ pub fn commit(chain: &Arc<Chain>, index: usize, progress: Progress) -> Result<Ar
         ));
     };
     let _access = WriteAccess::acquire(chain, target)?;
-    // Guest writes wait while the top is committed and emptied.
+    // Guest writes wait while the top is committed and emptied. Writers are taken top first.
     let mut hold = if index == 0 {
         Some(source.writer()?)
     } else {
         None
     };
+    // The target may be an image that was the top once (an external create made it a backing
+    // layer): its own writer, never the guest's entry points that refuse it.
+    let mut into = LayerWriter::take(chain, target)?;
 
     if target_layer.virtual_size() < source.virtual_size() {
-        match target_layer.as_ref() {
-            Layer::Qcow2(image) => image.grow(source.virtual_size())?,
-            Layer::Raw(raw) => raw.grow(source.virtual_size())?,
-        }
+        into.grow(source.virtual_size())?;
     }
     let runs = allocated_runs(source)?;
     let total = run_bytes(&runs);
@@ -51,17 +51,18 @@ pub fn commit(chain: &Arc<Chain>, index: usize, progress: Progress) -> Result<Ar
             Run::Data { offset, len } => {
                 buf.resize(len as usize, 0);
                 read_own(source, &mut buf, offset)?;
-                write_into(chain, target, None, &buf, offset)?;
+                into.write(&buf, offset)?;
                 done += len;
             }
             Run::Zero { offset, len } => {
-                zero_into(chain, target, None, offset, len)?;
+                into.zero(offset, len)?;
                 done += len;
             }
         }
         progress(done, total);
     }
     flush_layer(target_layer)?;
+    drop(into);
 
     if let Some(w) = hold.as_mut() {
         source.empty_locked(w)?;

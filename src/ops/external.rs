@@ -79,6 +79,9 @@ pub fn create_external(
     };
     let mut layers = vec![Arc::new(Layer::Qcow2(Box::new(overlay)))];
     layers.extend(chain.layers.iter().cloned());
+    // From here the old top is a backing layer: guest writes that resolved the old chain are
+    // refused on it and retried on the new top; chain operations still write into it through
+    // its writer (see `Controller::switch_chain` for what outlives the switch).
     top.retire();
     if let Err(e) = top.storage().unlock_writing() {
         log::warn!("{e}");

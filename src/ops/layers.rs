@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::{
-    Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer, format_name, run_bytes,
-    without, write_into, zero_into,
+    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
+    format_name, run_bytes, without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -40,7 +40,7 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
         });
     }
     let _access = WriteAccess::acquire(chain, above)?;
-    let mut w = above_image.writer()?;
+    let mut into = LayerWriter::take(chain, above)?;
     let runs = source_runs(chain, index)?;
     let total = run_bytes(&runs);
     let above_l1 = above_image.active_l1();
@@ -58,11 +58,11 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
             let n = mapping.len().max(1);
             if let Mapping::Unallocated { .. } = mapping {
                 if zero {
-                    zero_into(chain, above, Some(&mut w), pos, n)?;
+                    into.zero(pos, n)?;
                 } else {
                     buf.resize(n as usize, 0);
                     crate::view::read_chain(chain, index, &mut buf, pos)?;
-                    write_into(chain, above, Some(&mut w), &buf, pos)?;
+                    into.write(&buf, pos)?;
                 }
             }
             pos += n;
@@ -82,7 +82,10 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
         ),
         None => (None, None),
     };
-    above_image.set_backing_locked(&mut w, name, format)?;
+    let (_, w) = into
+        .qcow2()
+        .ok_or_else(|| invalid(chain, above, "a raw layer cannot have a backing file"))?;
+    above_image.set_backing_locked(w, name, format)?;
     Ok(without(chain, index))
 }
 

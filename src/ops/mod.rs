@@ -17,8 +17,9 @@ pub use commit::commit;
 pub use external::create_external;
 pub use layers::{pull_into_above, revert_to_layer};
 
-use crate::chain::{Chain, Layer};
+use crate::chain::{Chain, Layer, RawImage};
 use crate::error::{Error, Result};
+use crate::qcow2::write::Writer;
 use crate::qcow2::{Mapping, Qcow2Image};
 
 /// Bytes moved per step (and between progress reports).
@@ -128,46 +129,68 @@ fn read_own(image: &Qcow2Image, buf: &mut [u8], offset: u64) -> Result<()> {
     })
 }
 
-/// Writes data into layer `index` of `chain` (COW data comes from the layers below it).
-fn write_into(
-    chain: &Chain,
+/// Layer `index` of a chain, held for writing by a chain operation for as long as it writes:
+/// a qcow2 layer's writer is taken once and every change goes through the `*_locked` entry
+/// points. Never the guest's entry points (`write_at`, `zero_range`, `grow`): those refuse an
+/// image that is no longer the top (see [`external`]), and a chain operation writes into such
+/// images by design (a commit of the top into the old top after an external create).
+struct LayerWriter<'a> {
+    chain: &'a Chain,
     index: usize,
-    w: Option<&mut crate::qcow2::write::Writer>,
-    data: &[u8],
-    offset: u64,
-) -> Result<()> {
-    match chain.layers[index].as_ref() {
-        Layer::Qcow2(image) => {
-            let below =
-                |buf: &mut [u8], pos: u64| crate::view::read_chain(chain, index + 1, buf, pos);
-            match w {
-                Some(w) => image.write_locked(w, data, offset, &below),
-                None => image.write_at(data, offset, &below),
-            }
-        }
-        Layer::Raw(raw) => raw.write(data, offset),
-    }
+    held: Held<'a>,
 }
 
-/// Makes a range of layer `index` read as zeros.
-fn zero_into(
-    chain: &Chain,
-    index: usize,
-    w: Option<&mut crate::qcow2::write::Writer>,
-    offset: u64,
-    len: u64,
-) -> Result<()> {
-    match chain.layers[index].as_ref() {
-        Layer::Qcow2(image) => {
-            let below =
-                |buf: &mut [u8], pos: u64| crate::view::read_chain(chain, index + 1, buf, pos);
-            let has_backing = chain.layers.len() > index + 1;
-            match w {
-                Some(w) => image.zero_locked(w, offset, len, &below, has_backing),
-                None => image.zero_range(offset, len, &below, has_backing),
-            }
+enum Held<'a> {
+    Qcow2(&'a Qcow2Image, parking_lot::MutexGuard<'a, Writer>),
+    Raw(&'a RawImage),
+}
+
+impl<'a> LayerWriter<'a> {
+    /// Takes the writer of layer `index`. A backing layer must have been made writable first
+    /// ([`WriteAccess`]).
+    fn take(chain: &'a Chain, index: usize) -> Result<Self> {
+        let held = match chain.layers[index].as_ref() {
+            Layer::Qcow2(image) => Held::Qcow2(image, image.writer()?),
+            Layer::Raw(raw) => Held::Raw(raw),
+        };
+        Ok(LayerWriter { chain, index, held })
+    }
+
+    /// The qcow2 image and its writer; `None` for a raw layer.
+    fn qcow2(&mut self) -> Option<(&'a Qcow2Image, &mut Writer)> {
+        match &mut self.held {
+            Held::Qcow2(image, w) => Some((*image, &mut **w)),
+            Held::Raw(_) => None,
         }
-        Layer::Raw(raw) => raw.zero(offset, len),
+    }
+
+    /// Writes data at guest `offset` (copy-on-write data comes from the layers below).
+    fn write(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        let (chain, index) = (self.chain, self.index);
+        let below = |buf: &mut [u8], pos: u64| crate::view::read_chain(chain, index + 1, buf, pos);
+        match &mut self.held {
+            Held::Qcow2(image, w) => image.write_locked(w, data, offset, &below),
+            Held::Raw(raw) => raw.write(data, offset),
+        }
+    }
+
+    /// Makes a range read as zeros.
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        let (chain, index) = (self.chain, self.index);
+        let below = |buf: &mut [u8], pos: u64| crate::view::read_chain(chain, index + 1, buf, pos);
+        let has_backing = chain.layers.len() > index + 1;
+        match &mut self.held {
+            Held::Qcow2(image, w) => image.zero_locked(w, offset, len, &below, has_backing),
+            Held::Raw(raw) => raw.zero(offset, len),
+        }
+    }
+
+    /// Grows the layer's virtual disk to `size` (a commit of a larger overlay).
+    fn grow(&mut self, size: u64) -> Result<()> {
+        match &mut self.held {
+            Held::Qcow2(image, w) => image.grow_locked(w, size),
+            Held::Raw(raw) => raw.grow(size),
+        }
     }
 }
 

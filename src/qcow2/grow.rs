@@ -14,8 +14,32 @@ use crate::qcow2::write::Writer;
 
 impl Qcow2Image {
     /// Grows the virtual disk to `new_size` bytes (like `qemu-img resize`): the L1 table grows
-    /// first if it must, then the size field changes. Shrinking is refused.
+    /// first if it must, then the size field changes. Shrinking is refused. This is the guest's
+    /// entry point (`truncate` of `live.raw`): an image that is no longer the top refuses it
+    /// ([`Error::Retired`]) so that the caller retries on the new top.
     pub fn grow(&self, new_size: u64) -> Result<()> {
+        // Refused before the writer is taken: taking it clears the autoclear bits, and a refused
+        // resize must leave the file as it was.
+        if !self.check_grow(new_size)? {
+            return Ok(());
+        }
+        let mut w = self.writer()?;
+        self.check_not_retired()?;
+        self.grow_locked(&mut w, new_size)
+    }
+
+    /// [`Qcow2Image::grow`] for a caller that holds the writer: a chain operation that grows the
+    /// layer it writes into (a commit of a larger overlay), whether or not the layer is the top.
+    pub fn grow_locked(&self, w: &mut Writer, new_size: u64) -> Result<()> {
+        if self.check_grow(new_size)? {
+            self.resize_locked(w, new_size)?;
+        }
+        Ok(())
+    }
+
+    /// Whether growing to `new_size` changes anything (false: it is the size already); an error
+    /// if it is not allowed.
+    fn check_grow(&self, new_size: u64) -> Result<bool> {
         let invalid = |reason: String| Error::Invalid {
             path: self.path.clone(),
             reason,
@@ -32,16 +56,14 @@ impl Qcow2Image {
             )));
         }
         if new_size == size {
-            return Ok(());
+            return Ok(false);
         }
         if self.header.version < 3 && !self.snapshots().is_empty() {
             return Err(invalid(
                 "a version 2 image with snapshots cannot be resized".into(),
             ));
         }
-        let mut w = self.writer()?;
-        self.check_not_retired()?;
-        self.resize_locked(&mut w, new_size)
+        Ok(true)
     }
 
     /// Sets the virtual size, growing the L1 table if needed. Callers check that shrinking is

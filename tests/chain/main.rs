@@ -7,6 +7,7 @@ mod common;
 
 mod chain_busy;
 mod chain_crash;
+mod chain_model;
 mod chain_oracle;
 mod chain_progress;
 mod locks;
