@@ -95,6 +95,28 @@ impl Controller {
     }
 
     /// Switches the catalog to `chain` and says what changed.
+    ///
+    /// What may outlive a switch, and why commands still act on the right files:
+    /// - The layers themselves. A chain is only an arrangement of shared `Arc<Layer>`s: the new
+    ///   chain holds the same image objects (their writer, tables and caches) as the old one,
+    ///   and an image may change role across a switch. After `create --external` the old top
+    ///   is a backing layer but the same object, marked retired (`Qcow2Image::retire`): a
+    ///   *guest* entry point (`write_at`, `zero_range`, `grow`) refuses it so that a guest
+    ///   request still on its way to it is run again on the new top (`SnapFs::on_live`). A
+    ///   retired image stays writable for chain operations (issue 21: a later commit writes
+    ///   into it as the layer below).
+    /// - The old chain, for as long as a request that resolved its view before the switch runs
+    ///   (a FUSE read or write holds its `ViewEntry`, hence its chain). Open file handles hold
+    ///   no view: every request looks its view up afresh by inode, so it sees the new chain.
+    ///
+    /// How each command resolves the layers it acts on: commands run one at a time (`running`),
+    /// and only commands switch the chain, so the chain a command reads from the catalog at its
+    /// start (`catalog.chain()`, and the layer indexes of the views it names, from the same
+    /// catalog state) is the current arrangement for all of its run. Within it, `crate::ops`
+    /// takes each layer it changes by index and writes it through that image's own writer
+    /// (`ops::LayerWriter`: the `*_locked` entry points, `grow_locked`), never through the
+    /// guest's entry points, so no mark left by an earlier arrangement can refuse it. Nothing
+    /// keeps a layer from one command to the next.
     fn switch_chain(&self, chain: Arc<crate::chain::Chain>) -> Result<Effect, CommandError> {
         let changes = self.catalog.rebuild(chain)?;
         // Which views a chain change alters is the command's business; dropping the cached pages
