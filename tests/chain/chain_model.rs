@@ -189,9 +189,12 @@ enum Step {
         depth: usize,
         name: String,
     },
+    /// `NAME --external FILE`, or with `named` false `NAME --external` (FILE is then the
+    /// default snapfs must pick).
     External {
         name: String,
         file: String,
+        named: bool,
     },
     DeleteLayer {
         depth: usize,
@@ -281,8 +284,9 @@ impl Run {
     // -----------------------------------------------------------------------------------------
 
     /// Seed N's chain: (N - 1) % 5 + 1 layers; a raw base for even seeds (a chain of one layer
-    /// is one qcow2 image); cluster sizes, sizes (a base smaller than the layers above, so that
-    /// commits grow it), data, zero clusters and internal snapshots from the seed.
+    /// is one qcow2 image); cluster sizes, extended L2 entries, version 2 layers below the top,
+    /// sizes (a base smaller than the layers above, so that commits grow it), data, zero and
+    /// compressed clusters and internal snapshots from the seed.
     fn build(&mut self) {
         let depth = ((self.seed.wrapping_sub(1)) % MAX_LAYERS as u64) as usize + 1;
         let raw_base = depth > 1 && self.seed.is_multiple_of(2);
@@ -306,6 +310,7 @@ impl Run {
                 Fmt::Raw => format!("l{k}.img"),
             };
             let path = self.prod.join(&file);
+            let mut v2 = false;
             let mut layer = ModelLayer {
                 file: file.clone(),
                 fmt,
@@ -325,16 +330,25 @@ impl Run {
                     ]);
                 }
                 Fmt::Qcow2 => {
-                    let extended = cs >= 16 * KIB && self.rng.chance(30);
+                    // A version 2 image only below the top (snapfs keeps the top, and QEMU
+                    // cannot resize a v2 image with snapshots: v2 layers get none).
+                    v2 = k + 1 < depth && self.rng.chance(25);
+                    let extended = !v2 && cs >= 16 * KIB && self.rng.chance(30);
                     let opts = format!(
-                        "cluster_size={cs}{}",
-                        if extended { ",extended_l2=on" } else { "" }
+                        "cluster_size={cs}{}{}",
+                        if extended { ",extended_l2=on" } else { "" },
+                        if v2 { ",compat=0.10" } else { "" }
                     );
                     let backing = below.as_ref().map(|b| (b.file.as_str(), b.fmt.name()));
                     create_qcow2(&path, layer_size, &opts, backing);
                 }
             }
             let mut cmds = Vec::new();
+            if fmt == Fmt::Qcow2 && self.rng.chance(40) {
+                // Compressed clusters, for commits and deletes to read.
+                let off = self.rng.below(layer_size / cs) * cs;
+                cmds.push(format!("write -c -P {} {off} {cs}", self.rng.range(1, 255)));
+            }
             for _ in 0..self.rng.range(1, 4) {
                 let len = self.rng.range(1, 64) * 4 * KIB;
                 let off = self.rng.below(layer_size - len) / 512 * 512;
@@ -345,7 +359,7 @@ impl Run {
                 cmds.push(format!("write -z {off} {cs}"));
             }
             qemu_io_s(&path, &cmds);
-            if fmt == Fmt::Qcow2 && self.rng.chance(40) {
+            if fmt == Fmt::Qcow2 && !v2 && self.rng.chance(40) {
                 let tag = format!("s{k}");
                 snapshot_create(&path, &tag);
                 layer.snapshots.push((tag, layer_size));
@@ -523,10 +537,14 @@ impl Run {
                 }
                 50..=59 if n < MAX_LAYERS => {
                     self.counter += 1;
-                    Step::External {
-                        name: format!("x{}", self.counter),
-                        file: format!("n{}.qcow2", self.counter),
-                    }
+                    let name = format!("x{}", self.counter);
+                    // Named by the command, or where snapfs puts it by default.
+                    let (file, named) = if self.rng.chance(70) {
+                        (format!("n{}.qcow2", self.counter), true)
+                    } else {
+                        (format!("{}.{name}.qcow2", self.layers[0].stem()), false)
+                    };
+                    Step::External { name, file, named }
                 }
                 60..=67 if n >= 2 => {
                     let depth = self.rng.range(1, n as u64 - 1) as usize;
@@ -679,12 +697,16 @@ impl Run {
                 self.layers[d + 1].size = target.size.max(source.size);
                 self.layers.remove(d);
             }
-            Step::External { name, file } => {
-                self.command(
-                    m,
-                    "create",
-                    &format!("{name} --external {file}"),
-                    &format!("create {name}"),
+            Step::External { name, file, named } => {
+                let text = if *named {
+                    format!("{name} --external {file}")
+                } else {
+                    format!("{name} --external")
+                };
+                self.command(m, "create", &text, &format!("create {name}"));
+                assert!(
+                    self.prod.join(file).exists(),
+                    "`create {text}` should have made {file}"
                 );
                 let old = self.layers[0].clone();
                 run_in(
