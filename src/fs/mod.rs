@@ -168,6 +168,29 @@ fn is_open_else_claim(handles: &Mutex<Handles>, target: Target) -> bool {
 }
 
 impl SnapFs {
+    /// Runs a guest change (write, hole punch, resize) on the live view. An external create may
+    /// switch the top while the request is on its way: the request resolved the old chain, the
+    /// old top refuses it once retired ([`crate::error::Error::Retired`]), and it runs again on
+    /// the live view of the new chain (see `Controller::switch_chain`). The catalog switches
+    /// right after the old top retires, so a retry finds the new top at once or after a
+    /// moment.
+    fn on_live<T>(
+        &self,
+        op: impl Fn(&crate::view::View) -> crate::error::Result<T>,
+    ) -> crate::error::Result<T> {
+        let mut tries = 0;
+        loop {
+            let live = self.catalog.live();
+            match op(&live.view) {
+                Err(crate::error::Error::Retired { .. }) if tries < 1000 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                result => return result,
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         catalog: Arc<Catalog>,
@@ -555,28 +578,23 @@ impl Filesystem for SnapFs {
             Ok(_) => return reply.error(Errno::EBADF),
             Err(e) => return reply.error(e),
         }
-        // An external snapshot may switch the top while this write is on its way: the old top
-        // refuses it, and it goes to the new one.
-        for _ in 0..1000 {
-            let live = self.catalog.live();
-            let size = live.view.size();
+        let written = self.on_live(|view| {
+            let size = view.size();
             if offset >= size && !data.is_empty() {
-                return reply.error(Errno::ENOSPC);
+                return Ok(None);
             }
             // A write that runs past the end is cut short, as a block device does.
             let len = (size - offset).min(data.len() as u64) as usize;
-            match live.view.write_at(&data[..len], offset) {
-                Ok(()) => return reply.written(len as u32),
-                Err(crate::error::Error::Retired { .. }) => {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(e) => {
-                    log::error!("live.raw: write {len} bytes at {offset:#x}: {e}");
-                    return reply.error(errno(&e));
-                }
+            view.write_at(&data[..len], offset).map(|()| Some(len))
+        });
+        match written {
+            Ok(Some(len)) => reply.written(len as u32),
+            Ok(None) => reply.error(Errno::ENOSPC),
+            Err(e) => {
+                log::error!("live.raw: write {} bytes at {offset:#x}: {e}", data.len());
+                reply.error(errno(&e))
             }
         }
-        reply.error(Errno::EIO)
     }
 
     fn flush(
@@ -651,10 +669,11 @@ impl Filesystem for SnapFs {
             }
             match node {
                 Node::Live => {
-                    let view = &self.catalog.live().view;
-                    if new_size != view.size()
-                        && let Err(e) = view.grow(new_size)
-                    {
+                    let grown = self.on_live(|view| match new_size == view.size() {
+                        true => Ok(()),
+                        false => view.grow(new_size),
+                    });
+                    if let Err(e) = grown {
                         log::warn!("live.raw: resize to {new_size}: {e}");
                         return reply.error(errno(&e));
                     }
@@ -684,7 +703,6 @@ impl Filesystem for SnapFs {
         if ino.0 != nodes::LIVE {
             return reply.error(Errno::EOPNOTSUPP);
         }
-        let view = &self.catalog.live().view;
         let known =
             libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 {
@@ -692,14 +710,16 @@ impl Filesystem for SnapFs {
         }
         let zeroing = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
         let end = offset.saturating_add(length);
-        let result = if zeroing {
-            view.zero_range(offset, length)
-        } else if end <= view.size() || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
-            // Plain preallocation inside the disk: every block already exists.
-            Ok(())
-        } else {
-            view.grow(end.next_multiple_of(512))
-        };
+        let result = self.on_live(|view| {
+            if zeroing {
+                view.zero_range(offset, length)
+            } else if end <= view.size() || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+                // Plain preallocation inside the disk: every block already exists.
+                Ok(())
+            } else {
+                view.grow(end.next_multiple_of(512))
+            }
+        });
         match result {
             Ok(()) => reply.ok(),
             Err(e) => {

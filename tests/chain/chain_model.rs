@@ -89,6 +89,122 @@ fn commit_after_external_create_writes_into_the_old_top() {
     }
 }
 
+/// Guest requests on their way while `create --external` switches the top: every write, hole
+/// punch and resize that resolved the old chain must land on the new top (the old top refuses
+/// them once retired; the request is retried), never fail. One thread writes, punches holes and
+/// grows `live.raw` through one descriptor while the test runs external creates; then the live
+/// disk must hold exactly what the thread did, mounted and per qemu-img.
+#[test]
+fn guest_requests_across_external_creates() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const CREATES: usize = 20;
+
+    let work = workdir();
+    let dir = work.path();
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    create_qcow2(&base, 4 * MIB, "cluster_size=65536", None);
+    qemu_io(&base, &["write -P 0x31 0 4M"]);
+    create_qcow2(
+        &top,
+        4 * MIB,
+        "cluster_size=65536",
+        Some(("base.qcow2", "qcow2")),
+    );
+    let m = Mount::new(&top);
+    let _deadline = Deadline::new(m.path(), Duration::from_secs(120), "external creates");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let live = m.live();
+    let guest = {
+        let stop = stop.clone();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let f = fs::OpenOptions::new().write(true).open(&live).unwrap();
+            let mut want = vec![0x31u8; 4 * MIB as usize];
+            let mut rng = Rng::new(21);
+            let mut errors = Vec::new();
+            let mut ops = 0u64;
+            while !stop.load(Ordering::Acquire) && errors.len() < 5 {
+                ops += 1;
+                let size = want.len() as u64;
+                match rng.below(10) {
+                    0..=5 => {
+                        let len = rng.range(1, 16 * KIB);
+                        let off = rng.below(size - len);
+                        let data = rng.bytes(len as usize);
+                        match f.write_all_at(&data, off) {
+                            Ok(()) => {
+                                want[off as usize..(off + len) as usize].copy_from_slice(&data)
+                            }
+                            Err(e) => errors.push(format!("pwrite {len} at {off:#x}: {e}")),
+                        }
+                    }
+                    6..=8 => {
+                        let len = rng.range(1, 128 * KIB);
+                        let off = rng.below(size - len);
+                        let mode = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+                        let r =
+                            unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+                        if r == 0 {
+                            want[off as usize..(off + len) as usize].fill(0);
+                        } else {
+                            errors.push(format!(
+                                "fallocate(PUNCH_HOLE) {len} at {off:#x}: {}",
+                                std::io::Error::last_os_error()
+                            ));
+                        }
+                    }
+                    _ => {
+                        let new = size + 64 * KIB;
+                        match f.set_len(new) {
+                            Ok(()) => want.resize(new as usize, 0),
+                            Err(e) => errors.push(format!("ftruncate to {new}: {e}")),
+                        }
+                    }
+                }
+                done.store(ops, Ordering::Release);
+            }
+            (want, errors, ops)
+        })
+    };
+    for i in 0..CREATES {
+        // Requests run between the creates too, not only during them.
+        let seen = done.load(Ordering::Acquire);
+        while done.load(Ordering::Acquire) < seen + 3 && !guest.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        control_ok(m.path(), "create", &format!("x{i} --external o{i}.qcow2"));
+    }
+    stop.store(true, Ordering::Release);
+    let (want, errors, ops) = guest.join().unwrap();
+    eprintln!("{ops} guest requests across {CREATES} external creates");
+    assert!(
+        errors.is_empty(),
+        "guest requests failed while external creates switched the top ({ops} requests):\n{}\ncontrol/status:\n{}\nsnapfs stderr:\n{}",
+        errors.join("\n"),
+        status_text(m.path()),
+        m.stderr_text()
+    );
+    if let Some(d) = diff_bytes(&read_whole(&m.live()), &want) {
+        panic!("live.raw after {ops} guest requests across external creates: {d}");
+    }
+    drop(m);
+    assert_all_clean(dir, "after unmount");
+    let last = dir.join(format!("o{}.qcow2", CREATES - 1));
+    assert_eq!(
+        chain_files(&last, dir).len(),
+        CREATES + 2,
+        "the overlays over top and base"
+    );
+    if let Some(d) = diff_bytes(&qemu_content(&last, None), &want) {
+        panic!("qemu-img convert of the last overlay vs the guest's requests: {d}");
+    }
+}
+
 // =============================================================================================
 // The model
 // =============================================================================================
