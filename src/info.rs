@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::catalog::{Catalog, ViewEntry};
+use crate::catalog::{Catalog, Part, ViewEntry};
 use crate::chain::{Chain, Layer};
 use crate::qcow2::header::CompressionType;
 
@@ -121,6 +121,9 @@ pub struct ViewInfo {
     pub description: Option<String>,
     pub layer: String,
     pub vm_state_size: u64,
+    /// The file with the snapshot's VM state (`snapshots/NAME.vmstate`), if it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_state_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// libvirt's current snapshot.
@@ -216,6 +219,7 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
         description: entry.description.clone(),
         layer: entry.layer_path.display().to_string(),
         vm_state_size: entry.vm_state_size,
+        vm_state_file: None,
         state: entry.state.clone(),
         current: entry.current,
         libvirt_name: entry.libvirt_name.clone(),
@@ -224,11 +228,26 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
 
 pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
     let mut views = vec![view_info(&catalog.live(), "")];
-    views.extend(
-        catalog
-            .snapshots()
+    let snapshots = catalog.snapshots();
+    // A VM state file is listed with its snapshot's view, not as a view of its own.
+    let vm_state_file = |disk: &ViewEntry| {
+        snapshots
             .iter()
-            .map(|(_, v)| view_info(v, "snapshots/")),
+            .find(|(_, v)| {
+                v.part == Part::VmState
+                    && v.layer_path == disk.layer_path
+                    && v.snapshot_id == disk.snapshot_id
+            })
+            .map(|(_, v)| format!("snapshots/{}", v.file_name))
+    };
+    views.extend(
+        snapshots
+            .iter()
+            .filter(|(_, v)| v.part == Part::Disk)
+            .map(|(_, v)| ViewInfo {
+                vm_state_file: vm_state_file(v),
+                ..view_info(v, "snapshots/")
+            }),
     );
     let meta = catalog.metadata();
     let libvirt = meta.dir.is_some().then(|| libvirt_info(&meta, &views));

@@ -385,21 +385,32 @@ impl Controller {
             return Ok(effect);
         }
         let id = self.internal_of_top(&entry, "delete")?;
-        if still_open(Target::Snapshot(key), is_open) {
+        // The snapshot's VM state file goes with it.
+        let mut views = vec![(key, entry.clone())];
+        views.extend(self.catalog.siblings(key));
+        if let Some((_, open)) = views
+            .iter()
+            .find(|(k, _)| still_open(Target::Snapshot(*k), is_open))
+        {
             return Err(CommandError::new(
                 libc::EBUSY,
                 format!(
                     "{} is open (a backup may be reading it); close it first",
-                    entry.file_name
+                    open.file_name
                 ),
             ));
         }
         self.catalog.chain().top_image().delete_snapshot(&id)?;
-        self.catalog.remove(key);
+        for (k, _) in &views {
+            self.catalog.remove(*k);
+        }
         self.forget_in_libvirt(entry.libvirt_name.as_deref());
         self.catalog.live().view.invalidate();
         Ok(Effect {
-            removed: vec![(key, entry.file_name.clone())],
+            removed: views
+                .iter()
+                .map(|(k, v)| (*k, v.file_name.clone()))
+                .collect(),
             ..Effect::default()
         })
     }
