@@ -329,18 +329,18 @@ fn build_state(
         )),
     });
     let mut by_key = BTreeMap::new();
+    // Places a view under a key and a name (its old ones if it survives from `previous`), and
+    // the VM state view of the same snapshot, if any, under the same name with `.vmstate`.
     let mut place = |mut entry: ViewEntry,
                      vm_state: Option<ViewEntry>,
                      naming: &mut Naming,
                      wanted: &str,
                      fallback: String| {
-        let name = match previous.get(&identity(&entry)) {
+        let (key, name) = match previous.get(&identity(&entry)) {
             Some((key, old)) => {
                 entry.file_name = old.file_name.clone();
                 entry.description = entry.description.take().or_else(|| old.description.clone());
-                let name = old.file_name.trim_end_matches(SUFFIX).to_owned();
-                by_key.insert(*key, Arc::new(entry.clone()));
-                name
+                (*key, old.file_name.trim_end_matches(SUFFIX).to_owned())
             }
             None => {
                 let name = naming.names.claim(wanted, || fallback.clone());
@@ -348,8 +348,7 @@ fn build_state(
                 let key = naming.next_key;
                 naming.next_key += 1;
                 added.push((key, entry.file_name.clone()));
-                by_key.insert(key, Arc::new(entry.clone()));
-                name
+                (key, name)
             }
         };
         if let Some(mut vm_state) = vm_state {
@@ -368,6 +367,7 @@ fn build_state(
             };
             by_key.insert(key, Arc::new(vm_state));
         }
+        by_key.insert(key, Arc::new(entry));
         name
     };
     for (depth, layer) in chain.layers.iter().enumerate() {
@@ -513,11 +513,11 @@ fn vm_state_entry(
     image: &crate::qcow2::Qcow2Image,
     snap: &Snapshot,
 ) -> Option<ViewEntry> {
+    // Most snapshots have none (disk-only ones, `qemu-img snapshot -c`): nothing to build.
+    let (offset, len) = vm_state_range(image.geometry(), snap, image.snapshot_size(snap))?;
     let StartTable::Snapshot(l1) = disk.view.start_table() else {
         return None;
     };
-    let geometry = image.geometry();
-    let (offset, len) = vm_state_range(geometry, snap, image.snapshot_size(snap))?;
     Some(ViewEntry {
         part: Part::VmState,
         view: Arc::new(View::window(

@@ -1,6 +1,8 @@
 //! What `snapfs info` prints and `info.json` holds: the chain (field names as
 //! `qemu-img info --backing-chain --output=json` spells them) and every view.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -229,23 +231,29 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
 pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
     let mut views = vec![view_info(&catalog.live(), "")];
     let snapshots = catalog.snapshots();
-    // A VM state file is listed with its snapshot's view, not as a view of its own.
-    let vm_state_file = |disk: &ViewEntry| {
-        snapshots
-            .iter()
-            .find(|(_, v)| {
-                v.part == Part::VmState
-                    && v.layer_path == disk.layer_path
-                    && v.snapshot_id == disk.snapshot_id
-            })
-            .map(|(_, v)| format!("snapshots/{}", v.file_name))
-    };
+    // A VM state file is listed with its snapshot's view, not as a view of its own. One pass
+    // finds them all: an image may have 65535 snapshots.
+    let vm_state_files: HashMap<(&Path, &[u8]), String> = snapshots
+        .iter()
+        .filter(|(_, v)| v.part == Part::VmState)
+        .filter_map(|(_, v)| {
+            let id = v.snapshot_id.as_deref()?;
+            Some((
+                (v.layer_path.as_path(), id),
+                format!("snapshots/{}", v.file_name),
+            ))
+        })
+        .collect();
     views.extend(
         snapshots
             .iter()
             .filter(|(_, v)| v.part == Part::Disk)
             .map(|(_, v)| ViewInfo {
-                vm_state_file: vm_state_file(v),
+                vm_state_file: v
+                    .snapshot_id
+                    .as_deref()
+                    .and_then(|id| vm_state_files.get(&(v.layer_path.as_path(), id)))
+                    .cloned(),
                 ..view_info(v, "snapshots/")
             }),
     );

@@ -239,7 +239,8 @@ fn info_json_parses() {
     );
 }
 
-/// Two listings of snapshots/ give the same names in the same order, with the same inode numbers.
+/// Two listings of snapshots/ give the same names in the same order, with the same inode numbers;
+/// a snapshot with VM state has its `.vmstate` file beside it, one without has none.
 #[test]
 fn snapshot_listing_is_stable() {
     let dir = workdir();
@@ -262,7 +263,17 @@ fn snapshot_listing_is_stable() {
     let names: Vec<&str> = a.iter().map(|(n, _)| n.as_str()).collect();
     let mut sorted = names.clone();
     sorted.sort();
-    assert_eq!(sorted, ["base.raw", "first.raw", "second.raw"]);
+    // `second` has VM state (vm-state-size VMSTATE2), so its state file is listed beside it.
+    assert_eq!(
+        sorted,
+        ["base.raw", "first.raw", "second.raw", "second.vmstate"]
+    );
+    let state = fs::metadata(m.snapshot("second.vmstate")).unwrap();
+    assert_eq!(
+        state.len(),
+        VMSTATE2,
+        "second.vmstate is vm-state-size long"
+    );
 }
 
 /// Owner and mode follow the image file; snapshot files have no write bits.
