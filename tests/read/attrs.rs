@@ -377,6 +377,19 @@ fn snapfs_info_lists_snapshots() {
             out.stdout
         );
     }
+    // `second`'s VM state is a file of the mount: listed with its kind and size; `first` has none.
+    let state_lines: Vec<Vec<&str>> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(".vmstate"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        state_lines,
+        [["snapshots/second.vmstate", "vm-state", "12.056", "KiB"]],
+        "VM state in snapfs info:\n{}",
+        out.stdout
+    );
     let out = run_timeout(
         snapfs_cmd().arg("info").arg("--json").arg(&top),
         Duration::from_secs(60),
@@ -390,6 +403,15 @@ fn snapfs_info_lists_snapshots() {
     );
     let v: serde_json::Value = serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("snapfs info --json is not JSON: {e}\n{}", out.stdout));
+    let second = v["views"]
+        .as_array()
+        .and_then(|views| views.iter().find(|w| w["file"] == "snapshots/second.raw"))
+        .unwrap_or_else(|| panic!("no second.raw in snapfs info --json: {v}"));
+    assert_eq!(
+        second["vm-state-file"], "snapshots/second.vmstate",
+        "{second}"
+    );
+    assert_eq!(second["vm-state-size"], VMSTATE2, "{second}");
     let text = v.to_string();
     for word in ["first", "second"] {
         assert!(
