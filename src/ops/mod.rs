@@ -7,6 +7,7 @@
 //! leaves the top still holding its data).
 
 mod commit;
+mod dependents;
 pub mod external;
 mod layers;
 

@@ -155,8 +155,15 @@ fn impossible_and_unknown_commands_are_clean_errors() {
 
     // the bottom layer has no backing file to commit into
     refused(root, &m, "commit", "base", libc::EINVAL, "commit base");
-    // the layer above upper (the top) has an internal snapshot that reads through upper
-    refused(root, &m, "delete", "upper", libc::EINVAL, "delete upper");
+    // the layer above upper (the top) has an internal snapshot that reads through upper: the
+    // message names it, and the top's path once
+    let msg = refused(root, &m, "delete", "upper", libc::EINVAL, "delete upper");
+    assert!(msg.contains("\"t1\""), "the refusal should name t1: {msg}");
+    assert_eq!(
+        msg.matches("top.qcow2").count(),
+        1,
+        "the refusal should name the top once: {msg}"
+    );
     // an internal snapshot is not a layer that can be committed
     refused(root, &m, "commit", "t1", libc::EINVAL, "commit t1");
     // unknown names
