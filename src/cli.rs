@@ -1,4 +1,4 @@
-//! The command line: `snapfs mount | umount | snapshot | commit | info`, and the hidden
+//! The command line: `snapfs mount | umount | snapshot | commit | pull | info`, and the hidden
 //! `completions` and `man` commands that generate shell completions and manual pages from these
 //! definitions.
 
@@ -19,7 +19,7 @@ use clap_mangen::roff::{Roff, roman};
                   snapfs mounts the backing chain whose top (active) file is IMAGE as a directory: \
                   the live disk is the writable raw file live.raw, every internal snapshot and \
                   every backing layer is a read-only raw file under snapshots/, and the files \
-                  under control/ take create, revert, delete and commit commands.",
+                  under control/ take create, revert, delete, commit and pull commands.",
     after_help = "Examples:\n  \
                   snapfs info vm.qcow2\n  \
                   snapfs mount vm.qcow2 /mnt/vm\n  \
@@ -110,6 +110,27 @@ pub enum Command {
         /// The layer to merge, as named under snapshots/ (default: the top image).
         #[arg(value_name = "LAYER")]
         layer: Option<String>,
+    },
+    /// Copy into the top image the data of the layers above BASE, then drop those layers.
+    #[command(
+        long_about = "Copy into the top image all data it reads from the layers above BASE \
+                      (default: every layer), then make BASE (default: nothing) the top's \
+                      backing file, like 'virsh blockpull --base' and 'qemu-img rebase -b'. \
+                      The live disk reads the same; the layers that leave the chain stay on \
+                      disk as they are. Refused if an internal snapshot of the top reads data \
+                      from those layers. Writes MOUNTPOINT/control/pull and shows the progress.",
+        after_help = "Examples:\n  \
+                      snapfs pull /mnt/vm\n  \
+                      snapfs pull /mnt/vm base"
+    )]
+    Pull {
+        /// Where the image is mounted.
+        #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+        /// The layer that becomes the top's backing file, as named under snapshots/ (default:
+        /// none; the top then holds the whole disk).
+        #[arg(value_name = "BASE")]
+        base: Option<String>,
     },
     /// Show the chain and every snapshot of IMAGE.
     #[command(
