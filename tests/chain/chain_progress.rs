@@ -1,6 +1,6 @@
 //! Progress of a long commit (issue 5: "A 2 GiB commit shows progress lines in control/status
 //! while it runs"; docs/design.md section 3), reads and writes of live.raw while it runs, and the
-//! progress bar of `snapfs commit`.
+//! progress bars of `snapfs commit` and `snapfs pull`.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -285,4 +285,71 @@ fn snapfs_commit_shows_a_progress_bar_on_a_terminal() {
     drop(m);
     assert_all_clean(w.path(), "after snapfs commit");
     qemu_io_s(&top, &[format!("read -P 0xab 0 {data}")]);
+}
+
+/// `snapfs pull MOUNTPOINT` on a terminal: a top over 256 MiB of base data shows a bar (or
+/// progress lines) while the data moves up, then the outcome; the top then stands alone and
+/// holds the data.
+#[test]
+fn snapfs_pull_shows_a_progress_bar_on_a_terminal() {
+    let w = workdir();
+    let data = 256 * MIB;
+    let base = w.path().join("base.qcow2");
+    create_qcow2(&base, GIB, "", None);
+    qemu_io_s(&base, &[format!("write -P 0x5b 0 {data}")]);
+    let top = w.path().join("top.qcow2");
+    create_qcow2(&top, GIB, "", Some(("base.qcow2", "qcow2")));
+    qemu_io_s(&top, &[format!("write -P 0x7c {data} {}", MIB)]);
+    let m = Mount::new(&top);
+    let mut c = snapfs_cmd();
+    c.arg("pull").arg(m.path());
+    let out = run_in_pty(c, Duration::from_secs(240));
+    let status = out.status.expect("snapfs pull finished");
+    assert!(
+        status.success(),
+        "snapfs pull exited {status}; output:\n{}",
+        out.output
+    );
+    assert_outcome_ok(m.path(), "pull (all)");
+    let text = out.output.replace('\r', "\n");
+    assert!(
+        percentages(&text).iter().any(|&p| p < 100),
+        "snapfs pull showed no progress (no percentage below 100 in its output); output:\n{:?}",
+        out.output
+    );
+    assert!(
+        text.lines().any(|l| l.contains("pull (all): ok")),
+        "snapfs pull should print the outcome line; output:\n{:?}",
+        out.output
+    );
+    drop(m);
+    assert_all_clean(w.path(), "after snapfs pull");
+    assert_eq!(chain_files(&top, w.path()), vec!["top.qcow2"]);
+    qemu_io_s(
+        &top,
+        &[
+            format!("read -P 0x5b 0 {data}"),
+            format!("read -P 0x7c {data} {}", MIB),
+        ],
+    );
+}
+
+/// Every `N%` in `text`.
+fn percentages(text: &str) -> Vec<u64> {
+    let b = text.as_bytes();
+    let mut found = Vec::new();
+    for (i, &c) in b.iter().enumerate() {
+        if c == b'%' {
+            let mut j = i;
+            while j > 0 && b[j - 1].is_ascii_digit() {
+                j -= 1;
+            }
+            if j < i
+                && let Ok(p) = text[j..i].parse::<u64>()
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
 }
