@@ -289,7 +289,7 @@ fn snapfs_commit_shows_a_progress_bar_on_a_terminal() {
 
 /// `snapfs pull MOUNTPOINT` on a terminal: a top over 256 MiB of base data shows a bar (or
 /// progress lines) while the data moves up, then the outcome; the top then stands alone and
-/// holds the data.
+/// holds the data, with the writes made through live.raw meanwhile.
 #[test]
 fn snapfs_pull_shows_a_progress_bar_on_a_terminal() {
     let w = workdir();
@@ -301,9 +301,23 @@ fn snapfs_pull_shows_a_progress_bar_on_a_terminal() {
     create_qcow2(&top, GIB, "", Some(("base.qcow2", "qcow2")));
     qemu_io_s(&top, &[format!("write -P 0x7c {data} {}", MIB)]);
     let m = Mount::new(&top);
+    // Guest writes go on while the data moves up (before, during or after the step that
+    // reaches them): none may be overwritten by the older data from below.
+    let live = OpenOptions::new().write(true).open(m.live()).unwrap();
+    let writes: Vec<u64> = (0..16).map(|i| i * 16 * MIB + 12 * KIB).collect();
+    let writer = {
+        let writes = writes.clone();
+        std::thread::spawn(move || {
+            for off in writes {
+                live.write_all_at(&[0xe1; 8192], off).unwrap();
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        })
+    };
     let mut c = snapfs_cmd();
     c.arg("pull").arg(m.path());
     let out = run_in_pty(c, Duration::from_secs(240));
+    writer.join().unwrap();
     let status = out.status.expect("snapfs pull finished");
     assert!(
         status.success(),
@@ -325,13 +339,15 @@ fn snapfs_pull_shows_a_progress_bar_on_a_terminal() {
     drop(m);
     assert_all_clean(w.path(), "after snapfs pull");
     assert_eq!(chain_files(&top, w.path()), vec!["top.qcow2"]);
-    qemu_io_s(
-        &top,
-        &[
-            format!("read -P 0x5b 0 {data}"),
-            format!("read -P 0x7c {data} {}", MIB),
-        ],
-    );
+    let mut reads = vec![format!("read -P 0x7c {data} {}", MIB)];
+    let mut at = 0;
+    for off in &writes {
+        reads.push(format!("read -P 0x5b {at} {}", off - at));
+        reads.push(format!("read -P 0xe1 {off} 8192"));
+        at = off + 8192;
+    }
+    reads.push(format!("read -P 0x5b {at} {}", data - at));
+    qemu_io_s(&top, &reads);
 }
 
 /// Every `N%` in `text`.
