@@ -228,9 +228,15 @@ pub struct MountArgs {
     /// Mount read-only: live.raw cannot be written and control commands are refused.
     #[arg(short, long)]
     pub read_only: bool,
+    /// Mount read-only beside a running VM (same as -o force_share, like qemu-img -U): takes no
+    /// lock that keeps QEMU from writing or restarting; backing layers and internal snapshots
+    /// are readable, live.raw of an image another process writes is not shown, and each view's
+    /// user.snapfs.consistency says frozen or best-effort.
+    #[arg(long)]
+    pub force_share: bool,
     /// Mount options, as mount(8) passes them (ro, rw, allow_other, allow_root,
     /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, cache=SIZE, threads=N,
-    /// direct_io, write_devices, log=FILE).
+    /// direct_io, write_devices, force_share, log=FILE).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
     /// libvirt snapshot metadata folder.
