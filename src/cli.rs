@@ -62,6 +62,7 @@ pub enum Command {
                       ls -l /mnt/vm/snapshots/\n  \
                       snapfs mount -r -o allow_other,libvirt=/var/lib/libvirt/qemu/snapshot/vm vm.qcow2 /mnt/vm\n  \
                       snapfs mount --log /var/log/snapfs.log vm.qcow2 /mnt/vm\n  \
+                      snapfs mount --force-share running-vm.qcow2 /mnt/vm\n  \
                       RUST_LOG=debug snapfs mount -f vm.qcow2 /mnt/vm\n\n\
                       Logging:\n\
                       With -f, log records go to standard error; in the background, to the file\n\
