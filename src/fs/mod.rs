@@ -419,6 +419,8 @@ impl Filesystem for SnapFs {
         if let Err(e) = self.catalog.live().view.flush() {
             log::error!("flushing live.raw at unmount: {e}");
         }
+        // A clean close: the bitmaps snapfs maintained are stored, in_use cleared.
+        let _ = self.catalog.chain().store_bitmaps();
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -26,7 +26,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::qcow2::error::{Error, Result};
-use crate::qcow2::header::{FieldWrite, autoclear};
+use crate::qcow2::header::FieldWrite;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::offsets::HostCluster;
 use crate::qcow2::overlap::MetadataKind;
@@ -46,17 +46,17 @@ pub struct Writer {
     pub(super) metadata: std::collections::HashMap<HostCluster, MetadataKind>,
     /// Set once the image was marked corrupt: every later change is refused.
     pub(super) corrupt: bool,
-    /// Autoclear feature bits still set in the file's header. We maintain none of them (e.g.
-    /// persistent bitmaps would not follow our writes), so they are cleared before the first
-    /// change to the image; not at open, so that a read-write mount nobody writes to leaves the
-    /// file exactly as it was.
-    pub(super) pending_autoclear: u64,
+    /// Set until the first change to the image since it was opened (or since its persistent
+    /// bitmaps were last stored): before it, the bitmaps snapfs maintains are marked `in_use` and
+    /// the autoclear bits it does not know are cleared (`bitmaps.rs`); not at open, so that a
+    /// read-write mount nobody writes to leaves the file exactly as it was.
+    pub(super) before_first_change: bool,
 }
 
 impl Writer {
-    /// Sets up writing: refuses images QEMU would repair first, notes the autoclear bits that we
-    /// do not maintain (cleared at the first write, see [`Qcow2Image::writer`]), and indexes the
-    /// metadata clusters.
+    /// Sets up writing: refuses images QEMU would repair first, loads the persistent bitmaps
+    /// (prepared for the first change, see [`Qcow2Image::writer`]), and indexes the metadata
+    /// clusters.
     pub(super) fn open(image: &Qcow2Image) -> Result<Writer> {
         let h = &image.header;
         let path = image.path.clone();
@@ -72,6 +72,7 @@ impl Writer {
                 reason: "the image is dirty (lazy refcounts were not written back); mounting read-only (repair it with `qemu-img check -r all`)".into(),
             });
         }
+        image.load_bitmaps_for_writing()?;
         let cache_blocks = (image.caches.l2_budget() / 16 / image.geometry.cluster_size()) as usize;
         let refcounts = Refcounts::load(image.storage(), h, image.file_len(), cache_blocks)
             .map_err(|source| Error::Refcount {
@@ -91,11 +92,7 @@ impl Writer {
             ),
             metadata: Default::default(),
             corrupt: false,
-            pending_autoclear: if h.version >= 3 {
-                h.autoclear_features
-            } else {
-                0
-            },
+            before_first_change: h.version >= 3,
         };
         writer.index_metadata(image);
         Ok(writer)
@@ -104,8 +101,9 @@ impl Writer {
 
 impl Qcow2Image {
     /// The write side, locked. Every change to the image (guest writes, discards, resizes,
-    /// snapshot and chain operations) goes through here, so this is where the autoclear bits are
-    /// cleared, once, before the caller changes anything.
+    /// snapshot and chain operations) goes through here, so this is where the image is prepared
+    /// for its first change (bitmaps `in_use`, unknown autoclear bits cleared), once, before the
+    /// caller changes anything.
     pub fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
         let mut w = self
             .writer
@@ -119,35 +117,10 @@ impl Qcow2Image {
                 path: self.path.clone(),
             });
         }
-        if w.pending_autoclear != 0 {
-            self.clear_autoclear(&mut w)?;
+        if w.before_first_change {
+            self.prepare_first_change(&mut w)?;
         }
         Ok(w)
-    }
-
-    /// Zeroes the header's autoclear features field (offset 88). Bitmaps would not follow our
-    /// writes; a cleared bit tells QEMU they are stale.
-    fn clear_autoclear(&self, w: &mut Writer) -> Result<()> {
-        let bits = w.pending_autoclear;
-        // Ordering: cleared and flushed before the first change the bits would not follow.
-        self.write_header(
-            FieldWrite::AutoclearFeatures(0),
-            "header autoclear features",
-        )?;
-        // Durable before the change it guards: a kill after the caller's first write must not
-        // leave bitmaps that claim to be in step with the data.
-        self.flush()?;
-        w.pending_autoclear = 0;
-        log::info!(
-            "{}: cleared autoclear features {bits:#x}{}",
-            self.path.display(),
-            if bits & autoclear::BITMAPS != 0 {
-                " (persistent bitmaps are now marked inconsistent)"
-            } else {
-                ""
-            }
-        );
-        Ok(())
     }
 
     /// Rewrites a group of header fields in one write.
@@ -199,6 +172,7 @@ impl Qcow2Image {
         {
             return Err(Error::PastEnd { offset, size });
         }
+        self.mark_changed(offset, data.len() as u64);
         let coverage = self.geometry.l2_coverage();
         let mut done = 0usize;
         while done < data.len() {
@@ -240,6 +214,7 @@ impl Qcow2Image {
         if offset >= end {
             return Ok(());
         }
+        self.mark_changed(offset, end - offset);
         let g = self.geometry;
         let cs = g.cluster_size();
         let first_full = offset.div_ceil(cs) * cs;

@@ -143,6 +143,10 @@ impl Directory {
     /// them as QEMU's `bitmap_list_load` does: each entry's fixed part and then the whole entry
     /// must fit, there must be exactly `nb_bitmaps` of them, and they must end exactly at the end.
     pub fn parse(bytes: &[u8], nb_bitmaps: u32) -> Result<Directory, BitmapError> {
+        // The header extension holds at least one bitmap, so a directory is never empty.
+        if bytes.is_empty() {
+            return Err(BitmapError::EmptyDirectory);
+        }
         let mut entries = Vec::new();
         let mut names: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut at = 0usize;

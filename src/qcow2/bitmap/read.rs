@@ -6,6 +6,8 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use crate::qcow2::storage::Storage;
+
 /// Reads host bytes of an image file.
 pub trait ReadAt {
     /// Fills `buf` with the bytes at `offset`; a range that runs past the end of the file is an
@@ -16,6 +18,27 @@ pub trait ReadAt {
 impl ReadAt for std::fs::File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_exact_at(buf, offset)
+    }
+}
+
+/// The engine's storage boundary. [`Storage::read_at`] reads past the end as zeros; bitmap
+/// metadata past the end is refused instead (QEMU checks every bitmap offset against the file).
+impl ReadAt for dyn Storage + '_ {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let len = self.len()?;
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > len)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} bytes at {offset:#x} run past the end ({len} bytes)",
+                    buf.len()
+                ),
+            ));
+        }
+        Storage::read_at(self, buf, offset)
     }
 }
 
