@@ -28,7 +28,7 @@ use crate::qcow2::bitmap::{
     encode_table, extension_data, load_bitmap, read_table, stored_chunks,
 };
 use crate::qcow2::error::{Error, Result};
-use crate::qcow2::header::{BitmapsExtension, FieldWrite, Header, autoclear, ext};
+use crate::qcow2::header::{BitmapsExtension, FieldWrite, Header, HeaderExtension, autoclear, ext};
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::l1::L1Table;
 use crate::qcow2::l2::L2Entry;
@@ -38,29 +38,33 @@ use crate::qcow2::write::Writer;
 
 /// The bitmaps of one image and what snapfs does with each.
 pub struct PersistentBitmaps {
-    /// Where the 24 bytes of the bitmaps header extension are in the file.
-    extension_at: u64,
-    /// The recording bitmaps, which every change marks.
-    recording: Vec<Arc<RwLock<DirtyBitmap>>>,
-    state: Mutex<State>,
+    /// The recording bitmaps, which every change marks (bitmaps added by a chain operation join
+    /// them).
+    pub(super) recording: RwLock<Vec<Arc<RwLock<DirtyBitmap>>>>,
+    pub(super) state: Mutex<State>,
 }
 
 /// The bitmaps as the file holds them now.
-struct State {
-    extension: BitmapsExtension,
-    directory: Directory,
+pub(super) struct State {
+    /// The header extension in the file (`None`: the image has no bitmaps yet).
+    pub(super) extension: Option<BitmapsExtension>,
+    pub(super) directory: Directory,
     /// One per directory entry, in the same order.
-    tracked: Vec<Tracked>,
+    pub(super) tracked: Vec<Tracked>,
+    /// The autoclear field as the file holds it now.
+    pub(super) autoclear: u64,
+    /// A bitmap was added or merged into since the bitmaps were last stored.
+    pub(super) changed: bool,
 }
 
-struct Tracked {
-    role: Role,
-    flags_at_open: Flags,
+pub(super) struct Tracked {
+    pub(super) role: Role,
+    pub(super) flags_at_open: Flags,
     /// The bitmap table in the file (loaded bitmaps only), freed once a new one replaces it.
-    table: Vec<TableEntry>,
-    bitmap: Option<Arc<RwLock<DirtyBitmap>>>,
-    /// A disabled bitmap that followed a resize and must be stored again.
-    resized: bool,
+    pub(super) table: Vec<TableEntry>,
+    pub(super) bitmap: Option<Arc<RwLock<DirtyBitmap>>>,
+    /// A disabled bitmap that changed (a resize, a merge) and must be stored again.
+    pub(super) modified: bool,
 }
 
 /// One bitmap as a checkpoint: usable (its dirty bitmap) or why not.
@@ -73,14 +77,20 @@ pub struct Checkpoint {
 }
 
 impl PersistentBitmaps {
-    /// Reads the directory and loads every loadable bitmap of `image` (`None`: no bitmaps).
-    fn load(image: &Qcow2Image) -> std::result::Result<Option<PersistentBitmaps>, BitmapError> {
+    /// Reads the directory and loads every loadable bitmap of `image` (none: an empty set).
+    fn load(image: &Qcow2Image) -> std::result::Result<PersistentBitmaps, BitmapError> {
         let header = &image.header;
         let Some(extension) = header.bitmaps else {
-            return Ok(None);
-        };
-        let Some(extension_at) = extension_data_offset(header, ext::BITMAPS) else {
-            return Ok(None);
+            return Ok(PersistentBitmaps {
+                recording: RwLock::new(Vec::new()),
+                state: Mutex::new(State {
+                    extension: None,
+                    directory: Directory::default(),
+                    tracked: Vec::new(),
+                    autoclear: header.autoclear_features,
+                    changed: false,
+                }),
+            });
         };
         let layout = ImageLayout::of(header, image.file_len());
         let directory = Directory::read(&image.storage(), &extension, &layout)?;
@@ -103,42 +113,30 @@ impl PersistentBitmaps {
                 flags_at_open: entry.flags,
                 table,
                 bitmap,
-                resized: false,
+                modified: false,
             });
         }
-        Ok(Some(PersistentBitmaps {
-            extension_at,
-            recording,
+        Ok(PersistentBitmaps {
+            recording: RwLock::new(recording),
             state: Mutex::new(State {
-                extension,
+                extension: Some(extension),
                 directory,
                 tracked,
+                autoclear: header.autoclear_features,
+                changed: false,
             }),
-        }))
+        })
     }
-}
-
-/// Where the data of the first extension with `magic` starts in the file: the extension area
-/// starts at `header_length`; each extension is an 8-byte header and its data padded to 8.
-fn extension_data_offset(header: &Header, magic: u32) -> Option<u64> {
-    let mut at = u64::from(header.header_length);
-    for e in &header.extensions {
-        if e.magic == magic {
-            return Some(at + 8);
-        }
-        at += 8 + (e.data.len() as u64).next_multiple_of(8);
-    }
-    None
 }
 
 impl Qcow2Image {
     /// The image's persistent bitmaps, loaded at the first call.
-    pub fn persistent_bitmaps(&self) -> Result<Option<&PersistentBitmaps>> {
+    pub fn persistent_bitmaps(&self) -> Result<&PersistentBitmaps> {
         let loaded = self.bitmaps.get_or_init(|| {
             PersistentBitmaps::load(self).map_err(|e| format!("persistent bitmaps: {e}"))
         });
         match loaded {
-            Ok(b) => Ok(b.as_ref()),
+            Ok(b) => Ok(b),
             Err(reason) => Err(Error::Invalid {
                 path: self.path.clone(),
                 reason: reason.clone(),
@@ -161,9 +159,7 @@ impl Qcow2Image {
 
     /// The bitmaps as checkpoints, in directory order.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>> {
-        let Some(bitmaps) = self.persistent_bitmaps()? else {
-            return Ok(Vec::new());
-        };
+        let bitmaps = self.persistent_bitmaps()?;
         let state = bitmaps.state.lock();
         Ok(state
             .directory
@@ -190,31 +186,31 @@ impl Qcow2Image {
     /// maintains, and the autoclear bits it does not know cleared (at once, durably, before the
     /// change they guard).
     pub(super) fn prepare_first_change(&self, w: &mut Writer) -> Result<()> {
-        let h = &self.header;
-        let kept = h.autoclear_features & autoclear::KNOWN;
-        let unknown = h.autoclear_features & !autoclear::KNOWN;
-        let bitmaps = self.persistent_bitmaps()?;
-        let mut directory_written = false;
-        if let Some(b) = bitmaps {
-            let mut state = b.state.lock();
-            let mut directory = state.directory.clone();
-            for (entry, t) in directory.entries.iter_mut().zip(&state.tracked) {
-                entry.flags = t.role.flags_at_first_change(entry.flags);
-            }
-            if directory != state.directory {
+        let b = self.persistent_bitmaps()?;
+        let mut state = b.state.lock();
+        let unknown = state.autoclear & !autoclear::KNOWN;
+        let kept = state.autoclear & autoclear::KNOWN;
+        let mut directory = state.directory.clone();
+        for (entry, t) in directory.entries.iter_mut().zip(&state.tracked) {
+            entry.flags = t.role.flags_at_first_change(entry.flags);
+        }
+        match state.extension {
+            // Flags change in place only: the directory keeps its length.
+            Some(extension)
+                if directory != state.directory
+                    && directory.encoded_len() == extension.directory_size =>
+            {
                 let bytes = self.encode_directory(&directory)?;
                 // QEMU's order: autoclear bit 0 off (the directory is not to be trusted while
                 // it is rewritten), the directory in place, the bit back on; flushed between.
                 self.write_autoclear(kept & !autoclear::BITMAPS)?;
-                self.write_file(&bytes, state.extension.directory_offset, "bitmap directory")?;
+                self.write_file(&bytes, extension.directory_offset, "bitmap directory")?;
                 self.flush()?;
                 self.write_autoclear(kept)?;
                 state.directory = directory;
-                directory_written = true;
             }
-        }
-        if unknown != 0 && !directory_written {
-            self.write_autoclear(kept)?;
+            _ if unknown != 0 => self.write_autoclear(kept)?,
+            _ => {}
         }
         if unknown != 0 {
             log::info!(
@@ -222,11 +218,12 @@ impl Qcow2Image {
                 self.path.display()
             );
         }
+        state.autoclear = kept;
         w.before_first_change = false;
         Ok(())
     }
 
-    fn bitmap_err(&self, source: BitmapError) -> Error {
+    pub(super) fn bitmap_err(&self, source: BitmapError) -> Error {
         Error::Bitmap {
             path: self.path.clone(),
             source,
@@ -246,10 +243,16 @@ impl Qcow2Image {
         directory.encode().map_err(|source| self.bitmap_err(source))
     }
 
+    /// Marks a change that a chain operation makes to what the guest reads (a revert to a layer),
+    /// for a caller that holds the writer.
+    pub fn mark_changed_locked(&self, _w: &mut Writer, offset: u64, len: u64) {
+        self.mark_changed(offset, len);
+    }
+
     /// Marks `len` bytes at guest `offset` in every recording bitmap.
     pub(super) fn mark_changed(&self, offset: u64, len: u64) {
-        if let Some(Ok(Some(b))) = self.bitmaps.get() {
-            for bitmap in &b.recording {
+        if let Some(Ok(b)) = self.bitmaps.get() {
+            for bitmap in b.recording.read().iter() {
                 bitmap.write().set_range(offset, len);
             }
         }
@@ -258,9 +261,7 @@ impl Qcow2Image {
     /// Follows a change of the disk's size: every loaded bitmap takes the new size; the recording
     /// ones mark the grown part (it changed from "no disk" to zeros).
     pub(super) fn bitmaps_resized(&self, old_size: u64, new_size: u64) -> Result<()> {
-        let Some(b) = self.persistent_bitmaps()? else {
-            return Ok(());
-        };
+        let b = self.persistent_bitmaps()?;
         let mut state = b.state.lock();
         for t in &mut state.tracked {
             if let Some(bitmap) = &t.bitmap {
@@ -271,7 +272,7 @@ impl Qcow2Image {
                 if t.role == Role::Recording && new_size > old_size {
                     bitmap.set_range(old_size, new_size - old_size);
                 }
-                t.resized = t.role == Role::Disabled;
+                t.modified |= t.role == Role::Disabled;
             }
         }
         Ok(())
@@ -284,7 +285,7 @@ impl Qcow2Image {
         snapshot: &L1Table,
     ) -> Result<Vec<(u64, u64)>> {
         match self.bitmaps.get() {
-            Some(Ok(Some(b))) if !b.recording.is_empty() => self.changed_between(active, snapshot),
+            Some(Ok(b)) if !b.recording.read().is_empty() => self.changed_between(active, snapshot),
             _ => Ok(Vec::new()),
         }
     }
@@ -358,12 +359,14 @@ impl Qcow2Image {
 
     /// [`Qcow2Image::store_bitmaps`] for a caller that holds the writer.
     pub fn store_bitmaps_locked(&self, w: &mut Writer) -> Result<()> {
-        let Some(Ok(Some(b))) = self.bitmaps.get() else {
+        let Some(Ok(b)) = self.bitmaps.get() else {
             return Ok(());
         };
         let mut state = b.state.lock();
-        let resized = state.tracked.iter().any(|t| t.resized);
-        if w.before_first_change && !resized {
+        let modified = state.tracked.iter().any(|t| t.modified);
+        if state.directory.entries.is_empty()
+            || (w.before_first_change && !modified && !state.changed)
+        {
             return Ok(());
         }
         let g = self.geometry;
@@ -377,7 +380,7 @@ impl Qcow2Image {
             entry.flags = t.role.flags_at_clean_close(t.flags_at_open);
             let store = match t.role {
                 Role::Recording => true,
-                Role::Disabled => t.resized,
+                Role::Disabled => t.modified,
                 Role::Inconsistent | Role::Unusable(_) => false,
             };
             let Some(bitmap) = t.bitmap.as_ref().filter(|_| store) else {
@@ -409,7 +412,9 @@ impl Qcow2Image {
                 .allocate(self.storage(), clusters)
                 .map_err(&refcount_err)?;
             self.write_file(&bytes, at.0, "bitmap table")?;
-            old_tables.push((entry.table_offset, entry.table_size, t.table.clone()));
+            if entry.table_offset != 0 {
+                old_tables.push((entry.table_offset, entry.table_size, t.table.clone()));
+            }
             entry.table_offset = at.0;
             entry.table_size = table.len() as u32;
             new_tables.push((index, table));
@@ -425,21 +430,18 @@ impl Qcow2Image {
         // Data, tables and directory durable before the header points at them.
         self.flush()?;
         let extension = directory.extension_at(dir_at.0);
-        self.write_file(
-            &extension_data(&extension),
-            b.extension_at,
-            "bitmaps extension",
-        )?;
-        self.flush()?;
+        self.write_bitmaps_extension(&extension, state.autoclear)?;
+        state.autoclear |= autoclear::BITMAPS;
         // Only now is the old state unreferenced.
-        let old = state.extension;
-        w.refcounts
-            .free(
-                self.storage(),
-                HostOffset(old.directory_offset),
-                old.directory_size.div_ceil(cs),
-            )
-            .map_err(&refcount_err)?;
+        if let Some(old) = state.extension {
+            w.refcounts
+                .free(
+                    self.storage(),
+                    HostOffset(old.directory_offset),
+                    old.directory_size.div_ceil(cs),
+                )
+                .map_err(&refcount_err)?;
+        }
         for (offset, size, table) in old_tables {
             for e in table {
                 if let TableEntry::Data(data) = e {
@@ -457,11 +459,12 @@ impl Qcow2Image {
                 .map_err(&refcount_err)?;
         }
         self.flush()?;
-        state.extension = extension;
+        state.extension = Some(extension);
         state.directory = directory;
+        state.changed = false;
         for (index, table) in new_tables {
             state.tracked[index].table = table;
-            state.tracked[index].resized = false;
+            state.tracked[index].modified = false;
         }
         // The next change sets in_use again.
         w.before_first_change = true;
@@ -471,5 +474,42 @@ impl Qcow2Image {
             state.tracked.len()
         );
         Ok(())
+    }
+
+    /// Points the header at the bitmap directory `extension` describes and sets autoclear bit 0
+    /// (QEMU's `update_ext_header_and_dir`): the header is read back, the extension replaced or
+    /// added, and the header rewritten in one write, then flushed. Rewritten whole because the
+    /// extension area moves when another extension changes (a backing format added or removed).
+    fn write_bitmaps_extension(
+        &self,
+        extension: &BitmapsExtension,
+        autoclear_now: u64,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size() as usize;
+        let mut start = vec![0u8; cs];
+        self.storage
+            .read_at(&mut start, 0)
+            .map_err(|e| Error::io(format!("{}: reading the header", self.path.display()), e))?;
+        let header_error = |source| Error::Header {
+            path: self.path.clone(),
+            source,
+        };
+        let mut header = Header::parse(&start, self.file_len()).map_err(header_error)?;
+        let old_len = header.encode().map_err(header_error)?.len();
+        header.extensions.retain(|e| e.magic != ext::BITMAPS);
+        header.extensions.push(HeaderExtension {
+            magic: ext::BITMAPS,
+            data: extension_data(extension).to_vec(),
+        });
+        header.bitmaps = Some(*extension);
+        header.autoclear_features = autoclear_now | autoclear::BITMAPS;
+        header.sync_layout();
+        let mut bytes = header.encode().map_err(header_error)?;
+        // Clear what a longer old layout left behind.
+        if bytes.len() < old_len {
+            bytes.resize(old_len, 0);
+        }
+        self.write_file(&bytes, 0, "header with the bitmaps extension")?;
+        self.flush()
     }
 }

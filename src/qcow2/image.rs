@@ -95,8 +95,7 @@ pub struct Qcow2Image {
     /// Starts the write-back of guest data during long runs of writes.
     pub(super) write_behind: super::write_behind::WriteBehind,
     /// The persistent dirty bitmaps, loaded when first needed (`bitmaps.rs`).
-    pub(super) bitmaps:
-        OnceLock<std::result::Result<Option<super::bitmaps::PersistentBitmaps>, String>>,
+    pub(super) bitmaps: OnceLock<std::result::Result<super::bitmaps::PersistentBitmaps, String>>,
 }
 
 impl std::fmt::Debug for Qcow2Image {

@@ -2,6 +2,7 @@
 //! offsets and reads data.
 
 pub mod bitmap;
+pub mod bitmap_chain;
 pub mod bitmaps;
 pub mod cache;
 mod cluster;

@@ -35,6 +35,13 @@ use crate::qcow2::refcount::Refcounts;
 /// What supplies the guest data below this image (the backing chain), for copy-on-write.
 pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
 
+/// Whether a write changes what the guest reads (and so marks the recording bitmaps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Guest,
+    Unchanged,
+}
+
 /// State of the write side, behind the image's writer mutex.
 pub struct Writer {
     pub(super) refcounts: Refcounts,
@@ -165,6 +172,30 @@ impl Qcow2Image {
         offset: u64,
         backing: BackingRead,
     ) -> Result<()> {
+        self.write_marked(w, data, offset, backing, Change::Guest)
+    }
+
+    /// Writes bytes the disk already reads at `offset` (data pulled up from a layer below): the
+    /// guest sees no change, so no bitmap is marked (QEMU's `BDRV_REQ_WRITE_UNCHANGED`, as a
+    /// `block-stream` writes).
+    pub fn write_unchanged_locked(
+        &self,
+        w: &mut Writer,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+    ) -> Result<()> {
+        self.write_marked(w, data, offset, backing, Change::Unchanged)
+    }
+
+    fn write_marked(
+        &self,
+        w: &mut Writer,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+        change: Change,
+    ) -> Result<()> {
         let size = self.virtual_size();
         if offset
             .checked_add(data.len() as u64)
@@ -172,7 +203,9 @@ impl Qcow2Image {
         {
             return Err(Error::PastEnd { offset, size });
         }
-        self.mark_changed(offset, data.len() as u64);
+        if change == Change::Guest {
+            self.mark_changed(offset, data.len() as u64);
+        }
         let coverage = self.geometry.l2_coverage();
         let mut done = 0usize;
         while done < data.len() {
@@ -209,12 +242,39 @@ impl Qcow2Image {
         backing: BackingRead,
         has_backing: bool,
     ) -> Result<()> {
+        self.zero_marked(w, offset, len, backing, has_backing, Change::Guest)
+    }
+
+    /// [`Qcow2Image::zero_locked`] of a range that already reads as zeros (pulled up from a
+    /// layer below): no bitmap is marked.
+    pub fn zero_unchanged_locked(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        len: u64,
+        backing: BackingRead,
+        has_backing: bool,
+    ) -> Result<()> {
+        self.zero_marked(w, offset, len, backing, has_backing, Change::Unchanged)
+    }
+
+    fn zero_marked(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        len: u64,
+        backing: BackingRead,
+        has_backing: bool,
+        change: Change,
+    ) -> Result<()> {
         let size = self.virtual_size();
         let end = offset.saturating_add(len).min(size);
         if offset >= end {
             return Ok(());
         }
-        self.mark_changed(offset, end - offset);
+        if change == Change::Guest {
+            self.mark_changed(offset, end - offset);
+        }
         let g = self.geometry;
         let cs = g.cluster_size();
         let first_full = offset.div_ceil(cs) * cs;
@@ -222,14 +282,14 @@ impl Qcow2Image {
         let zero_flag_ok = self.header.version >= 3;
         if first_full >= last_full || (!zero_flag_ok && has_backing) {
             // No whole cluster, or no way to mark one as zero over a backing file (v2).
-            return self.write_zeros(w, offset, end - offset, backing);
+            return self.write_zeros(w, offset, end - offset, backing, change);
         }
         if offset < first_full {
-            self.write_zeros(w, offset, first_full - offset, backing)?;
+            self.write_zeros(w, offset, first_full - offset, backing, change)?;
         }
         self.zero_clusters(w, first_full, last_full, has_backing)?;
         if last_full < end {
-            self.write_zeros(w, last_full, end - last_full, backing)?;
+            self.write_zeros(w, last_full, end - last_full, backing, change)?;
         }
         Ok(())
     }
@@ -240,13 +300,14 @@ impl Qcow2Image {
         offset: u64,
         len: u64,
         backing: BackingRead,
+        change: Change,
     ) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let mut pos = offset;
         while pos < offset + len {
             let n = CHUNK.min(offset + len - pos);
-            self.write_locked(w, &zeros[..n as usize], pos, backing)?;
+            self.write_marked(w, &zeros[..n as usize], pos, backing, change)?;
             pos += n;
         }
         Ok(())

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use super::{Ranges, merge_ranges, qemu_img, run};
+use super::{Ranges, merge_ranges, qemu_img, run, run_status};
 
 /// `qemu-img bitmap --add [-g GRANULARITY] [--disable] IMAGE NAME`.
 pub fn add_bitmap(image: &Path, name: &str, granularity: u64, enabled: bool) {
@@ -114,4 +114,28 @@ pub fn granules(ranges: &[(u64, u64)], granularity: u64, size: u64) -> Ranges {
             .map(|(s, e)| (s, e.min(size)))
             .collect(),
     )
+}
+
+/// `qemu-img check` with nothing to say about bitmaps, leaks or corruption.
+pub fn assert_check_clean(image: &Path) {
+    let out = run_status(Command::new("qemu-img").args(["check"]).arg(image));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !text.contains("arning") && !text.contains("leak"),
+        "qemu-img check {}: {}\n{text}",
+        image.display(),
+        out.status
+    );
+}
+
+pub fn flags_of(image: &Path, name: &str) -> Vec<String> {
+    bitmap_flags(image)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no bitmap {name} in {}", image.display()))
+        .1
 }

@@ -8,36 +8,14 @@ use std::fs::{self, File, OpenOptions};
 use std::path::Path;
 use std::process::Command;
 
-use crate::common::bitmap_support::{add_bitmap, bitmap_flags, granules, qemu_dirty_ranges};
+use crate::common::bitmap_support::{
+    add_bitmap, assert_check_clean, flags_of, granules, qemu_dirty_ranges,
+};
 use crate::common::snapshot_support::{Daemon, control_ok};
 use crate::common::write_support::{fallocate, pwrite_all};
 use crate::common::{
     self, Mount, Ranges, create_qcow2, merge_ranges, qemu_io, run_status, snapshot_create,
 };
-
-/// `qemu-img check` with nothing to say about bitmaps, leaks or corruption.
-fn assert_check_clean(image: &Path) {
-    let out = run_status(Command::new("qemu-img").args(["check"]).arg(image));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("arning") && !text.contains("leak"),
-        "qemu-img check {}: {}\n{text}",
-        image.display(),
-        out.status
-    );
-}
-
-fn flags_of(image: &Path, name: &str) -> Vec<String> {
-    bitmap_flags(image)
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no bitmap {name} in {}", image.display()))
-        .1
-}
 
 fn open_live(m: &Mount) -> File {
     OpenOptions::new()
