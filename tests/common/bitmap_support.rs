@@ -139,3 +139,19 @@ pub fn flags_of(image: &Path, name: &str) -> Vec<String> {
         .unwrap_or_else(|| panic!("no bitmap {name} in {}", image.display()))
         .1
 }
+
+/// Where the bitmaps extension's `nb_bitmaps` is in the file, and the directory's offset.
+pub fn bitmaps_extension(image: &Path) -> (u64, u64) {
+    let data = std::fs::read(image).unwrap();
+    let word = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().unwrap());
+    let mut at = word(100) as usize;
+    loop {
+        let (magic, len) = (word(at), word(at + 4) as usize);
+        assert_ne!(magic, 0, "no bitmaps extension in {}", image.display());
+        if magic == 0x2385_2875 {
+            let offset = u64::from_be_bytes(data[at + 24..at + 32].try_into().unwrap());
+            return (at as u64 + 8, offset);
+        }
+        at += 8 + len.next_multiple_of(8);
+    }
+}

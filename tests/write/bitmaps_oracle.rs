@@ -5,11 +5,10 @@
 //! left alone.
 
 use std::fs::{self, File, OpenOptions};
-use std::path::Path;
 use std::process::Command;
 
 use crate::common::bitmap_support::{
-    add_bitmap, assert_check_clean, flags_of, granules, qemu_dirty_ranges,
+    add_bitmap, assert_check_clean, bitmaps_extension, flags_of, granules, qemu_dirty_ranges,
 };
 use crate::common::snapshot_support::{Daemon, control_ok};
 use crate::common::write_support::{fallocate, pwrite_all};
@@ -280,20 +279,4 @@ fn hostile_directories_are_refused_by_name() {
     assert_eq!(flags_of(&image, "chk1"), ["in-use", "auto"]);
     assert_eq!(flags_of(&image, "chk2"), ["auto"]);
     assert_eq!(qemu_dirty_ranges(&image, "chk2"), vec![(0, 65536)]);
-}
-
-/// Where the bitmaps extension's `nb_bitmaps` is in the file, and the directory's offset.
-fn bitmaps_extension(image: &Path) -> (u64, u64) {
-    let data = fs::read(image).unwrap();
-    let word = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().unwrap());
-    let mut at = word(100) as usize;
-    loop {
-        let (magic, len) = (word(at), word(at + 4) as usize);
-        assert_ne!(magic, 0, "no bitmaps extension in {}", image.display());
-        if magic == 0x2385_2875 {
-            let offset = u64::from_be_bytes(data[at + 24..at + 32].try_into().unwrap());
-            return (at as u64 + 8, offset);
-        }
-        at += 8 + len.next_multiple_of(8);
-    }
 }
