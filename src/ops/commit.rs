@@ -87,6 +87,11 @@ pub fn commit(chain: &Arc<Chain>, index: usize, progress: Progress) -> Result<Ar
         target_layer.path(),
     );
     above_image.set_backing_locked(&mut w, Some(name), Some(format_name(target_layer).into()))?;
+    // Taking its writer marked its bitmaps in_use: a backing layer stores them before the
+    // operation lets go of it (the top's are stored at unmount).
+    if above > 0 {
+        above_image.store_bitmaps_locked(&mut w)?;
+    }
     Ok(without(chain, index))
 }
 
