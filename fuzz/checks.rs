@@ -15,6 +15,9 @@ use snapfs::catalog::Catalog;
 use snapfs::chain::Chain;
 use snapfs::error::{Error, MetadataError, Result};
 use snapfs::libvirt::{check_writable, parse_snapshot_xml, to_xml};
+use snapfs::qcow2::bitmap::{
+    self, Directory, DirtyBitmap, ImageLayout, Role, StoredChunk, load_bitmap, stored_chunks,
+};
 use snapfs::qcow2::compress::decompress as decompress_cluster;
 use snapfs::qcow2::header::{CompressionType, Header};
 use snapfs::qcow2::l1::L1Table;
@@ -70,6 +73,74 @@ pub fn snapshot_table(data: &[u8]) {
     let bytes = encode_table(&snapshots);
     let again = parse_table(&bytes, count).expect("an encoded table parses");
     assert_eq!(again, snapshots);
+}
+
+/// `bitmap_directory`: a bitmap directory and the file around it. Input: `nb_bitmaps` (u32), a
+/// cluster-size byte (512 B << n % 8: small clusters keep an all-ones table entry's bitmap
+/// small), the virtual size (u64), the directory's offset (u32) and length (u16) in the file,
+/// then the file. `Directory::parse` must not panic; what parses encodes and parses back
+/// equal; every entry gets a role, and a loadable one loads from the file, its stored chunks
+/// give back its bytes, and it stays within QEMU's 512 MiB.
+pub fn bitmap_directory(data: &[u8]) {
+    let Some((fixed, file)) = data.split_first_chunk::<19>() else {
+        return;
+    };
+    let nb_bitmaps = u32::from_be_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
+    let cluster_bits = 9 + u32::from(fixed[4] % 8);
+    let mut size = [0u8; 8];
+    size.copy_from_slice(&fixed[5..13]);
+    let virtual_size = u64::from_be_bytes(size) / 512 * 512;
+    let dir_offset = u32::from_be_bytes([fixed[13], fixed[14], fixed[15], fixed[16]]) as usize;
+    let dir_len = usize::from(u16::from_be_bytes([fixed[17], fixed[18]]));
+    let Some(dir_bytes) = file.get(dir_offset..dir_offset.saturating_add(dir_len)) else {
+        return;
+    };
+    let Ok(directory) = Directory::parse(dir_bytes, nb_bitmaps) else {
+        return;
+    };
+    assert_eq!(directory.entries.len(), nb_bitmaps as usize);
+    let encoded = directory.encode().expect("a parsed directory encodes");
+    assert_eq!(encoded.len(), dir_len, "the encoding's length differs");
+    let again = Directory::parse(&encoded, nb_bitmaps).expect("an encoded directory parses");
+    assert_eq!(again, directory);
+    let layout = ImageLayout {
+        cluster_bits,
+        virtual_size,
+        file_len: file.len() as u64,
+    };
+    for entry in &directory.entries {
+        let role = Role::of(entry, &layout);
+        let _ = role.flags_at_clean_close(entry.flags);
+        if !role.loadable() {
+            assert!(load_bitmap(&file, entry, &layout).is_err());
+            continue;
+        }
+        let Ok(loaded) = load_bitmap(&file, entry, &layout) else {
+            continue;
+        };
+        assert!(loaded.bytes().len() as u64 <= bitmap::limits::MAX_PHYS_SIZE);
+        assert_eq!(loaded.disk_size(), virtual_size);
+        let chunks = stored_chunks(&loaded, cluster_bits).expect("a loaded bitmap stores");
+        assert_eq!(chunks.len(), entry.table_size as usize);
+        let mut bytes = Vec::new();
+        for chunk in &chunks {
+            match chunk {
+                StoredChunk::Zeros => {
+                    let n = (1usize << cluster_bits).min(loaded.bytes().len() - bytes.len());
+                    bytes.resize(bytes.len() + n, 0);
+                }
+                StoredChunk::Data(data) => bytes.extend_from_slice(data),
+            }
+        }
+        assert_eq!(
+            bytes,
+            loaded.bytes(),
+            "stored chunks differ from the bitmap"
+        );
+        let back = DirtyBitmap::from_bytes(virtual_size, loaded.granularity_bits(), bytes)
+            .expect("stored bytes load");
+        assert_eq!(back, loaded);
+    }
 }
 
 /// Hands out the same L2 table (the input's tail) for every offset, except that offsets with bit
@@ -307,8 +378,9 @@ fn exercise(view: &View) {
 /// What a fuzz target checks about one input.
 pub type Check = fn(&[u8]);
 
-pub const TARGETS: [(&str, Check); 6] = [
+pub const TARGETS: [(&str, Check); 7] = [
     ("header", header),
+    ("bitmap_directory", bitmap_directory),
     ("snapshot_table", snapshot_table),
     ("l2_decode", l2_decode),
     ("decompress", decompress),

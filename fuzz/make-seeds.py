@@ -56,3 +56,23 @@ for name in ["v3", "deflate", "zstd", "extl2", "snaps", "over-qcow2"]:
         table = data[h["snap_offset"]:h["snap_offset"] + 4096]
         (out / "snapshot_table" / name).write_bytes(struct.pack(">I", h["nb"]) + table)
         (out / "snapshot_table" / f"{name}-one").write_bytes(struct.pack(">I", 1) + table)
+
+
+# bitmap_directory: nb_bitmaps, cluster-size byte, virtual size, directory offset and length,
+# then the whole image file (tables and data clusters at their offsets).
+for cs in [512, 4096]:
+    data = (work / f"bitmaps-{cs}.qcow2").read_bytes()
+    (cluster_bits,) = struct.unpack_from(">I", data, 20)
+    (size,) = struct.unpack_from(">Q", data, 24)
+    (header_length,) = struct.unpack_from(">I", data, 100)
+    at = header_length
+    while True:
+        magic, length = struct.unpack_from(">II", data, at)
+        if magic == 0:
+            raise SystemExit(f"bitmaps-{cs}.qcow2: no bitmaps extension")
+        if magic == 0x23852875:
+            nb, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", data, at + 8)
+            break
+        at += 8 + (length + 7) // 8 * 8
+    seed = struct.pack(">IBQIH", nb, cluster_bits - 9, size, dir_offset, dir_size) + data
+    (out / "bitmap_directory" / f"bitmaps-{cs}").write_bytes(seed)

@@ -35,8 +35,17 @@ head -c 65536 /dev/zero | tr '\0' '\141' > base.raw
 img -o cluster_size=512 -b base.raw -F raw over-raw.qcow2 64K
 io over-raw.qcow2 "write -P 0x82 0 512"
 
+# Persistent bitmaps (enabled and disabled, three granularities) with a few dirty ranges.
+for cs in 512 4096; do
+    img -o cluster_size=$cs "bitmaps-$cs.qcow2" 1M
+    qemu-img bitmap --add bitmaps-$cs.qcow2 chk1
+    qemu-img bitmap --add -g 4096 --disable "bitmaps-$cs.qcow2" frozen
+    qemu-img bitmap --add -g 65536 "bitmaps-$cs.qcow2" coarse
+    io "bitmaps-$cs.qcow2" "write -P 0x91 0 4K" "write -P 0x92 700K 3K"
+done
+
 rm -rf "$out"
-mkdir -p "$out"/{header,snapshot_table,l2_decode,decompress,image_read,libvirt_xml}
+mkdir -p "$out"/{header,snapshot_table,l2_decode,decompress,image_read,libvirt_xml,bitmap_directory}
 for f in v3 v2 deflate zstd extl2 snaps over-qcow2 over-raw; do
     cp "$f.qcow2" "$out/image_read/$f.qcow2"
     # The header target sees the first cluster (and the backing name after the extensions).

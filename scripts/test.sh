@@ -8,7 +8,7 @@
 # Env: SNAPFS_TEST_THREADS (default 4; FUSE tests are IO-bound),
 #      SNAPFS_TEST_FUZZ_SECONDS (seconds per fuzz target, default 25; 0 skips fuzzing).
 # Time on a fresh 2-core machine (measured while other builds shared it, 2026-11-22): about 30
-# minutes in all; the fuzz part 11.5 minutes (cold instrumented build 9 min, 6 targets x 25 s),
+# minutes in all; the fuzz part 11.5 minutes (cold instrumented build 9 min, 7 targets x 25 s),
 # plus 2.5 minutes to install cargo-fuzz.
 # Exit status: 0 only if every step passed; every step runs even if an earlier one failed.
 set -euo pipefail

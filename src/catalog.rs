@@ -113,6 +113,9 @@ fn identity(entry: &ViewEntry) -> Identity {
 pub struct Catalog {
     state: RwLock<Arc<State>>,
     naming: Mutex<Naming>,
+    /// Names of the checkpoints seen so far; a name's index is its key (its files' inode
+    /// numbers), never reused during a mount.
+    checkpoint_names: Mutex<Vec<String>>,
 }
 
 /// What names have been handed out, and which layers carry a snapshot name.
@@ -148,6 +151,7 @@ impl Catalog {
         Ok(Catalog {
             state: RwLock::new(Arc::new(state)),
             naming: Mutex::new(naming),
+            checkpoint_names: Mutex::new(Vec::new()),
         })
     }
 
@@ -183,6 +187,26 @@ impl Catalog {
             .iter()
             .find(|(_, v)| v.file_name == file_name)
             .map(|(k, v)| (*k, v.clone()))
+    }
+
+    /// The key of checkpoint `name` (given at its first sight, kept for the mount).
+    pub fn checkpoint_key(&self, name: &str) -> u64 {
+        let mut names = self.checkpoint_names.lock();
+        match names.iter().position(|n| n == name) {
+            Some(i) => i as u64,
+            None => {
+                names.push(name.to_owned());
+                names.len() as u64 - 1
+            }
+        }
+    }
+
+    /// The checkpoint name with key `key`, if one was given it.
+    pub fn checkpoint_name(&self, key: u64) -> Option<String> {
+        let names = self.checkpoint_names.lock();
+        usize::try_from(key)
+            .ok()
+            .and_then(|i| names.get(i).cloned())
     }
 
     /// The view a command names: `NAME` or `NAME.raw`.

@@ -367,6 +367,26 @@ impl Chain {
         &self.layers[0]
     }
 
+    /// Stores the persistent bitmaps of every image written to (a clean close; see
+    /// `qcow2/bitmaps.rs`). Every image is tried; the first error is returned.
+    pub fn store_bitmaps(&self) -> Result<()> {
+        let mut first = Ok(());
+        for layer in &self.layers {
+            if let Layer::Qcow2(image) = layer.as_ref()
+                && let Err(e) = image.store_bitmaps()
+            {
+                log::error!(
+                    "{}: storing persistent bitmaps: {e}",
+                    image.path().display()
+                );
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
     /// The top image (a chain's top is always qcow2: [`Chain::open`] refuses anything else).
     pub fn top_image(&self) -> &Qcow2Image {
         match self.layers[0].as_ref() {

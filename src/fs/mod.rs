@@ -101,7 +101,12 @@ fn guard(node: Node, catalog: &Catalog, writable: bool) -> Guard {
         Node::InfoJson | Node::Status => Guard::ChainText,
         Node::Command(_) => Guard::Command,
         Node::Root | Node::ControlDir => Guard::Entry,
-        Node::SnapshotsDir => Guard::SnapshotsDir,
+        Node::SnapshotsDir | Node::CheckpointsDir => Guard::SnapshotsDir,
+        // A checkpoint shows the live disk (and which parts of it changed): read as live.raw.
+        Node::Checkpoint { .. } => Guard::View {
+            from: 0,
+            writable: false,
+        },
     }
 }
 
@@ -282,7 +287,35 @@ impl SnapFs {
 
     fn status_text(&self) -> String {
         let waiting = self.commands.as_ref().map(CommandQueue::waiting_text);
-        self.controller.status_text() + &waiting.unwrap_or_default()
+        self.controller.status_text()
+            + &crate::checkpoints::status_lines(&self.catalog.chain())
+            + &waiting.unwrap_or_default()
+    }
+
+    /// A read of `checkpoints/NAME.raw`: the live disk's bytes where the checkpoint marks a
+    /// change, zeros elsewhere.
+    fn read_checkpoint(
+        &self,
+        checkpoint: &crate::checkpoints::Checkpoint,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        let live = self.catalog.live();
+        let disk = live.view.size();
+        let end = offset.saturating_add(u64::from(size)).min(disk);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        let mut at = offset;
+        while let Some(start) = checkpoint.next_dirty(at, end) {
+            let stop = checkpoint.next_clean(start, end);
+            let range = (start - offset) as usize..(stop - offset) as usize;
+            if let Err(e) = live.view.read_at(&mut buf[range], start) {
+                log::error!("checkpoint {}: read at {start:#x}: {e}", checkpoint.name);
+                return reply.error(errno(&e));
+            }
+            at = stop;
+        }
+        self.reply_read(reply, &buf);
     }
 
     /// The permissions of every file of the chain, read now.
@@ -327,6 +360,20 @@ impl SnapFs {
             None if node == Node::InfoJson => {
                 let len = self.info_json().len() as u64;
                 (len, len, None)
+            }
+            None if matches!(node, Node::Checkpoint { .. }) => {
+                let checkpoint = node.checkpoint(&self.catalog).ok_or(Errno::ENOENT)?;
+                let size = self.catalog.live().view.size();
+                match node {
+                    Node::Checkpoint { json: true, .. } => {
+                        let len = checkpoint.json(size).len() as u64;
+                        (len, len, None)
+                    }
+                    _ => {
+                        let dirty = checkpoint.ranges(size).iter().map(|r| r.1).sum();
+                        (size, dirty, None)
+                    }
+                }
             }
             None => (0, 0, None),
         };
@@ -463,6 +510,8 @@ impl Filesystem for SnapFs {
         if let Err(e) = self.catalog.live().view.flush() {
             log::error!("flushing live.raw at unmount: {e}");
         }
+        // A clean close: the bitmaps snapfs maintained are stored, in_use cleared.
+        let _ = self.catalog.chain().store_bitmaps();
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -508,9 +557,12 @@ impl Filesystem for SnapFs {
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
         let open_flags = match node {
-            Node::Root | Node::SnapshotsDir | Node::ControlDir => {
+            Node::Root | Node::SnapshotsDir | Node::ControlDir | Node::CheckpointsDir => {
                 return reply.error(Errno::EISDIR);
             }
+            Node::Checkpoint { .. } if wants_write => return reply.error(Errno::EACCES),
+            // Its bytes and its holes follow the live disk: nothing may be cached.
+            Node::Checkpoint { .. } => FopenFlags::FOPEN_DIRECT_IO,
             Node::Live if wants_write && !self.catalog.live().view.is_writable() => {
                 return reply.error(Errno::EROFS);
             }
@@ -573,6 +625,15 @@ impl Filesystem for SnapFs {
         let text = match node {
             Node::InfoJson => Some(self.info_json()),
             Node::Status => Some(self.status_text().into_bytes()),
+            Node::Checkpoint { json, .. } => {
+                let Some(checkpoint) = node.checkpoint(&self.catalog) else {
+                    return reply.error(Errno::ENOENT);
+                };
+                if !json {
+                    return self.read_checkpoint(&checkpoint, offset, size, reply);
+                }
+                Some(checkpoint.json(self.catalog.live().view.size()))
+            }
             _ => None,
         };
         if let Some(text) = text {
@@ -895,11 +956,14 @@ impl Filesystem for SnapFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
-            return reply.error(Errno::EINVAL);
-        };
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(Errno::ENXIO);
+        };
+        if let Ok(node @ Node::Checkpoint { .. }) = self.node(ino) {
+            return self.seek_checkpoint(node, offset, whence, reply);
+        }
+        let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
+            return reply.error(Errno::EINVAL);
         };
         let found = match whence {
             libc::SEEK_DATA => entry.view.seek_data(offset),
@@ -913,6 +977,35 @@ impl Filesystem for SnapFs {
                 log::error!("{}: lseek at {offset:#x}: {e}", entry.file_name);
                 reply.error(errno(&e));
             }
+        }
+    }
+}
+
+impl SnapFs {
+    /// `SEEK_DATA`/`SEEK_HOLE` in a checkpoint file: data exactly where the checkpoint marks a
+    /// change (`.raw`); a `.json` list is data throughout.
+    fn seek_checkpoint(&self, node: Node, offset: u64, whence: i32, reply: ReplyLseek) {
+        let Some(checkpoint) = node.checkpoint(&self.catalog) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let disk = self.catalog.live().view.size();
+        let (json, size) = match node {
+            Node::Checkpoint { json: true, .. } => (true, checkpoint.json(disk).len() as u64),
+            _ => (false, disk),
+        };
+        if offset >= size {
+            return reply.error(Errno::ENXIO);
+        }
+        let found = match (whence, json) {
+            (libc::SEEK_DATA, true) => Some(offset),
+            (libc::SEEK_HOLE, true) => Some(size),
+            (libc::SEEK_DATA, false) => checkpoint.next_dirty(offset, size),
+            (libc::SEEK_HOLE, false) => Some(checkpoint.next_clean(offset, size)),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match found {
+            Some(pos) => reply.offset(pos as i64),
+            None => reply.error(Errno::ENXIO),
         }
     }
 }

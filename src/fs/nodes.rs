@@ -6,6 +6,7 @@ use std::time::Duration;
 use fuser::FileType;
 
 use crate::catalog::{Catalog, ViewEntry};
+use crate::checkpoints;
 use crate::control::CommandKind;
 
 pub const ROOT: u64 = 1;
@@ -14,11 +15,15 @@ pub const LIVE: u64 = 3;
 pub const INFO_JSON: u64 = 4;
 pub const CONTROL_DIR: u64 = 5;
 pub const STATUS: u64 = 6;
+pub const CHECKPOINTS_DIR: u64 = 7;
 /// `control/create` .. `control/pull` are 10..14.
 const FIRST_COMMAND: u64 = 10;
 /// Snapshot view with catalog key `k` is inode `FIRST_SNAPSHOT + k`; keys are never reused
 /// during a mount, so neither are inode numbers.
 pub const FIRST_SNAPSHOT: u64 = 100;
+/// Checkpoint `k`'s files are inodes `FIRST_CHECKPOINT + 2k` (`.raw`) and `+ 2k + 1` (`.json`),
+/// far above any snapshot key.
+pub const FIRST_CHECKPOINT: u64 = 1 << 48;
 
 /// What an inode number stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +36,12 @@ pub enum Node {
     Status,
     Command(CommandKind),
     Snapshot(u64),
+    CheckpointsDir,
+    /// A checkpoint's file: its key, and whether it is the `.json` list (else `.raw`).
+    Checkpoint {
+        key: u64,
+        json: bool,
+    },
 }
 
 impl Node {
@@ -42,6 +53,15 @@ impl Node {
             INFO_JSON => Node::InfoJson,
             CONTROL_DIR => Node::ControlDir,
             STATUS => Node::Status,
+            CHECKPOINTS_DIR => Node::CheckpointsDir,
+            n if n >= FIRST_CHECKPOINT => {
+                let key = (n - FIRST_CHECKPOINT) / 2;
+                catalog.checkpoint_name(key)?;
+                Node::Checkpoint {
+                    key,
+                    json: (n - FIRST_CHECKPOINT) % 2 == 1,
+                }
+            }
             n if (FIRST_COMMAND..FIRST_COMMAND + CommandKind::ALL.len() as u64).contains(&n) => {
                 Node::Command(CommandKind::ALL[(n - FIRST_COMMAND) as usize])
             }
@@ -68,12 +88,16 @@ impl Node {
                         .unwrap_or(0) as u64
             }
             Node::Snapshot(key) => FIRST_SNAPSHOT + key,
+            Node::CheckpointsDir => CHECKPOINTS_DIR,
+            Node::Checkpoint { key, json } => FIRST_CHECKPOINT + 2 * key + u64::from(json),
         }
     }
 
     pub fn kind(self) -> FileType {
         match self {
-            Node::Root | Node::SnapshotsDir | Node::ControlDir => FileType::Directory,
+            Node::Root | Node::SnapshotsDir | Node::ControlDir | Node::CheckpointsDir => {
+                FileType::Directory
+            }
             _ => FileType::RegularFile,
         }
     }
@@ -84,6 +108,7 @@ impl Node {
             Node::Root => vec![
                 (Node::Live, "live.raw".into()),
                 (Node::SnapshotsDir, "snapshots".into()),
+                (Node::CheckpointsDir, "checkpoints".into()),
                 (Node::ControlDir, "control".into()),
                 (Node::InfoJson, "info.json".into()),
             ],
@@ -91,6 +116,23 @@ impl Node {
                 .snapshots()
                 .into_iter()
                 .map(|(key, v)| (Node::Snapshot(key), v.file_name.clone()))
+                .collect(),
+            Node::CheckpointsDir => checkpoints::list(&catalog.chain())
+                .0
+                .into_iter()
+                .flat_map(|c| {
+                    let key = catalog.checkpoint_key(&c.name);
+                    [
+                        (
+                            Node::Checkpoint { key, json: false },
+                            format!("{}{}", c.name, checkpoints::RAW_SUFFIX),
+                        ),
+                        (
+                            Node::Checkpoint { key, json: true },
+                            format!("{}{}", c.name, checkpoints::JSON_SUFFIX),
+                        ),
+                    ]
+                })
                 .collect(),
             Node::ControlDir => CommandKind::ALL
                 .iter()
@@ -105,6 +147,18 @@ impl Node {
     pub fn child(self, catalog: &Catalog, name: &str) -> Option<Node> {
         match self {
             Node::SnapshotsDir => catalog.find(name).map(|(key, _)| Node::Snapshot(key)),
+            Node::CheckpointsDir => {
+                let (base, json) = if let Some(b) = name.strip_suffix(checkpoints::RAW_SUFFIX) {
+                    (b, false)
+                } else {
+                    (name.strip_suffix(checkpoints::JSON_SUFFIX)?, true)
+                };
+                checkpoints::find(&catalog.chain(), base)?;
+                Some(Node::Checkpoint {
+                    key: catalog.checkpoint_key(base),
+                    json,
+                })
+            }
             _ => self
                 .children(catalog)
                 .into_iter()
@@ -116,8 +170,19 @@ impl Node {
     pub fn parent(self) -> Node {
         match self {
             Node::Snapshot(_) => Node::SnapshotsDir,
+            Node::Checkpoint { .. } => Node::CheckpointsDir,
             Node::Command(_) | Node::Status => Node::ControlDir,
             _ => Node::Root,
+        }
+    }
+
+    /// The checkpoint a checkpoint file shows, if it is still listed.
+    pub fn checkpoint(self, catalog: &Catalog) -> Option<checkpoints::Checkpoint> {
+        match self {
+            Node::Checkpoint { key, .. } => {
+                checkpoints::find(&catalog.chain(), &catalog.checkpoint_name(key)?)
+            }
+            _ => None,
         }
     }
 

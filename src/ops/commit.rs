@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{
     LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
-    format_name, read_own, run_bytes, without,
+    format_name, read_own, run_bytes, valid_bitmap_chains, without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -62,6 +62,8 @@ pub fn commit(chain: &Arc<Chain>, index: usize, progress: Progress) -> Result<Ar
         progress(done, total);
     }
     flush_layer(target_layer)?;
+    // libvirt's rule for commit: the committed layer's valid bitmaps merge into the base's.
+    into.merge_bitmaps(&valid_bitmap_chains(chain, index))?;
     drop(into);
 
     if let Some(w) = hold.as_mut() {
@@ -85,6 +87,11 @@ pub fn commit(chain: &Arc<Chain>, index: usize, progress: Progress) -> Result<Ar
         target_layer.path(),
     );
     above_image.set_backing_locked(&mut w, Some(name), Some(format_name(target_layer).into()))?;
+    // Taking its writer marked its bitmaps in_use: a backing layer stores them before the
+    // operation lets go of it (the top's are stored at unmount).
+    if above > 0 {
+        above_image.store_bitmaps_locked(&mut w)?;
+    }
     Ok(without(chain, index))
 }
 

@@ -41,8 +41,12 @@ pub fn create_external(
     path: &Path,
 ) -> Result<Arc<Chain>> {
     let top = chain.top_image();
-    let writes_wait = top.writer()?;
+    let mut writes_wait = top.writer()?;
     top.flush()?;
+    // libvirt's rule: the overlay gets an empty recording bitmap for each recording, consistent
+    // bitmap of the old top; the old top, read-only from here on, stores its bitmaps now.
+    let carried = top.recording_bitmaps();
+    top.store_bitmaps_locked(&mut writes_wait)?;
     let top_path = top.path();
     let backing = super::backing_name(path, None, top_path);
     let new = NewImage {
@@ -65,7 +69,9 @@ pub fn create_external(
             share: false,
         };
         let storage = chain.interpose(path, Box::new(storage));
-        Qcow2Image::from_storage(path, storage, top.caches(), options)
+        let image = Qcow2Image::from_storage(path, storage, top.caches(), options)?;
+        image.add_bitmaps_like(&carried)?;
+        Ok(image)
     })();
     let overlay = match opened {
         Ok(image) => image,

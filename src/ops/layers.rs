@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::dependents::{refusal, snapshots_reading_through};
 use super::{
     LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
-    format_name, run_bytes, without,
+    format_name, run_bytes, valid_bitmap_chains, without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -58,12 +58,13 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
             let mapping = above_image.map(&above_l1, pos, offset + len - pos)?;
             let n = mapping.len().max(1);
             if let Mapping::Unallocated { .. } = mapping {
+                // What the layer above reads there already: no bitmap changes.
                 if zero {
-                    into.zero(pos, n)?;
+                    into.zero_unchanged(pos, n)?;
                 } else {
                     buf.resize(n as usize, 0);
                     crate::view::read_chain(chain, index, &mut buf, pos)?;
-                    into.write(&buf, pos)?;
+                    into.write_unchanged(&buf, pos)?;
                 }
             }
             pos += n;
@@ -72,6 +73,18 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
         progress(done, total);
     }
     flush_layer(&chain.layers[above])?;
+    // The layer's part of each bitmap chain that runs through it moves up with its data: merged
+    // into the same bitmap of the layer above, where the chain is valid from there (none is
+    // created: a bitmap the layer above lacks starts no chain).
+    let through: Vec<_> = valid_bitmap_chains(chain, index)
+        .into_iter()
+        .filter(|b| {
+            valid_bitmap_chains(chain, above)
+                .iter()
+                .any(|a| a.name == b.name)
+        })
+        .collect();
+    into.merge_bitmaps(&through)?;
     let (name, format) = match chain.layers.get(index + 1) {
         Some(below) => (
             Some(backing_name(
@@ -129,7 +142,19 @@ pub fn revert_to_layer(chain: &Arc<Chain>, index: usize) -> Result<Arc<Chain>> {
     }
     let top = chain.top_image();
     let target = chain.layers[index].clone();
+    // What the live disk stops reading: everything the top and the layers that leave map
+    // themselves (the bitmaps record it as changed, as for an internal revert).
+    let mut changed = Vec::new();
+    for layer in &chain.layers[..index] {
+        if let Layer::Qcow2(image) = layer.as_ref() {
+            changed.extend(allocated_runs(image)?);
+        }
+    }
     let mut w = top.writer()?;
+    for run in changed {
+        let (Run::Data { offset, len } | Run::Zero { offset, len }) = run;
+        top.mark_changed_locked(&mut w, offset, len);
+    }
     top.empty_locked(&mut w)?;
     let size = target.virtual_size();
     if size != top.virtual_size() {

@@ -24,6 +24,7 @@ pub use pull::pull;
 
 use crate::chain::{Chain, Layer, RawImage};
 use crate::error::{Error, Result};
+use crate::qcow2::bitmap_chain::RecordingBitmap;
 use crate::qcow2::write::Writer;
 use crate::qcow2::{Mapping, Qcow2Image};
 
@@ -190,6 +191,44 @@ impl<'a> LayerWriter<'a> {
         }
     }
 
+    /// Writes bytes the layer's view already reads (a pull): no bitmap is marked.
+    fn write_unchanged(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        let (chain, index) = (self.chain, self.index);
+        let below = |buf: &mut [u8], pos: u64| crate::view::read_chain(chain, index + 1, buf, pos);
+        match &mut self.held {
+            Held::Qcow2(image, w) => image.write_unchanged_locked(w, data, offset, &below),
+            Held::Raw(raw) => raw.write(data, offset),
+        }
+    }
+
+    /// Makes a range that the layer's view already reads as zeros read as zeros itself (a pull).
+    fn zero_unchanged(&mut self, offset: u64, len: u64) -> Result<()> {
+        let (chain, index) = (self.chain, self.index);
+        let below = |buf: &mut [u8], pos: u64| crate::view::read_chain(chain, index + 1, buf, pos);
+        let has_backing = chain.layers.len() > index + 1;
+        match &mut self.held {
+            Held::Qcow2(image, w) => {
+                image.zero_unchanged_locked(w, offset, len, &below, has_backing)
+            }
+            Held::Raw(raw) => raw.zero(offset, len),
+        }
+    }
+
+    /// Merges `from` into the layer's bitmaps (see `qcow2/bitmap_chain.rs`) and, for a backing
+    /// layer, stores its bitmaps now, while the operation still holds it for writing (the top's
+    /// are stored at unmount). A raw layer has no bitmaps.
+    fn merge_bitmaps(&mut self, from: &[RecordingBitmap]) -> Result<()> {
+        let index = self.index;
+        let Some((image, w)) = self.qcow2() else {
+            return Ok(());
+        };
+        image.merge_bitmaps_locked(w, from)?;
+        if index > 0 {
+            image.store_bitmaps_locked(w)?;
+        }
+        Ok(())
+    }
+
     /// Grows the layer's virtual disk to `size` (a commit of a larger overlay).
     fn grow(&mut self, size: u64) -> Result<()> {
         match &mut self.held {
@@ -197,6 +236,35 @@ impl<'a> LayerWriter<'a> {
             Held::Raw(raw) => raw.grow(size),
         }
     }
+}
+
+/// The bitmaps of layer `index` whose chain is valid as libvirt counts it
+/// (`qemuBlockBitmapChainIsValid`): the bitmap is recording and consistent in layer `index`,
+/// and every layer below that has a bitmap of that name has it recording and consistent, with no
+/// gap (once a layer lacks it, none further down has it).
+fn valid_bitmap_chains(chain: &Chain, index: usize) -> Vec<RecordingBitmap> {
+    let Some(Layer::Qcow2(image)) = chain.layers.get(index).map(|l| l.as_ref()) else {
+        return Vec::new();
+    };
+    let mut valid = image.recording_bitmaps();
+    valid.retain(|b| {
+        let mut ended = false;
+        for layer in &chain.layers[index + 1..] {
+            let Layer::Qcow2(below) = layer.as_ref() else {
+                ended = true;
+                continue;
+            };
+            if !below.has_bitmap(&b.name) {
+                ended = true;
+                continue;
+            }
+            if ended || !below.recording_bitmaps().iter().any(|r| r.name == b.name) {
+                return false;
+            }
+        }
+        true
+    });
+    valid
 }
 
 fn flush_layer(layer: &Layer) -> Result<()> {

@@ -11,7 +11,10 @@
 use std::sync::Arc;
 
 use super::dependents::{refusal, snapshots_reading_through};
-use super::{LayerWriter, Progress, Run, STEP, backing_name, flush_layer, format_name, run_bytes};
+use super::{
+    LayerWriter, Progress, Run, STEP, backing_name, flush_layer, format_name, run_bytes,
+    valid_bitmap_chains,
+};
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
 use crate::qcow2::Mapping;
@@ -61,11 +64,11 @@ pub fn pull(chain: &Arc<Chain>, base: Option<usize>, progress: Progress) -> Resu
             let n = mapping.len().clamp(1, offset + len - pos);
             if let Mapping::Unallocated { .. } = mapping {
                 if zero {
-                    into.zero(pos, n)?;
+                    into.zero_unchanged(pos, n)?;
                 } else {
                     buf.resize(n as usize, 0);
                     crate::view::read_chain(chain, 1, &mut buf, pos)?;
-                    into.write(&buf, pos)?;
+                    into.write_unchanged(&buf, pos)?;
                 }
             }
             pos += n;
@@ -75,6 +78,15 @@ pub fn pull(chain: &Arc<Chain>, base: Option<usize>, progress: Progress) -> Resu
         progress(done, total);
     }
     flush_layer(chain.top())?;
+    // What the guest reads did not change, so no bitmap of the top is marked; the pulled layers'
+    // parts of each bitmap chain the top continues move up with their data (as for a delete of
+    // a layer), so that no change a checkpoint recorded is lost.
+    let continued = valid_bitmap_chains(chain, 0);
+    let moved: Vec<_> = (1..until)
+        .flat_map(|k| valid_bitmap_chains(chain, k))
+        .filter(|b| continued.iter().any(|t| t.name == b.name))
+        .collect();
+    LayerWriter::take(chain, 0)?.merge_bitmaps(&moved)?;
     let (name, format) = match chain.layers.get(until) {
         Some(new_backing) => (
             Some(backing_name(

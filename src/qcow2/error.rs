@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+use super::bitmap::BitmapError;
 use super::header::HeaderError;
 use super::lock::LockError;
 use super::refcount::RefcountError;
@@ -29,6 +30,15 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: MetadataError,
+    },
+
+    /// The persistent bitmaps (bitmap directory, tables or data) are invalid, or could not be
+    /// stored.
+    #[error("{path}: {source}")]
+    Bitmap {
+        path: PathBuf,
+        #[source]
+        source: BitmapError,
     },
 
     /// The backing chain cannot be assembled.

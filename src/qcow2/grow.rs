@@ -74,6 +74,7 @@ impl Qcow2Image {
         if needed > self.active_l1().declared_len() {
             self.grow_l1(w, needed)?;
         }
+        self.bitmaps_resized(self.virtual_size(), new_size)?;
         self.write_header(FieldWrite::Size(new_size), "header size")?;
         self.size.store(new_size, Ordering::Release);
         Ok(())

@@ -97,6 +97,8 @@ pub struct Qcow2Image {
     pub(super) reclaim: RwLock<()>,
     /// Starts the write-back of guest data during long runs of writes.
     pub(super) write_behind: super::write_behind::WriteBehind,
+    /// The persistent dirty bitmaps, loaded when first needed (`bitmaps.rs`).
+    pub(super) bitmaps: OnceLock<std::result::Result<super::bitmaps::PersistentBitmaps, String>>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -168,6 +170,7 @@ impl Qcow2Image {
             retired: false.into(),
             reclaim: RwLock::new(()),
             write_behind: Default::default(),
+            bitmaps: OnceLock::new(),
         };
         let active = image
             .read_l1(

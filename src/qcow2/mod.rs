@@ -1,6 +1,9 @@
 //! The qcow2 format engine. It knows nothing of FUSE: it opens images, maps guest offsets to host
 //! offsets and reads data.
 
+pub mod bitmap;
+pub mod bitmap_chain;
+pub mod bitmaps;
 pub mod cache;
 mod cluster;
 pub mod compress;

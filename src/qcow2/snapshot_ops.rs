@@ -457,6 +457,9 @@ impl Qcow2Image {
         // The active table never shrinks and must hold the whole snapshot table.
         let needed = (snap.l1_size as u64).max(self.geometry.l1_entries_for(size));
         let declared = old.declared_len().max(needed);
+        // What the revert changes, for the recording bitmaps (read before the old tables go).
+        let changed = self.changed_by_revert(&old, &sn_l1)?;
+        let old_size = self.virtual_size();
         self.transact(&mut w, |tx| {
             let mut deltas = Deltas::new();
             self.add_paths(&mut deltas, &sn_l1, 1)?;
@@ -479,7 +482,8 @@ impl Qcow2Image {
                 copies,
             };
             Ok((state, ()))
-        })
+        })?;
+        self.bitmaps_reverted(old_size, size, &changed)
     }
 
     /// Deletes snapshot `id` and frees what only it used.

@@ -26,7 +26,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::qcow2::error::{Error, Result};
-use crate::qcow2::header::{FieldWrite, autoclear};
+use crate::qcow2::header::FieldWrite;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::offsets::HostCluster;
 use crate::qcow2::overlap::MetadataKind;
@@ -34,6 +34,13 @@ use crate::qcow2::refcount::Refcounts;
 
 /// What supplies the guest data below this image (the backing chain), for copy-on-write.
 pub type BackingRead<'a> = &'a dyn Fn(&mut [u8], u64) -> Result<()>;
+
+/// Whether a write changes what the guest reads (and so marks the recording bitmaps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Guest,
+    Unchanged,
+}
 
 /// State of the write side, behind the image's writer mutex.
 pub struct Writer {
@@ -46,17 +53,17 @@ pub struct Writer {
     pub(super) metadata: std::collections::HashMap<HostCluster, MetadataKind>,
     /// Set once the image was marked corrupt: every later change is refused.
     pub(super) corrupt: bool,
-    /// Autoclear feature bits still set in the file's header. We maintain none of them (e.g.
-    /// persistent bitmaps would not follow our writes), so they are cleared before the first
-    /// change to the image; not at open, so that a read-write mount nobody writes to leaves the
-    /// file exactly as it was.
-    pub(super) pending_autoclear: u64,
+    /// Set until the first change to the image since it was opened (or since its persistent
+    /// bitmaps were last stored): before it, the bitmaps snapfs maintains are marked `in_use` and
+    /// the autoclear bits it does not know are cleared (`bitmaps.rs`); not at open, so that a
+    /// read-write mount nobody writes to leaves the file exactly as it was.
+    pub(super) before_first_change: bool,
 }
 
 impl Writer {
-    /// Sets up writing: refuses images QEMU would repair first, notes the autoclear bits that we
-    /// do not maintain (cleared at the first write, see [`Qcow2Image::writer`]), and indexes the
-    /// metadata clusters.
+    /// Sets up writing: refuses images QEMU would repair first, loads the persistent bitmaps
+    /// (prepared for the first change, see [`Qcow2Image::writer`]), and indexes the metadata
+    /// clusters.
     pub(super) fn open(image: &Qcow2Image) -> Result<Writer> {
         let h = &image.header;
         let path = image.path.clone();
@@ -72,6 +79,7 @@ impl Writer {
                 reason: "the image is dirty (lazy refcounts were not written back); mounting read-only (repair it with `qemu-img check -r all`)".into(),
             });
         }
+        image.load_bitmaps_for_writing()?;
         let cache_blocks = (image.caches.l2_budget() / 16 / image.geometry.cluster_size()) as usize;
         let refcounts = Refcounts::load(image.storage(), h, image.file_len(), cache_blocks)
             .map_err(|source| Error::Refcount {
@@ -91,11 +99,7 @@ impl Writer {
             ),
             metadata: Default::default(),
             corrupt: false,
-            pending_autoclear: if h.version >= 3 {
-                h.autoclear_features
-            } else {
-                0
-            },
+            before_first_change: h.version >= 3,
         };
         writer.index_metadata(image);
         Ok(writer)
@@ -104,8 +108,9 @@ impl Writer {
 
 impl Qcow2Image {
     /// The write side, locked. Every change to the image (guest writes, discards, resizes,
-    /// snapshot and chain operations) goes through here, so this is where the autoclear bits are
-    /// cleared, once, before the caller changes anything.
+    /// snapshot and chain operations) goes through here, so this is where the image is prepared
+    /// for its first change (bitmaps `in_use`, unknown autoclear bits cleared), once, before the
+    /// caller changes anything.
     pub fn writer(&self) -> Result<parking_lot::MutexGuard<'_, Writer>> {
         let mut w = self
             .writer
@@ -119,35 +124,10 @@ impl Qcow2Image {
                 path: self.path.clone(),
             });
         }
-        if w.pending_autoclear != 0 {
-            self.clear_autoclear(&mut w)?;
+        if w.before_first_change {
+            self.prepare_first_change(&mut w)?;
         }
         Ok(w)
-    }
-
-    /// Zeroes the header's autoclear features field (offset 88). Bitmaps would not follow our
-    /// writes; a cleared bit tells QEMU they are stale.
-    fn clear_autoclear(&self, w: &mut Writer) -> Result<()> {
-        let bits = w.pending_autoclear;
-        // Ordering: cleared and flushed before the first change the bits would not follow.
-        self.write_header(
-            FieldWrite::AutoclearFeatures(0),
-            "header autoclear features",
-        )?;
-        // Durable before the change it guards: a kill after the caller's first write must not
-        // leave bitmaps that claim to be in step with the data.
-        self.flush()?;
-        w.pending_autoclear = 0;
-        log::info!(
-            "{}: cleared autoclear features {bits:#x}{}",
-            self.path.display(),
-            if bits & autoclear::BITMAPS != 0 {
-                " (persistent bitmaps are now marked inconsistent)"
-            } else {
-                ""
-            }
-        );
-        Ok(())
     }
 
     /// Rewrites a group of header fields in one write.
@@ -192,12 +172,39 @@ impl Qcow2Image {
         offset: u64,
         backing: BackingRead,
     ) -> Result<()> {
+        self.write_marked(w, data, offset, backing, Change::Guest)
+    }
+
+    /// Writes bytes the disk already reads at `offset` (data pulled up from a layer below): the
+    /// guest sees no change, so no bitmap is marked (QEMU's `BDRV_REQ_WRITE_UNCHANGED`, as a
+    /// `block-stream` writes).
+    pub fn write_unchanged_locked(
+        &self,
+        w: &mut Writer,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+    ) -> Result<()> {
+        self.write_marked(w, data, offset, backing, Change::Unchanged)
+    }
+
+    fn write_marked(
+        &self,
+        w: &mut Writer,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+        change: Change,
+    ) -> Result<()> {
         let size = self.virtual_size();
         if offset
             .checked_add(data.len() as u64)
             .is_none_or(|end| end > size)
         {
             return Err(Error::PastEnd { offset, size });
+        }
+        if change == Change::Guest {
+            self.mark_changed(offset, data.len() as u64);
         }
         let coverage = self.geometry.l2_coverage();
         let mut done = 0usize;
@@ -235,10 +242,38 @@ impl Qcow2Image {
         backing: BackingRead,
         has_backing: bool,
     ) -> Result<()> {
+        self.zero_marked(w, offset, len, backing, has_backing, Change::Guest)
+    }
+
+    /// [`Qcow2Image::zero_locked`] of a range that already reads as zeros (pulled up from a
+    /// layer below): no bitmap is marked.
+    pub fn zero_unchanged_locked(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        len: u64,
+        backing: BackingRead,
+        has_backing: bool,
+    ) -> Result<()> {
+        self.zero_marked(w, offset, len, backing, has_backing, Change::Unchanged)
+    }
+
+    fn zero_marked(
+        &self,
+        w: &mut Writer,
+        offset: u64,
+        len: u64,
+        backing: BackingRead,
+        has_backing: bool,
+        change: Change,
+    ) -> Result<()> {
         let size = self.virtual_size();
         let end = offset.saturating_add(len).min(size);
         if offset >= end {
             return Ok(());
+        }
+        if change == Change::Guest {
+            self.mark_changed(offset, end - offset);
         }
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -247,14 +282,14 @@ impl Qcow2Image {
         let zero_flag_ok = self.header.version >= 3;
         if first_full >= last_full || (!zero_flag_ok && has_backing) {
             // No whole cluster, or no way to mark one as zero over a backing file (v2).
-            return self.write_zeros(w, offset, end - offset, backing);
+            return self.write_zeros(w, offset, end - offset, backing, change);
         }
         if offset < first_full {
-            self.write_zeros(w, offset, first_full - offset, backing)?;
+            self.write_zeros(w, offset, first_full - offset, backing, change)?;
         }
         self.zero_clusters(w, first_full, last_full, has_backing)?;
         if last_full < end {
-            self.write_zeros(w, last_full, end - last_full, backing)?;
+            self.write_zeros(w, last_full, end - last_full, backing, change)?;
         }
         Ok(())
     }
@@ -265,13 +300,14 @@ impl Qcow2Image {
         offset: u64,
         len: u64,
         backing: BackingRead,
+        change: Change,
     ) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len) as usize];
         let mut pos = offset;
         while pos < offset + len {
             let n = CHUNK.min(offset + len - pos);
-            self.write_locked(w, &zeros[..n as usize], pos, backing)?;
+            self.write_marked(w, &zeros[..n as usize], pos, backing, change)?;
             pos += n;
         }
         Ok(())

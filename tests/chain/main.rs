@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bitmaps_chain;
 mod chain_busy;
 mod chain_crash;
 mod chain_model;

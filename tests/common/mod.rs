@@ -1566,6 +1566,7 @@ pub fn read_all(path: &Path) -> Vec<u8> {
     fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
+pub mod bitmap_support;
 pub mod chain_support;
 pub mod crash;
 pub mod hostile_support;

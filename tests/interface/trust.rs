@@ -693,3 +693,98 @@ fn a_long_commit_with_commands_waiting_does_not_freeze_the_mount() {
     eprintln!("live.raw read while a command waited: {live_read_while_waiting}");
     assert!(m.snapshot_names().contains("after-commit.raw"));
 }
+
+/// `checkpoints/` (docs/security.md): a checkpoint file reads the live disk, so it needs what
+/// `live.raw` needs. `u`'s overlay over a root-only backing file carries a bitmap that marks the
+/// whole disk (as `u`, who owns the file's bytes, can make it): root reads the secret through
+/// `checkpoints/chk1.raw`; `u` can neither read it nor its `.json` list nor list the folder. In
+/// `u`'s own image, `u` reads the checkpoint files.
+#[test]
+fn checkpoint_files_need_what_live_raw_needs() {
+    let sc = scene();
+    let secret = sc.secret.to_str().unwrap().to_owned();
+    let before = hash(&sc.secret);
+    as_u(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &secret,
+            "-F",
+            "raw",
+            "evil.qcow2",
+            "1M",
+        ],
+        &sc.home,
+    );
+    let evil = sc.home.join("evil.qcow2");
+    // A bitmap with every bit set, merged in from a scratch image written whole.
+    let scratch = sc.home.join("scratch.qcow2");
+    create_qcow2(&scratch, MIB, "", None);
+    qemu_img(&["bitmap", "--add", scratch.to_str().unwrap(), "all"]);
+    qemu_io(&scratch, &["write -P 0x01 0 1M"]);
+    qemu_img(&["bitmap", "--add", evil.to_str().unwrap(), "chk1"]);
+    qemu_img(&[
+        "bitmap",
+        "--merge",
+        "all",
+        "-b",
+        scratch.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        evil.to_str().unwrap(),
+        "chk1",
+    ]);
+    chown(&evil, u().uid, u().gid);
+    let mut problems = Vec::new();
+    {
+        let m = mount(&evil, &["-o", "allow_other"]);
+        let raw = m.path().join("checkpoints/chk1.raw");
+        let root_reads = fs::read(&raw).unwrap_or_default();
+        assert!(
+            root_reads.starts_with(SECRET),
+            "the checkpoint shows the live disk (root reads the secret through it)"
+        );
+        for (op, path) in [
+            (Op::Read, raw.clone()),
+            (Op::Read, m.path().join("checkpoints/chk1.json")),
+            (Op::List, m.path().join("checkpoints")),
+        ] {
+            let e = probe_as(&u(), op, &path, "");
+            if e != EACCES {
+                problems.push(format!("u: {op:?} {}: {}", path.display(), name(e)));
+            }
+        }
+    }
+    // u's own image: u reads its checkpoint.
+    as_u(
+        "qemu-img",
+        &["create", "-f", "qcow2", "own.qcow2", "1M"],
+        &sc.home,
+    );
+    as_u(
+        "qemu-img",
+        &["bitmap", "--add", "own.qcow2", "chk1"],
+        &sc.home,
+    );
+    {
+        let m = mount(&sc.home.join("own.qcow2"), &["-o", "allow_other"]);
+        for (op, path) in [
+            (Op::Read, m.path().join("checkpoints/chk1.json")),
+            (Op::Read, m.path().join("checkpoints/chk1.raw")),
+            (Op::List, m.path().join("checkpoints")),
+        ] {
+            let e = probe_as(&u(), op, &path, "");
+            if e != 0 {
+                problems.push(format!("u: {op:?} of own {}: {}", path.display(), name(e)));
+            }
+        }
+    }
+    if hash(&sc.secret) != before {
+        problems.push("the secret changed".into());
+    }
+    finish(problems);
+}

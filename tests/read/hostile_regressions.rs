@@ -111,3 +111,17 @@ fn header_with_odd_header_length_round_trips() {
     let again = snapfs::qcow2::header::Header::parse(&encoded, encoded.len() as u64).unwrap();
     assert_eq!(again.extensions, header.extensions);
 }
+
+/// Found by `bitmap_directory`: an empty directory with nb_bitmaps = 0 parsed into no entries,
+/// which the encoder (rightly) refuses; parsing now refuses it as the header extension does.
+#[test]
+fn empty_bitmap_directory_is_refused() {
+    let data =
+        std::fs::read(fuzz_dir().join("regressions/bitmap_directory/empty-directory")).unwrap();
+    checks::bitmap_directory(&data);
+    let err = snapfs::qcow2::bitmap::Directory::parse(&[], 0).unwrap_err();
+    assert!(
+        matches!(err, snapfs::qcow2::bitmap::BitmapError::EmptyDirectory),
+        "{err}"
+    );
+}

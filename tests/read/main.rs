@@ -7,6 +7,7 @@ mod common;
 
 mod attrs;
 mod bad_images;
+mod bitmap_format;
 mod direct_io;
 mod ext4_snapshot;
 mod harness;

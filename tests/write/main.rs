@@ -5,6 +5,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bitmaps_checkpoints;
+mod bitmaps_oracle;
 mod degrade_backing_gone;
 mod degrade_enospc;
 mod degrade_shrink;
