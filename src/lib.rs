@@ -3,6 +3,7 @@
 pub mod access;
 pub mod catalog;
 pub mod chain;
+pub mod changes;
 pub mod cli;
 pub mod control;
 pub mod error;

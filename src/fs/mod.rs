@@ -5,6 +5,7 @@
 
 mod access;
 mod attrs;
+mod changes;
 mod commands;
 mod errno;
 mod gate;
@@ -55,6 +56,8 @@ pub struct SnapFs {
     large_reads: gate::Gate,
     /// Whether the disk files (live.raw, snapshots) go through the kernel page cache.
     caching: DataCaching,
+    /// The files of `changes/` and the lists their open handles read.
+    changes: changes::ChangeFiles,
 }
 
 /// How the kernel caches the contents of the disk files (live.raw and the snapshots).
@@ -98,7 +101,13 @@ fn guard(node: Node, catalog: &Catalog, writable: bool) -> Guard {
         Node::InfoJson | Node::Status => Guard::ChainText,
         Node::Command(_) => Guard::Command,
         Node::Root | Node::ControlDir => Guard::Entry,
-        Node::SnapshotsDir => Guard::SnapshotsDir,
+        // Names that come from every file of the chain, as in snapshots/.
+        Node::SnapshotsDir | Node::ChangesDir => Guard::SnapshotsDir,
+        // Decided where the pair is known (`SnapFs::guard`); this is what a gone pair gets.
+        Node::Change(_) => Guard::View {
+            from: usize::MAX,
+            writable: false,
+        },
     }
 }
 
@@ -149,6 +158,8 @@ impl Announcer {
                 let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
             }
             let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
+            // changes/ lists pairs of these names.
+            let _ = notifier.inval_inode(INodeNo(nodes::CHANGES_DIR), 0, 0);
             let _ = done.send(());
         });
         if self.worker_threads > 1 && finished.recv_timeout(TTL).is_err() {
@@ -214,6 +225,7 @@ impl SnapFs {
             },
             large_reads: gate::Gate::for_this_machine(),
             caching,
+            changes: changes::ChangeFiles::default(),
         }
     }
 
@@ -251,7 +263,10 @@ impl SnapFs {
     }
 
     fn guard(&self, node: Node) -> Guard {
-        guard(node, &self.catalog, self.owner.writable)
+        match node {
+            Node::Change(ino) => self.changes.guard(&self.catalog, ino),
+            _ => guard(node, &self.catalog, self.owner.writable),
+        }
     }
 
     /// Whether the caller of `req` may do all of `want` to `node`.
@@ -272,6 +287,7 @@ impl SnapFs {
     fn attr(&self, node: Node) -> Result<fuser::FileAttr, Errno> {
         let (uid, gid, perm) = self.owner_and_mode(node);
         let (size, allocated, mtime) = match node.view(&self.catalog) {
+            None if let Node::Change(ino) = node => self.change_sizes(ino)?,
             Some(entry) => {
                 // Damaged metadata fails the reads that meet it, not every stat of the file.
                 let allocated = entry.view.allocated_bytes().unwrap_or_else(|e| {
@@ -428,7 +444,11 @@ impl Filesystem for SnapFs {
                 return Err(Errno::EACCES);
             }
             let name = name.to_str().ok_or(Errno::ENOENT)?;
-            let child = dir.child(&self.catalog, name).ok_or(Errno::ENOENT)?;
+            let child = match dir {
+                Node::ChangesDir => self.lookup_change(name),
+                _ => dir.child(&self.catalog, name),
+            }
+            .ok_or(Errno::ENOENT)?;
             self.attr(child)
         });
         match result {
@@ -454,7 +474,8 @@ impl Filesystem for SnapFs {
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
         let open_flags = match node {
-            Node::Root | Node::SnapshotsDir | Node::ControlDir => {
+            Node::Change(ino) => return self.open_change(req, ino, wants_write, reply),
+            Node::Root | Node::SnapshotsDir | Node::ControlDir | Node::ChangesDir => {
                 return reply.error(Errno::EISDIR);
             }
             Node::Live if wants_write && !self.catalog.live().view.is_writable() => {
@@ -498,6 +519,7 @@ impl Filesystem for SnapFs {
         reply: ReplyEmpty,
     ) {
         self.handles.lock().release(fh.0);
+        self.changes.release(fh.0);
         reply.ok();
     }
 
@@ -505,7 +527,7 @@ impl Filesystem for SnapFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -516,6 +538,9 @@ impl Filesystem for SnapFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
+        if let Node::Change(_) = node {
+            return self.read_change(fh.0, offset, size, reply);
+        }
         let text = match node {
             Node::InfoJson => Some(self.info_json()),
             Node::Status => Some(self.status_text().into_bytes()),
@@ -759,7 +784,10 @@ impl Filesystem for SnapFs {
             Err(e) => return reply.error(e),
         };
         let mut entries = vec![(dir, ".".to_owned()), (dir.parent(), "..".to_owned())];
-        entries.extend(dir.children(&self.catalog));
+        match dir {
+            Node::ChangesDir => entries.extend(self.list_changes()),
+            _ => entries.extend(dir.children(&self.catalog)),
+        }
         for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(node.ino()), (i + 1) as u64, node.kind(), name) {
                 break;
@@ -827,11 +855,17 @@ impl Filesystem for SnapFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if let Ok(Node::Change(_)) = self.node(ino) {
+            let Ok(offset) = u64::try_from(offset) else {
+                return reply.error(Errno::ENXIO);
+            };
+            return self.lseek_change(fh.0, offset, whence, reply);
+        }
         let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
             return reply.error(Errno::EINVAL);
         };

@@ -14,6 +14,7 @@ pub const LIVE: u64 = 3;
 pub const INFO_JSON: u64 = 4;
 pub const CONTROL_DIR: u64 = 5;
 pub const STATUS: u64 = 6;
+pub const CHANGES_DIR: u64 = 7;
 /// `control/create` .. `control/commit` are 10..13.
 const FIRST_COMMAND: u64 = 10;
 /// Snapshot view with catalog key `k` is inode `FIRST_SNAPSHOT + k`; keys are never reused
@@ -31,6 +32,9 @@ pub enum Node {
     Status,
     Command(CommandKind),
     Snapshot(u64),
+    ChangesDir,
+    /// A file of `changes/`, by its inode number (see `changes.rs`).
+    Change(u64),
 }
 
 impl Node {
@@ -42,9 +46,11 @@ impl Node {
             INFO_JSON => Node::InfoJson,
             CONTROL_DIR => Node::ControlDir,
             STATUS => Node::Status,
+            CHANGES_DIR => Node::ChangesDir,
             n if (FIRST_COMMAND..FIRST_COMMAND + CommandKind::ALL.len() as u64).contains(&n) => {
                 Node::Command(CommandKind::ALL[(n - FIRST_COMMAND) as usize])
             }
+            n if n >= super::changes::FIRST_CHANGE => Node::Change(n),
             n if n >= FIRST_SNAPSHOT && catalog.get(n - FIRST_SNAPSHOT).is_some() => {
                 Node::Snapshot(n - FIRST_SNAPSHOT)
             }
@@ -68,12 +74,16 @@ impl Node {
                         .unwrap_or(0) as u64
             }
             Node::Snapshot(key) => FIRST_SNAPSHOT + key,
+            Node::ChangesDir => CHANGES_DIR,
+            Node::Change(ino) => ino,
         }
     }
 
     pub fn kind(self) -> FileType {
         match self {
-            Node::Root | Node::SnapshotsDir | Node::ControlDir => FileType::Directory,
+            Node::Root | Node::SnapshotsDir | Node::ControlDir | Node::ChangesDir => {
+                FileType::Directory
+            }
             _ => FileType::RegularFile,
         }
     }
@@ -85,6 +95,7 @@ impl Node {
                 (Node::Live, "live.raw".into()),
                 (Node::SnapshotsDir, "snapshots".into()),
                 (Node::ControlDir, "control".into()),
+                (Node::ChangesDir, "changes".into()),
                 (Node::InfoJson, "info.json".into()),
             ],
             Node::SnapshotsDir => catalog
@@ -117,6 +128,7 @@ impl Node {
         match self {
             Node::Snapshot(_) => Node::SnapshotsDir,
             Node::Command(_) | Node::Status => Node::ControlDir,
+            Node::Change(_) => Node::ChangesDir,
             _ => Node::Root,
         }
     }
