@@ -137,7 +137,7 @@ enum Source {
     Data { layer: usize, host: u64 },
     /// `skip` bytes into the compressed cluster stored at `host` in layer `layer`.
     Compressed { layer: usize, host: u64, skip: u64 },
-    /// The same offset of raw layer `layer`.
+    /// The same offset of raw layer `layer`, where its file holds data.
     Raw { layer: usize },
 }
 
@@ -206,7 +206,15 @@ impl<'a> Side<'a> {
             }
             len = len.min(limit - pos);
             let image = match self.chain.layers[depth].as_ref() {
-                Layer::Raw(_) => return Ok((Source::Raw { layer: depth }, len)),
+                Layer::Raw(raw) => {
+                    let (data, n) = raw_extent(raw, pos, len)?;
+                    let source = if data {
+                        Source::Raw { layer: depth }
+                    } else {
+                        Source::Zeros
+                    };
+                    return Ok((source, n));
+                }
                 Layer::Qcow2(image) => image,
             };
             let Some(l1) = self.table(depth) else {
@@ -243,6 +251,26 @@ impl<'a> Side<'a> {
                 }
             }
         }
+    }
+}
+
+/// Whether a raw layer holds data at `pos` (its file system's `SEEK_DATA`), and for how many
+/// bytes (at most `max_len`). A hole reads zeros, as a zero cluster does.
+fn raw_extent(raw: &crate::chain::RawImage, pos: u64, max_len: u64) -> Result<(bool, u64)> {
+    let io = |e| crate::error::Error::io(format!("{}: lseek", raw.path.display()), e);
+    let seek = |offset, whence| apply::seek(&raw.file, offset, whence);
+    match seek(pos, libc::SEEK_DATA) {
+        Ok(Some(data)) if data == pos => {
+            let hole = seek(pos, libc::SEEK_HOLE)
+                .map_err(io)?
+                .unwrap_or(pos + max_len);
+            Ok((true, (hole - pos).clamp(1, max_len)))
+        }
+        Ok(Some(data)) => Ok((false, (data - pos).min(max_len))),
+        Ok(None) => Ok((false, max_len)),
+        // A file system without SEEK_DATA: all data.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((true, max_len)),
+        Err(e) => Err(io(e)),
     }
 }
 

@@ -10,4 +10,5 @@ mod chain_crash;
 mod chain_model;
 mod chain_oracle;
 mod chain_progress;
+mod changes_oracle;
 mod locks;
