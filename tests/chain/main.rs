@@ -11,4 +11,5 @@ mod chain_model;
 mod chain_oracle;
 mod chain_progress;
 mod changes_oracle;
+mod changes_restore;
 mod locks;
