@@ -29,6 +29,7 @@ use crate::chain::{Chain, Layer};
 use crate::error::Result;
 use crate::qcow2::Mapping;
 use crate::qcow2::l1::L1Table;
+use crate::qcow2::storage::Allocation;
 use crate::view::View;
 
 /// One range where TO may differ from FROM.
@@ -257,21 +258,11 @@ impl<'a> Side<'a> {
 /// Whether a raw layer holds data at `pos` (its file system's `SEEK_DATA`), and for how many
 /// bytes (at most `max_len`). A hole reads zeros, as a zero cluster does.
 fn raw_extent(raw: &crate::chain::RawImage, pos: u64, max_len: u64) -> Result<(bool, u64)> {
-    let io = |e| crate::error::Error::io(format!("{}: lseek", raw.path.display()), e);
-    let seek = |offset, whence| apply::seek(&raw.file, offset, whence);
-    match seek(pos, libc::SEEK_DATA) {
-        Ok(Some(data)) if data == pos => {
-            let hole = seek(pos, libc::SEEK_HOLE)
-                .map_err(io)?
-                .unwrap_or(pos + max_len);
-            Ok((true, (hole - pos).clamp(1, max_len)))
-        }
-        Ok(Some(data)) => Ok((false, (data - pos).min(max_len))),
-        Ok(None) => Ok((false, max_len)),
-        // A file system without SEEK_DATA: all data.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok((true, max_len)),
-        Err(e) => Err(io(e)),
-    }
+    let (allocation, len) = raw
+        .storage()
+        .allocation(pos, max_len)
+        .map_err(|e| crate::error::Error::io(format!("{}: lseek", raw.path.display()), e))?;
+    Ok((allocation == Allocation::Data, len.clamp(1, max_len)))
 }
 
 /// Where both sides read the range at `pos` through the same L2 table of the same layer (or
