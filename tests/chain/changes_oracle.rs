@@ -224,9 +224,35 @@ fn pair_problems(m: &Mount, top: &Path, from: &Point, to: &Point, log: &Ranges) 
     }
 
     // Exactly the bytes whose mapping differs.
-    let (differ, compressed) = metadata_diff(&resolved_map(from), &resolved_map(to), size);
+    let to_map = resolved_map(to);
+    let (differ, compressed) = metadata_diff(&resolved_map(from), &to_map, size);
     let want = merge_ranges([differ, ranges_and(&compressed, log)].concat());
     if let Some(d) = describe_ranges_diff("snapfs", &reported, "qemu-img map", &want) {
+        problems.push(format!("{label}: {d}"));
+    }
+
+    // Marked zero exactly where TO reads zeros by its mapping (a zero cluster, a discarded or
+    // unallocated range, a hole of a raw layer), through the whole chain.
+    let to_zeros = merge_ranges(
+        to_map
+            .iter()
+            .filter(|(_, _, k)| *k == Key::Zero)
+            .map(|&(a, b, _)| (a, b.min(size)))
+            .collect(),
+    );
+    let marked_zero = merge_ranges(
+        listed
+            .iter()
+            .filter(|r| r.zero)
+            .map(|r| (r.start, r.start + r.length))
+            .collect(),
+    );
+    if let Some(d) = describe_ranges_diff(
+        "zero: true",
+        &marked_zero,
+        "changed ranges TO maps as zeros",
+        &ranges_and(&reported, &to_zeros),
+    ) {
         problems.push(format!("{label}: {d}"));
     }
     problems
