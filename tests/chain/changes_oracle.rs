@@ -524,6 +524,21 @@ fn pairs_by_name() {
         "[]\n"
     );
     assert_eq!(listing(&m), listed(&["a..b..c", "c..live"]));
+    // The table for people: one line per range, and a total.
+    let out = run(snapfs_cmd().args(["diff", s(&img), "a..b", "c"]));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert_eq!(lines[0], ["start", "length", "kind"], "{table}");
+    assert_eq!(lines[1], ["0x0", "0x10000", "data"], "{table}");
+    assert_eq!(
+        lines[2].join(" "),
+        format!("1 range(s), 65536 of {} bytes changed", 8 * M),
+        "{table}"
+    );
     let out = run_status(snapfs_cmd().args(["diff", s(&img), "c", "nope"]));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);

@@ -10,6 +10,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+use crate::common::write_support::LoopDev;
 use crate::common::*;
 
 fn s(p: &Path) -> &str {
@@ -17,15 +18,6 @@ fn s(p: &Path) -> &str {
 }
 
 const M: u64 = MIB;
-
-/// Removes the loop device when dropped.
-struct Loop(String);
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
 
 #[test]
 fn full_and_three_increments_restore_byte_exact() {
@@ -115,13 +107,12 @@ fn full_and_three_increments_restore_byte_exact() {
         .unwrap()
         .set_len(48 * M)
         .unwrap();
-    let out = run(Command::new("losetup").args(["-f", "--show", s(&device_file)]));
-    let device = Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    let device = LoopDev::attach(&device_file);
 
     for pair in points.windows(2) {
         let increment = backup.join(format!("{}..{}.raw", pair[0], pair[1]));
         run(snapfs_cmd().args(["apply", s(&increment), s(&restored)]));
-        run(snapfs_cmd().args(["apply", s(&increment), &device.0]));
+        run(snapfs_cmd().args(["apply", s(&increment), s(device.path())]));
         let want = oracle(pair[1]);
         let got = fs::read(&restored).unwrap();
         assert!(
@@ -131,7 +122,7 @@ fn full_and_three_increments_restore_byte_exact() {
             got.len(),
             want.len()
         );
-        let on_device = fs::read(&device.0).unwrap();
+        let on_device = fs::read(device.path()).unwrap();
         assert!(
             on_device[..want.len()] == want[..],
             "device after {} differs from qemu-img convert",
