@@ -119,7 +119,7 @@ pub fn read_ranges(path: &Path, size: u64) -> Result<Vec<ChangeRange>, ApplyErro
 }
 
 /// `lseek` for `SEEK_DATA` / `SEEK_HOLE`; `None` at the end (ENXIO).
-pub(crate) fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
     // SAFETY: lseek on a descriptor we own; nothing else uses its file position.
     let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
     if r >= 0 {
