@@ -316,6 +316,15 @@ fn next_run(side: &Side, current: &mut Option<Run>, pos: u64, end: u64) -> Resul
 
 /// The ranges where `to` may differ from `from`, over `to`'s size.
 pub fn changed_ranges(from: &View, to: &View) -> Result<ChangeList> {
+    // Layers are compared by their index in the chain: two views of different chains (one
+    // taken before an external create switched the chain, one after) cannot be compared.
+    if !Arc::ptr_eq(from.chain(), to.chain()) {
+        let path = from.chain().layers.first().map(|l| l.path().to_owned());
+        return Err(crate::error::Error::Invalid {
+            path: path.unwrap_or_default(),
+            reason: "the two views belong to different states of the chain".into(),
+        });
+    }
     // Freeing clusters of the live image waits while this runs (see `Qcow2Image::read_guard`),
     // so that no cluster is reused under the walk.
     let _guard = match from.chain().layers.first().map(|l| l.as_ref()) {

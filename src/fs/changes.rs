@@ -88,18 +88,23 @@ impl ChangeFiles {
         ino
     }
 
-    /// The pair behind `ino`, if both its views still exist.
+    /// The pair behind `ino`, if both its views still exist, taken from one state of the
+    /// chain (a command that switches the chain between the two look-ups is waited out).
     pub fn pair(
         &self,
         catalog: &Catalog,
         ino: u64,
     ) -> Option<(PairName, Arc<ViewEntry>, Arc<ViewEntry>)> {
         let pair = self.registry.lock().files.get(&ino)?.0;
-        Some((
-            pair,
-            pairs::entry(catalog, pair.from)?,
-            pairs::entry(catalog, pair.to)?,
-        ))
+        for _ in 0..100 {
+            let from = pairs::entry(catalog, pair.from)?;
+            let to = pairs::entry(catalog, pair.to)?;
+            if Arc::ptr_eq(from.view.chain(), to.view.chain()) {
+                return Some((pair, from, to));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        None
     }
 
     /// What it takes to read `ino`: read permission on every file either view reads. A view

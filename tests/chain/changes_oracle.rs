@@ -544,3 +544,71 @@ fn pairs_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no view \"nope\""), "{err}");
 }
+
+/// Change files on a read-write mount follow the commands: a pair's views are held open while a
+/// change file is (a delete of one fails with EBUSY), and after `create NAME --external` the
+/// former top's snapshot and the new live disk still pair, across two layers, exactly on what
+/// was written since.
+#[test]
+fn pairs_follow_commands_on_a_mount() {
+    use crate::common::snapshot_support::{control, control_ok};
+    use std::os::unix::fs::FileExt;
+    let work = workdir();
+    let img = work.path().join("vm.qcow2");
+    create_qcow2(&img, 8 * M, "cluster_size=65536", None);
+    qemu_io(&img, &["write -P 1 0 1M"]);
+    let m = Mount::new(&img);
+    let write = |byte: u8, at: u64| {
+        let live = fs::OpenOptions::new().write(true).open(m.live()).unwrap();
+        live.write_all_at(&vec![byte; 64 << 10], at).unwrap();
+        live.sync_all().unwrap();
+    };
+    write(2, M);
+    control_ok(m.path(), "create", "s1");
+    write(3, 2 * M);
+    let changes = m.path().join("changes");
+    control_ok(m.path(), "create", "s2");
+    let held = fs::File::open(changes.join("s1..s2.raw")).unwrap();
+    assert_eq!(control(m.path(), "delete", "s2"), Err(libc::EBUSY));
+    drop(held);
+    // Once nothing holds it, it may go, and its pairs with it.
+    control_ok(m.path(), "delete", "s2");
+    assert!(!changes.join("s1..s2.json").exists());
+    control_ok(m.path(), "create", "ext1 --external");
+    write(4, 3 * M);
+
+    // Names stay for the life of the mount: s1 keeps its name in the layer below.
+    let names = m.snapshot_names();
+    assert!(
+        names.contains("ext1.raw") && names.contains("s1.raw"),
+        "{names:?}"
+    );
+    assert_eq!(listing(&m), listed(&["s1..ext1", "ext1..live"]));
+    let live = fs::read(m.live()).unwrap();
+    for (pair, want) in [
+        (
+            "s1..live",
+            vec![(2 * M, 2 * M + 64 * K), (3 * M, 3 * M + 64 * K)],
+        ),
+        ("ext1..live", vec![(3 * M, 3 * M + 64 * K)]),
+        ("s1..ext1", vec![(2 * M, 2 * M + 64 * K)]),
+    ] {
+        let json = fs::read_to_string(changes.join(format!("{pair}.json"))).unwrap();
+        let ranges: Vec<JsonRange> = serde_json::from_str(&json).unwrap();
+        let got: Ranges = ranges
+            .iter()
+            .map(|r| (r.start, r.start + r.length))
+            .collect();
+        assert_eq!(got, want, "{pair}: {json}");
+        assert!(ranges.iter().all(|r| !r.zero), "{pair}: {json}");
+        if pair.ends_with("..live") {
+            let raw = fs::read(changes.join(format!("{pair}.raw"))).unwrap();
+            for &(a, b) in &want {
+                assert!(
+                    raw[a as usize..b as usize] == live[a as usize..b as usize],
+                    "{pair}"
+                );
+            }
+        }
+    }
+}
