@@ -5,10 +5,12 @@
 //! agent) sees one consistent list from its first `SEEK_DATA` to its last read. `stat` shows the
 //! list of the last open (or computes one): for pairs of snapshots that is always current (a
 //! snapshot changes only when the catalog rebuilds its views, which is noticed); for pairs with
-//! `live` it is the state of the last open.
+//! `live` it is the state of the last open. What `stat` keeps holds the views only weakly: a
+//! view that left the chain (a commit, a layer delete, a chain switch) must not keep its layers'
+//! files open, and their image locks, through a list nobody reads.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use fuser::{Errno, FileHandle, FopenFlags, ReplyData, ReplyLseek, ReplyOpen, Request};
@@ -28,18 +30,31 @@ use crate::view::View;
 /// Change file inodes start here, far above the snapshot inodes (100 + catalog key).
 pub const FIRST_CHANGE: u64 = 1 << 48;
 
-/// The list of one pair at one moment, with the views it was computed from.
-pub struct Computed {
-    pub from: Arc<ViewEntry>,
-    pub to: Arc<ViewEntry>,
+/// The ranges of one pair at one moment, and their JSON text.
+pub struct Listing {
     pub list: ChangeList,
     pub json: Vec<u8>,
 }
 
-impl Computed {
+/// The list of one pair at one moment, with the views it was computed from (an open handle
+/// reads TO through it).
+pub struct Computed {
+    pub to: Arc<ViewEntry>,
+    pub listing: Arc<Listing>,
+}
+
+/// The last list of a pair, for `stat`: the views it was computed from, held weakly.
+struct Last {
+    from: Weak<View>,
+    to: Weak<View>,
+    listing: Arc<Listing>,
+}
+
+impl Last {
     /// Whether this is still the list of the pair's views as the catalog has them now.
     fn current(&self, from: &Arc<ViewEntry>, to: &Arc<ViewEntry>) -> bool {
-        Arc::ptr_eq(&self.from.view, &from.view) && Arc::ptr_eq(&self.to.view, &to.view)
+        Weak::as_ptr(&self.from) == Arc::as_ptr(&from.view)
+            && Weak::as_ptr(&self.to) == Arc::as_ptr(&to.view)
     }
 }
 
@@ -52,9 +67,12 @@ pub struct Opened {
 #[derive(Default)]
 struct Registry {
     by_pair: HashMap<PairName, u64>,
-    files: HashMap<u64, (PairName, Option<Arc<Computed>>)>,
+    files: HashMap<u64, (PairName, Option<Last>)>,
     /// The list each open handle reads, by the handle [`super::handles::Handles`] gave out.
     opened: HashMap<u64, Arc<Opened>>,
+    /// Every name the kernel was given (by a lookup or a listing), with its inode: when a view
+    /// goes, the kernel is told to forget the names of its pairs.
+    names: HashMap<String, u64>,
 }
 
 /// The change files a mount has handed out inode numbers for, and the lists of their open
@@ -64,28 +82,52 @@ pub struct ChangeFiles {
     registry: Mutex<Registry>,
 }
 
-fn compute(from: Arc<ViewEntry>, to: Arc<ViewEntry>) -> Result<Computed> {
+fn compute(from: &ViewEntry, to: &ViewEntry) -> Result<Listing> {
     let list = changed_ranges(&from.view, &to.view)?;
     let json = list.to_json().into_bytes();
-    Ok(Computed {
-        from,
-        to,
-        list,
-        json,
-    })
+    Ok(Listing { list, json })
 }
 
 impl ChangeFiles {
     /// The inode of `pair`, handed out on first use.
-    fn ino_of(&self, pair: PairName) -> u64 {
+    /// The inode of `pair`, handed out on first use, given to the kernel under `name`.
+    fn ino_of(&self, pair: PairName, name: &str) -> u64 {
         let mut r = self.registry.lock();
-        if let Some(&ino) = r.by_pair.get(&pair) {
-            return ino;
+        let ino = match r.by_pair.get(&pair) {
+            Some(&ino) => ino,
+            None => {
+                let ino = FIRST_CHANGE + r.files.len() as u64;
+                r.by_pair.insert(pair, ino);
+                r.files.insert(ino, (pair, None));
+                ino
+            }
+        };
+        if !r.names.contains_key(name) {
+            r.names.insert(name.to_owned(), ino);
         }
-        let ino = FIRST_CHANGE + r.files.len() as u64;
-        r.by_pair.insert(pair, ino);
-        r.files.insert(ino, (pair, None));
         ino
+    }
+
+    /// The names given to the kernel whose pair lost a view (a delete, a commit, a revert to a
+    /// layer), forgotten here: the kernel is to forget them too.
+    pub fn gone_names(&self, catalog: &Catalog) -> Vec<String> {
+        let names: Vec<(String, u64)> = self
+            .registry
+            .lock()
+            .names
+            .iter()
+            .map(|(n, i)| (n.clone(), *i))
+            .collect();
+        let gone: Vec<String> = names
+            .into_iter()
+            .filter(|(_, ino)| self.pair(catalog, *ino).is_none())
+            .map(|(n, _)| n)
+            .collect();
+        let mut r = self.registry.lock();
+        for name in &gone {
+            r.names.remove(name);
+        }
+        gone
     }
 
     /// The pair behind `ino`, if both its views still exist, taken from one state of the
@@ -123,7 +165,7 @@ impl ChangeFiles {
 
     /// Looks a name up: any pair of existing views.
     pub fn lookup(&self, catalog: &Catalog, name: &str) -> Option<u64> {
-        pairs::parse(catalog, name).map(|pair| self.ino_of(pair))
+        pairs::parse(catalog, name).map(|pair| self.ino_of(pair, name))
     }
 
     /// The listing: for each listed pair its `.raw` and `.json` file.
@@ -133,7 +175,7 @@ impl ChangeFiles {
             for form in [Form::Raw, Form::Json] {
                 let pair = PairName { from, to, form };
                 if let Some(name) = pairs::file_name(catalog, pair) {
-                    out.push((self.ino_of(pair), name));
+                    out.push((self.ino_of(pair, &name), name));
                 }
             }
         }
@@ -141,34 +183,47 @@ impl ChangeFiles {
     }
 
     /// The list for `stat`: the last one if it is still current, else a new one.
-    pub fn for_stat(&self, catalog: &Catalog, ino: u64) -> Option<Result<(Form, Arc<Computed>)>> {
+    /// Also TO's entry (for the file's time).
+    #[allow(clippy::type_complexity)]
+    pub fn for_stat(
+        &self,
+        catalog: &Catalog,
+        ino: u64,
+    ) -> Option<Result<(Form, Arc<ViewEntry>, Arc<Listing>)>> {
         let (pair, from, to) = self.pair(catalog, ino)?;
-        let last = self
-            .registry
-            .lock()
-            .files
-            .get(&ino)
-            .and_then(|f| f.1.clone());
-        if let Some(last) = last.filter(|c| c.current(&from, &to)) {
-            return Some(Ok((pair.form, last)));
+        let last = self.registry.lock().files.get(&ino).and_then(|f| {
+            let last = f.1.as_ref()?;
+            last.current(&from, &to).then(|| last.listing.clone())
+        });
+        if let Some(listing) = last {
+            return Some(Ok((pair.form, to, listing)));
         }
-        Some(self.refresh(ino, from, to).map(|c| (pair.form, c)))
+        Some(self.refresh(ino, &from, &to).map(|l| (pair.form, to, l)))
     }
 
-    fn refresh(&self, ino: u64, from: Arc<ViewEntry>, to: Arc<ViewEntry>) -> Result<Arc<Computed>> {
-        let computed = Arc::new(compute(from, to)?);
+    fn refresh(
+        &self,
+        ino: u64,
+        from: &Arc<ViewEntry>,
+        to: &Arc<ViewEntry>,
+    ) -> Result<Arc<Listing>> {
+        let listing = Arc::new(compute(from, to)?);
         if let Some(file) = self.registry.lock().files.get_mut(&ino) {
-            file.1 = Some(computed.clone());
+            file.1 = Some(Last {
+                from: Arc::downgrade(&from.view),
+                to: Arc::downgrade(&to.view),
+                listing: listing.clone(),
+            });
         }
-        Ok(computed)
+        Ok(listing)
     }
 
     /// Computes the list of `ino` now, for a handle about to be opened.
     pub fn compute_for_open(&self, catalog: &Catalog, ino: u64) -> Option<Result<Opened>> {
         let (pair, from, to) = self.pair(catalog, ino)?;
-        Some(self.refresh(ino, from, to).map(|computed| Opened {
+        Some(self.refresh(ino, &from, &to).map(|listing| Opened {
             form: pair.form,
-            computed,
+            computed: Arc::new(Computed { to, listing }),
         }))
     }
 
@@ -191,8 +246,8 @@ impl Opened {
     /// The file's size: TO's size, or the length of the JSON text.
     pub fn size(&self) -> u64 {
         match self.form {
-            Form::Raw => self.computed.list.size,
-            Form::Json => self.computed.json.len() as u64,
+            Form::Raw => self.computed.listing.list.size,
+            Form::Json => self.computed.listing.json.len() as u64,
         }
     }
 
@@ -201,7 +256,7 @@ impl Opened {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let to: &View = &self.computed.to.view;
         if self.form == Form::Json {
-            let text = &self.computed.json;
+            let text = &self.computed.listing.json;
             let start = (offset as usize).min(text.len());
             let n = buf.len().min(text.len() - start);
             buf[..n].copy_from_slice(&text[start..start + n]);
@@ -211,7 +266,7 @@ impl Opened {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let (changed, until) = self.computed.list.extent_at(pos);
+            let (changed, until) = self.computed.listing.list.extent_at(pos);
             let n = (until.saturating_sub(pos).max(1)).min((buf.len() - done) as u64) as usize;
             let chunk = &mut buf[done..done + n];
             if changed {
@@ -227,7 +282,7 @@ impl Opened {
     /// Whether `[offset, offset + len)` is one unchanged stretch (reads as zeros).
     pub fn is_hole(&self, offset: u64, len: u64) -> bool {
         self.form == Form::Raw && {
-            let (changed, until) = self.computed.list.extent_at(offset);
+            let (changed, until) = self.computed.listing.list.extent_at(offset);
             !changed && until >= offset + len
         }
     }
@@ -248,7 +303,7 @@ impl super::SnapFs {
         &self,
         ino: u64,
     ) -> std::result::Result<(u64, u64, Option<SystemTime>), Errno> {
-        let (form, computed) = match self.changes.for_stat(&self.catalog, ino) {
+        let (form, to, listing) = match self.changes.for_stat(&self.catalog, ino) {
             None => return Err(Errno::ENOENT),
             Some(Err(e)) => {
                 log::error!("changes/: computing the ranges of inode {ino}: {e}");
@@ -257,12 +312,12 @@ impl super::SnapFs {
             Some(Ok(c)) => c,
         };
         let (size, allocated) = match form {
-            Form::Json => (computed.json.len() as u64, computed.json.len() as u64),
-            Form::Raw => (computed.list.size, computed.list.changed_bytes()),
+            Form::Json => (listing.json.len() as u64, listing.json.len() as u64),
+            Form::Raw => (listing.list.size, listing.list.changed_bytes()),
         };
-        let mtime = match computed.to.kind {
+        let mtime = match to.kind {
             ViewKind::Live => None,
-            _ => computed.to.created,
+            _ => to.created,
         };
         Ok((size, allocated, mtime))
     }
@@ -349,7 +404,7 @@ impl super::SnapFs {
         let Some(opened) = self.changes.handle(fh) else {
             return reply.error(Errno::EBADF);
         };
-        let list = &opened.computed.list;
+        let list = &opened.computed.listing.list;
         let size = opened.size();
         let found = match (whence, opened.form) {
             (libc::SEEK_DATA, Form::Raw) => list.seek_data(offset),

@@ -57,7 +57,7 @@ pub struct SnapFs {
     /// Whether the disk files (live.raw, snapshots) go through the kernel page cache.
     caching: DataCaching,
     /// The files of `changes/` and the lists their open handles read.
-    changes: changes::ChangeFiles,
+    changes: Arc<changes::ChangeFiles>,
 }
 
 /// How the kernel caches the contents of the disk files (live.raw and the snapshots).
@@ -118,6 +118,9 @@ struct Announcer {
     notifier: Arc<OnceLock<Notifier>>,
     /// How many threads answer requests (see [`Announcer::announce`]).
     worker_threads: usize,
+    /// The names of `changes/` the kernel knows, to drop those of removed views.
+    changes: Arc<changes::ChangeFiles>,
+    catalog: Arc<Catalog>,
 }
 
 impl Announcer {
@@ -152,10 +155,14 @@ impl Announcer {
         // `ls` would hold every command up for the whole bound, so that mount does not wait,
         // and a name may show for a moment after its command.
         let notifier = notifier.clone();
+        let (changes, catalog) = (self.changes.clone(), self.catalog.clone());
         let (done, finished) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             for (_, name) in names {
                 let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
+            }
+            for name in changes.gone_names(&catalog) {
+                let _ = notifier.inval_entry(INodeNo(nodes::CHANGES_DIR), OsStr::new(&name));
             }
             let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
             // changes/ lists pairs of these names.
@@ -212,6 +219,8 @@ impl SnapFs {
         caching: DataCaching,
         worker_threads: usize,
     ) -> Self {
+        let changes = Arc::new(changes::ChangeFiles::default());
+        let announcer_catalog = catalog.clone();
         SnapFs {
             catalog,
             controller,
@@ -222,10 +231,12 @@ impl SnapFs {
             announcer: Announcer {
                 notifier,
                 worker_threads,
+                changes: changes.clone(),
+                catalog: announcer_catalog,
             },
             large_reads: gate::Gate::for_this_machine(),
             caching,
-            changes: changes::ChangeFiles::default(),
+            changes,
         }
     }
 

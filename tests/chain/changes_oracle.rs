@@ -612,3 +612,45 @@ fn pairs_follow_commands_on_a_mount() {
         }
     }
 }
+
+/// A view that leaves the chain takes its pairs with it at once: after `delete mid` (the
+/// layer's data pulled into the layer above) the names of mid's pairs, which the kernel had
+/// looked up, are gone (the kernel is told to forget them), and the pairs that remain list what
+/// the new chain holds.
+#[test]
+fn pairs_of_a_layer_that_left_the_chain_disappear_at_once() {
+    use crate::common::snapshot_support::control_ok;
+    let work = workdir();
+    let dir = work.path();
+    let (base, mid, top) = (
+        dir.join("base.qcow2"),
+        dir.join("mid.qcow2"),
+        dir.join("top.qcow2"),
+    );
+    create_qcow2(&base, 4 * M, "", None);
+    qemu_io(&base, &["write -P 1 0 1M"]);
+    create_qcow2(&mid, 4 * M, "", Some(("base.qcow2", "qcow2")));
+    qemu_io(&mid, &["write -P 2 1M 64k"]);
+    create_qcow2(&top, 4 * M, "", Some(("mid.qcow2", "qcow2")));
+    qemu_io(&top, &["write -P 3 2M 64k"]);
+    let m = Mount::new(&top);
+    let changes = m.path().join("changes");
+    for pair in ["base..mid.raw", "mid..live.raw", "base..live.json"] {
+        fs::metadata(changes.join(pair)).unwrap();
+    }
+    let text = fs::read_to_string(changes.join("base..mid.json")).unwrap();
+    assert!(text.contains(&format!("\"start\": {}", M)), "{text}");
+    control_ok(m.path(), "delete", "mid");
+    assert!(!changes.join("base..mid.raw").exists());
+    let text = fs::read_to_string(changes.join("base..live.json")).unwrap();
+    let ranges: Vec<JsonRange> = serde_json::from_str(&text).unwrap();
+    let got: Ranges = ranges
+        .iter()
+        .map(|r| (r.start, r.start + r.length))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(M, M + 64 * K), (2 * M, 2 * M + 64 * K)],
+        "{text}"
+    );
+}

@@ -371,10 +371,11 @@ fn perm_names_every_view_name_is_safe_unique_and_opens_its_view() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    let want_root: BTreeSet<OsString> = ["control", "info.json", "live.raw", "snapshots"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let want_root: BTreeSet<OsString> =
+        ["changes", "control", "info.json", "live.raw", "snapshots"]
+            .iter()
+            .map(OsString::from)
+            .collect();
     if root != want_root {
         problems.push(format!("the mount's root lists {root:?}"));
     }
