@@ -11,7 +11,7 @@
 #      SNAPFS_BENCH_PEER_MEMORY=1  also read the 64 GiB image through the peer for its peak RSS
 #                         (about 5 minutes; the memory row shows "-" for the peer without it)
 #      SNAPFS_BENCH_WORKLOADS  which workloads, in order
-#                         (default "mount seqread randread chain write copy manysnap memory")
+#                         (default "mount seqread randread chain write copy manysnap memory diff")
 #
 # Test image: 4 GiB virtual qcow2 (64 KiB clusters), 1 GiB of incompressible data (4 x 256 MiB at
 # 0, 1, 2, 3 GiB), then 3 internal snapshots s1, s2, s3, each followed by a 64 MiB overwrite
@@ -27,6 +27,12 @@
 #   memory:   a 64 GiB qcow2 with one 64 KiB cluster written every 256 MiB (so every L2 table
 #             exists); dd bs=1M of the whole live view with snapfs --cache 32M, peak RSS (VmHWM)
 #             of the daemon (and of the peer with SNAPFS_BENCH_PEER_MEMORY=1). One run.
+#   diff:     a 64 GiB qcow2 (64 KiB clusters) with one cluster written every 256 MiB (every L2
+#             table exists), snapshot s1, one cluster rewritten in every 512 MiB (every L2 table
+#             copied), snapshot s2: the change list s1..s2 compares every entry of all 128 L2
+#             tables (the worst case; tables the two share are skipped whole). `snapfs diff
+#             --json` without a mount, and `cat changes/s1..s2.json` on a mount. No peer: no
+#             qemu tool lists what changed between two internal snapshots from the metadata.
 #
 # What is compared with what:
 #   snapfs is mounted read-only (-r) and measured on snapshots/s1.raw AND on live.raw.
@@ -86,7 +92,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
-read -ra WORKLOADS <<<"${SNAPFS_BENCH_WORKLOADS:-mount seqread randread chain write copy manysnap memory}"
+read -ra WORKLOADS <<<"${SNAPFS_BENCH_WORKLOADS:-mount seqread randread chain write copy manysnap memory diff}"
 
 need_root
 ensure_rust
@@ -127,7 +133,7 @@ cleanup() {
     rm -f "$OUT" "$WORK"/rand.* "$WORK"/plain.raw "$CEILING_FILE"
     if [[ $keep -eq 0 ]]; then
         rm -f "$IMG" "$PEER" "$WORK"/chain*.qcow2 "$WORK"/write.qcow2 "$WORK"/many.qcow2 \
-            "$WORK"/big.qcow2 "$WORK"/qsd.pid
+            "$WORK"/big.qcow2 "$WORK"/diff.qcow2 "$WORK"/qsd.pid
         rmdir "$MNT" "$DMNT" "$WORK" 2>/dev/null
     else
         note "work directory kept: $WORK"
@@ -261,7 +267,7 @@ row() {
 fmt_value() {
     case $2 in
     s) awk -v v="$1" 'BEGIN { printf "%.2f s", v }' ;;
-    ms) awk -v v="$1" 'BEGIN { printf "%.0f ms", v * 1000 }' ;;
+    ms) awk -v v="$1" 'BEGIN { if (v > 0) printf "%.0f ms", v * 1000; else print "-" }' ;;
     iops) awk -v v="$1" 'BEGIN { printf "%.0f IOPS", v }' ;;
     mibs) awk -v v="$1" 'BEGIN { printf "%.0f MiB/s", v }' ;;
     mib) awk -v v="$1" 'BEGIN { if (v > 0) printf "%.1f MiB", v; else print "-" }' ;;
@@ -669,6 +675,54 @@ wl_memory() {
         "$(awk -v k="$p_kib" 'BEGIN { print k / 1024 }')" mib lower
 }
 
+# diff: the change list of two snapshots of a 64 GiB image, from the metadata alone
+DIFFIMG=$WORK/diff.qcow2
+make_diff_image() {
+    [[ -e $DIFFIMG ]] && return 0
+    section "64 GiB image with two snapshots, every L2 table different: $DIFFIMG"
+    qemu-img create -q -f qcow2 "$DIFFIMG.tmp" 64G
+    local i cmds=()
+    for ((i = 0; i < 256; i++)); do
+        cmds+=(-c "write -q -P $((i % 250 + 1)) $((i << 28)) 64k")
+    done
+    qemu-io -f qcow2 "${cmds[@]}" "$DIFFIMG.tmp" >/dev/null
+    qemu-img snapshot -c s1 "$DIFFIMG.tmp"
+    cmds=()
+    for ((i = 0; i < 128; i++)); do
+        cmds+=(-c "write -q -P 251 $(((i << 29) + (1 << 20))) 64k")
+    done
+    qemu-io -f qcow2 "${cmds[@]}" "$DIFFIMG.tmp" >/dev/null
+    qemu-img snapshot -c s2 "$DIFFIMG.tmp"
+    mv "$DIFFIMG.tmp" "$DIFFIMG"
+}
+time_diff_command() {
+    local t0 t1 ranges
+    t0=$(now)
+    ranges=$("$SNAPFS" diff --json "$DIFFIMG" s1 s2 | grep -c '"start"')
+    t1=$(now)
+    [[ $ranges -eq 128 ]] || die "snapfs diff s1 s2 listed $ranges ranges, not 128"
+    RESULT=$(elapsed "$t0" "$t1")
+}
+time_diff_mounted() {
+    local t0 t1 ranges
+    t0=$(now)
+    ranges=$(grep -c '"start"' "$MNT/changes/s1..s2.json")
+    t1=$(now)
+    [[ $ranges -eq 128 ]] || die "changes/s1..s2.json lists $ranges ranges, not 128"
+    RESULT=$(elapsed "$t0" "$t1")
+}
+no_peer() { RESULT=0; }
+wl_diff() {
+    make_diff_image
+    section "change list s1..s2 of a 64 GiB image, every L2 table different (metadata only)"
+    alternate time_diff_command no_peer
+    row "diff 64 GiB s1..s2, 128 L2 tables: snapfs diff --json [no peer]" "$A_MED" 0 ms lower
+    with_image "$DIFFIMG" -r -- start_snapfs
+    alternate time_diff_mounted no_peer
+    row "  same on a mount: read changes/s1..s2.json" "$A_MED" 0 ms lower
+    stop_snapfs
+}
+
 # ---------------------------------------------------------------- test image
 make_image() {
     section "Test image: $IMG"
@@ -707,7 +761,7 @@ stop_snapfs
 
 for w in "${WORKLOADS[@]}"; do
     case $w in
-    mount | chain | write | manysnap | memory) "wl_$w" ;;
+    mount | chain | write | manysnap | memory | diff) "wl_$w" ;;
     *)
         start_snapfs
         start_peer

@@ -1,4 +1,4 @@
-//! The command line: `snapfs mount | umount | snapshot | commit | pull | info`, and the hidden
+//! The command line: `snapfs mount | umount | snapshot | commit | pull | info | diff | apply`, and the hidden
 //! `completions` and `man` commands that generate shell completions and manual pages from these
 //! definitions.
 
@@ -153,6 +153,61 @@ pub enum Command {
         /// The top (active) file of the chain.
         #[arg(value_name = "IMAGE", value_hint = ValueHint::FilePath)]
         image: PathBuf,
+    },
+    /// List the ranges where view TO differs from view FROM, without mounting.
+    #[command(
+        long_about = "List the ranges where view TO of IMAGE's chain may differ from view FROM, \
+                      as changes/FROM..TO.json of a mount shows them: computed from the mapping \
+                      metadata alone (no guest data is read), every cluster whose mapping differs \
+                      through the whole chain, including ranges that became zero. FROM and TO are \
+                      named as under snapshots/ without .raw; live is the live disk. Takes no \
+                      locks, like info.",
+        after_help = "Examples:\n  \
+                      snapfs diff vm.qcow2 mon tue\n  \
+                      snapfs diff --json vm.qcow2 tue live > tue..live.json\n  \
+                      snapfs diff vm.qcow2 base live"
+    )]
+    Diff {
+        /// Print the list as JSON ([{"start":..,"length":..,"zero":..}, ...]).
+        #[arg(long)]
+        json: bool,
+        /// libvirt snapshot metadata folder (snapshot names of external layers).
+        #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+        libvirt: Option<PathBuf>,
+        /// The top (active) file of the chain.
+        #[arg(value_name = "IMAGE", value_hint = ValueHint::FilePath)]
+        image: PathBuf,
+        /// The earlier view.
+        #[arg(value_name = "FROM")]
+        from: String,
+        /// The later view.
+        #[arg(value_name = "TO")]
+        to: String,
+    },
+    /// Apply an incremental backup (a copy of changes/FROM..TO.raw) onto a restored disk.
+    #[command(
+        long_about = "Bring TARGET, a raw disk image or block device holding view FROM, to view \
+                      TO: copies the changed ranges from INCREMENT (a copy of \
+                      changes/FROM..TO.raw) and zeroes the ranges that became zero, as the range \
+                      list (a copy of changes/FROM..TO.json, by default next to INCREMENT with \
+                      .json for .raw) says; nothing else is written. A regular file is resized \
+                      to TO's size; a block device must be at least that large.",
+        after_help = "Examples:\n  \
+                      cp --sparse=always /backup/full-mon.raw /restore/vm.raw\n  \
+                      snapfs apply /backup/mon..tue.raw /restore/vm.raw\n  \
+                      snapfs apply /backup/tue..wed.raw /restore/vm.raw\n  \
+                      snapfs apply --ranges /backup/wed..thu.json /backup/wed..thu.raw /dev/vg0/vm"
+    )]
+    Apply {
+        /// The range list (default: INCREMENT with .json in place of .raw).
+        #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+        ranges: Option<PathBuf>,
+        /// The increment: a copy of changes/FROM..TO.raw.
+        #[arg(value_name = "INCREMENT", value_hint = ValueHint::FilePath)]
+        increment: PathBuf,
+        /// The disk to bring from FROM to TO: a raw image file or a block device.
+        #[arg(value_name = "TARGET", value_hint = ValueHint::FilePath)]
+        target: PathBuf,
     },
     /// Print a shell completion script.
     #[command(

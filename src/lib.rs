@@ -3,6 +3,7 @@
 pub mod access;
 pub mod catalog;
 pub mod chain;
+pub mod changes;
 pub mod checkpoints;
 pub mod cli;
 pub mod control;

@@ -48,6 +48,18 @@ fn run(command: Command) -> Result<(), String> {
         Command::Pull { mountpoint, base } => {
             snapfs::report::control_command(&mountpoint, "pull", base.as_deref().unwrap_or(""))
         }
+        Command::Diff {
+            json,
+            libvirt,
+            image,
+            from,
+            to,
+        } => snapfs::changes::command::diff(&image, &from, &to, json, libvirt.as_deref()),
+        Command::Apply {
+            ranges,
+            increment,
+            target,
+        } => snapfs::changes::command::apply(&increment, ranges.as_deref(), &target),
         Command::Completions { shell } => {
             print_or_fail("the completions", &snapfs::cli::completions(shell))
         }

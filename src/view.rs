@@ -169,7 +169,8 @@ impl View {
         &self.table
     }
 
-    fn start_l1(&self) -> Option<Arc<L1Table>> {
+    /// The fixed L1 table the view starts from (an internal snapshot's), None for an active state.
+    pub fn start_l1(&self) -> Option<Arc<L1Table>> {
         match &self.table {
             StartTable::Active => None,
             StartTable::Snapshot(t) => Some(t.clone()),

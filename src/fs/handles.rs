@@ -13,7 +13,9 @@ use crate::access::Caller;
 /// One open file.
 #[derive(Debug, Clone)]
 struct OpenFile {
-    ino: u64,
+    /// The inodes this handle holds open: the file's own, and for a file of `changes/` the two
+    /// views it reads (a command may not remove or revert them under a copy).
+    inos: Vec<u64>,
     opener: Caller,
 }
 
@@ -30,13 +32,22 @@ pub struct Handles {
 impl Handles {
     /// Opens `ino` for `opener`; EBUSY while a command has claimed it.
     pub fn open(&mut self, ino: u64, opener: Caller) -> Result<u64, Errno> {
-        if self.claimed.contains(&ino) {
+        self.open_with(&[ino], opener)
+    }
+
+    /// Opens a file that reads the files `inos` (its own inode first): each of them counts as
+    /// open until the handle is released; EBUSY while a command has claimed any.
+    pub fn open_with(&mut self, inos: &[u64], opener: Caller) -> Result<u64, Errno> {
+        if inos.iter().any(|ino| self.claimed.contains(ino)) {
             return Err(Errno::EBUSY);
         }
         self.next += 1;
         let handle = self.next;
-        self.by_handle.insert(handle, OpenFile { ino, opener });
-        *self.open.entry(ino).or_insert(0) += 1;
+        for ino in inos {
+            *self.open.entry(*ino).or_insert(0) += 1;
+        }
+        let inos = inos.to_vec();
+        self.by_handle.insert(handle, OpenFile { inos, opener });
         Ok(handle)
     }
 
@@ -45,10 +56,12 @@ impl Handles {
         let Some(file) = self.by_handle.remove(&handle) else {
             return;
         };
-        if let Some(n) = self.open.get_mut(&file.ino) {
-            *n -= 1;
-            if *n == 0 {
-                self.open.remove(&file.ino);
+        for ino in file.inos {
+            if let Some(n) = self.open.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    self.open.remove(&ino);
+                }
             }
         }
     }
@@ -96,5 +109,19 @@ mod tests {
         assert!(h.opener(a).is_none());
         h.end_claims();
         assert!(h.open(3, Caller::root()).is_ok());
+    }
+
+    #[test]
+    fn a_change_file_holds_its_views_open() {
+        let mut h = Handles::default();
+        let c = h.open_with(&[1 << 48, 3, 100], Caller::root()).unwrap();
+        assert!(h.is_open_else_claim(3));
+        assert!(h.is_open_else_claim(100));
+        h.release(c);
+        assert!(!h.is_open_else_claim(100), "closed: now claimed");
+        assert_eq!(
+            h.open_with(&[1 << 48, 3, 100], Caller::root()),
+            Err(Errno::EBUSY)
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 mod access;
 mod attrs;
+mod changes;
 mod commands;
 mod errno;
 mod gate;
@@ -58,6 +59,8 @@ pub struct SnapFs {
     caching: DataCaching,
     /// Other processes that may write the chain's files (`--force-share`).
     sharing: Arc<Sharing>,
+    /// The files of `changes/` and the lists their open handles read.
+    changes: Arc<changes::ChangeFiles>,
 }
 
 /// How the kernel caches the contents of the disk files (live.raw and the snapshots).
@@ -101,10 +104,16 @@ fn guard(node: Node, catalog: &Catalog, writable: bool) -> Guard {
         Node::InfoJson | Node::Status => Guard::ChainText,
         Node::Command(_) => Guard::Command,
         Node::Root | Node::ControlDir => Guard::Entry,
-        Node::SnapshotsDir | Node::CheckpointsDir => Guard::SnapshotsDir,
+        // Names that come from every file of the chain, as in snapshots/.
+        Node::SnapshotsDir | Node::CheckpointsDir | Node::ChangesDir => Guard::SnapshotsDir,
         // A checkpoint shows the live disk (and which parts of it changed): read as live.raw.
         Node::Checkpoint { .. } => Guard::View {
             from: 0,
+            writable: false,
+        },
+        // Decided where the pair is known (`SnapFs::guard`); this is what a gone pair gets.
+        Node::Change(_) => Guard::View {
+            from: usize::MAX,
             writable: false,
         },
     }
@@ -117,6 +126,9 @@ struct Announcer {
     notifier: Arc<OnceLock<Notifier>>,
     /// How many threads answer requests (see [`Announcer::announce`]).
     worker_threads: usize,
+    /// The names of `changes/` the kernel knows, to drop those of removed views.
+    changes: Arc<changes::ChangeFiles>,
+    catalog: Arc<Catalog>,
 }
 
 impl Announcer {
@@ -124,8 +136,8 @@ impl Announcer {
     /// request in snapshots/ is being answered (the kernel drops the names once it is).
     fn announce_later(&self, effect: Effect) {
         let announcer = Announcer {
-            notifier: self.notifier.clone(),
             worker_threads: 1,
+            ..self.clone()
         };
         std::thread::spawn(move || announcer.announce(&effect));
     }
@@ -161,12 +173,18 @@ impl Announcer {
         // `ls` would hold every command up for the whole bound, so that mount does not wait,
         // and a name may show for a moment after its command.
         let notifier = notifier.clone();
+        let (changes, catalog) = (self.changes.clone(), self.catalog.clone());
         let (done, finished) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             for (_, name) in names {
                 let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
             }
+            for name in changes.gone_names(&catalog) {
+                let _ = notifier.inval_entry(INodeNo(nodes::CHANGES_DIR), OsStr::new(&name));
+            }
             let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
+            // changes/ lists pairs of these names.
+            let _ = notifier.inval_inode(INodeNo(nodes::CHANGES_DIR), 0, 0);
             let _ = done.send(());
         });
         if self.worker_threads > 1 && finished.recv_timeout(TTL).is_err() {
@@ -220,6 +238,8 @@ impl SnapFs {
         worker_threads: usize,
         sharing: Arc<Sharing>,
     ) -> Self {
+        let changes = Arc::new(changes::ChangeFiles::default());
+        let announcer_catalog = catalog.clone();
         SnapFs {
             catalog,
             controller,
@@ -230,10 +250,13 @@ impl SnapFs {
             announcer: Announcer {
                 notifier,
                 worker_threads,
+                changes: changes.clone(),
+                catalog: announcer_catalog,
             },
             large_reads: gate::Gate::for_this_machine(),
             caching,
             sharing,
+            changes,
         }
     }
 
@@ -324,7 +347,10 @@ impl SnapFs {
     }
 
     fn guard(&self, node: Node) -> Guard {
-        guard(node, &self.catalog, self.owner.writable)
+        match node {
+            Node::Change(ino) => self.changes.guard(&self.catalog, ino),
+            _ => guard(node, &self.catalog, self.owner.writable),
+        }
     }
 
     /// Whether the caller of `req` may do all of `want` to `node`.
@@ -345,6 +371,7 @@ impl SnapFs {
     fn attr(&self, node: Node) -> Result<fuser::FileAttr, Errno> {
         let (uid, gid, perm) = self.owner_and_mode(node);
         let (size, allocated, mtime) = match node.view(&self.catalog) {
+            None if let Node::Change(ino) = node => self.change_sizes(ino)?,
             Some(entry) => {
                 // Damaged metadata fails the reads that meet it, not every stat of the file.
                 let allocated = entry.view.allocated_bytes().unwrap_or_else(|e| {
@@ -524,7 +551,11 @@ impl Filesystem for SnapFs {
             if dir == Node::SnapshotsDir {
                 self.follow_other_writers();
             }
-            let child = dir.child(&self.catalog, name).ok_or(Errno::ENOENT)?;
+            let child = match dir {
+                Node::ChangesDir => self.lookup_change(name),
+                _ => dir.child(&self.catalog, name),
+            }
+            .ok_or(Errno::ENOENT)?;
             if child == Node::Live && self.live_hidden() {
                 return Err(Errno::ENOENT);
             }
@@ -557,7 +588,12 @@ impl Filesystem for SnapFs {
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
         let open_flags = match node {
-            Node::Root | Node::SnapshotsDir | Node::ControlDir | Node::CheckpointsDir => {
+            Node::Change(ino) => return self.open_change(req, ino, wants_write, reply),
+            Node::Root
+            | Node::SnapshotsDir
+            | Node::ControlDir
+            | Node::CheckpointsDir
+            | Node::ChangesDir => {
                 return reply.error(Errno::EISDIR);
             }
             Node::Checkpoint { .. } if wants_write => return reply.error(Errno::EACCES),
@@ -604,6 +640,7 @@ impl Filesystem for SnapFs {
         reply: ReplyEmpty,
     ) {
         self.handles.lock().release(fh.0);
+        self.changes.release(fh.0);
         reply.ok();
     }
 
@@ -611,7 +648,7 @@ impl Filesystem for SnapFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -622,6 +659,9 @@ impl Filesystem for SnapFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
+        if let Node::Change(_) = node {
+            return self.read_change(fh.0, offset, size, reply);
+        }
         let text = match node {
             Node::InfoJson => Some(self.info_json()),
             Node::Status => Some(self.status_text().into_bytes()),
@@ -878,11 +918,14 @@ impl Filesystem for SnapFs {
         }
         let mut entries = vec![(dir, ".".to_owned()), (dir.parent(), "..".to_owned())];
         let hidden = dir == Node::Root && self.live_hidden();
-        entries.extend(
-            dir.children(&self.catalog)
-                .into_iter()
-                .filter(|(node, _)| !(hidden && *node == Node::Live)),
-        );
+        match dir {
+            Node::ChangesDir => entries.extend(self.list_changes()),
+            _ => entries.extend(
+                dir.children(&self.catalog)
+                    .into_iter()
+                    .filter(|(node, _)| !(hidden && *node == Node::Live)),
+            ),
+        }
         for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(node.ino()), (i + 1) as u64, node.kind(), name) {
                 break;
@@ -951,11 +994,17 @@ impl Filesystem for SnapFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        if let Ok(Node::Change(_)) = self.node(ino) {
+            let Ok(offset) = u64::try_from(offset) else {
+                return reply.error(Errno::ENXIO);
+            };
+            return self.lseek_change(fh.0, offset, whence, reply);
+        }
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(Errno::ENXIO);
         };

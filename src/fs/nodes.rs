@@ -16,14 +16,15 @@ pub const INFO_JSON: u64 = 4;
 pub const CONTROL_DIR: u64 = 5;
 pub const STATUS: u64 = 6;
 pub const CHECKPOINTS_DIR: u64 = 7;
+pub const CHANGES_DIR: u64 = 8;
 /// `control/create` .. `control/pull` are 10..14.
 const FIRST_COMMAND: u64 = 10;
 /// Snapshot view with catalog key `k` is inode `FIRST_SNAPSHOT + k`; keys are never reused
 /// during a mount, so neither are inode numbers.
 pub const FIRST_SNAPSHOT: u64 = 100;
 /// Checkpoint `k`'s files are inodes `FIRST_CHECKPOINT + 2k` (`.raw`) and `+ 2k + 1` (`.json`),
-/// far above any snapshot key.
-pub const FIRST_CHECKPOINT: u64 = 1 << 48;
+/// far above any snapshot key and any change file (`changes.rs`: from `1 << 48`).
+pub const FIRST_CHECKPOINT: u64 = 1 << 56;
 
 /// What an inode number stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,9 @@ pub enum Node {
         key: u64,
         json: bool,
     },
+    ChangesDir,
+    /// A file of `changes/`, by its inode number (see `changes.rs`).
+    Change(u64),
 }
 
 impl Node {
@@ -54,6 +58,7 @@ impl Node {
             CONTROL_DIR => Node::ControlDir,
             STATUS => Node::Status,
             CHECKPOINTS_DIR => Node::CheckpointsDir,
+            CHANGES_DIR => Node::ChangesDir,
             n if n >= FIRST_CHECKPOINT => {
                 let key = (n - FIRST_CHECKPOINT) / 2;
                 catalog.checkpoint_name(key)?;
@@ -65,6 +70,7 @@ impl Node {
             n if (FIRST_COMMAND..FIRST_COMMAND + CommandKind::ALL.len() as u64).contains(&n) => {
                 Node::Command(CommandKind::ALL[(n - FIRST_COMMAND) as usize])
             }
+            n if n >= super::changes::FIRST_CHANGE => Node::Change(n),
             n if n >= FIRST_SNAPSHOT && catalog.get(n - FIRST_SNAPSHOT).is_some() => {
                 Node::Snapshot(n - FIRST_SNAPSHOT)
             }
@@ -90,14 +96,18 @@ impl Node {
             Node::Snapshot(key) => FIRST_SNAPSHOT + key,
             Node::CheckpointsDir => CHECKPOINTS_DIR,
             Node::Checkpoint { key, json } => FIRST_CHECKPOINT + 2 * key + u64::from(json),
+            Node::ChangesDir => CHANGES_DIR,
+            Node::Change(ino) => ino,
         }
     }
 
     pub fn kind(self) -> FileType {
         match self {
-            Node::Root | Node::SnapshotsDir | Node::ControlDir | Node::CheckpointsDir => {
-                FileType::Directory
-            }
+            Node::Root
+            | Node::SnapshotsDir
+            | Node::ControlDir
+            | Node::CheckpointsDir
+            | Node::ChangesDir => FileType::Directory,
             _ => FileType::RegularFile,
         }
     }
@@ -110,6 +120,7 @@ impl Node {
                 (Node::SnapshotsDir, "snapshots".into()),
                 (Node::CheckpointsDir, "checkpoints".into()),
                 (Node::ControlDir, "control".into()),
+                (Node::ChangesDir, "changes".into()),
                 (Node::InfoJson, "info.json".into()),
             ],
             Node::SnapshotsDir => catalog
@@ -172,6 +183,7 @@ impl Node {
             Node::Snapshot(_) => Node::SnapshotsDir,
             Node::Checkpoint { .. } => Node::CheckpointsDir,
             Node::Command(_) | Node::Status => Node::ControlDir,
+            Node::Change(_) => Node::ChangesDir,
             _ => Node::Root,
         }
     }

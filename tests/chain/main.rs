@@ -12,6 +12,8 @@ mod chain_crash;
 mod chain_model;
 mod chain_oracle;
 mod chain_progress;
+mod changes_oracle;
+mod changes_restore;
 mod locks;
 mod running_vm;
 mod vmstate;

@@ -85,7 +85,7 @@ fn force_share_reads_the_frozen_parts_beside_a_running_vm() {
     let m = Mount::with_args(&top, &["--force-share"]);
     assert_eq!(
         names_in(m.path()),
-        ["control", "info.json", "snapshots"],
+        ["changes", "checkpoints", "control", "info.json", "snapshots"],
         "live.raw of an image the VM writes must not be shown"
     );
     let info: serde_json::Value =
@@ -101,6 +101,19 @@ fn force_share_reads_the_frozen_parts_beside_a_running_vm() {
         listed,
         ["snapshots/base.raw", "snapshots/cp1.raw"],
         "info.json must list the views the mount shows (no live.raw)"
+    );
+    // Nor a change file that reads the live disk.
+    let changes = names_in(&m.path().join("changes"));
+    assert!(
+        changes.iter().any(|n| n == "base..cp1.raw") && !changes.iter().any(|n| n.contains("live")),
+        "changes/ must list the frozen pairs only: {changes:?}"
+    );
+    assert_eq!(
+        fs::metadata(m.path().join("changes/cp1..live.raw"))
+            .map_err(|e| e.raw_os_error())
+            .err(),
+        Some(Some(libc::ENOENT)),
+        "a pair with the hidden live disk must not be reachable by name"
     );
     assert_eq!(
         names_in(&m.path().join("snapshots")),

@@ -135,6 +135,16 @@ fn vm_state_files_hold_what_qemu_saved() {
         .find(|v| v["file"] == "snapshots/running.raw")
         .expect("running.raw in info.json");
     assert_eq!(view["vm-state-file"], "snapshots/running.vmstate", "{view}");
+    // A VM state file is no point in time of the disk: changes/ pairs disk views only.
+    let changes: Vec<String> = fs::read_dir(m.path().join("changes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        changes.iter().any(|n| n.ends_with("..running.raw"))
+            && !changes.iter().any(|n| n.contains("vmstate")),
+        "{changes:?}"
+    );
 }
 
 /// After snapfs wrote the disk, created and deleted other snapshots, reverted and committed,

@@ -58,6 +58,8 @@ fn every_command_has_help_with_an_example() {
         &["commit"],
         &["pull"],
         &["info"],
+        &["diff"],
+        &["apply"],
         &["completions"],
         &["man"],
     ] {
@@ -95,7 +97,9 @@ fn help_lists_the_visible_commands_only() {
     let out = snapfs(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for name in ["mount", "umount", "snapshot", "commit", "pull", "info"] {
+    for name in [
+        "mount", "umount", "snapshot", "commit", "pull", "info", "diff", "apply",
+    ] {
         assert!(
             help.contains(&format!("  {name} ")),
             "{name} missing:\n{help}"
@@ -125,6 +129,63 @@ fn info_takes_a_libvirt_folder() {
     let stderr = text(&out.stderr);
     assert!(!stderr.contains("unexpected argument"), "{stderr}");
     assert!(stderr.starts_with("snapfs: "), "{stderr}");
+}
+
+/// `snapfs diff IMAGE FROM TO [--json] [--libvirt DIR]` and `snapfs apply [--ranges FILE]
+/// INCREMENT TARGET`: their arguments in the help, their examples, and one-line errors with
+/// exit 1 for what is wrong at run time (exit 2 and clap's usage for a missing argument).
+#[test]
+fn diff_and_apply_help_and_errors() {
+    let help = text(&snapfs(&["diff", "--help"]).stdout);
+    for part in [
+        "Usage: snapfs diff [OPTIONS] <IMAGE> <FROM> <TO>",
+        "--json",
+        "--libvirt <DIR>",
+        "live is the live disk",
+        "changes/FROM..TO.json",
+        "snapfs diff --json vm.qcow2 tue live",
+    ] {
+        assert!(help.contains(part), "diff --help lacks {part:?}:\n{help}");
+    }
+    let help = text(&snapfs(&["apply", "--help"]).stdout);
+    for part in [
+        "Usage: snapfs apply [OPTIONS] <INCREMENT> <TARGET>",
+        "--ranges <FILE>",
+        "block device",
+        "changes/FROM..TO.raw",
+        "snapfs apply /backup/mon..tue.raw /restore/vm.raw",
+    ] {
+        assert!(help.contains(part), "apply --help lacks {part:?}:\n{help}");
+    }
+    let out = snapfs(&["diff", "/nonexistent/vm.qcow2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("<FROM>"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = snapfs(&["diff", "--json", "/nonexistent/vm.qcow2", "mon", "live"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("snapfs: cannot open /nonexistent/vm.qcow2")
+            && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("vm.raw");
+    let out = snapfs(&[
+        "apply",
+        "/nonexistent/mon..tue.raw",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("snapfs: /nonexistent/mon..tue.raw") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(!target.exists(), "apply created its target after failing");
 }
 
 #[test]
@@ -228,7 +289,9 @@ fn man_pages_into_a_directory() {
     assert_eq!(
         names,
         [
+            "snapfs-apply.1",
             "snapfs-commit.1",
+            "snapfs-diff.1",
             "snapfs-info.1",
             "snapfs-mount.1",
             "snapfs-pull.1",

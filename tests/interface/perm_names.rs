@@ -372,6 +372,7 @@ fn perm_names_every_view_name_is_safe_unique_and_opens_its_view() {
         .map(|e| e.unwrap().file_name())
         .collect();
     let want_root: BTreeSet<OsString> = [
+        "changes",
         "checkpoints",
         "control",
         "info.json",

@@ -114,12 +114,14 @@ fn drop_backing_format(image: &Path) {
     assert!(!qemu_img(&["info", image.to_str().unwrap()]).contains("backing file format"));
 }
 
-/// Every view (live.raw and snapshots/*) must be unreadable for `u` and show no read bit to
+/// Every view (live.raw, snapshots/* and changes/*) must be unreadable for `u` and show no read bit to
 /// the classes `u` falls in; root still reads them all.
 fn assert_u_reads_nothing(m: &Mount, what: &str, problems: &mut Vec<String>) {
     let mut views = vec![m.live()];
-    if let Ok(dir) = fs::read_dir(m.path().join("snapshots")) {
-        views.extend(dir.map(|e| e.unwrap().path()));
+    for folder in ["snapshots", "changes"] {
+        if let Ok(dir) = fs::read_dir(m.path().join(folder)) {
+            views.extend(dir.map(|e| e.unwrap().path()));
+        }
     }
     for v in &views {
         let e = probe_as(&u(), Op::Read, v, "");
@@ -321,6 +323,145 @@ fn a_readable_overlay_does_not_open_a_private_base() {
             ));
         }
     }
+    finish(problems);
+}
+
+/// The mode bits `stat` shows for `path`, as root sees them.
+fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// A change file reads through both of its views: `changes/FROM..TO.raw` (and `.json`) needs
+/// read permission on every file FROM or TO reads, whichever order they come in, as
+/// `snapshots/` needs. A root 0644 overlay with an internal snapshot over a root 0600 base
+/// gives `u` no pair at all; `u`'s own 0600 overlay over a root 0644 base gives `u` every pair
+/// and shows no one else a read bit on a pair that reads the overlay, even where TO (the base)
+/// alone would be readable to all.
+#[test]
+fn a_change_file_needs_both_views_files() {
+    let sc = scene();
+    chmod(&sc.vault, 0o755);
+    let base = sc.vault.join("base.qcow2");
+    create_qcow2(&base, 4 * MIB, "", None);
+    qemu_io(&base, &["write -P 0x61 0 64k"]);
+    chmod(&base, 0o600);
+    let top = sc.vault.join("top.qcow2");
+    create_qcow2(&top, 4 * MIB, "", Some(("base.qcow2", "qcow2")));
+    qemu_io(&top, &["write -P 0x62 64k 64k"]);
+    qemu_img(&["snapshot", "-c", "s1", top.to_str().unwrap()]);
+    qemu_io(&top, &["write -P 0x63 128k 64k"]);
+    chmod(&top, 0o644);
+    let m = mount(&top, &["-o", "allow_other"]);
+    let mut problems = Vec::new();
+    assert_u_reads_nothing(&m, "changes/, 0644 over 0600", &mut problems);
+    let changes = m.path().join("changes");
+    for pair in ["s1..live", "base..live", "live..base", "base..s1"] {
+        for form in ["raw", "json"] {
+            let file = changes.join(format!("{pair}.{form}"));
+            let e = probe_as(&u(), Op::Read, &file, "");
+            if e != EACCES {
+                problems.push(format!("u reads {}: {}", file.display(), name(e)));
+            }
+            // Every pair reads the 0600 base (s1 and live through their unallocated ranges).
+            if mode_of(&file) != 0o400 {
+                problems.push(format!(
+                    "{}: mode {:04o}, expected 0400",
+                    file.display(),
+                    mode_of(&file)
+                ));
+            }
+            if let Err(e) = fs::read(&file) {
+                problems.push(format!("root cannot read {}: {e}", file.display()));
+            }
+        }
+    }
+    drop(m);
+
+    // u's private overlay over a base everyone may read.
+    chmod(&base, 0o644);
+    let top = sc.home.join("mine.qcow2");
+    let base = base.to_str().unwrap();
+    as_u(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            base,
+            "-F",
+            "qcow2",
+            "mine.qcow2",
+            "4M",
+        ],
+        &sc.home,
+    );
+    as_u(
+        "qemu-io",
+        &["-c", "write -P 0x64 192k 64k", "mine.qcow2"],
+        &sc.home,
+    );
+    chmod(&top, 0o600);
+    let m = mount(&top, &["-o", "allow_other"]);
+    let changes = m.path().join("changes");
+    let listed: Vec<String> = fs::read_dir(&changes)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    if !listed.contains(&"base..live.raw".to_owned()) {
+        problems.push(format!("changes/ lists {listed:?}: no base..live.raw"));
+    }
+    let other = User::new(4343, 4343, &[]);
+    for pair in ["base..live", "live..base"] {
+        let file = changes.join(format!("{pair}.raw"));
+        if probe_as(&u(), Op::Read, &file, "") != 0 {
+            problems.push(format!("u cannot read their own {}", file.display()));
+        }
+        let e = probe_as(&other, Op::Read, &file, "");
+        if e != EACCES {
+            problems.push(format!(
+                "another user reads {}: {}",
+                file.display(),
+                name(e)
+            ));
+        }
+        // Owner (u) only: the pair reads u's 0600 overlay, whichever side it is on.
+        if mode_of(&file) != 0o400 {
+            problems.push(format!(
+                "{}: mode {:04o}, expected 0400",
+                file.display(),
+                mode_of(&file)
+            ));
+        }
+    }
+    // The base's own view reads only the base: everyone may read it.
+    let base_view = m.snapshot("base.raw");
+    if mode_of(&base_view) != 0o444 {
+        problems.push(format!(
+            "base.raw: mode {:04o}, expected 0444",
+            mode_of(&base_view)
+        ));
+    }
+    let increment = fs::read(changes.join("base..live.raw")).unwrap();
+    let live = fs::read(m.live()).unwrap();
+    let want: Vec<u8> = (0..live.len())
+        .map(|i| {
+            if (192 << 10..256 << 10).contains(&i) {
+                live[i]
+            } else {
+                0
+            }
+        })
+        .collect();
+    if increment != want || live[192 << 10] != 0x64 {
+        problems.push("base..live.raw is not u's one changed range".into());
+    }
+    drop(m);
     finish(problems);
 }
 
