@@ -270,6 +270,7 @@ pub fn image_read_in(dir: &Path, data: &[u8]) {
     let options = OpenOptions {
         writable: false,
         lock: false,
+        share: false,
     };
     let Ok(chain) = Chain::open(&path, Caches::new(1 << 20), options) else {
         return;

@@ -23,6 +23,8 @@ ensure_rust
 ensure_tools qemu-img qemu-io qemu-nbd qemu-storage-daemon fusermount3 mkfs.ext4 \
     losetup mount findmnt getfattr fio shellcheck xmllint
 ensure_fuse
+# the VM state tests run QEMU's system emulator (unpacked: see common.sh)
+ensure_qemu_system
 
 threads=${SNAPFS_TEST_THREADS:-4}
 failed=()

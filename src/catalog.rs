@@ -17,11 +17,14 @@ use crate::chain::{Chain, Layer};
 use crate::error::Result;
 use crate::metadata::Metadata;
 use crate::qcow2::snapshot::Snapshot;
+use crate::qcow2::vm_state::vm_state_range;
 use crate::view::{StartTable, View};
 
 /// File name length limit of Linux file systems.
 const NAME_MAX: usize = 255;
 const SUFFIX: &str = ".raw";
+/// The VM state file beside an internal snapshot's disk: `NAME.vmstate` beside `NAME.raw`.
+const VM_STATE_SUFFIX: &str = ".vmstate";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -39,6 +42,15 @@ impl ViewKind {
             ViewKind::External => "external",
         }
     }
+}
+
+/// What of a point in time a view shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Part {
+    /// The disk (every view but one of VM state).
+    Disk,
+    /// The VM state QEMU's `savevm` stored with an internal snapshot (QEMU's migration stream).
+    VmState,
 }
 
 /// One view with its name and metadata.
@@ -67,6 +79,8 @@ pub struct ViewEntry {
     /// The raw qcow2 snapshot id, for internal snapshots.
     pub snapshot_id: Option<Vec<u8>>,
     pub vm_state_size: u64,
+    /// The disk, or (`NAME.vmstate`) an internal snapshot's VM state.
+    pub part: Part,
     pub view: Arc<View>,
 }
 
@@ -78,15 +92,19 @@ struct State {
     by_key: BTreeMap<u64, Arc<ViewEntry>>,
 }
 
-/// Identifies a view across chain changes: the file behind it and, for an internal snapshot,
-/// its id.
-type Identity = (PathBuf, Option<Vec<u8>>);
+/// Identifies a view across chain changes: the file behind it, for an internal snapshot its id,
+/// and which part of it the view shows.
+type Identity = (PathBuf, Option<Vec<u8>>, Part);
 
 /// The views of the chain being replaced, by identity, with their keys.
 type Previous = BTreeMap<Identity, (u64, Arc<ViewEntry>)>;
 
 fn identity(entry: &ViewEntry) -> Identity {
-    (entry.layer_path.clone(), entry.snapshot_id.clone())
+    (
+        entry.layer_path.clone(),
+        entry.snapshot_id.clone(),
+        entry.part,
+    )
 }
 
 /// Every view of a chain. The chain can change under a mount (commit, external snapshots): the
@@ -173,6 +191,26 @@ impl Catalog {
             .or_else(|| self.find(name).filter(|_| name.ends_with(SUFFIX)))
     }
 
+    /// The other views of the same point in time as view `key` (the VM state file of an
+    /// internal snapshot), which go with it when it is deleted.
+    pub fn siblings(&self, key: u64) -> Vec<(u64, Arc<ViewEntry>)> {
+        let state = self.state.read();
+        let Some(entry) = state.by_key.get(&key) else {
+            return Vec::new();
+        };
+        state
+            .by_key
+            .iter()
+            .filter(|(k, v)| {
+                **k != key
+                    && v.layer_path == entry.layer_path
+                    && v.snapshot_id.is_some()
+                    && v.snapshot_id == entry.snapshot_id
+            })
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
     /// Whether `NAME` would be a valid snapshot file name (`NAME.raw`).
     pub fn is_valid_name(name: &str) -> bool {
         is_valid_name(name)
@@ -204,7 +242,9 @@ impl Catalog {
         let mut state = self.state.write();
         let mut next = State::clone(&state);
         let removed = next.by_key.remove(&key);
-        if let Some(entry) = &removed {
+        if let Some(entry) = &removed
+            && entry.part == Part::Disk
+        {
             naming
                 .names
                 .release(entry.file_name.trim_end_matches(SUFFIX));
@@ -280,6 +320,7 @@ fn build_state(
         layer: 0,
         snapshot_id: None,
         vm_state_size: 0,
+        part: Part::Disk,
         view: Arc::new(View::new(
             chain.clone(),
             0,
@@ -288,15 +329,18 @@ fn build_state(
         )),
     });
     let mut by_key = BTreeMap::new();
-    let mut place =
-        |mut entry: ViewEntry, naming: &mut Naming, wanted: &str, fallback: String| match previous
-            .get(&identity(&entry))
-        {
+    // Places a view under a key and a name (its old ones if it survives from `previous`), and
+    // the VM state view of the same snapshot, if any, under the same name with `.vmstate`.
+    let mut place = |mut entry: ViewEntry,
+                     vm_state: Option<ViewEntry>,
+                     naming: &mut Naming,
+                     wanted: &str,
+                     fallback: String| {
+        let (key, name) = match previous.get(&identity(&entry)) {
             Some((key, old)) => {
                 entry.file_name = old.file_name.clone();
                 entry.description = entry.description.take().or_else(|| old.description.clone());
-                by_key.insert(*key, Arc::new(entry));
-                old.file_name.trim_end_matches(SUFFIX).to_owned()
+                (*key, old.file_name.trim_end_matches(SUFFIX).to_owned())
             }
             None => {
                 let name = naming.names.claim(wanted, || fallback.clone());
@@ -304,10 +348,28 @@ fn build_state(
                 let key = naming.next_key;
                 naming.next_key += 1;
                 added.push((key, entry.file_name.clone()));
-                by_key.insert(key, Arc::new(entry));
-                name
+                (key, name)
             }
         };
+        if let Some(mut vm_state) = vm_state {
+            // Named after its disk view, whatever name that got; never claimed in `Names` (no
+            // `.raw` name can clash with it). Its metadata is the disk view's.
+            vm_state.file_name = format!("{name}{VM_STATE_SUFFIX}");
+            vm_state.description = entry.description.clone();
+            let key = match previous.get(&identity(&vm_state)) {
+                Some((key, _)) => *key,
+                None => {
+                    let key = naming.next_key;
+                    naming.next_key += 1;
+                    added.push((key, vm_state.file_name.clone()));
+                    key
+                }
+            };
+            by_key.insert(key, Arc::new(vm_state));
+        }
+        by_key.insert(key, Arc::new(entry));
+        name
+    };
     for (depth, layer) in chain.layers.iter().enumerate() {
         let prefix = if depth == 0 {
             String::new()
@@ -338,6 +400,7 @@ fn build_state(
                 layer: depth,
                 snapshot_id: None,
                 vm_state_size: 0,
+                part: Part::Disk,
                 view: Arc::new(View::new(
                     chain.clone(),
                     depth,
@@ -349,7 +412,7 @@ fn build_state(
             if let Some(name) = known {
                 apply_libvirt(&mut entry, &naming.meta, &name);
             }
-            let name = place(entry, naming, &wanted, format!("layer-{depth}"));
+            let name = place(entry, None, naming, &wanted, format!("layer-{depth}"));
             format!("{name}@")
         };
         let Layer::Qcow2(image) = layer.as_ref() else {
@@ -371,7 +434,8 @@ fn build_state(
             if let Some(tag) = snap.name_str() {
                 apply_libvirt(&mut entry, &naming.meta, tag);
             }
-            place(entry, naming, &wanted, format!("{prefix}id-{id}"));
+            let vm_state = vm_state_entry(&entry, image, snap);
+            place(entry, vm_state, naming, &wanted, format!("{prefix}id-{id}"));
         }
     }
     Ok(State {
@@ -431,12 +495,39 @@ fn snapshot_entry(
         layer: depth,
         snapshot_id: Some(snap.id.clone()),
         vm_state_size: snap.vm_state_size,
+        part: Part::Disk,
         view: Arc::new(View::new(
             chain.clone(),
             depth,
             StartTable::Snapshot(Arc::new(l1)),
             image.snapshot_size(snap),
         )),
+    })
+}
+
+/// The view of the VM state stored with the internal snapshot `disk` shows, if it has any: its
+/// metadata is the snapshot's, its content the snapshot's guest address space past the disk
+/// (see [`crate::qcow2::vm_state`]), read through the snapshot's own L1 table.
+fn vm_state_entry(
+    disk: &ViewEntry,
+    image: &crate::qcow2::Qcow2Image,
+    snap: &Snapshot,
+) -> Option<ViewEntry> {
+    // Most snapshots have none (disk-only ones, `qemu-img snapshot -c`): nothing to build.
+    let (offset, len) = vm_state_range(image.geometry(), snap, image.snapshot_size(snap))?;
+    let StartTable::Snapshot(l1) = disk.view.start_table() else {
+        return None;
+    };
+    Some(ViewEntry {
+        part: Part::VmState,
+        view: Arc::new(View::window(
+            disk.view.chain().clone(),
+            disk.layer,
+            l1.clone(),
+            offset,
+            len,
+        )),
+        ..disk.clone()
     })
 }
 

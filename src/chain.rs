@@ -254,7 +254,9 @@ impl Chain {
         if !has_qcow2_magic(&file) {
             return Err(ChainError::NotQcow2 { path: top_path }.into());
         }
-        let top_mode = if options.writable {
+        let top_mode = if options.share {
+            LockMode::SharedRead
+        } else if options.writable {
             LockMode::ReadWrite
         } else {
             LockMode::ReadOnly
@@ -321,7 +323,12 @@ impl Chain {
                 }
             }
             let file = FileStorage::new(file, &path).map_err(missing)?;
-            take_lock(&file, LockMode::ReadOnly, options.lock)?;
+            let mode = if options.share {
+                LockMode::SharedRead
+            } else {
+                LockMode::ReadOnly
+            };
+            take_lock(&file, mode, options.lock)?;
             let is_qcow2 = match format.as_deref() {
                 Some("qcow2") => true,
                 Some("raw") => false,

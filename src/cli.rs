@@ -1,4 +1,4 @@
-//! The command line: `snapfs mount | umount | snapshot | commit | info`, and the hidden
+//! The command line: `snapfs mount | umount | snapshot | commit | pull | info`, and the hidden
 //! `completions` and `man` commands that generate shell completions and manual pages from these
 //! definitions.
 
@@ -19,7 +19,7 @@ use clap_mangen::roff::{Roff, roman};
                   snapfs mounts the backing chain whose top (active) file is IMAGE as a directory: \
                   the live disk is the writable raw file live.raw, every internal snapshot and \
                   every backing layer is a read-only raw file under snapshots/, and the files \
-                  under control/ take create, revert, delete and commit commands.",
+                  under control/ take create, revert, delete, commit and pull commands.",
     after_help = "Examples:\n  \
                   snapfs info vm.qcow2\n  \
                   snapfs mount vm.qcow2 /mnt/vm\n  \
@@ -62,6 +62,7 @@ pub enum Command {
                       ls -l /mnt/vm/snapshots/\n  \
                       snapfs mount -r -o allow_other,libvirt=/var/lib/libvirt/qemu/snapshot/vm vm.qcow2 /mnt/vm\n  \
                       snapfs mount --log /var/log/snapfs.log vm.qcow2 /mnt/vm\n  \
+                      snapfs mount --force-share running-vm.qcow2 /mnt/vm\n  \
                       RUST_LOG=debug snapfs mount -f vm.qcow2 /mnt/vm\n\n\
                       Logging:\n\
                       With -f, log records go to standard error; in the background, to the file\n\
@@ -110,6 +111,27 @@ pub enum Command {
         /// The layer to merge, as named under snapshots/ (default: the top image).
         #[arg(value_name = "LAYER")]
         layer: Option<String>,
+    },
+    /// Copy into the top image the data of the layers above BASE, then drop those layers.
+    #[command(
+        long_about = "Copy into the top image all data it reads from the layers above BASE \
+                      (default: every layer), then make BASE (default: nothing) the top's \
+                      backing file, like 'virsh blockpull --base' and 'qemu-img rebase -b'. \
+                      The live disk reads the same; the layers that leave the chain stay on \
+                      disk as they are. Refused if an internal snapshot of the top reads data \
+                      from those layers. Writes MOUNTPOINT/control/pull and shows the progress.",
+        after_help = "Examples:\n  \
+                      snapfs pull /mnt/vm\n  \
+                      snapfs pull /mnt/vm base"
+    )]
+    Pull {
+        /// Where the image is mounted.
+        #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
+        mountpoint: PathBuf,
+        /// The layer that becomes the top's backing file, as named under snapshots/ (default:
+        /// none; the top then holds the whole disk).
+        #[arg(value_name = "BASE")]
+        base: Option<String>,
     },
     /// Show the chain and every snapshot of IMAGE.
     #[command(
@@ -207,9 +229,15 @@ pub struct MountArgs {
     /// Mount read-only: live.raw cannot be written and control commands are refused.
     #[arg(short, long)]
     pub read_only: bool,
+    /// Mount read-only beside a running VM (same as -o force_share, like qemu-img -U): takes no
+    /// lock that keeps QEMU from writing or restarting; backing layers and internal snapshots
+    /// are readable, live.raw of an image another process writes is not shown, and each view's
+    /// user.snapfs.consistency says frozen or best-effort.
+    #[arg(long)]
+    pub force_share: bool,
     /// Mount options, as mount(8) passes them (ro, rw, allow_other, allow_root,
     /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, cache=SIZE, threads=N,
-    /// direct_io, write_devices, log=FILE).
+    /// direct_io, write_devices, force_share, log=FILE).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
     /// libvirt snapshot metadata folder.

@@ -1,11 +1,13 @@
 //! What `snapfs info` prints and `info.json` holds: the chain (field names as
 //! `qemu-img info --backing-chain --output=json` spells them) and every view.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::catalog::{Catalog, ViewEntry};
+use crate::catalog::{Catalog, Part, ViewEntry};
 use crate::chain::{Chain, Layer};
 use crate::qcow2::header::CompressionType;
 
@@ -121,6 +123,9 @@ pub struct ViewInfo {
     pub description: Option<String>,
     pub layer: String,
     pub vm_state_size: u64,
+    /// The file with the snapshot's VM state (`snapshots/NAME.vmstate`), if it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_state_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// libvirt's current snapshot.
@@ -216,6 +221,7 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
         description: entry.description.clone(),
         layer: entry.layer_path.display().to_string(),
         vm_state_size: entry.vm_state_size,
+        vm_state_file: None,
         state: entry.state.clone(),
         current: entry.current,
         libvirt_name: entry.libvirt_name.clone(),
@@ -224,11 +230,32 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
 
 pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
     let mut views = vec![view_info(&catalog.live(), "")];
+    let snapshots = catalog.snapshots();
+    // A VM state file is listed with its snapshot's view, not as a view of its own. One pass
+    // finds them all: an image may have 65535 snapshots.
+    let vm_state_files: HashMap<(&Path, &[u8]), String> = snapshots
+        .iter()
+        .filter(|(_, v)| v.part == Part::VmState)
+        .filter_map(|(_, v)| {
+            let id = v.snapshot_id.as_deref()?;
+            Some((
+                (v.layer_path.as_path(), id),
+                format!("snapshots/{}", v.file_name),
+            ))
+        })
+        .collect();
     views.extend(
-        catalog
-            .snapshots()
+        snapshots
             .iter()
-            .map(|(_, v)| view_info(v, "snapshots/")),
+            .filter(|(_, v)| v.part == Part::Disk)
+            .map(|(_, v)| ViewInfo {
+                vm_state_file: v
+                    .snapshot_id
+                    .as_deref()
+                    .and_then(|id| vm_state_files.get(&(v.layer_path.as_path(), id)))
+                    .cloned(),
+                ..view_info(v, "snapshots/")
+            }),
     );
     let meta = catalog.metadata();
     let libvirt = meta.dir.is_some().then(|| libvirt_info(&meta, &views));

@@ -16,4 +16,5 @@ pub mod mount;
 pub mod ops;
 pub mod qcow2;
 pub mod report;
+pub mod sharing;
 pub mod view;

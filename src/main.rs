@@ -45,6 +45,9 @@ fn run(command: Command) -> Result<(), String> {
         Command::Commit { mountpoint, layer } => {
             snapfs::report::control_command(&mountpoint, "commit", layer.as_deref().unwrap_or(""))
         }
+        Command::Pull { mountpoint, base } => {
+            snapfs::report::control_command(&mountpoint, "pull", base.as_deref().unwrap_or(""))
+        }
         Command::Completions { shell } => {
             print_or_fail("the completions", &snapfs::cli::completions(shell))
         }

@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::fs::{DataCaching, Ownership, SnapFs};
 use crate::metadata::Metadata;
 use crate::qcow2::{Caches, OpenOptions};
+use crate::sharing::Sharing;
 
 /// Default metadata cache budget: 32 MiB of L2 tables covers 256 GiB of a 64 KiB-cluster disk.
 const DEFAULT_CACHE: u64 = 32 << 20;
@@ -41,6 +42,8 @@ pub struct MountSettings {
     pub write_devices: bool,
     /// Reads and writes of live.raw and the snapshot files bypass the kernel page cache.
     pub direct_io: bool,
+    /// Read-only beside another process that writes the image (`--force-share`).
+    pub force_share: bool,
 }
 
 impl MountSettings {
@@ -60,7 +63,9 @@ impl MountSettings {
             libvirt_write: false,
             write_devices: false,
             direct_io: args.direct_io,
+            force_share: args.force_share,
         };
+        let mut read_write_asked = false;
         for opt in args.options.iter().flat_map(|o| o.split(',')) {
             let (key, value) = match opt.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
@@ -78,7 +83,10 @@ impl MountSettings {
                 | "noatime" | "relatime" => {}
                 k if k.starts_with("x-") || k == "comment" => {}
                 "ro" => s.read_only = true,
-                "rw" => s.read_only = false,
+                "rw" => {
+                    s.read_only = false;
+                    read_write_asked = true;
+                }
                 "allow_other" => s.acl = SessionACL::All,
                 "allow_root" => s.acl = SessionACL::RootAndOwner,
                 "default_permissions" => s.default_permissions = true,
@@ -90,6 +98,7 @@ impl MountSettings {
                 "libvirt-write" => s.libvirt_write = true,
                 "write_devices" => s.write_devices = true,
                 "direct_io" => s.direct_io = true,
+                "force_share" => s.force_share = true,
                 _ => return Err(format!("unknown mount option {opt:?}")),
             }
         }
@@ -103,8 +112,35 @@ impl MountSettings {
             return Err(format!("threads={} is out of range (1 to 64)", s.threads));
         }
         s.cache = s.cache.max(1 << 20);
+        if s.force_share {
+            if read_write_asked {
+                return Err("force_share mounts read-only; it cannot be combined with rw".into());
+            }
+            s.read_only = true;
+        }
         Ok(s)
     }
+}
+
+/// The one line a failed open prints. Beside a writer (a running VM), says what `--force-share`
+/// would give and what it would not.
+fn refusal(e: &Error, force_share: bool) -> String {
+    use crate::qcow2::lock::{Conflict, Perm};
+    let writer = matches!(
+        e,
+        Error::Locked(l) if matches!(
+            l.conflict(),
+            Some(Conflict::Holds(Perm::Write | Perm::Resize))
+        )
+    );
+    if !writer || force_share {
+        return e.to_string();
+    }
+    format!(
+        "{e}; or mount with --force-share (-o force_share) to read beside it: the backing \
+         layers and internal snapshots (best-effort while it writes), never live.raw, which \
+         changes under a reader"
+    )
 }
 
 /// Opens the chain, then mounts; returns when the file system is unmounted.
@@ -114,6 +150,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     let options = OpenOptions {
         writable,
         lock: true,
+        share: settings.force_share,
     };
     let devices = if settings.write_devices {
         DeviceWrites::Allowed
@@ -121,6 +158,11 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         DeviceWrites::Refused
     };
     let write_devices = devices == DeviceWrites::Allowed;
+    let caches_for_reopen = caches.clone();
+    let options_for_reopen = OpenOptions {
+        writable: false,
+        ..options
+    };
     let chain = match Chain::open_with(&settings.image, caches.clone(), options, write_devices) {
         Err(Error::NeedsReadOnly { path, reason }) => {
             eprintln!("snapfs: {}: {reason}", path.display());
@@ -132,7 +174,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         }
         other => other,
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| refusal(&e, settings.force_share))?;
     let chain = Arc::new(chain);
     let meta = match &settings.libvirt {
         Some(dir) => Metadata::load(dir, &chain),
@@ -176,6 +218,16 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     } else {
         DataCaching::PageCache
     };
+    let sharing = if settings.force_share {
+        Sharing::beside_writers(
+            chain.top().path().to_owned(),
+            caches_for_reopen,
+            options_for_reopen,
+            write_devices,
+        )
+    } else {
+        Sharing::exclusive()
+    };
     let fs = SnapFs::new(
         catalog,
         controller,
@@ -184,6 +236,7 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         notifier.clone(),
         caching,
         settings.threads,
+        Arc::new(sharing),
     );
     let config = fuse_config(&settings, chain.top().path(), !owner.writable);
 

@@ -77,6 +77,15 @@ pub fn info_with_libvirt(image: &Path, json: bool, libvirt: Option<&Path>) -> Re
     println!("Views:");
     for v in &report.views {
         println!("  {:<40} {:<9} {:>10}", v.file, v.kind, human(v.size));
+        // The VM state QEMU's savevm stored with the snapshot, as a file of its own.
+        if let Some(file) = &v.vm_state_file {
+            println!(
+                "  {:<40} {:<9} {:>10}",
+                file,
+                "vm-state",
+                human(v.vm_state_size)
+            );
+        }
     }
     if let (Some(tree), Some(snapshots)) = (tree, &report.libvirt) {
         println!("\nSnapshot tree (libvirt):");

@@ -36,6 +36,9 @@ pub struct View {
     chain: Arc<Chain>,
     layer: usize,
     table: StartTable,
+    /// The guest offset of the view's first byte: 0, except for a window onto the guest address
+    /// space past the disk (an internal snapshot's VM state).
+    base: u64,
     size: u64,
     allocated: Mutex<Option<u64>>,
 }
@@ -47,8 +50,24 @@ impl View {
             chain,
             layer,
             table,
+            base: 0,
             size,
             allocated: Mutex::new(None),
+        }
+    }
+
+    /// A read-only view of `size` bytes of the guest address space at `base`, through a fixed
+    /// table (an internal snapshot's VM state, stored past its disk).
+    pub fn window(
+        chain: Arc<Chain>,
+        layer: usize,
+        table: Arc<L1Table>,
+        base: u64,
+        size: u64,
+    ) -> Self {
+        View {
+            base,
+            ..View::new(chain, layer, StartTable::Snapshot(table), size)
         }
     }
 
@@ -145,6 +164,11 @@ impl View {
         &self.chain.layers[self.layer]
     }
 
+    /// The table this view starts from.
+    pub fn start_table(&self) -> &StartTable {
+        &self.table
+    }
+
     fn start_l1(&self) -> Option<Arc<L1Table>> {
         match &self.table {
             StartTable::Active => None,
@@ -159,9 +183,9 @@ impl View {
             &self.chain,
             self.layer,
             l1.as_deref(),
-            self.size(),
+            self.base + self.size(),
             buf,
-            offset,
+            self.base.saturating_add(offset),
         )
     }
 
@@ -174,8 +198,8 @@ impl View {
             &self.chain,
             self.layer,
             l1.as_deref(),
-            self.size(),
-            offset,
+            self.base + self.size(),
+            self.base.saturating_add(offset),
             max_len,
         )
     }
@@ -215,7 +239,8 @@ impl View {
         }
         let l1 = self.start_l1();
         let size = self.size();
-        let total = allocated_layer(&self.chain, self.layer, l1.as_deref(), size, 0, size)?;
+        let end = self.base + size;
+        let total = allocated_layer(&self.chain, self.layer, l1.as_deref(), end, self.base, size)?;
         *self.allocated.lock() = Some(total);
         Ok(total)
     }

@@ -51,6 +51,7 @@ impl Controller {
             Command::Revert { name } => self.revert(&name, cx),
             Command::Delete { name } => self.delete(&name, label, cx),
             Command::Commit { layer } => self.commit(layer.as_deref(), label, cx),
+            Command::Pull { base } => self.pull(base.as_deref(), label, cx),
         }
     }
 
@@ -217,6 +218,47 @@ impl Controller {
         let report = self.reporter(label);
         let new_chain = crate::ops::commit(&chain, index, &report)?;
         self.switch_chain(new_chain)
+    }
+
+    /// `pull [BASE]`: the top copies what it reads from the layers above BASE, which then leave
+    /// the chain. The live disk and the top's snapshots read the same (or the pull is refused);
+    /// the views of the layers that leave go away, so none of them may be open.
+    fn pull(&self, base: Option<&str>, label: &str, cx: &Context) -> Result<Effect, CommandError> {
+        let base = base.map(|name| self.layer_index(name)).transpose()?;
+        let chain = self.catalog.chain();
+        let until = base.unwrap_or(chain.layers.len());
+        if until == 1 {
+            return Ok(Effect {
+                detail: Some(format!(
+                    "nothing to pull: {} is already the top's backing file",
+                    chain.layers[1].path().display()
+                )),
+                ..Effect::default()
+            });
+        }
+        let mut busy = Vec::new();
+        for leaving in 1..until {
+            busy.extend(self.views_of_layer(leaving));
+        }
+        // Reads every layer the top reads through; writes the top.
+        self.require(&chain, cx.caller, &Self::moves_data(&chain, 1, &[0]))?;
+        self.refuse_if_open(&busy, cx.is_open)?;
+        let report = self.reporter(label);
+        let new_chain = crate::ops::pull(&chain, base, &report)?;
+        let left: Vec<String> = chain.layers[1..until]
+            .iter()
+            .map(|l| l.path().display().to_string())
+            .collect();
+        let mut effect = self.switch_chain(new_chain)?;
+        effect.detail = Some(format!(
+            "left the chain, files kept: {}; the top's backing file is now {}",
+            left.join(", "),
+            chain
+                .layers
+                .get(until)
+                .map_or("none".to_owned(), |l| l.path().display().to_string())
+        ));
+        Ok(effect)
     }
 
     fn create_external(
@@ -407,21 +449,32 @@ impl Controller {
             return Ok(effect);
         }
         let id = self.internal_of_top(&entry, "delete")?;
-        if still_open(Target::Snapshot(key), is_open) {
+        // The snapshot's VM state file goes with it.
+        let mut views = vec![(key, entry.clone())];
+        views.extend(self.catalog.siblings(key));
+        if let Some((_, open)) = views
+            .iter()
+            .find(|(k, _)| still_open(Target::Snapshot(*k), is_open))
+        {
             return Err(CommandError::new(
                 libc::EBUSY,
                 format!(
                     "{} is open (a backup may be reading it); close it first",
-                    entry.file_name
+                    open.file_name
                 ),
             ));
         }
         self.catalog.chain().top_image().delete_snapshot(&id)?;
-        self.catalog.remove(key);
+        for (k, _) in &views {
+            self.catalog.remove(*k);
+        }
         self.forget_in_libvirt(entry.libvirt_name.as_deref());
         self.catalog.live().view.invalidate();
         Ok(Effect {
-            removed: vec![(key, entry.file_name.clone())],
+            removed: views
+                .iter()
+                .map(|(k, v)| (*k, v.file_name.clone()))
+                .collect(),
             ..Effect::default()
         })
     }

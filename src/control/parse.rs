@@ -11,14 +11,16 @@ pub enum CommandKind {
     Revert,
     Delete,
     Commit,
+    Pull,
 }
 
 impl CommandKind {
-    pub const ALL: [CommandKind; 4] = [
+    pub const ALL: [CommandKind; 5] = [
         CommandKind::Create,
         CommandKind::Revert,
         CommandKind::Delete,
         CommandKind::Commit,
+        CommandKind::Pull,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -27,6 +29,7 @@ impl CommandKind {
             CommandKind::Revert => "revert",
             CommandKind::Delete => "delete",
             CommandKind::Commit => "commit",
+            CommandKind::Pull => "pull",
         }
     }
 }
@@ -50,6 +53,11 @@ pub enum Command {
     },
     Commit {
         layer: Option<String>,
+    },
+    /// Copy into the top what it reads from the layers above `base` (default: every layer),
+    /// then make `base` (default: none) its backing file.
+    Pull {
+        base: Option<String>,
     },
 }
 
@@ -122,6 +130,14 @@ pub fn parse(kind: CommandKind, input: &[u8]) -> Result<Command, CommandError> {
                 layer: (!first.is_empty()).then(|| first.to_owned()),
             })
         }
+        CommandKind::Pull => {
+            if !rest.is_empty() {
+                return Err(invalid("usage: echo [BASE] > control/pull".into()));
+            }
+            Ok(Command::Pull {
+                base: (!first.is_empty()).then(|| first.to_owned()),
+            })
+        }
     }
 }
 
@@ -135,6 +151,9 @@ pub fn label(kind: CommandKind, command: &Result<Command, CommandError>) -> Stri
         }
         Ok(Command::Commit { layer }) => {
             format!("commit {}", layer.as_deref().unwrap_or("(top)"))
+        }
+        Ok(Command::Pull { base }) => {
+            format!("pull {}", base.as_deref().unwrap_or("(all)"))
         }
         Err(_) => kind.file_name().to_owned(),
     }
@@ -181,6 +200,16 @@ mod tests {
                 layer: Some("base".into())
             })
         );
+        assert_eq!(
+            parse(CommandKind::Pull, b"\n"),
+            Ok(Command::Pull { base: None })
+        );
+        assert_eq!(
+            parse(CommandKind::Pull, b"base\n"),
+            Ok(Command::Pull {
+                base: Some("base".into())
+            })
+        );
     }
 
     #[test]
@@ -193,6 +222,7 @@ mod tests {
             (CommandKind::Create, b"\xff\xfe"),
             (CommandKind::Create, b"a\0b"),
             (CommandKind::Commit, b"a b"),
+            (CommandKind::Pull, b"a b"),
         ] {
             let e = parse(kind, input).unwrap_err();
             assert_eq!(e.errno, libc::EINVAL, "{input:?}: {}", e.message);

@@ -27,6 +27,7 @@ use crate::access::{Caller, DeviceWrites, EXEC, LayerPerms, READ, WRITE};
 use crate::catalog::{Catalog, ViewEntry};
 use crate::control::{CommandKind, Controller, Effect, Target};
 use crate::info;
+use crate::sharing::Sharing;
 use access::{Guard, MetadataChange};
 pub use attrs::Ownership;
 use attrs::{AttrParts, file_attr};
@@ -55,6 +56,8 @@ pub struct SnapFs {
     large_reads: gate::Gate,
     /// Whether the disk files (live.raw, snapshots) go through the kernel page cache.
     caching: DataCaching,
+    /// Other processes that may write the chain's files (`--force-share`).
+    sharing: Arc<Sharing>,
 }
 
 /// How the kernel caches the contents of the disk files (live.raw and the snapshots).
@@ -112,6 +115,16 @@ struct Announcer {
 }
 
 impl Announcer {
+    /// [`Announcer::announce`] without waiting for the kernel: for changes found while a
+    /// request in snapshots/ is being answered (the kernel drops the names once it is).
+    fn announce_later(&self, effect: Effect) {
+        let announcer = Announcer {
+            notifier: self.notifier.clone(),
+            worker_threads: 1,
+        };
+        std::thread::spawn(move || announcer.announce(&effect));
+    }
+
     /// Drops dropped names, new names and stale pages from the kernel's caches. Returns once the
     /// kernel has dropped the names, or after [`TTL`] at the most (when its cached entries would
     /// have expired anyway), so that a `stat` right after the command's `write` returns sees the
@@ -200,6 +213,7 @@ impl SnapFs {
         notifier: Arc<OnceLock<Notifier>>,
         caching: DataCaching,
         worker_threads: usize,
+        sharing: Arc<Sharing>,
     ) -> Self {
         SnapFs {
             catalog,
@@ -214,6 +228,7 @@ impl SnapFs {
             },
             large_reads: gate::Gate::for_this_machine(),
             caching,
+            sharing,
         }
     }
 
@@ -230,7 +245,31 @@ impl SnapFs {
     }
 
     fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
-        Node::from_ino(ino.0, &self.catalog).ok_or(Errno::ENOENT)
+        match Node::from_ino(ino.0, &self.catalog) {
+            Some(Node::Live) if self.live_hidden() => Err(Errno::ENOENT),
+            Some(node) => Ok(node),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    /// live.raw of a top another process writes is not shown (`--force-share`).
+    fn live_hidden(&self) -> bool {
+        self.sharing.is_force_share() && self.sharing.live_hidden(&self.catalog.chain())
+    }
+
+    /// On a `--force-share` mount, re-reads the chain if another process changed it (a VM's
+    /// savevm or delvm) and tells the kernel which names changed, without waiting for it: this
+    /// runs inside requests that hold the directory the names are in.
+    fn follow_other_writers(&self) {
+        match self.sharing.follow(&self.catalog) {
+            Ok(Some(changes)) => self.announcer.announce_later(Effect {
+                added: changes.added,
+                removed: changes.removed,
+                ..Effect::default()
+            }),
+            Ok(None) => {}
+            Err(e) => log::warn!("re-reading the chain another process changed: {e}"),
+        }
     }
 
     fn info_json(&self) -> Vec<u8> {
@@ -345,9 +384,13 @@ impl SnapFs {
         }
     }
 
-    fn xattrs(entry: &ViewEntry) -> Vec<(&'static str, String)> {
+    fn xattrs(&self, entry: &ViewEntry) -> Vec<(&'static str, String)> {
+        let consistency = self
+            .sharing
+            .consistency(entry.view.chain(), entry.view.layer_index());
         let mut list = vec![
             ("user.snapfs.kind", entry.kind.as_str().to_owned()),
+            ("user.snapfs.consistency", consistency.as_str().to_owned()),
             ("user.snapfs.id", entry.id.clone()),
             ("user.snapfs.layer", entry.layer_path.display().to_string()),
             ("user.snapfs.vm-state-size", entry.vm_state_size.to_string()),
@@ -428,7 +471,13 @@ impl Filesystem for SnapFs {
                 return Err(Errno::EACCES);
             }
             let name = name.to_str().ok_or(Errno::ENOENT)?;
+            if dir == Node::SnapshotsDir {
+                self.follow_other_writers();
+            }
             let child = dir.child(&self.catalog, name).ok_or(Errno::ENOENT)?;
+            if child == Node::Live && self.live_hidden() {
+                return Err(Errno::ENOENT);
+            }
             self.attr(child)
         });
         match result {
@@ -445,6 +494,10 @@ impl Filesystem for SnapFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // A snapshot another process may have deleted is checked before it is opened.
+        if ino.0 >= nodes::FIRST_SNAPSHOT {
+            self.follow_other_writers();
+        }
         let node = match self.node(ino) {
             Ok(n) => n,
             // A view that a command removed, reached through a name the kernel still caches:
@@ -758,8 +811,16 @@ impl Filesystem for SnapFs {
             Ok(_) => return reply.error(Errno::ENOTDIR),
             Err(e) => return reply.error(e),
         };
+        if dir == Node::SnapshotsDir && offset == 0 {
+            self.follow_other_writers();
+        }
         let mut entries = vec![(dir, ".".to_owned()), (dir.parent(), "..".to_owned())];
-        entries.extend(dir.children(&self.catalog));
+        let hidden = dir == Node::Root && self.live_hidden();
+        entries.extend(
+            dir.children(&self.catalog)
+                .into_iter()
+                .filter(|(node, _)| !(hidden && *node == Node::Live)),
+        );
         for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(node.ino()), (i + 1) as u64, node.kind(), name) {
                 break;
@@ -792,7 +853,8 @@ impl Filesystem for SnapFs {
         let Some(entry) = node.view(&self.catalog) else {
             return reply.error(Errno::NO_XATTR);
         };
-        match Self::xattrs(&entry)
+        match self
+            .xattrs(&entry)
             .into_iter()
             .find(|(n, _)| OsStr::new(n) == name)
         {
@@ -807,7 +869,7 @@ impl Filesystem for SnapFs {
             && self.allows(req, node, READ)
             && let Some(entry) = node.view(&self.catalog)
         {
-            for (name, _) in Self::xattrs(&entry) {
+            for (name, _) in self.xattrs(&entry) {
                 names.extend_from_slice(name.as_bytes());
                 names.push(0);
             }

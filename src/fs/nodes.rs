@@ -14,7 +14,7 @@ pub const LIVE: u64 = 3;
 pub const INFO_JSON: u64 = 4;
 pub const CONTROL_DIR: u64 = 5;
 pub const STATUS: u64 = 6;
-/// `control/create` .. `control/commit` are 10..13.
+/// `control/create` .. `control/pull` are 10..14.
 const FIRST_COMMAND: u64 = 10;
 /// Snapshot view with catalog key `k` is inode `FIRST_SNAPSHOT + k`; keys are never reused
 /// during a mount, so neither are inode numbers.

@@ -62,6 +62,7 @@ pub fn create_external(
         let options = OpenOptions {
             writable: true,
             lock: true,
+            share: false,
         };
         let storage = chain.interpose(path, Box::new(storage));
         Qcow2Image::from_storage(path, storage, top.caches(), options)

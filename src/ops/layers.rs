@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::dependents::{refusal, snapshots_reading_through};
 use super::{
     LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
     format_name, run_bytes, without,
@@ -30,14 +31,14 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
             "a raw layer cannot have a backing file",
         ));
     };
-    if !above_image.snapshots().is_empty() {
-        return Err(Error::Invalid {
-            path: above_image.path().to_owned(),
-            reason: format!(
-                "{} has internal snapshots that read through the layer; their content would change (delete them first, or commit instead)",
-                above_image.path().display()
-            ),
-        });
+    let changed = snapshots_reading_through(chain, above, index..index + 1)?;
+    if !changed.is_empty() {
+        return Err(refusal(
+            chain,
+            above,
+            &changed,
+            "delete those snapshots first, or commit the layer instead",
+        ));
     }
     let _access = WriteAccess::acquire(chain, above)?;
     let mut into = LayerWriter::take(chain, above)?;

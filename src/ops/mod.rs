@@ -1,5 +1,7 @@
 //! Operations across the layers of a chain, as `qemu-img commit`, `qemu-img rebase`,
-//! `virsh blockcommit`/`blockpull` and `virsh snapshot-create-as --disk-only` do them.
+//! `virsh blockcommit`/`blockpull` and `virsh snapshot-create-as --disk-only` do them: commit
+//! (commit.rs), delete and revert of a layer (layers.rs), pull into the top (pull.rs), external
+//! snapshots (external.rs); which internal snapshots an operation would change (dependents.rs).
 //!
 //! Each works on the mounted chain and returns the chain as it is afterwards. Data always moves
 //! before any header changes, and a header change is one write: a process killed halfway leaves
@@ -7,8 +9,10 @@
 //! leaves the top still holding its data).
 
 mod commit;
+mod dependents;
 pub mod external;
 mod layers;
+mod pull;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +20,7 @@ use std::sync::Arc;
 pub use commit::commit;
 pub use external::create_external;
 pub use layers::{pull_into_above, revert_to_layer};
+pub use pull::pull;
 
 use crate::chain::{Chain, Layer, RawImage};
 use crate::error::{Error, Result};

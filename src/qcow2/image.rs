@@ -61,6 +61,9 @@ pub struct OpenOptions {
     /// Take QEMU's image locks (a short look such as `snapfs info` does without, like
     /// `qemu-img info -U`).
     pub lock: bool,
+    /// Read-only beside a process that may write the image (`--force-share`): the locks taken
+    /// are QEMU's shared ones (`force-share=on`), which keep nobody out.
+    pub share: bool,
 }
 
 static NEXT_IMAGE_ID: AtomicU64 = AtomicU64::new(1);
@@ -337,6 +340,29 @@ impl Qcow2Image {
             });
         }
         Ok(table)
+    }
+
+    /// Whether the header on disk no longer says what it said when the image was opened about
+    /// the backing file, the disk size or the snapshot table: another process (a running VM's
+    /// `savevm`, `delvm`, block job or resize) changed the image, and what was read from those
+    /// fields is out of date. Reads the first 72 bytes. Only meaningful for an image this
+    /// process does not write itself (its own changes do not update the header read at open).
+    pub fn header_changed_on_disk(&self) -> Result<bool> {
+        let mut now = [0u8; 72];
+        self.storage.read_at(&mut now, 0).map_err(|e| {
+            Error::io(
+                format!("{}: cannot read the header", self.path.display()),
+                e,
+            )
+        })?;
+        let be64 = |at: usize| u64::from_be_bytes(now[at..at + 8].try_into().unwrap_or([0; 8]));
+        let be32 = |at: usize| u32::from_be_bytes(now[at..at + 4].try_into().unwrap_or([0; 4]));
+        let h = &self.header;
+        Ok(be64(8) != h.backing_file_offset
+            || be32(16) != h.backing_file_size
+            || be64(24) != h.size
+            || be32(60) != h.nb_snapshots
+            || be64(64) != h.snapshots_offset)
     }
 
     fn read_snapshot_table(&self) -> Result<Vec<Snapshot>> {

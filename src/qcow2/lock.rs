@@ -140,13 +140,18 @@ pub enum LockMode {
     ReadOnly,
     /// snapfs will write the image: like QEMU's read-write qcow2 open (a VM's disk).
     ReadWrite,
+    /// A read-only mount beside a process that may write the image (`--force-share`): like
+    /// `qemu-img -U` / QEMU's `force-share=on` (confirmed in `/proc/locks` against `qemu-io -U
+    /// -r` 10.0: byte 100 only). Holds "consistent read", shares everything, so a VM may keep
+    /// writing, resize, and start again beside it.
+    SharedRead,
 }
 
 impl LockMode {
     /// The permissions this mode holds, as a `BLK_PERM_*` mask.
     pub fn held(self) -> u64 {
         match self {
-            LockMode::ReadOnly => Perm::ConsistentRead.bit(),
+            LockMode::ReadOnly | LockMode::SharedRead => Perm::ConsistentRead.bit(),
             LockMode::ReadWrite => {
                 Perm::ConsistentRead.bit() | Perm::Write.bit() | Perm::Resize.bit()
             }
@@ -157,7 +162,10 @@ impl LockMode {
     /// node never shares write or resize of its file: somebody else writing or truncating it
     /// would corrupt the metadata it reads.
     pub fn unshared(self) -> u64 {
-        Perm::Write.bit() | Perm::Resize.bit()
+        match self {
+            LockMode::ReadOnly | LockMode::ReadWrite => Perm::Write.bit() | Perm::Resize.bit(),
+            LockMode::SharedRead => 0,
+        }
     }
 
     /// The bytes this mode locks (shared), in the order QEMU's `raw_apply_lock_bytes()` takes
@@ -194,6 +202,7 @@ impl fmt::Display for LockMode {
         f.write_str(match self {
             LockMode::ReadOnly => "read-only",
             LockMode::ReadWrite => "read-write",
+            LockMode::SharedRead => "shared read-only",
         })
     }
 }
@@ -241,16 +250,17 @@ impl Conflict {
     /// What the conflict means and what to do, for the one-line error.
     fn explain(self, mode: LockMode) -> String {
         const WHO: &str = "a running VM, qemu-img or qemu-storage-daemon";
-        let advice = match mode {
-            LockMode::ReadWrite => "stop it or mount read-only",
-            LockMode::ReadOnly => "stop it first",
+        // A read-only open fails beside a writer too: only a reader's conflict leaves read-only.
+        let advice = match (mode, self) {
+            (LockMode::ReadWrite, Conflict::Unshares(_)) => "stop it or mount read-only",
+            _ => "stop it first",
         };
         match self {
             Conflict::Holds(Perm::Write) => match mode {
                 LockMode::ReadWrite => {
                     format!("another process has it open for writing ({WHO}); {advice}")
                 }
-                LockMode::ReadOnly => format!(
+                LockMode::ReadOnly | LockMode::SharedRead => format!(
                     "another process has it open for writing ({WHO}), so it would change \
                      under a read-only mount too; {advice}"
                 ),
@@ -563,6 +573,17 @@ fn ofd_test(_fd: RawFd, _byte: i64) -> io::Result<bool> {
     Err(io::Error::from_raw_os_error(libc::ENOTSUP))
 }
 
+/// Whether an opener other than `file`'s open file description holds permission `perm` on the
+/// image (its byte 100 + i is locked): e.g. whether a running VM writes it. `None` where the file
+/// system has no OFD locks (nobody can tell).
+pub fn held_by_others(file: &File, perm: Perm) -> io::Result<Option<bool>> {
+    match ofd_test(file.as_raw_fd(), perm.perm_byte()) {
+        Ok(held) => Ok(Some(held)),
+        Err(e) if is_unsupported(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Gives up what a read-write open holds beyond a read-only one (QEMU drops the same
 /// permissions when a node is reopened read-only), keeping the read-only locks.
 pub fn downgrade_to_read_only(file: &File, path: &Path) -> Result<(), LockError> {
@@ -721,7 +742,15 @@ mod tests {
         assert!(!msg.contains('\n'), "{msg}");
         assert!(msg.starts_with("/img/top.qcow2: image is in use by another process"));
         assert!(msg.contains("open for writing"), "{msg}");
-        assert!(msg.contains("mount read-only"), "{msg}");
+        // Beside a writer a read-only open fails too: no advice to try one.
+        assert!(!msg.contains("mount read-only"), "{msg}");
+        assert!(msg.contains("stop it first"), "{msg}");
+        let reader = LockError::in_use(
+            Path::new("x"),
+            LockMode::ReadWrite,
+            vec![Conflict::Unshares(Perm::Write)],
+        );
+        assert!(reader.to_string().contains("mount read-only"), "{reader}");
 
         let ro = LockError::in_use(
             Path::new("x"),

@@ -24,6 +24,7 @@ mod release;
 pub mod snapshot;
 pub mod snapshot_ops;
 pub mod storage;
+pub mod vm_state;
 pub mod write;
 mod write_behind;
 

@@ -131,6 +131,60 @@ fn delete_refused_while_the_layer_view_is_open() {
     assert!(!m.snapshot_names().contains("mid.raw"));
 }
 
+/// `pull`: the top's snapshot t1 reads through every layer, so any pull that drops a layer is
+/// refused naming it (EINVAL); once t1 is gone, an open view of a layer that would leave the
+/// chain refuses it (EBUSY); closed, it runs. Nothing changes while refused.
+#[test]
+fn pull_refused_for_a_snapshot_that_reads_through_or_an_open_layer_view() {
+    let (w, top) = setup();
+    let root = w.path();
+    let m = Mount::new(&top);
+    for (text, label) in [
+        ("", "pull (all)"),
+        ("base", "pull base"),
+        ("mid", "pull mid"),
+    ] {
+        let msg = refused(root, &m, "pull", text, libc::EINVAL, label);
+        assert!(
+            msg.contains("\"t1\"") && msg.matches("top.qcow2").count() == 1,
+            "the refusal should name t1 and the top once: {msg}"
+        );
+    }
+    // not a layer: an internal snapshot, the top itself, an unknown name
+    refused(root, &m, "pull", "mid@ms", libc::EINVAL, "pull mid@ms");
+    refused(root, &m, "pull", "nosuch", libc::ENOENT, "pull nosuch");
+    // BASE is already the top's backing file: nothing to do, nothing changes
+    let before = state(root, &m);
+    control_ok(m.path(), "pull", "upper");
+    let detail = assert_outcome_ok(m.path(), "pull upper").unwrap_or_default();
+    assert!(detail.contains("nothing to pull"), "{detail:?}");
+    assert_unchanged(root, &m, &before, "pull upper");
+
+    control_ok(m.path(), "delete", "t1");
+    for view in ["upper.raw", "mid.raw", "mid@ms.raw"] {
+        let f = File::open(m.snapshot(view)).unwrap();
+        let msg = refused(root, &m, "pull", "base", libc::EBUSY, "pull base");
+        assert!(
+            msg.contains(view),
+            "the message should name {view}: {msg:?}"
+        );
+        drop(f);
+    }
+    // base's views stay in the chain: open, they do not stop the pull
+    let f = File::open(m.snapshot("base@bs.raw")).unwrap();
+    ok_after_close(m.path(), "pull", "base");
+    assert_outcome_ok(m.path(), "pull base");
+    drop(f);
+    let names = m.snapshot_names();
+    assert_eq!(
+        names,
+        ["base.raw", "base@bs.raw"]
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<BTreeSet<_>>()
+    );
+}
+
 #[test]
 fn revert_to_a_layer_refused_while_live_raw_is_open() {
     let (w, top) = setup();
@@ -155,8 +209,15 @@ fn impossible_and_unknown_commands_are_clean_errors() {
 
     // the bottom layer has no backing file to commit into
     refused(root, &m, "commit", "base", libc::EINVAL, "commit base");
-    // the layer above upper (the top) has an internal snapshot that reads through upper
-    refused(root, &m, "delete", "upper", libc::EINVAL, "delete upper");
+    // the layer above upper (the top) has an internal snapshot that reads through upper: the
+    // message names it, and the top's path once
+    let msg = refused(root, &m, "delete", "upper", libc::EINVAL, "delete upper");
+    assert!(msg.contains("\"t1\""), "the refusal should name t1: {msg}");
+    assert_eq!(
+        msg.matches("top.qcow2").count(),
+        1,
+        "the refusal should name the top once: {msg}"
+    );
     // an internal snapshot is not a layer that can be committed
     refused(root, &m, "commit", "t1", libc::EINVAL, "commit t1");
     // unknown names
@@ -248,6 +309,8 @@ fn read_only_mount_refuses_chain_commands() {
         ("create", "e --external other.qcow2"),
         ("delete", "mid"),
         ("revert", "mid"),
+        ("pull", ""),
+        ("pull", "base"),
     ] {
         let before = state(root, &m);
         match control(m.path(), file, text) {

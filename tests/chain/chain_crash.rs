@@ -1,6 +1,7 @@
 //! `kill -9` during chain operations (issue 5: "a kill -9 at any moment of a commit, pull or
 //! external create leaves every file consistent for qemu-img check, and the live disk's content
-//! is never lost"; docs/design.md section 5).
+//! is never lost"; docs/design.md section 5): commit of the top, delete of a layer (pulled into
+//! the layer above), `pull` into the top, external create.
 //!
 //! For each operation the test first runs it once to completion (to time it), then on fresh
 //! copies of the chain kills the `snapfs mount -f` server with SIGKILL at random moments, one in
@@ -325,6 +326,24 @@ fn kill9_during_pull_of_a_layer() {
         "top.qcow2",
         "delete",
         "mid",
+    );
+}
+
+/// `pull` (every layer) into the top of the same chain: the top copies mid's and base's data,
+/// then stands alone.
+#[test]
+fn kill9_during_pull_into_the_top() {
+    let w = workdir();
+    let template = w.path().join("template");
+    fs::create_dir_all(&template).unwrap();
+    pull_template(&template);
+    crash_test(
+        "kill9_during_pull_into_the_top",
+        &template,
+        w.path(),
+        "top.qcow2",
+        "pull",
+        "",
     );
 }
 

@@ -714,3 +714,214 @@ fn revert_to_a_raw_layer() {
     );
     assert!(detail.contains("mid.qcow2"), "{detail:?}");
 }
+
+/// Chain A without the top's snapshot t1 (which reads through every layer, so no pull could
+/// keep it).
+fn chain_a_without_t1(dir: &Path) -> PathBuf {
+    let top = chain_a(dir);
+    qemu_img(&["snapshot", "-d", "t1", s(&top)]);
+    top
+}
+
+#[test]
+fn pull_of_every_layer_makes_the_top_stand_alone() {
+    let pair = Pair::new(chain_a_without_t1);
+    let otop = pair.o("top.qcow2");
+    // qemu-img: safe rebase onto no backing file copies everything the top reads from below
+    qemu_img(&["rebase", "-b", "", s(&otop)]);
+    let views = to_oracles(chain_a_views(&pair, &otop, &[]));
+    let before = convert_to_raw(&pair.p("top.qcow2"), None);
+    assert_files_equal(&before, &views[0].2);
+    let detail = run_case(
+        &pair,
+        "top.qcow2",
+        "pull",
+        "",
+        "pull (all)",
+        Expect {
+            top: "top.qcow2",
+            oracle_top: otop,
+            exact_names: true,
+            remount_views: Some(views.clone()),
+            views,
+            left: &["upper.qcow2", "sub/mid.qcow2", "base.qcow2"],
+            top_empty: false,
+        },
+    );
+    assert!(
+        detail.contains("upper.qcow2")
+            && detail.contains("mid.qcow2")
+            && detail.contains("base.qcow2"),
+        "the status line of pull should list the layers that left the chain: {detail:?}"
+    );
+    assert_eq!(
+        chain_files(&pair.p("top.qcow2"), &pair.prod),
+        vec!["top.qcow2"]
+    );
+}
+
+#[test]
+fn pull_onto_a_base_keeps_the_layers_below_it() {
+    let pair = Pair::new(chain_a_without_t1);
+    let otop = pair.o("top.qcow2");
+    qemu_img(&["rebase", "-b", "base.qcow2", "-F", "qcow2", s(&otop)]);
+    let views = to_oracles(chain_a_views(&pair, &otop, &["base", "base@bs"]));
+    run_case(
+        &pair,
+        "top.qcow2",
+        "pull",
+        "base",
+        "pull base",
+        Expect {
+            top: "top.qcow2",
+            oracle_top: otop,
+            exact_names: true,
+            remount_views: Some(views.clone()),
+            views,
+            left: &["upper.qcow2", "sub/mid.qcow2"],
+            top_empty: false,
+        },
+    );
+    assert_eq!(
+        chain_files(&pair.p("top.qcow2"), &pair.prod),
+        vec!["top.qcow2", "base.qcow2"]
+    );
+}
+
+#[test]
+fn pull_of_a_chain_over_a_raw_base() {
+    let pair = Pair::new(|d| {
+        let top = chain_r(d);
+        qemu_img(&["snapshot", "-d", "s", s(&top)]);
+        top
+    });
+    let otop = pair.o("top.qcow2");
+    qemu_img(&["rebase", "-b", "", s(&otop)]);
+    let views = to_oracles(chain_r_views(&pair, &otop, &[]));
+    run_case(
+        &pair,
+        "top.qcow2",
+        "pull",
+        "",
+        "pull (all)",
+        Expect {
+            top: "top.qcow2",
+            oracle_top: otop,
+            exact_names: true,
+            remount_views: Some(views.clone()),
+            views,
+            left: &["mid.qcow2", "base.img"],
+            top_empty: false,
+        },
+    );
+}
+
+/// base.qcow2 (64 MiB of data) <- small.qcow2 (16 MiB, a little data) <- top.qcow2 (64 MiB):
+/// past small's end the live disk reads zeros although base has data there.
+fn chain_with_a_small_middle(dir: &Path) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    create_qcow2(&base, 64 * MIB, "", None);
+    qemu_io_s(&base, &[format!("write -P 0x11 0 {}", 64 * MIB)]);
+    let small = dir.join("small.qcow2");
+    create_qcow2(&small, 16 * MIB, "", Some(("base.qcow2", "qcow2")));
+    qemu_io_s(&small, &[format!("write -P 0x22 {} {}", MIB, 2 * MIB)]);
+    let top = dir.join("top.qcow2");
+    create_qcow2(&top, 64 * MIB, "", Some(("small.qcow2", "qcow2")));
+    qemu_io_s(
+        &top,
+        &[format!("write -P 0x33 {} {}", 40 * MIB + 512, 3 * MIB)],
+    );
+    top
+}
+
+/// Past the end of a layer that leaves the chain the live disk read zeros: it still does,
+/// although the new backing file has data there.
+#[test]
+fn pull_past_the_end_of_a_smaller_layer_keeps_the_zeros() {
+    let pair = Pair::new(chain_with_a_small_middle);
+    let otop = pair.o("top.qcow2");
+    qemu_img(&["rebase", "-b", "base.qcow2", "-F", "qcow2", s(&otop)]);
+    let views = to_oracles(vec![
+        ("live.raw".into(), View::live(&otop)),
+        (
+            "snapshots/base.raw".into(),
+            View::layer(&pair.o("base.qcow2")),
+        ),
+    ]);
+    run_case(
+        &pair,
+        "top.qcow2",
+        "pull",
+        "base",
+        "pull base",
+        Expect {
+            top: "top.qcow2",
+            oracle_top: otop,
+            exact_names: true,
+            remount_views: Some(views.clone()),
+            views,
+            left: &["small.qcow2"],
+            top_empty: false,
+        },
+    );
+}
+
+/// base.qcow2 <- mid.qcow2 (data in the first 4 MiB only) <- top.qcow2 (its own data over those
+/// 4 MiB, then snapshot `covered`, then more data): `covered` reads nothing from mid.
+fn chain_with_a_covering_snapshot(dir: &Path) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    create_qcow2(&base, 32 * MIB, "", None);
+    images::fill(&base, 64 * KIB, 32 * MIB, 1, None);
+    let mid = dir.join("mid.qcow2");
+    create_qcow2(&mid, 32 * MIB, "", Some(("base.qcow2", "qcow2")));
+    qemu_io_s(&mid, &[format!("write -P 0x21 0 {}", 4 * MIB)]);
+    let top = dir.join("top.qcow2");
+    create_qcow2(&top, 32 * MIB, "", Some(("mid.qcow2", "qcow2")));
+    qemu_io_s(&top, &[format!("write -P 0x31 0 {}", 4 * MIB)]);
+    snapshot_create(&top, "covered");
+    qemu_io_s(&top, &[format!("write -P 0x32 {} {}", 8 * MIB, MIB)]);
+    top
+}
+
+/// An internal snapshot of the top that reads nothing from the layers leaving the chain does
+/// not stop a pull, nor a delete of such a layer, and keeps its content.
+#[test]
+fn pull_and_delete_of_a_layer_keep_a_snapshot_that_does_not_read_it() {
+    for (file, command, label) in [
+        ("pull", "base", "pull base"),
+        ("delete", "mid", "delete mid"),
+    ] {
+        let pair = Pair::new(chain_with_a_covering_snapshot);
+        let otop = pair.o("top.qcow2");
+        let covered_before = applied_snapshot_raw(&pair.p("top.qcow2"), "covered");
+        qemu_img(&["rebase", "-b", "base.qcow2", "-F", "qcow2", s(&otop)]);
+        let views = to_oracles(vec![
+            ("live.raw".into(), View::live(&otop)),
+            (
+                "snapshots/covered.raw".into(),
+                View::internal(&otop, "covered"),
+            ),
+            (
+                "snapshots/base.raw".into(),
+                View::layer(&pair.o("base.qcow2")),
+            ),
+        ]);
+        assert_files_equal(&covered_before, &views[1].2);
+        run_case(
+            &pair,
+            "top.qcow2",
+            file,
+            command,
+            label,
+            Expect {
+                top: "top.qcow2",
+                oracle_top: otop,
+                exact_names: true,
+                remount_views: Some(views.clone()),
+                views,
+                left: &["mid.qcow2"],
+                top_empty: false,
+            },
+        );
+    }
+}

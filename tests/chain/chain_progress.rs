@@ -1,6 +1,6 @@
 //! Progress of a long commit (issue 5: "A 2 GiB commit shows progress lines in control/status
 //! while it runs"; docs/design.md section 3), reads and writes of live.raw while it runs, and the
-//! progress bar of `snapfs commit`.
+//! progress bars of `snapfs commit` and `snapfs pull`.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -285,4 +285,87 @@ fn snapfs_commit_shows_a_progress_bar_on_a_terminal() {
     drop(m);
     assert_all_clean(w.path(), "after snapfs commit");
     qemu_io_s(&top, &[format!("read -P 0xab 0 {data}")]);
+}
+
+/// `snapfs pull MOUNTPOINT` on a terminal: a top over 256 MiB of base data shows a bar (or
+/// progress lines) while the data moves up, then the outcome; the top then stands alone and
+/// holds the data, with the writes made through live.raw meanwhile.
+#[test]
+fn snapfs_pull_shows_a_progress_bar_on_a_terminal() {
+    let w = workdir();
+    let data = 256 * MIB;
+    let base = w.path().join("base.qcow2");
+    create_qcow2(&base, GIB, "", None);
+    qemu_io_s(&base, &[format!("write -P 0x5b 0 {data}")]);
+    let top = w.path().join("top.qcow2");
+    create_qcow2(&top, GIB, "", Some(("base.qcow2", "qcow2")));
+    qemu_io_s(&top, &[format!("write -P 0x7c {data} {}", MIB)]);
+    let m = Mount::new(&top);
+    // Guest writes go on while the data moves up (before, during or after the step that
+    // reaches them): none may be overwritten by the older data from below.
+    let live = OpenOptions::new().write(true).open(m.live()).unwrap();
+    let writes: Vec<u64> = (0..16).map(|i| i * 16 * MIB + 12 * KIB).collect();
+    let writer = {
+        let writes = writes.clone();
+        std::thread::spawn(move || {
+            for off in writes {
+                live.write_all_at(&[0xe1; 8192], off).unwrap();
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        })
+    };
+    let mut c = snapfs_cmd();
+    c.arg("pull").arg(m.path());
+    let out = run_in_pty(c, Duration::from_secs(240));
+    writer.join().unwrap();
+    let status = out.status.expect("snapfs pull finished");
+    assert!(
+        status.success(),
+        "snapfs pull exited {status}; output:\n{}",
+        out.output
+    );
+    assert_outcome_ok(m.path(), "pull (all)");
+    let text = out.output.replace('\r', "\n");
+    assert!(
+        percentages(&text).iter().any(|&p| p < 100),
+        "snapfs pull showed no progress (no percentage below 100 in its output); output:\n{:?}",
+        out.output
+    );
+    assert!(
+        text.lines().any(|l| l.contains("pull (all): ok")),
+        "snapfs pull should print the outcome line; output:\n{:?}",
+        out.output
+    );
+    drop(m);
+    assert_all_clean(w.path(), "after snapfs pull");
+    assert_eq!(chain_files(&top, w.path()), vec!["top.qcow2"]);
+    let mut reads = vec![format!("read -P 0x7c {data} {}", MIB)];
+    let mut at = 0;
+    for off in &writes {
+        reads.push(format!("read -P 0x5b {at} {}", off - at));
+        reads.push(format!("read -P 0xe1 {off} 8192"));
+        at = off + 8192;
+    }
+    reads.push(format!("read -P 0x5b {at} {}", data - at));
+    qemu_io_s(&top, &reads);
+}
+
+/// Every `N%` in `text`.
+fn percentages(text: &str) -> Vec<u64> {
+    let b = text.as_bytes();
+    let mut found = Vec::new();
+    for (i, &c) in b.iter().enumerate() {
+        if c == b'%' {
+            let mut j = i;
+            while j > 0 && b[j - 1].is_ascii_digit() {
+                j -= 1;
+            }
+            if j < i
+                && let Ok(p) = text[j..i].parse::<u64>()
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
 }

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use snapfs::qcow2::lock::{Conflict, ImageLock, LockError, LockMode, Perm};
+use snapfs::qcow2::lock::{Conflict, ImageLock, LockError, LockMode, Perm, held_by_others};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -439,7 +439,9 @@ fn qemu_writer_keeps_snapfs_out() {
     let msg = e.to_string();
     assert!(msg.contains("open for writing"), "{msg}");
     assert!(msg.contains("qemu-storage-daemon"), "{msg}");
-    assert!(msg.contains("mount read-only"), "{msg}");
+    // A read-only mount is refused beside a writer too: the advice must not send users there.
+    assert!(!msg.contains("mount read-only"), "{msg}");
+    assert!(msg.contains("stop it first"), "{msg}");
     match &e {
         LockError::InUse { conflicts, .. } => {
             // Every conflict QEMU would also see: it holds write and resize, shares neither.
@@ -464,6 +466,14 @@ fn qemu_writer_keeps_snapfs_out() {
     // The refused attempts left none of their bytes behind.
     refused(&rw, &top, LockMode::ReadWrite);
     assert_eq!(ofd_lock_entries(&top), entries);
+
+    // Shared read-only (--force-share) coexists with the writer, sees it, and takes byte 100
+    // only, as `qemu-img -U` does.
+    assert_eq!(held_by_others(&ro, Perm::Write).unwrap(), Some(true));
+    let shared = acquire(&ro, &top, LockMode::SharedRead);
+    assert_eq!(shared.locked_bytes(), vec![100]);
+    assert_eq!(held_by_others(&ro, Perm::Write).unwrap(), Some(true));
+    shared.release(&ro).unwrap();
 
     // The backing file: readers welcome, writers not (QEMU agrees on both counts).
     let base_ro = open_ro(&base);

@@ -1,4 +1,5 @@
-//! Chain operations (commit, external create, layer delete, revert to a layer) and QEMU's image locks.
+//! Chain operations (commit, pull, external create, layer delete, revert to a layer), QEMU's image
+//! locks, VM state, and reading beside a running VM.
 //!
 //! One test binary per area (link time): each file is a module.
 
@@ -11,3 +12,5 @@ mod chain_model;
 mod chain_oracle;
 mod chain_progress;
 mod locks;
+mod running_vm;
+mod vmstate;

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod qemu_vm;
 
 use std::collections::BTreeSet;
 use std::ffi::CString;
@@ -965,13 +966,14 @@ impl Mount {
                     );
                 }
             }
-            if is_mounted(&self.mp) && self.mp.join("live.raw").exists() {
+            // snapshots/ is in every mount (live.raw is not, beside a running VM).
+            if is_mounted(&self.mp) && self.mp.join("snapshots").is_dir() {
                 return;
             }
             if start.elapsed() > Duration::from_secs(20) {
                 panic!(
                     "{what}: {} did not appear within 20 s (mounted: {})\n--- stderr ---\n{}",
-                    self.mp.join("live.raw").display(),
+                    self.mp.join("snapshots").display(),
                     is_mounted(&self.mp),
                     self.stderr_text()
                 );

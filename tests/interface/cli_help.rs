@@ -56,6 +56,7 @@ fn every_command_has_help_with_an_example() {
         &["snapshot", "revert"],
         &["snapshot", "delete"],
         &["commit"],
+        &["pull"],
         &["info"],
         &["completions"],
         &["man"],
@@ -94,7 +95,7 @@ fn help_lists_the_visible_commands_only() {
     let out = snapfs(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for name in ["mount", "umount", "snapshot", "commit", "info"] {
+    for name in ["mount", "umount", "snapshot", "commit", "pull", "info"] {
         assert!(
             help.contains(&format!("  {name} ")),
             "{name} missing:\n{help}"
@@ -230,6 +231,7 @@ fn man_pages_into_a_directory() {
             "snapfs-commit.1",
             "snapfs-info.1",
             "snapfs-mount.1",
+            "snapfs-pull.1",
             "snapfs-snapshot-create.1",
             "snapfs-snapshot-delete.1",
             "snapfs-snapshot-revert.1",

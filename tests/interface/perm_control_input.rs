@@ -76,6 +76,7 @@ fn perm_control_input_is_bounded_and_strict() {
         ("delete two lines", "delete", b"keep\nkeep\n".to_vec()),
         ("revert with two names", "revert", b"keep keep\n".to_vec()),
         ("commit with two words", "commit", b"a b\n".to_vec()),
+        ("pull with two words", "pull", b"a b\n".to_vec()),
         ("delete with NUL", "delete", b"keep\0\n".to_vec()),
     ];
     for (what, file, bytes) in &cases {

@@ -42,7 +42,7 @@ fn perm(path: &Path) -> u32 {
 }
 
 fn command_files(mp: &Path) -> Vec<PathBuf> {
-    ["create", "revert", "delete", "commit"]
+    ["create", "revert", "delete", "commit", "pull"]
         .iter()
         .map(|f| mp.join("control").join(f))
         .collect()

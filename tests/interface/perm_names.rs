@@ -382,10 +382,11 @@ fn perm_names_every_view_name_is_safe_unique_and_opens_its_view() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    let want_control: BTreeSet<OsString> = ["commit", "create", "delete", "revert", "status"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let want_control: BTreeSet<OsString> =
+        ["commit", "create", "delete", "pull", "revert", "status"]
+            .iter()
+            .map(OsString::from)
+            .collect();
     if control != want_control {
         problems.push(format!("control/ lists {control:?}"));
     }

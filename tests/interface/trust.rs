@@ -325,7 +325,8 @@ fn a_readable_overlay_does_not_open_a_private_base() {
 }
 
 /// Case 2: `u` writes live.raw of their overlay (theirs to write) but cannot make root commit it
-/// into, or pull it out of, a backing file `u` may not write (or read); a device backing file
+/// into, or pull it out of, a backing file `u` may not write (or read), nor pull the backing
+/// file's data into the overlay; a device backing file
 /// is never written without `-o write_devices`. `u`'s own chain still commits.
 #[test]
 fn commands_write_only_files_the_caller_may_write() {
@@ -362,7 +363,8 @@ fn commands_write_only_files_the_caller_may_write() {
             problems.push(format!("u cannot write their own live.raw: {}", name(e)));
         }
         // (An empty write never reaches a file system: a command is at least a newline.)
-        for (file, text) in [("commit", "\n"), ("delete", "secret\n")] {
+        // pull would copy the secret into u's own overlay: u may not read it
+        for (file, text) in [("commit", "\n"), ("delete", "secret\n"), ("pull", "\n")] {
             let e = probe_as(&u(), Op::Write, &m.path().join("control").join(file), text);
             if e != EACCES {
                 problems.push(format!("u: {file} {text:?}: {}, EACCES expected", name(e)));

@@ -239,7 +239,8 @@ fn info_json_parses() {
     );
 }
 
-/// Two listings of snapshots/ give the same names in the same order, with the same inode numbers.
+/// Two listings of snapshots/ give the same names in the same order, with the same inode numbers;
+/// a snapshot with VM state has its `.vmstate` file beside it, one without has none.
 #[test]
 fn snapshot_listing_is_stable() {
     let dir = workdir();
@@ -262,7 +263,17 @@ fn snapshot_listing_is_stable() {
     let names: Vec<&str> = a.iter().map(|(n, _)| n.as_str()).collect();
     let mut sorted = names.clone();
     sorted.sort();
-    assert_eq!(sorted, ["base.raw", "first.raw", "second.raw"]);
+    // `second` has VM state (vm-state-size VMSTATE2), so its state file is listed beside it.
+    assert_eq!(
+        sorted,
+        ["base.raw", "first.raw", "second.raw", "second.vmstate"]
+    );
+    let state = fs::metadata(m.snapshot("second.vmstate")).unwrap();
+    assert_eq!(
+        state.len(),
+        VMSTATE2,
+        "second.vmstate is vm-state-size long"
+    );
 }
 
 /// Owner and mode follow the image file; snapshot files have no write bits.
@@ -366,6 +377,19 @@ fn snapfs_info_lists_snapshots() {
             out.stdout
         );
     }
+    // `second`'s VM state is a file of the mount: listed with its kind and size; `first` has none.
+    let state_lines: Vec<Vec<&str>> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains(".vmstate"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        state_lines,
+        [["snapshots/second.vmstate", "vm-state", "12.056", "KiB"]],
+        "VM state in snapfs info:\n{}",
+        out.stdout
+    );
     let out = run_timeout(
         snapfs_cmd().arg("info").arg("--json").arg(&top),
         Duration::from_secs(60),
@@ -379,6 +403,15 @@ fn snapfs_info_lists_snapshots() {
     );
     let v: serde_json::Value = serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("snapfs info --json is not JSON: {e}\n{}", out.stdout));
+    let second = v["views"]
+        .as_array()
+        .and_then(|views| views.iter().find(|w| w["file"] == "snapshots/second.raw"))
+        .unwrap_or_else(|| panic!("no second.raw in snapfs info --json: {v}"));
+    assert_eq!(
+        second["vm-state-file"], "snapshots/second.vmstate",
+        "{second}"
+    );
+    assert_eq!(second["vm-state-size"], VMSTATE2, "{second}");
     let text = v.to_string();
     for word in ["first", "second"] {
         assert!(

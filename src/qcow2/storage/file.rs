@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use super::{Allocation, Storage};
 use crate::qcow2::lock::{
-    ImageLock, LockError, LockMode, downgrade_to_read_only, upgrade_to_read_write,
+    ImageLock, LockError, LockMode, Perm, downgrade_to_read_only, held_by_others,
+    upgrade_to_read_write,
 };
 
 /// An open image file.
@@ -172,6 +173,10 @@ impl Storage for FileStorage {
 
     fn unlock_writing(&self) -> Result<(), LockError> {
         downgrade_to_read_only(&self.file, &self.path)
+    }
+
+    fn written_by_others(&self) -> io::Result<Option<bool>> {
+        held_by_others(&self.file, Perm::Write)
     }
 
     fn host_file(&self) -> Option<&File> {

@@ -123,6 +123,13 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Whether another process holds QEMU's "write" permission on the file now (a running VM
+    /// writes it). `None` where nobody can tell (no locks: a storage without them, a file
+    /// system without OFD locks).
+    fn written_by_others(&self) -> io::Result<Option<bool>> {
+        Ok(None)
+    }
+
     /// The host file behind this storage, if there is one: for `fstat` and extended attributes
     /// of the image file (its owner, mode and times), never for its bytes.
     fn host_file(&self) -> Option<&File> {
@@ -168,6 +175,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn unlock_writing(&self) -> Result<(), LockError> {
         (**self).unlock_writing()
+    }
+    fn written_by_others(&self) -> io::Result<Option<bool>> {
+        (**self).written_by_others()
     }
     fn host_file(&self) -> Option<&File> {
         (**self).host_file()
