@@ -23,6 +23,8 @@ ensure_rust
 ensure_tools qemu-img qemu-io qemu-nbd qemu-storage-daemon fusermount3 mkfs.ext4 \
     losetup mount findmnt getfattr fio shellcheck xmllint
 ensure_fuse
+# libvirt tests: libvirtd (QEMU driver) and virsh, started by the tests themselves
+ensure_libvirt
 
 threads=${SNAPFS_TEST_THREADS:-4}
 failed=()
