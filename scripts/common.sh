@@ -5,6 +5,8 @@
 #   ensure_rust            check cargo, rustfmt and clippy; add missing components with rustup
 #   ensure_fuse            make sure /dev/fuse exists (modprobe fuse, else mknod)
 #   ensure_libvirt         libvirtd (QEMU driver) and virsh, a libvirt-qemu user, a test qemu.conf
+#   ensure_qemu_system     QEMU's x86 system emulator unpacked under a cache dir (tests that need
+#                          real VM state); exports SNAPFS_QEMU_SYSTEM_ROOT
 #   section TITLE          print a section header
 #   note / warn / die MSG  messages on stderr (die exits 1)
 
@@ -201,4 +203,68 @@ ensure_libvirt() {
     # libvirtd -d (no systemd here) logs to /var/log/libvirt and fails to start without it.
     mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/qemu/snapshot
     _write_test_qemu_conf
+}
+
+# QEMU's system emulator, for tests that need real VM state (savevm/loadvm). It cannot be
+# installed as a package here: Debian 12's qemu-system-x86 is QEMU 7.2, and apt would replace the
+# QEMU 10 qemu-utils from backports that the other tests use as their oracle. The emulator runs
+# unpacked, though: download the .debs, `dpkg -x` them into one directory, and install only the
+# plain shared libraries its Depends list names that are not installed yet (never an upgrade, never
+# a removal: the plan is simulated first and refused if it removes anything).
+# The directory: $SNAPFS_QEMU_SYSTEM_ROOT (default /var/cache/snapfs-test/qemu-system); the
+# emulator is $SNAPFS_QEMU_SYSTEM_ROOT/usr/bin/qemu-system-x86_64, its firmware under usr/share
+# and usr/lib/ipxe (the tests pass them with -L).
+QEMU_SYSTEM_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data seabios ipxe-qemu)
+ensure_qemu_system() {
+    local root=${SNAPFS_QEMU_SYSTEM_ROOT:-/var/cache/snapfs-test/qemu-system}
+    export SNAPFS_QEMU_SYSTEM_ROOT=$root
+    local bin=$root/usr/bin/qemu-system-x86_64
+    if [[ -x $bin ]] && "$bin" -version >/dev/null 2>&1; then
+        return 0
+    fi
+    need_root
+    _have apt-get || die "QEMU's system emulator is missing and there is no apt-get to fetch it with"
+    note "unpacking QEMU's system emulator into $root"
+    local debs pkg deps missing=() plan
+    debs=$(mktemp -d)
+    # apt-get download needs package lists; a fresh machine may have none yet.
+    if ! (cd "$debs" && _apt download "${QEMU_SYSTEM_PACKAGES[@]}"); then
+        if [[ -z $_apt_updated ]]; then
+            _apt update -q || die "apt-get update failed"
+            _apt_updated=1
+        fi
+        (cd "$debs" && _apt download "${QEMU_SYSTEM_PACKAGES[@]}") ||
+            die "apt-get download ${QEMU_SYSTEM_PACKAGES[*]} failed"
+    fi
+    rm -rf "$root.new"
+    mkdir -p "$root.new"
+    for pkg in "$debs"/*.deb; do
+        dpkg-deb -x "$pkg" "$root.new" || die "dpkg-deb -x $pkg failed"
+    done
+    # The libraries: every "lib*"/"zlib*" name in the emulator's Depends (alternatives: the first)
+    # that dpkg does not list as installed.
+    deps=$(dpkg-deb -f "$debs"/qemu-system-x86_*.deb Depends | tr ',' '\n' |
+        sed 's/(.*)//; s/|.*//; s/[[:space:]]//g' | grep -E '^(lib|zlib)' || true)
+    for pkg in $deps; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+            missing+=("$pkg")
+    done
+    rm -rf "$debs"
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        note "installing the emulator's libraries: ${missing[*]}"
+        if [[ -z $_apt_updated ]]; then
+            _apt update -q || die "apt-get update failed"
+            _apt_updated=1
+        fi
+        plan=$(DEBIAN_FRONTEND=noninteractive apt-get install --simulate --no-install-recommends \
+            "${missing[@]}" </dev/null 2>&1) || die "apt-get install --simulate ${missing[*]} failed: $plan"
+        if grep -q '^Remv' <<<"$plan"; then
+            die "installing ${missing[*]} would remove packages (refused): $(grep '^Remv' <<<"$plan" | tr '\n' ' ')"
+        fi
+        _apt install -y -q --no-install-recommends "${missing[@]}" ||
+            die "apt-get install ${missing[*]} failed"
+    fi
+    rm -rf "$root"
+    mv "$root.new" "$root"
+    "$bin" -version >/dev/null 2>&1 || die "$bin does not run after unpacking: $(ldd "$bin" 2>&1 | grep 'not found' | tr '\n' ' ')"
 }

@@ -25,6 +25,8 @@ ensure_tools qemu-img qemu-io qemu-nbd qemu-storage-daemon fusermount3 mkfs.ext4
 ensure_fuse
 # libvirt tests: libvirtd (QEMU driver) and virsh, started by the tests themselves
 ensure_libvirt
+# the VM state tests run QEMU's system emulator (unpacked: see common.sh)
+ensure_qemu_system
 
 threads=${SNAPFS_TEST_THREADS:-4}
 failed=()

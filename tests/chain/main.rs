@@ -10,3 +10,4 @@ mod chain_crash;
 mod chain_oracle;
 mod chain_progress;
 mod locks;
+mod vmstate;
