@@ -37,6 +37,8 @@ pub struct MountSettings {
     pub threads: usize,
     pub libvirt: Option<PathBuf>,
     pub libvirt_write: bool,
+    /// The domain definition `-o libvirt-write` records in snapshots (`-o libvirt-domain=FILE`).
+    pub libvirt_domain: Option<PathBuf>,
     /// Commands may write backing files that are block devices (`-o write_devices`).
     pub write_devices: bool,
     /// Reads and writes of live.raw and the snapshot files bypass the kernel page cache.
@@ -58,6 +60,7 @@ impl MountSettings {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
             libvirt: args.libvirt.clone(),
             libvirt_write: false,
+            libvirt_domain: None,
             write_devices: false,
             direct_io: args.direct_io,
         };
@@ -88,6 +91,7 @@ impl MountSettings {
                 "threads" => s.threads = number()? as usize,
                 "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
                 "libvirt-write" => s.libvirt_write = true,
+                "libvirt-domain" => s.libvirt_domain = Some(PathBuf::from(need()?)),
                 "write_devices" => s.write_devices = true,
                 "direct_io" => s.direct_io = true,
                 _ => return Err(format!("unknown mount option {opt:?}")),
@@ -157,7 +161,11 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
             settings.mountpoint.display()
         ));
     }
-    let libvirt_write = settings.libvirt.clone().filter(|_| settings.libvirt_write);
+    let libvirt_write = settings
+        .libvirt
+        .clone()
+        .filter(|_| settings.libvirt_write)
+        .map(|dir| crate::control::LibvirtWrite::new(dir, settings.libvirt_domain.clone()));
     let controller = Arc::new(Controller::new(
         catalog.clone(),
         owner.writable,

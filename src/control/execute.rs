@@ -238,10 +238,10 @@ impl Controller {
         let new_chain =
             crate::ops::create_external(&chain, place.folder.as_file(), &place.name, &path)?;
         adopt(new_chain.top().file(), chain.top().file(), who, &path);
-        self.catalog.name_layer(top_path, name.to_owned());
+        self.catalog.name_layer(top_path.clone(), name.to_owned());
         let mut effect = self.switch_chain(new_chain)?;
         let mut detail = format!("the live disk is now {}", path.display());
-        if let Some(problem) = self.record_in_libvirt(name, None, Some(&path)) {
+        if let Some(problem) = self.record_in_libvirt(name, None, &top_path, Some(&path)) {
             detail.push_str("; ");
             detail.push_str(&problem);
         }
@@ -302,7 +302,8 @@ impl Controller {
             added: vec![(key, entry.file_name.clone())],
             ..Effect::default()
         };
-        effect.detail = self.record_in_libvirt(name, description, None);
+        let top = chain.top().path().to_owned();
+        effect.detail = self.record_in_libvirt(name, description, &top, None);
         Ok(effect)
     }
 
