@@ -164,7 +164,12 @@ pub enum SnapshotAction {
     /// Take an internal snapshot of the live disk.
     #[command(after_help = "Examples:\n  \
                       snapfs snapshot create /mnt/vm before-upgrade\n  \
-                      snapfs snapshot create /mnt/vm pkg-updated after apt upgrade of 2026-11")]
+                      snapfs snapshot create /mnt/vm pkg-updated after apt upgrade of 2026-11\n  \
+                      snapfs snapshot create /mnt/vm 'before upgrade' apt upgrade of 2026-11\n\n\
+                      NAME is one argument, whatever it holds (white space, quotes): the wrapper \
+                      quotes it for control/create. Written by hand, a name with white space or a \
+                      leading quote is quoted: echo '\"before upgrade\" apt upgrade' > \
+                      /mnt/vm/control/create (inside the quotes \\\" is a quote, \\\\ a backslash).")]
     Create {
         /// Where the image is mounted.
         #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
@@ -177,7 +182,10 @@ pub enum SnapshotAction {
         description: Vec<String>,
     },
     /// Make the live disk equal to snapshot NAME (live.raw must not be open).
-    #[command(after_help = "Example:\n  snapfs snapshot revert /mnt/vm before-upgrade")]
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot revert /mnt/vm before-upgrade\n  \
+                      snapfs snapshot revert /mnt/vm 'before upgrade'   # echo '\"before upgrade\"' > control/revert"
+    )]
     Revert {
         /// Where the image is mounted.
         #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
@@ -187,7 +195,10 @@ pub enum SnapshotAction {
         name: String,
     },
     /// Remove snapshot NAME (its file must not be open).
-    #[command(after_help = "Example:\n  snapfs snapshot delete /mnt/vm before-upgrade")]
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot delete /mnt/vm before-upgrade\n  \
+                      snapfs snapshot delete /mnt/vm 'before upgrade'   # echo '\"before upgrade\"' > control/delete"
+    )]
     Delete {
         /// Where the image is mounted.
         #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]

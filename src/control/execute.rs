@@ -255,28 +255,6 @@ impl Controller {
             .ok_or_else(|| CommandError::new(libc::ENOENT, format!("no snapshot named {name:?}")))
     }
 
-    /// The view must be an internal snapshot of the top image.
-    fn internal_of_top(&self, entry: &ViewEntry, verb: &str) -> Result<Vec<u8>, CommandError> {
-        match (&entry.kind, entry.layer, &entry.snapshot_id) {
-            (ViewKind::Internal, 0, Some(id)) => Ok(id.clone()),
-            (ViewKind::Internal, _, _) => Err(CommandError::new(
-                libc::EROFS,
-                format!(
-                    "{} is stored in backing file {}, which snapfs does not write; cannot {verb} it",
-                    entry.file_name,
-                    entry.layer_path.display()
-                ),
-            )),
-            _ => Err(CommandError::new(
-                libc::EINVAL,
-                format!(
-                    "{} is not an internal snapshot; cannot {verb} it",
-                    entry.file_name
-                ),
-            )),
-        }
-    }
-
     fn create(&self, name: &str, description: Option<String>) -> Result<Effect, CommandError> {
         if !Catalog::is_valid_name(name) {
             return Err(CommandError::new(
@@ -344,16 +322,77 @@ impl Controller {
             }
             return Ok(effect);
         }
-        let id = self.internal_of_top(&entry, "revert to")?;
+        let (ViewKind::Internal, Some(id)) = (entry.kind, entry.snapshot_id.clone()) else {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!("{} is not a snapshot; cannot revert to it", entry.file_name),
+            ));
+        };
         if still_open(Target::Live, is_open) {
             return Err(live_open());
         }
-        self.catalog.chain().top_image().apply_snapshot(&id)?;
+        let mut effect = if entry.layer == 0 {
+            self.catalog.chain().top_image().apply_snapshot(&id)?;
+            Effect {
+                live_changed: true,
+                ..Effect::default()
+            }
+        } else {
+            self.revert_in_layer(&entry, &id, cx)?
+        };
         self.catalog.live().view.invalidate();
-        Ok(Effect {
-            live_changed: true,
-            ..Effect::default()
-        })
+        if let Some(problem) = self.make_current_in_libvirt(entry.libvirt_name.as_deref()) {
+            effect.detail = Some(match effect.detail.take() {
+                Some(d) => format!("{d}; {problem}"),
+                None => problem,
+            });
+        }
+        Ok(effect)
+    }
+
+    /// Reverts to internal snapshot `id` of backing layer `entry.layer`, as virsh does (the
+    /// snapshot becomes that file's active state, and the disk is that file again): the top is
+    /// emptied and pointed at the layer, the layers between leave the chain (their files stay),
+    /// and the layer's active state becomes the snapshot. What the layer's own view showed (an
+    /// external snapshot's state) is replaced, as with virsh.
+    fn revert_in_layer(
+        &self,
+        entry: &ViewEntry,
+        id: &[u8],
+        cx: &Context,
+    ) -> Result<Effect, CommandError> {
+        let chain = self.catalog.chain();
+        self.require(&chain, cx.caller, &[(entry.layer, WRITE)])?;
+        let mut busy = Vec::new();
+        for layer in 0..entry.layer {
+            busy.extend(self.views_of_layer(layer));
+        }
+        busy.extend(
+            self.views_of_layer(entry.layer)
+                .into_iter()
+                .filter(|(t, _)| {
+                    let Target::Snapshot(k) = t else { return false };
+                    self.catalog
+                        .get(*k)
+                        .is_some_and(|v| v.kind == ViewKind::External)
+                }),
+        );
+        self.refuse_if_open(&busy, cx.is_open)?;
+        let removed: Vec<String> = chain.layers[1..entry.layer]
+            .iter()
+            .map(|l| l.path().display().to_string())
+            .collect();
+        let new_chain = crate::ops::revert_to_layer(&chain, entry.layer)?;
+        crate::ops::apply_internal(&new_chain, 1, id)?;
+        let mut effect = self.switch_chain(new_chain)?;
+        effect.live_changed = true;
+        if !removed.is_empty() {
+            effect.detail = Some(format!(
+                "left the chain, files kept: {}",
+                removed.join(", ")
+            ));
+        }
+        Ok(effect)
     }
 
     fn delete(&self, name: &str, label: &str, cx: &Context) -> Result<Effect, CommandError> {
@@ -380,7 +419,15 @@ impl Controller {
             self.forget_in_libvirt(entry.libvirt_name.as_deref());
             return Ok(effect);
         }
-        let id = self.internal_of_top(&entry, "delete")?;
+        let (ViewKind::Internal, Some(id)) = (entry.kind, entry.snapshot_id.clone()) else {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!("{} is not a snapshot; cannot delete it", entry.file_name),
+            ));
+        };
+        let chain = self.catalog.chain();
+        // A snapshot in a backing layer is deleted there, as virsh does: that file is written.
+        self.require(&chain, cx.caller, &[(entry.layer, WRITE)])?;
         if still_open(Target::Snapshot(key), is_open) {
             return Err(CommandError::new(
                 libc::EBUSY,
@@ -390,7 +437,7 @@ impl Controller {
                 ),
             ));
         }
-        self.catalog.chain().top_image().delete_snapshot(&id)?;
+        crate::ops::delete_internal(&chain, entry.layer, &id)?;
         self.catalog.remove(key);
         self.forget_in_libvirt(entry.libvirt_name.as_deref());
         self.catalog.live().view.invalidate();

@@ -181,6 +181,36 @@ impl Controller {
         problem.map(|p| format!("libvirt: {p}"))
     }
 
+    /// With `-o libvirt-write`, makes `name` libvirt's current snapshot (after a revert to it, as
+    /// `virsh snapshot-revert` does): the previous current one gets `<active>0</active>`, `name`
+    /// `<active>1</active>`, nothing else in either file changes. Returns a problem to report.
+    pub(super) fn make_current_in_libvirt(&self, name: Option<&str>) -> Option<String> {
+        let (Some(_), Some(name)) = (self.libvirt.as_ref(), name) else {
+            return None;
+        };
+        let mut meta = self.catalog.metadata();
+        let mut problems = Vec::new();
+        for snap in meta.snapshots.values_mut() {
+            let want = snap.name == name;
+            if snap.current != want {
+                match crate::libvirt::set_active_in_file(&snap.source_file, want) {
+                    Ok(()) => snap.current = want,
+                    Err(e) => problems.push(format!("{}: {e}", snap.name)),
+                }
+            }
+        }
+        self.catalog.set_metadata(meta);
+        if let Err(e) = self.catalog.refresh() {
+            log::warn!("refreshing views after moving libvirt's current snapshot: {e}");
+        }
+        (!problems.is_empty()).then(|| {
+            format!(
+                "libvirt: current snapshot not moved: {}",
+                problems.join("; ")
+            )
+        })
+    }
+
     /// With `-o libvirt-write`, removes the XML of a deleted snapshot the way libvirt does: its
     /// children take its parent, and if it was current, its parent becomes current.
     pub(super) fn forget_in_libvirt(&self, name: Option<&str>) {

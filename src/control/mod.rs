@@ -19,7 +19,7 @@ use crate::info::rfc3339;
 
 pub use execute::Context;
 pub use libvirt::{LibvirtWrite, default_domain_file};
-pub use parse::{Command, CommandKind, MAX_COMMAND_LEN, label, parse};
+pub use parse::{Command, CommandKind, MAX_COMMAND_LEN, label, parse, quote_name};
 
 /// A refused or failed command: the errno the writer gets and the message `status` shows.
 #[derive(Debug, Clone, PartialEq, Eq)]

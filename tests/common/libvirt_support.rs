@@ -386,7 +386,7 @@ pub fn expected_snapshots() -> Vec<ExpectedSnap> {
             current: false,
             created: T_EXPERIMENT,
             description: Some("try things"),
-            file: Some("snapshots/1270477159@experiment.raw"),
+            file: Some("snapshots/experiment.raw"),
         },
         ExpectedSnap {
             name: "pkg-updated",
@@ -548,7 +548,7 @@ pub fn expected_views(fx: &FolderFixture) -> Vec<ExpectedView> {
             created: T_1270,
         },
         ExpectedView {
-            file: "snapshots/1270477159@experiment.raw",
+            file: "snapshots/experiment.raw",
             kind: "internal",
             layer: fx.mid.clone(),
             libvirt_name: Some("experiment"),

@@ -55,7 +55,7 @@ fn libvirt_folder_names_and_describes_views() {
         ),
         ("snapshots/1270477159.raw".into(), View::layer(&fx.mid)),
         (
-            "snapshots/1270477159@experiment.raw".into(),
+            "snapshots/experiment.raw".into(),
             View::internal(&fx.mid, "experiment"),
         ),
         (
@@ -78,7 +78,7 @@ fn libvirt_folder_names_and_describes_views() {
     let want_names = names(&[
         "bare-os-install.raw",
         "1270477159.raw",
-        "1270477159@experiment.raw",
+        "experiment.raw",
         "pkg-updated.raw",
         "untracked.raw",
     ]);
@@ -182,7 +182,7 @@ fn libvirt_mount_option_spelling() {
     let want = names(&[
         "bare-os-install.raw",
         "1270477159.raw",
-        "1270477159@experiment.raw",
+        "experiment.raw",
         "pkg-updated.raw",
         "untracked.raw",
     ]);

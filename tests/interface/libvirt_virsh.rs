@@ -239,3 +239,112 @@ fn multi_disk_domain_records_the_mounted_disk() {
     assert_eq!(snapshot_tags(&vdb), ["both", "b-again"]);
     assert_eq!(snapshot_tags(&vda), ["both"]);
 }
+
+/// `snapfs snapshot ACTION MOUNTPOINT ARGS...`; panics unless it succeeds.
+fn wrapper(action: &str, mp: &Path, args: &[&str]) {
+    run(snapfs_cmd().arg("snapshot").arg(action).arg(mp).args(args));
+}
+
+/// The case: virsh took internal snapshot `snapA`, then a disk-only snapshot `ext1`
+/// (the domain now runs on the overlay `a.ext1`, `snapA` stays in `a.qcow2` below it). snapfs
+/// mounts the overlay and shows `snapA` under libvirt's name, not `ext1@snapA`; every command
+/// takes that name: a revert to it works as virsh's does (the live disk becomes `snapA`, libvirt's
+/// current snapshot moves to it), a create after the revert gets `snapA` as its parent, a
+/// delete removes the tag from the backing file. Names with white space go through the wrappers
+/// and through quoted commands. virsh, started after each round, agrees with all of it.
+#[test]
+fn libvirt_names_work_in_backing_layers_with_spaces_and_after_revert() {
+    let wd = workdir();
+    let a = image(wd.path(), "a.qcow2", 0x11);
+    let overlay = wd.path().join("a.ext1");
+    let mut daemon = Libvirtd::start();
+    daemon.define("lay", &[("vda", &a)]);
+    daemon.virsh(&["snapshot-create-as", "lay", "snapA"]);
+    let at_snap_a = qemu_content(&a, None);
+    qemu_io(&a, &["write -P 0x22 0 256k"]);
+    let spec = format!("vda,snapshot=external,file={}", overlay.display());
+    daemon.virsh(&[
+        "snapshot-create-as",
+        "lay",
+        "ext1",
+        "--disk-only",
+        "--diskspec",
+        &spec,
+    ]);
+    daemon.stop();
+
+    {
+        let m = Mount::with_args(&overlay, &["-o", &libvirt_options(&daemon, "lay")]);
+        let names = m.snapshot_names();
+        assert!(
+            names.contains("snapA.raw") && !names.iter().any(|n| n.contains('@')),
+            "snapshots/ lists {names:?}: snapA must carry libvirt's name"
+        );
+        assert_files_equal_bytes(&m.snapshot("snapA.raw"), &at_snap_a, "snapA.raw");
+        wrapper("revert", m.path(), &["snapA"]);
+        assert_files_equal_bytes(&m.live(), &at_snap_a, "live.raw after revert to snapA");
+        wrapper(
+            "create",
+            m.path(),
+            &["before upgrade", "after", "the revert"],
+        );
+        wrapper("create", m.path(), &["two words"]);
+        let names = m.snapshot_names();
+        assert!(
+            names.contains("before upgrade.raw") && names.contains("two words.raw"),
+            "{names:?}"
+        );
+        assert_eq!(
+            getxattr_str(&m.snapshot("before upgrade.raw"), "user.snapfs.description").as_deref(),
+            Some("after the revert")
+        );
+        assert_eq!(
+            getxattr_str(&m.snapshot("two words.raw"), "user.snapfs.description"),
+            None,
+            "\"two words\" is one name, not a name and a description"
+        );
+        control_ok(m.path(), "delete", "\"two words\"");
+    }
+    daemon.restart();
+    assert_eq!(
+        daemon.virsh(&["snapshot-current", "lay", "--name"]).trim(),
+        "before upgrade"
+    );
+    assert_eq!(
+        daemon
+            .virsh(&["snapshot-parent", "lay", "before upgrade"])
+            .trim(),
+        "snapA",
+        "a create after a revert to snapA must get snapA as its parent"
+    );
+    let list = daemon.virsh(&["snapshot-list", "lay", "--name"]);
+    assert_eq!(
+        list.lines().filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+        ["before upgrade", "ext1", "snapA"]
+    );
+    daemon.stop();
+
+    {
+        let m = Mount::with_args(&overlay, &["-o", &libvirt_options(&daemon, "lay")]);
+        control_ok(m.path(), "delete", "snapA");
+        wrapper("delete", m.path(), &["before upgrade"]);
+        assert!(
+            !status_text(m.path()).contains("libvirt:"),
+            "{}",
+            status_text(m.path())
+        );
+    }
+    assert!(snapshot_tags(&a).is_empty(), "snapA left in a.qcow2");
+    assert!(snapshot_tags(&overlay).is_empty());
+    daemon.restart();
+    let list = daemon.virsh(&["snapshot-list", "lay", "--name"]);
+    assert_eq!(
+        list.lines().filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+        ["ext1"]
+    );
+}
+
+fn assert_files_equal_bytes(file: &Path, want: &[u8], what: &str) {
+    let got = fs::read(file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+    assert!(got == want, "{what}: content differs from qemu-img's");
+}

@@ -451,7 +451,7 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
     }
     let before = folder_state(&fx.dir);
     let m = Mount::with_args(&overlay, &["--libvirt", fx.dir.to_str().unwrap()]);
-    let want: std::collections::BTreeSet<String> = ["installed.raw", "ext1.raw", "ext1@snap1.raw"]
+    let want: std::collections::BTreeSet<String> = ["installed.raw", "ext1.raw", "snap1.raw"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -470,7 +470,7 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
         );
         xattr_expect(
             &mut problems,
-            &m.snapshot("ext1@snap1.raw"),
+            &m.snapshot("snap1.raw"),
             "user.snapfs.description",
             Some("first snapshot, with words"),
         );
