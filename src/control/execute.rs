@@ -231,6 +231,7 @@ impl Controller {
             })?,
             _ => top_path.clone(),
         };
+        self.check_domain_disk(&top_path)?;
         let wanted = crate::ops::external::overlay_path(&real_top, name, file);
         let place = access::place_new_file(&wanted, who)
             .map_err(|e| CommandError::new(e.errno(), e.to_string()))?;
@@ -241,7 +242,12 @@ impl Controller {
         self.catalog.name_layer(top_path.clone(), name.to_owned());
         let mut effect = self.switch_chain(new_chain)?;
         let mut detail = format!("the live disk is now {}", path.display());
-        if let Some(problem) = self.record_in_libvirt(name, None, &top_path, Some(&path)) {
+        // The snapshot records the definition before the move, as virsh's does.
+        let problems = [
+            self.record_in_libvirt(name, None, &top_path, Some(&path)),
+            self.move_domain_disk(&top_path, &path),
+        ];
+        for problem in problems.into_iter().flatten() {
             detail.push_str("; ");
             detail.push_str(&problem);
         }

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::Controller;
+use super::{CommandError, Controller};
 use crate::info::rfc3339;
 use crate::libvirt::{DiskSnapshotKind, DomainDefinition, DomainSnapshot, SnapshotDisk};
 
@@ -179,6 +179,54 @@ impl Controller {
             log::warn!("refreshing views after writing libvirt XML: {e}");
         }
         problem.map(|p| format!("libvirt: {p}"))
+    }
+
+    /// With `-o libvirt-write`, refuses an external snapshot of `image` unless the domain
+    /// definition file can be read and has a disk whose source is `image`: after the snapshot
+    /// that disk must point at the new overlay (as `virsh snapshot-create-as --disk-only` does),
+    /// or the domain would boot, read-write, the file that is now the overlay's backing file.
+    pub(super) fn check_domain_disk(&self, image: &Path) -> Result<(), CommandError> {
+        let Some(lv) = self.libvirt.as_ref() else {
+            return Ok(());
+        };
+        let refuse = |why: String| {
+            CommandError::new(
+                libc::EINVAL,
+                format!(
+                    "{why}; an external snapshot must move the domain's disk to the new overlay \
+                     (give the domain definition with -o libvirt-domain=FILE)"
+                ),
+            )
+        };
+        let def =
+            DomainDefinition::load_file(&lv.domain_file).map_err(|e| refuse(e.to_string()))?;
+        if def
+            .disks
+            .iter()
+            .any(|d| d.source.as_deref().is_some_and(|s| same_file(s, image)))
+        {
+            Ok(())
+        } else {
+            Err(refuse(format!(
+                "{}: no disk has {} as its source",
+                lv.domain_file.display(),
+                image.display()
+            )))
+        }
+    }
+
+    /// With `-o libvirt-write`, points the domain's disk whose source is `old` at `new` (the
+    /// overlay an external snapshot made). Returns a problem to report.
+    pub(super) fn move_domain_disk(&self, old: &Path, new: &Path) -> Option<String> {
+        let lv = self.libvirt.as_ref()?;
+        crate::libvirt::set_disk_source_in_file(&lv.domain_file, old, new)
+            .err()
+            .map(|e| {
+                format!(
+                    "libvirt: the domain's disk still points at {}: {e}",
+                    old.display()
+                )
+            })
     }
 
     /// With `-o libvirt-write`, makes `name` libvirt's current snapshot (after a revert to it, as

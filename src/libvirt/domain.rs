@@ -22,6 +22,8 @@ pub struct DomainDisk {
     pub source: Option<PathBuf>,
     /// `<readonly/>`.
     pub readonly: bool,
+    /// Where the `<source>` tag lies in the text scanned (bytes, from `<` to `>`).
+    pub source_tag: Option<(usize, usize)>,
 }
 
 impl DomainDisk {
@@ -77,6 +79,70 @@ impl DomainDefinition {
             disks,
         })
     }
+}
+
+/// `text` (a domain definition file) with the `file=` of the `<source>` of the disk whose source
+/// is `old` set to `new`, every other byte kept, as `virsh snapshot-create-as --disk-only` moves
+/// a shut-off domain's disk to the new overlay. `None` when no disk has `old` as its source file.
+pub fn with_disk_source(
+    text: &str,
+    source: &Path,
+    old: &Path,
+    new: &Path,
+) -> Result<Option<String>, LibvirtError> {
+    let (_, disks) = scan(text, source)?;
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let want = canonical(old);
+    let Some((start, end)) = disks
+        .iter()
+        .filter(|d| d.source.as_deref().is_some_and(|s| canonical(s) == want))
+        .find_map(|d| d.source_tag)
+    else {
+        return Ok(None);
+    };
+    let tag = &text[start..end];
+    let Some((value_start, value_end)) = attribute_value_span(tag, "file") else {
+        return Ok(None);
+    };
+    let escaped = quick_xml::escape::escape(new.to_string_lossy().as_ref()).into_owned();
+    Ok(Some(format!(
+        "{}{escaped}{}",
+        &text[..start + value_start],
+        &text[start + value_end..]
+    )))
+}
+
+/// Where the value of attribute `name` lies in the start tag `tag` (bytes, between the quotes).
+fn attribute_value_span(tag: &str, name: &str) -> Option<(usize, usize)> {
+    let bytes = tag.as_bytes();
+    let mut from = 0;
+    while let Some(found) = tag[from..].find(name) {
+        let at = from + found;
+        from = at + name.len();
+        // A whole attribute name: white space before it.
+        if at == 0 || !bytes[at - 1].is_ascii_whitespace() {
+            continue;
+        }
+        let mut i = at + name.len();
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if bytes.get(i) != Some(&b'=') {
+            continue;
+        }
+        i += 1;
+        while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let quote = *bytes.get(i)?;
+        if quote != b'\'' && quote != b'"' {
+            return None;
+        }
+        let value_start = i + 1;
+        let value_end = value_start + tag[value_start..].find(quote as char)?;
+        return Some((value_start, value_end));
+    }
+    None
 }
 
 /// Where the root `<domain>` element lies in `text` (bytes), and its disks. Fails on XML that is
@@ -136,12 +202,14 @@ fn scan(text: &str, source: &Path) -> Result<((usize, usize), Vec<DomainDisk>), 
                     device: attr(&e, b"device").unwrap_or_else(|| "disk".into()),
                     source: None,
                     readonly: false,
+                    source_tag: None,
                 }),
                 ([b"devices", b"disk"], b"source") => {
                     if let Some(d) = disks.last_mut() {
                         d.source = attr(&e, b"file")
                             .or_else(|| attr(&e, b"dev"))
                             .map(Into::into);
+                        d.source_tag = Some((before, reader.buffer_position() as usize));
                     }
                 }
                 ([b"devices", b"disk"], b"target") => {

@@ -25,7 +25,8 @@ pub use domain::{DomainDefinition, DomainDisk};
 pub use parse::parse_snapshot_xml;
 pub use tree::SnapshotTree;
 pub use write::{
-    check_writable, remove, set_active_in_file, set_parent_in_file, to_xml, write_atomically,
+    check_writable, remove, set_active_in_file, set_disk_source_in_file, set_parent_in_file,
+    to_xml, write_atomically,
 };
 
 use std::ffi::OsStr;

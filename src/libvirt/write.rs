@@ -160,6 +160,13 @@ pub fn write_atomically(dir: &Path, s: &DomainSnapshot) -> io::Result<PathBuf> {
     check_name(&s.name)?;
     check_writable(s)?;
     let name = format!("{}.xml", s.name);
+    // libvirt makes a domain's snapshot folder with its first snapshot; so does snapfs (mkdir
+    // does not follow a symlink in the last component; the open below checks the whole path).
+    if let Err(e) = std::fs::create_dir(dir)
+        && e.kind() != io::ErrorKind::AlreadyExists
+    {
+        return Err(e);
+    }
     let folder = super::open_folder(dir).map_err(io::Error::other)?;
     let text = format!("{LIBVIRT_HEADER}{}", to_xml(s));
     folder.replace(OsStr::new(&name), text.as_bytes(), 0o600, None)?;
@@ -202,6 +209,25 @@ fn edit_file(path: &Path, edit: impl FnOnce(&str) -> io::Result<Option<String>>)
         ),
         None => Ok(()),
     }
+}
+
+/// Points the disk of the domain definition file `path` whose source is `old` at `new`, changing
+/// only that attribute (the file replaced atomically, keeping its mode and owner). Fails with
+/// `NotFound` when no disk has `old` as its source.
+pub fn set_disk_source_in_file(path: &Path, old: &Path, new: &Path) -> io::Result<()> {
+    edit_file(path, |text| {
+        match super::domain::with_disk_source(text, path, old, new).map_err(io::Error::other)? {
+            Some(new_text) => Ok(Some(new_text)),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{}: no disk has {} as its source",
+                    path.display(),
+                    old.display()
+                ),
+            )),
+        }
+    })
 }
 
 /// Where the `<domain>` element of a snapshot file lies (its text is libvirt's domain definition

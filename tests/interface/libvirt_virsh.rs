@@ -348,3 +348,86 @@ fn assert_files_equal_bytes(file: &Path, want: &[u8], what: &str) {
     let got = fs::read(file).unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
     assert!(got == want, "{what}: content differs from qemu-img's");
 }
+
+/// `create NAME --external` with `-o libvirt-write` moves the domain's disk to the new overlay,
+/// as `virsh snapshot-create-as --disk-only` does: the daemon started afterwards lists the disk
+/// on the overlay (`domblklist`), shows the snapshot as external with the overlay as its source,
+/// and takes a disk-only snapshot of its own on top of it. Without a domain definition that has
+/// the mounted image as a disk, the command is refused and no overlay is made.
+#[test]
+fn external_create_moves_the_domain_disk() {
+    let wd = workdir();
+    let a = image(wd.path(), "a.qcow2", 0x11);
+    let mut daemon = Libvirtd::start();
+    daemon.define("ext", &[("vda", &a)]);
+    daemon.stop();
+
+    let overlay = wd.path().join("a.e1.qcow2");
+    {
+        let m = Mount::with_args(&a, &["-o", &libvirt_options(&daemon, "ext")]);
+        control_ok(
+            m.path(),
+            "create",
+            &format!("e1 --external {}", overlay.display()),
+        );
+        // (The folder is missing until the first snapshot: the mount says so, the create makes it.)
+        let status = status_text(m.path());
+        let create = status
+            .lines()
+            .find(|l| l.contains("create e1"))
+            .unwrap_or("");
+        assert!(!create.contains("libvirt:"), "{status}");
+    }
+    daemon.restart();
+    let blk = daemon.virsh(&["domblklist", "ext"]);
+    assert!(
+        blk.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["vda", overlay.to_str().unwrap()]),
+        "the domain's disk was not moved to the overlay:\n{blk}"
+    );
+    let info = daemon.virsh(&["snapshot-info", "ext", "e1"]);
+    assert!(
+        info.lines()
+            .any(|l| l.starts_with("Location:") && l.ends_with("external")),
+        "{info}"
+    );
+    let second = wd.path().join("a.e2.qcow2");
+    let spec = format!("vda,snapshot=external,file={}", second.display());
+    daemon.virsh(&[
+        "snapshot-create-as",
+        "ext",
+        "e2",
+        "--disk-only",
+        "--diskspec",
+        &spec,
+    ]);
+    assert_eq!(daemon.virsh(&["snapshot-parent", "ext", "e2"]).trim(), "e1");
+    let backing = info_json(&second);
+    assert_eq!(
+        backing["backing-filename"].as_str(),
+        overlay.to_str(),
+        "virsh's overlay must sit on snapfs's"
+    );
+    daemon.stop();
+
+    // No usable domain definition: refused, nothing made.
+    let b = image(wd.path(), "b.qcow2", 0x22);
+    let opts = format!(
+        "libvirt={},libvirt-write,libvirt-domain={}",
+        daemon.snapshot_dir("ext").display(),
+        wd.path().join("missing.xml").display()
+    );
+    let m = Mount::with_args(&b, &["-o", &opts]);
+    let refused = wd.path().join("b.x.qcow2");
+    crate::common::snapshot_support::control_err(
+        m.path(),
+        "create",
+        &format!("x --external {}", refused.display()),
+        libc::EINVAL,
+    );
+    assert!(
+        !refused.exists(),
+        "a refused external create left {}",
+        refused.display()
+    );
+}

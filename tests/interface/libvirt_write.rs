@@ -27,6 +27,19 @@ struct Fixture {
     installed: String,
     /// old-branch.xml as written.
     old_branch: String,
+    /// The domain definition file (`/etc/libvirt/qemu/DOMAIN.xml`): disk `sda` on vm.qcow2.
+    domain: PathBuf,
+}
+
+impl Fixture {
+    /// `-o libvirt=DIR,libvirt-write,libvirt-domain=FILE`.
+    fn write_options(&self) -> String {
+        format!(
+            "libvirt={},libvirt-write,libvirt-domain={}",
+            self.dir.display(),
+            self.domain.display()
+        )
+    }
 }
 
 const T_INSTALLED: i64 = 1700000000;
@@ -75,6 +88,12 @@ fn fixture() -> Fixture {
     .render();
     write_file_mode(&dir.join("installed.xml"), &installed, 0o600);
     write_file_mode(&dir.join("old-branch.xml"), &old_branch, 0o600);
+    let domain = wd.path().join("vm-domain.xml");
+    write_file_mode(
+        &domain,
+        &big_domain(&[("sda", top.to_str().unwrap())]),
+        0o600,
+    );
     Fixture {
         _wd: wd,
         img,
@@ -82,6 +101,7 @@ fn fixture() -> Fixture {
         top,
         installed,
         old_branch,
+        domain,
     }
 }
 
@@ -266,7 +286,7 @@ fn finish(problems: Vec<String>, m: Option<&Mount>) {
 #[test]
 fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
     let fx = fixture();
-    let opt = format!("libvirt={},libvirt-write", fx.dir.display());
+    let opt = fx.write_options();
     let m = Mount::with_args(&fx.top, &["-o", &opt]);
     let mut problems = Vec::new();
     if !m.snapshot_names().contains("installed.raw") {
@@ -327,7 +347,7 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
         ],
         Some("snap1"),
     ));
-    problems.extend(round_trip_problems(&fx.dir.join("snap1.xml"), false));
+    problems.extend(round_trip_problems(&fx.dir.join("snap1.xml"), true));
     problems.extend(round_trip_problems(&fx.dir.join("installed.xml"), true));
     let v = m.snapshot("snap1.raw");
     xattr_expect(&mut problems, &v, "user.snapfs.current", Some("true"));
@@ -416,7 +436,7 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
         Some("ext1"),
     ));
     for f in ["ext1.xml", "snap1.xml"] {
-        problems.extend(round_trip_problems(&fx.dir.join(f), false));
+        problems.extend(round_trip_problems(&fx.dir.join(f), true));
     }
     problems.extend(round_trip_problems(&fx.dir.join("installed.xml"), true));
     if !overlay.exists() {
@@ -499,7 +519,7 @@ fn previous_current_is_unmarked_whatever_the_element_order() {
          </app:sync>\n    </metadata>\n  </domain>\n</domainsnapshot>\n"
     );
     write_file_mode(&fx.dir.join("installed.xml"), &installed, 0o600);
-    let opt = format!("libvirt={},libvirt-write", fx.dir.display());
+    let opt = fx.write_options();
     let m = Mount::with_args(&fx.top, &["-o", &opt]);
     let mut problems = Vec::new();
     control_ok(m.path(), "create", "s1");
@@ -659,7 +679,7 @@ fn delete_removes_xml_and_keeps_the_libvirt_tree_consistent() {
 #[test]
 fn deleting_external_snapshots_removes_their_xml() {
     let fx = fixture();
-    let opt = format!("libvirt={},libvirt-write", fx.dir.display());
+    let opt = fx.write_options();
     let m = Mount::with_args(&fx.top, &["-o", &opt]);
     let mp = m.path();
     let mut problems = Vec::new();
