@@ -220,7 +220,7 @@ pub struct MountArgs {
     pub read_only: bool,
     /// Mount options, as mount(8) passes them (ro, rw, allow_other, allow_root,
     /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, libvirt-domain=FILE,
-    /// cache=SIZE, threads=N, direct_io, write_devices, log=FILE).
+    /// libvirt-uri=URI, cache=SIZE, threads=N, direct_io, write_devices, log=FILE).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
     /// libvirt snapshot metadata folder.

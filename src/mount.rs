@@ -39,6 +39,8 @@ pub struct MountSettings {
     pub libvirt_write: bool,
     /// The domain definition `-o libvirt-write` records in snapshots (`-o libvirt-domain=FILE`).
     pub libvirt_domain: Option<PathBuf>,
+    /// Where a running libvirtd answers (`-o libvirt-uri=URI`).
+    pub libvirt_uri: Option<String>,
     /// Commands may write backing files that are block devices (`-o write_devices`).
     pub write_devices: bool,
     /// Reads and writes of live.raw and the snapshot files bypass the kernel page cache.
@@ -61,6 +63,7 @@ impl MountSettings {
             libvirt: args.libvirt.clone(),
             libvirt_write: false,
             libvirt_domain: None,
+            libvirt_uri: None,
             write_devices: false,
             direct_io: args.direct_io,
         };
@@ -92,6 +95,7 @@ impl MountSettings {
                 "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
                 "libvirt-write" => s.libvirt_write = true,
                 "libvirt-domain" => s.libvirt_domain = Some(PathBuf::from(need()?)),
+                "libvirt-uri" => s.libvirt_uri = Some(need()?.to_owned()),
                 "write_devices" => s.write_devices = true,
                 "direct_io" => s.direct_io = true,
                 _ => return Err(format!("unknown mount option {opt:?}")),
@@ -165,7 +169,13 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         .libvirt
         .clone()
         .filter(|_| settings.libvirt_write)
-        .map(|dir| crate::control::LibvirtWrite::new(dir, settings.libvirt_domain.clone()));
+        .map(|dir| {
+            crate::control::LibvirtWrite::new(
+                dir,
+                settings.libvirt_domain.clone(),
+                settings.libvirt_uri.clone(),
+            )
+        });
     let controller = Arc::new(Controller::new(
         catalog.clone(),
         owner.writable,

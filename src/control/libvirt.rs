@@ -10,7 +10,8 @@ use std::time::SystemTime;
 
 use super::{CommandError, Controller};
 use crate::info::rfc3339;
-use crate::libvirt::{DiskSnapshotKind, DomainDefinition, DomainSnapshot, SnapshotDisk};
+use crate::libvirt::{Daemon, DiskSnapshotKind, DomainDefinition, DomainSnapshot, SnapshotDisk};
+use crate::metadata::Metadata;
 
 /// Where `-o libvirt-write` records: the snapshot folder and the domain's definition file.
 #[derive(Debug, Clone)]
@@ -19,14 +20,33 @@ pub struct LibvirtWrite {
     pub dir: PathBuf,
     /// `/etc/libvirt/qemu/DOMAIN.xml` unless `-o libvirt-domain=FILE` says otherwise.
     pub domain_file: PathBuf,
+    /// The domain's name: the snapshot folder's.
+    pub domain: String,
+    /// Where a running libvirtd answers (`-o libvirt-uri=URI`, default `qemu:///system`).
+    pub uri: String,
 }
 
 impl LibvirtWrite {
     /// The folder `dir`, and `domain_file` or else libvirt's place for the definition of the
     /// domain the folder is named after.
-    pub fn new(dir: PathBuf, domain_file: Option<PathBuf>) -> Self {
+    pub fn new(dir: PathBuf, domain_file: Option<PathBuf>, uri: Option<String>) -> Self {
         let domain_file = domain_file.unwrap_or_else(|| default_domain_file(&dir));
-        LibvirtWrite { dir, domain_file }
+        let domain = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        LibvirtWrite {
+            dir,
+            domain_file,
+            domain,
+            uri: uri.unwrap_or_else(|| "qemu:///system".into()),
+        }
+    }
+
+    /// The running daemon that knows the domain, if any.
+    fn daemon(&self) -> Option<Daemon> {
+        Daemon::connect(&self.uri, &self.domain)
     }
 }
 
@@ -156,6 +176,24 @@ impl Controller {
             domain: matched.map(|(def, _)| def.text),
             source_file: lv.dir.join(format!("{name}.xml")),
         };
+        if let Some(daemon) = lv.daemon() {
+            // libvirtd holds the metadata: it writes the file and moves "current" itself.
+            if let Err(e) = crate::libvirt::check_writable(&snap)
+                .map_err(|e| e.to_string())
+                .and_then(|()| daemon.redefine(&crate::libvirt::to_xml(&snap), true))
+            {
+                return Some(format!("libvirt XML not recorded: {e}"));
+            }
+            drop(daemon);
+            if overlay.is_some()
+                && let Some(old_top) = self.catalog.chain().layers.get(1)
+            {
+                self.catalog
+                    .name_layer(old_top.path().to_owned(), name.to_owned());
+            }
+            self.reload_metadata(lv);
+            return problem.map(|p| format!("libvirt: {p}"));
+        }
         if let Some(mut old) = previous {
             old.current = false;
             if let Err(e) = crate::libvirt::set_active_in_file(&old.source_file, false) {
@@ -179,6 +217,16 @@ impl Controller {
             log::warn!("refreshing views after writing libvirt XML: {e}");
         }
         problem.map(|p| format!("libvirt: {p}"))
+    }
+
+    /// Reads the folder again (after libvirtd wrote it) and applies it to the views.
+    fn reload_metadata(&self, lv: &LibvirtWrite) {
+        let mut meta = Metadata::load(&lv.dir, &self.catalog.chain());
+        meta.disk_name = meta.disk_name.or(self.catalog.metadata().disk_name);
+        self.catalog.set_metadata(meta);
+        if let Err(e) = self.catalog.refresh() {
+            log::warn!("refreshing views after libvirtd wrote its metadata: {e}");
+        }
     }
 
     /// With `-o libvirt-write`, refuses an external snapshot of `image` unless the domain
@@ -219,23 +267,45 @@ impl Controller {
     /// overlay an external snapshot made). Returns a problem to report.
     pub(super) fn move_domain_disk(&self, old: &Path, new: &Path) -> Option<String> {
         let lv = self.libvirt.as_ref()?;
-        crate::libvirt::set_disk_source_in_file(&lv.domain_file, old, new)
-            .err()
-            .map(|e| {
-                format!(
-                    "libvirt: the domain's disk still points at {}: {e}",
-                    old.display()
-                )
-            })
+        let moved = match lv.daemon() {
+            Some(daemon) => daemon.domain_xml().and_then(|xml| {
+                match crate::libvirt::with_disk_source(&xml, Path::new("libvirtd"), old, new) {
+                    Ok(Some(text)) => daemon.define(&text),
+                    Ok(None) => Err(format!(
+                        "libvirtd: no disk has {} as its source",
+                        old.display()
+                    )),
+                    Err(e) => Err(e.to_string()),
+                }
+            }),
+            None => crate::libvirt::set_disk_source_in_file(&lv.domain_file, old, new)
+                .map_err(|e| e.to_string()),
+        };
+        moved.err().map(|e| {
+            format!(
+                "libvirt: the domain's disk still points at {}: {e}",
+                old.display()
+            )
+        })
     }
 
     /// With `-o libvirt-write`, makes `name` libvirt's current snapshot (after a revert to it, as
     /// `virsh snapshot-revert` does): the previous current one gets `<active>0</active>`, `name`
     /// `<active>1</active>`, nothing else in either file changes. Returns a problem to report.
     pub(super) fn make_current_in_libvirt(&self, name: Option<&str>) -> Option<String> {
-        let (Some(_), Some(name)) = (self.libvirt.as_ref(), name) else {
+        let (Some(lv), Some(name)) = (self.libvirt.as_ref(), name) else {
             return None;
         };
+        if let Some(daemon) = lv.daemon() {
+            let moved = daemon
+                .snapshot_xml(name)
+                .and_then(|xml| daemon.redefine(&xml, true));
+            drop(daemon);
+            self.reload_metadata(lv);
+            return moved
+                .err()
+                .map(|e| format!("libvirt: current snapshot not moved: {e}"));
+        }
         let mut meta = self.catalog.metadata();
         let mut problems = Vec::new();
         for snap in meta.snapshots.values_mut() {
@@ -266,6 +336,15 @@ impl Controller {
             return;
         };
         let dir = &lv.dir;
+        if let Some(daemon) = lv.daemon() {
+            // libvirtd re-parents the children and moves "current" as virsh does.
+            if let Err(e) = daemon.forget(name) {
+                self.note(format!("{} libvirt: {e}", rfc3339(SystemTime::now())));
+            }
+            drop(daemon);
+            self.reload_metadata(lv);
+            return;
+        }
         let mut meta = self.catalog.metadata();
         let gone = meta.snapshots.remove(name);
         let parent = gone.as_ref().and_then(|g| g.parent.clone());

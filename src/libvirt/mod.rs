@@ -16,12 +16,14 @@
 //! file, `write` writes and edits files, `tree` relates snapshots by their parents, `domain` reads
 //! a domain definition (its disks, and its text as a snapshot holds it).
 
+mod client;
 mod domain;
 mod parse;
 mod tree;
 mod write;
 
-pub use domain::{DomainDefinition, DomainDisk};
+pub use client::Daemon;
+pub use domain::{DomainDefinition, DomainDisk, with_disk_source};
 pub use parse::parse_snapshot_xml;
 pub use tree::SnapshotTree;
 pub use write::{

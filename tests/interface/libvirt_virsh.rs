@@ -431,3 +431,81 @@ fn external_create_moves_the_domain_disk() {
         refused.display()
     );
 }
+
+fn names(list: &str) -> Vec<&str> {
+    list.lines().filter(|l| !l.is_empty()).collect()
+}
+
+/// With libvirtd running, snapfs goes through its API (`-o libvirt-uri=URI`): virsh lists a
+/// snapshot snapfs made at once, follows a revert's move of the current snapshot and a delete,
+/// and sees the domain's disk on the overlay after an external create, all without a daemon
+/// restart; after a restart (the daemon reads the folder it wrote) everything is the same, with
+/// one current snapshot.
+#[test]
+fn with_a_running_daemon_snapfs_goes_through_libvirt() {
+    let wd = workdir();
+    let a = image(wd.path(), "a.qcow2", 0x11);
+    let mut daemon = Libvirtd::start();
+    daemon.define("run", &[("vda", &a)]);
+    daemon.virsh(&["snapshot-create-as", "run", "first"]);
+    let opts = format!(
+        "{},libvirt-uri={}",
+        libvirt_options(&daemon, "run"),
+        daemon.uri()
+    );
+    let overlay = wd.path().join("a.s2.qcow2");
+    {
+        let m = Mount::with_args(&a, &["-o", &opts]);
+        control_ok(m.path(), "create", "s1 made while libvirtd runs");
+        assert_eq!(
+            names(&daemon.virsh(&["snapshot-list", "run", "--name"])),
+            ["first", "s1"]
+        );
+        assert_eq!(
+            daemon.virsh(&["snapshot-current", "run", "--name"]).trim(),
+            "s1"
+        );
+        assert_eq!(
+            daemon.virsh(&["snapshot-parent", "run", "s1"]).trim(),
+            "first"
+        );
+        control_ok(m.path(), "revert", "first");
+        assert_eq!(
+            daemon.virsh(&["snapshot-current", "run", "--name"]).trim(),
+            "first"
+        );
+        control_ok(m.path(), "delete", "s1");
+        assert_eq!(
+            names(&daemon.virsh(&["snapshot-list", "run", "--name"])),
+            ["first"]
+        );
+        control_ok(
+            m.path(),
+            "create",
+            &format!("s2 --external {}", overlay.display()),
+        );
+        let blk = daemon.virsh(&["domblklist", "run"]);
+        assert!(blk.contains(overlay.to_str().unwrap()), "{blk}");
+        let status = status_text(m.path());
+        assert!(!status.lines().any(|l| l.contains("libvirt")), "{status}");
+    }
+    assert_eq!(
+        names(&daemon.virsh(&["snapshot-list", "run", "--name"])),
+        ["first", "s2"]
+    );
+    daemon.restart();
+    assert_eq!(
+        names(&daemon.virsh(&["snapshot-list", "run", "--name"])),
+        ["first", "s2"]
+    );
+    assert_eq!(
+        daemon.virsh(&["snapshot-current", "run", "--name"]).trim(),
+        "s2"
+    );
+    assert_eq!(
+        daemon.virsh(&["snapshot-parent", "run", "s2"]).trim(),
+        "first"
+    );
+    let blk = daemon.virsh(&["domblklist", "run"]);
+    assert!(blk.contains(overlay.to_str().unwrap()), "{blk}");
+}
