@@ -410,6 +410,12 @@ fn apply_libvirt(entry: &mut ViewEntry, meta: &Metadata, name: &str) {
     let Some(snap) = meta.snapshots.get(name) else {
         return;
     };
+    // An external snapshot named like an internal tag describes the layer, never the tag (and
+    // the other way round): two views never share one description (metadata.rs reports it).
+    let external = snap.location() == "external";
+    if external != (entry.kind == ViewKind::External) {
+        return;
+    }
     entry.libvirt_name = Some(snap.name.clone());
     entry.description = entry
         .description
