@@ -11,9 +11,7 @@
 use std::sync::Arc;
 
 use super::dependents::{refusal, snapshots_reading_through};
-use super::{
-    Progress, Run, STEP, backing_name, flush_layer, format_name, run_bytes, write_into, zero_into,
-};
+use super::{LayerWriter, Progress, Run, STEP, backing_name, flush_layer, format_name, run_bytes};
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
 use crate::qcow2::Mapping;
@@ -54,7 +52,7 @@ pub fn pull(chain: &Arc<Chain>, base: Option<usize>, progress: Progress) -> Resu
             Run::Data { offset, len } => (offset, len, false),
             Run::Zero { offset, len } => (offset, len, true),
         };
-        let mut w = top.writer()?;
+        let mut into = LayerWriter::take(chain, 0)?;
         // What the top still leaves to the layers below (a guest write may have filled some).
         let l1 = top.active_l1();
         let mut pos = offset;
@@ -63,16 +61,16 @@ pub fn pull(chain: &Arc<Chain>, base: Option<usize>, progress: Progress) -> Resu
             let n = mapping.len().clamp(1, offset + len - pos);
             if let Mapping::Unallocated { .. } = mapping {
                 if zero {
-                    zero_into(chain, 0, Some(&mut w), pos, n)?;
+                    into.zero(pos, n)?;
                 } else {
                     buf.resize(n as usize, 0);
                     crate::view::read_chain(chain, 1, &mut buf, pos)?;
-                    write_into(chain, 0, Some(&mut w), &buf, pos)?;
+                    into.write(&buf, pos)?;
                 }
             }
             pos += n;
         }
-        drop(w);
+        drop(into);
         done += len;
         progress(done, total);
     }

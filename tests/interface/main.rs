@@ -10,6 +10,7 @@ mod cli_mount_helper;
 mod libvirt_folder;
 mod libvirt_info;
 mod libvirt_model;
+mod libvirt_virsh;
 mod libvirt_write;
 mod perm_control_input;
 mod perm_modes;
