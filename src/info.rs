@@ -228,8 +228,13 @@ fn view_info(entry: &ViewEntry, dir: &str) -> ViewInfo {
     }
 }
 
-pub fn catalog_info(catalog: &Catalog) -> ChainInfo {
-    let mut views = vec![view_info(&catalog.live(), "")];
+/// `live_shown`: whether the mount shows `live.raw` (a `--force-share` mount hides the live disk
+/// of an image another process writes; its listing then leaves it out too).
+pub fn catalog_info(catalog: &Catalog, live_shown: bool) -> ChainInfo {
+    let mut views = Vec::new();
+    if live_shown {
+        views.push(view_info(&catalog.live(), ""));
+    }
     let snapshots = catalog.snapshots();
     // A VM state file is listed with its snapshot's view, not as a view of its own. One pass
     // finds them all: an image may have 65535 snapshots.

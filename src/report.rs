@@ -31,7 +31,7 @@ pub fn info_with_libvirt(image: &Path, json: bool, libvirt: Option<&Path>) -> Re
         SnapshotTree::new(&snapshots).render_tree()
     });
     let catalog = Catalog::with_metadata(Arc::new(chain), meta).map_err(|e| e.to_string())?;
-    let report = info::catalog_info(&catalog);
+    let report = info::catalog_info(&catalog, true);
     if json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         println!("{text}");

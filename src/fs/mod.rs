@@ -273,8 +273,9 @@ impl SnapFs {
     }
 
     fn info_json(&self) -> Vec<u8> {
-        let mut json = serde_json::to_vec_pretty(&info::catalog_info(&self.catalog))
-            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+        let mut json =
+            serde_json::to_vec_pretty(&info::catalog_info(&self.catalog, !self.live_hidden()))
+                .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
         json.push(b'\n');
         json
     }

@@ -228,8 +228,8 @@ fn guest_requests_across_external_creates() {
 //
 // Steps per seed: STEPS; `SNAPFS_CHAIN_MODEL_SEED=N` makes every seed test run seed N instead
 // (run one of them to replay a failure), `SNAPFS_CHAIN_MODEL_STEPS=N` changes the length.
-// `pull` has no control file yet: when one appears, `commands_are_modelled` fails until the
-// model has a `Step::Pull` (the hook is in `Run::pick`).
+// `commands_are_modelled` fails when control/ gains a command the model does not know: add a
+// `Step` for it (picked in `Run::pick`, applied in `Run::apply`).
 
 const STEPS: usize = 60;
 const REMOUNT_EVERY: usize = 10;
@@ -238,8 +238,8 @@ const MAX_LAYERS: usize = 5;
 /// Internal snapshots at most in the top.
 const MAX_TOP_SNAPSHOTS: usize = 3;
 const LIMIT: Duration = Duration::from_secs(240);
-/// The control files the model knows. Another one (`pull`) must be added to the model first.
-const MODELLED_COMMANDS: [&str; 5] = ["commit", "create", "delete", "revert", "status"];
+/// The control files the model knows. A new one must be added to the model first.
+const MODELLED_COMMANDS: [&str; 6] = ["commit", "create", "delete", "pull", "revert", "status"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fmt {
@@ -320,6 +320,11 @@ enum Step {
     RevertLayer {
         depth: usize,
         name: String,
+    },
+    /// `pull [BASE]`: `base` is the depth and view name of the layer that becomes the top's
+    /// backing file (`None`: every layer is pulled, the top stands alone).
+    Pull {
+        base: Option<(usize, String)>,
     },
     CreateInternal(String),
     RevertInternal {
@@ -663,17 +668,20 @@ impl Run {
                     };
                     Step::External { name, file, named }
                 }
-                60..=67 if n >= 2 => {
-                    let depth = self.rng.range(1, n as u64 - 1) as usize;
-                    let name = self.view_name(depth, None);
-                    if self.layers[depth - 1].snapshots.is_empty() {
-                        Step::DeleteLayer { depth, name }
+                60..=62 if n >= 2 => {
+                    let base = if n >= 3 && self.rng.chance(50) {
+                        let depth = self.rng.range(2, n as u64 - 1) as usize;
+                        Some((depth, self.view_name(depth, None)))
                     } else {
-                        Step::Refused {
-                            file: "delete",
-                            text: name,
-                            why: "the layer above has internal snapshots that read through it",
-                        }
+                        None
+                    };
+                    Step::Pull { base }
+                }
+                63..=67 if n >= 2 => {
+                    let depth = self.rng.range(1, n as u64 - 1) as usize;
+                    Step::DeleteLayer {
+                        depth,
+                        name: self.view_name(depth, None),
                     }
                 }
                 68..=73 if n >= 2 => {
@@ -728,8 +736,6 @@ impl Run {
                         continue;
                     }
                 }
-                // Hook: `Step::Pull` (a `pull` control file; the model: `qemu-img rebase` of
-                // the top onto the layer below the pulled ones) goes here once snapfs has it.
                 _ => continue,
             };
         }
@@ -753,14 +759,22 @@ impl Run {
         let leaving: Vec<usize> = match step {
             Step::CommitLayer { depth, .. } | Step::DeleteLayer { depth, .. } => vec![*depth],
             Step::RevertLayer { depth, .. } => (1..*depth).collect(),
+            Step::Pull { base } => (1..base.as_ref().map_or(self.layers.len(), |b| b.0)).collect(),
             _ => Vec::new(),
         };
-        for d in leaving {
-            let file = self.layers[d].file.clone();
-            let hash = file_hash(&self.prod.join(&file));
-            self.left.insert(file, hash);
-        }
+        let leaving: Vec<(String, u64)> = leaving
+            .into_iter()
+            .map(|d| {
+                let file = self.layers[d].file.clone();
+                let hash = file_hash(&self.prod.join(&file));
+                (file, hash)
+            })
+            .collect();
         let mp = m.path().to_owned();
+        let Some(kept) = self.guarded_command(m, step) else {
+            return;
+        };
+        self.left.extend(leaving);
         let model = self.model.clone();
         let top = self.layers[0].file.clone();
         match step {
@@ -857,7 +871,9 @@ impl Run {
                 );
             }
             Step::DeleteLayer { depth, name } => {
-                self.command(m, "delete", name, &format!("delete {name}"));
+                if kept.is_none() {
+                    self.command(m, "delete", name, &format!("delete {name}"));
+                }
                 let d = *depth;
                 let above = self.layers[d - 1].file.clone();
                 match self.layers.get(d + 1) {
@@ -948,6 +964,47 @@ impl Run {
                 self.layers[0].size = target.size;
                 self.layers.drain(1..d);
             }
+            Step::Pull { base } => {
+                let (text, label) = match base {
+                    Some((_, name)) => (name.clone(), format!("pull {name}")),
+                    None => (String::new(), "pull (all)".to_owned()),
+                };
+                if kept.is_none() {
+                    self.command(m, "pull", &text, &label);
+                }
+                // `qemu-img rebase` in safe mode copies into the top what the guest would read
+                // differently over the new backing file (nothing at all: everything it reads).
+                let until = match base {
+                    Some((d, _)) => {
+                        let below = self.layers[*d].clone();
+                        run_in(
+                            &model,
+                            "qemu-img",
+                            &[
+                                "rebase",
+                                "-q",
+                                "-f",
+                                "qcow2",
+                                "-b",
+                                &below.file,
+                                "-F",
+                                below.fmt.name(),
+                                &top,
+                            ],
+                        );
+                        *d
+                    }
+                    None => {
+                        run_in(
+                            &model,
+                            "qemu-img",
+                            &["rebase", "-q", "-f", "qcow2", "-b", "", &top],
+                        );
+                        self.layers.len()
+                    }
+                };
+                self.layers.drain(1..until);
+            }
             Step::CreateInternal(tag) => {
                 self.command(m, "create", tag, &format!("create {tag}"));
                 run_in(&model, "qemu-img", &["snapshot", "-c", tag, &top]);
@@ -984,8 +1041,79 @@ impl Run {
                 return;
             }
         }
+        if let Some((owner, before)) = kept {
+            for (tag, content) in before {
+                let view = ViewSpec {
+                    path: String::new(),
+                    depth: owner,
+                    tag: Some(tag.clone()),
+                };
+                if self.qemu_view(&model, &view) != content {
+                    panic!(
+                        "{step:?} succeeded, but internal snapshot {tag:?} of {} now reads \
+                         differently (through its new backing file): snapfs must refuse it",
+                        self.layers[owner].file
+                    );
+                }
+            }
+        }
         self.content.clear();
         self.rename();
+    }
+
+    /// A `delete` of a layer or a `pull` removes layers under a layer that may have internal
+    /// snapshots; snapfs refuses it when one of them reads through the layers that leave (it
+    /// judges by their mappings, which the model does not track). Such a command is issued
+    /// here. `None`: it was refused, with a message naming the reason, and changed nothing (the
+    /// next check proves that). `Some(None)`: no snapshot to guard, the step issues its command
+    /// itself. `Some(Some((owner, contents)))`: it succeeded; the snapshots of layer `owner`
+    /// must still read `contents` in the model afterwards.
+    #[allow(clippy::type_complexity)]
+    fn guarded_command(
+        &mut self,
+        m: &Mount,
+        step: &Step,
+    ) -> Option<Option<(usize, Vec<(String, Vec<u8>)>)>> {
+        let (owner, file, text, label) = match step {
+            Step::DeleteLayer { depth, name } => {
+                (depth - 1, "delete", name.clone(), format!("delete {name}"))
+            }
+            Step::Pull {
+                base: Some((_, name)),
+            } => (0, "pull", name.clone(), format!("pull {name}")),
+            Step::Pull { base: None } => (0, "pull", String::new(), "pull (all)".to_owned()),
+            _ => return Some(None),
+        };
+        let tags: Vec<String> = self.layers[owner]
+            .snapshots
+            .iter()
+            .map(|(t, _)| t.clone())
+            .collect();
+        if tags.is_empty() {
+            return Some(None);
+        }
+        let before: Vec<(String, Vec<u8>)> = tags
+            .into_iter()
+            .map(|tag| {
+                let view = ViewSpec {
+                    path: format!("snapshots/{}.raw", self.view_name(owner, Some(&tag))),
+                    depth: owner,
+                    tag: Some(tag.clone()),
+                };
+                let content = self.model_view(&view);
+                (tag, content)
+            })
+            .collect();
+        if control(m.path(), file, &text).is_ok() {
+            assert_outcome_ok(m.path(), &label);
+            return Some(Some((owner, before)));
+        }
+        let why = assert_outcome_error(m.path(), &label);
+        assert!(
+            why.contains("content would change"),
+            "`{label}` was refused for another reason than the snapshots reading through: {why}"
+        );
+        None
     }
 
     // -----------------------------------------------------------------------------------------

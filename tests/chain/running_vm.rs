@@ -88,6 +88,20 @@ fn force_share_reads_the_frozen_parts_beside_a_running_vm() {
         ["control", "info.json", "snapshots"],
         "live.raw of an image the VM writes must not be shown"
     );
+    let info: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.path().join("info.json")).unwrap()).unwrap();
+    let mut listed: Vec<&str> = info["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["file"].as_str())
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["snapshots/base.raw", "snapshots/cp1.raw"],
+        "info.json must list the views the mount shows (no live.raw)"
+    );
     assert_eq!(
         names_in(&m.path().join("snapshots")),
         ["base.raw", "cp1.raw", "cp1.vmstate"]
