@@ -4,6 +4,7 @@
 #   ensure_tools TOOL...   install (apt-get) the Debian packages providing any missing TOOL
 #   ensure_rust            check cargo, rustfmt and clippy; add missing components with rustup
 #   ensure_fuse            make sure /dev/fuse exists (modprobe fuse, else mknod)
+#   ensure_libvirt         libvirtd (QEMU driver) and virsh, a libvirt-qemu user, a test qemu.conf
 #   ensure_qemu_system     QEMU's x86 system emulator unpacked under a cache dir (tests that need
 #                          real VM state); exports SNAPFS_QEMU_SYSTEM_ROOT
 #   section TITLE          print a section header
@@ -128,6 +129,80 @@ ensure_tools_pkg_fuse3() {
     need_root
     note "installing fuse3 (for /etc/fuse.conf)"
     _apt_install fuse3 || die "apt-get install fuse3 failed"
+}
+
+# The libvirt packages the tests drive (libvirtd with its QEMU driver, virsh). Recommends stay
+# out: with them apt would replace qemu-utils 10 (backports) by bookworm's QEMU 7.2 packages.
+_libvirt_packages=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
+
+# The test qemu.conf: QEMU runs as root, without seccomp, namespaces, cgroups, a security driver
+# or virtlogd, so libvirtd works in a container. Written only over the packaged file (kept
+# beside it as qemu.conf.snapfs-orig) or our own; a qemu.conf someone edited is left alone.
+_snapfs_qemu_conf_marker='# snapfs test configuration (scripts/common.sh ensure_libvirt)'
+_write_test_qemu_conf() {
+    local conf=/etc/libvirt/qemu.conf
+    if [[ -e $conf ]] && ! grep -qF "$_snapfs_qemu_conf_marker" "$conf"; then
+        if dpkg --verify libvirt-daemon-driver-qemu 2>/dev/null | grep -q " $conf\$"; then
+            warn "$conf was edited locally: left as it is (libvirt tests may need QEMU as root)"
+            return 0
+        fi
+        cp -p "$conf" "$conf.snapfs-orig"
+    fi
+    cat >"$conf.snapfs-tmp" <<CONF
+$_snapfs_qemu_conf_marker
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+seccomp_sandbox = 0
+namespaces = [ ]
+cgroup_controllers = [ ]
+stdio_handler = "file"
+CONF
+    chmod 0600 "$conf.snapfs-tmp"
+    mv -f "$conf.snapfs-tmp" "$conf"
+}
+
+ensure_libvirt() {
+    local qemu_driver
+    qemu_driver=$(find /usr/lib -name libvirt_driver_qemu.so -print -quit 2>/dev/null)
+    if ! _have libvirtd || ! _have virsh || [[ -z $qemu_driver ]]; then
+        need_root
+        _have apt-get || die "libvirt is missing and no apt-get to install it with"
+        if [[ -z $_apt_updated ]]; then
+            _apt update -q || die "apt-get update failed"
+            _apt_updated=1
+        fi
+        # Simulate first: never let apt remove anything (qemu-utils above all) for libvirt.
+        local plan
+        plan=$(DEBIAN_FRONTEND=noninteractive apt-get install --simulate --no-install-recommends \
+            "${_libvirt_packages[@]}" </dev/null 2>&1) || {
+            printf '%s\n' "$plan" >&2
+            die "apt-get cannot install ${_libvirt_packages[*]}"
+        }
+        if grep -q '^Remv ' <<<"$plan"; then
+            grep '^Remv ' <<<"$plan" >&2
+            die "installing ${_libvirt_packages[*]} would remove the packages above: refused"
+        fi
+        note "installing ${_libvirt_packages[*]}"
+        _apt install -y -q --no-install-recommends "${_libvirt_packages[@]}" ||
+            die "apt-get install ${_libvirt_packages[*]} failed"
+        hash -r
+    fi
+    # The QEMU driver refuses to load without its built-in user and group (libvirt-qemu, both),
+    # even when qemu.conf says root.
+    getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu ||
+        die "groupadd libvirt-qemu failed"
+    if ! getent passwd libvirt-qemu >/dev/null; then
+        need_root
+        getent group kvm >/dev/null || groupadd --system kvm
+        useradd --system --no-create-home --home-dir /var/lib/libvirt --shell /usr/sbin/nologin \
+            --gid kvm libvirt-qemu || die "useradd libvirt-qemu failed"
+    fi
+    # libvirtd -d (no systemd here) logs to /var/log/libvirt and fails to start without it.
+    mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/qemu/snapshot
+    _write_test_qemu_conf
 }
 
 # QEMU's system emulator, for tests that need real VM state (savevm/loadvm). It cannot be

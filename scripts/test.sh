@@ -23,6 +23,8 @@ ensure_rust
 ensure_tools qemu-img qemu-io qemu-nbd qemu-storage-daemon fusermount3 mkfs.ext4 \
     losetup mount findmnt getfattr fio shellcheck xmllint
 ensure_fuse
+# libvirt tests: libvirtd (QEMU driver) and virsh, started by the tests themselves
+ensure_libvirt
 # the VM state tests run QEMU's system emulator (unpacked: see common.sh)
 ensure_qemu_system
 
@@ -30,7 +32,7 @@ threads=${SNAPFS_TEST_THREADS:-4}
 failed=()
 
 section "shellcheck"
-if shellcheck -x scripts/*.sh .ci/run mount-helper/mount.snapfs; then
+if shellcheck -x scripts/*.sh .ci/run mount-helper/mount.snapfs mount-helper/umount.fuse.snapfs; then
     echo "ok"
 else
     failed+=(shellcheck)

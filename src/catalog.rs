@@ -3,7 +3,8 @@
 //!
 //! Naming (docs/design.md section 2): an internal snapshot of the top image is `TAG.raw`; a backing
 //! layer is named after its file without the extension (`base.qcow2` -> `base.raw`); an internal
-//! snapshot inside a backing layer `B` is `B@TAG.raw`. A tag that is empty, repeated within its
+//! snapshot inside a backing layer `B` is `B@TAG.raw`, or `TAG.raw` when libvirt knows `TAG` as an
+//! internal snapshot (libvirt's name wins wherever the snapshot is stored). A tag that is empty, repeated within its
 //! image, not UTF-8, or not a valid file name gets `id-ID.raw`; any remaining clash gets `~N`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -450,16 +451,29 @@ fn build_state(
         for snap in snapshots.iter() {
             let repeated = tag_count.get(&snap.name[..]).is_some_and(|&n| n > 1);
             let id = snap.id_str();
-            let wanted = match snap.name_str() {
+            let fallback = match snap.name_str() {
                 Some(tag) if !repeated && is_valid_name(tag) => format!("{prefix}{tag}"),
                 _ => format!("{prefix}id-{id}"),
+            };
+            // libvirt's name wins wherever the snapshot is stored: an internal snapshot libvirt
+            // knows keeps its name when a disk-only snapshot has put a layer above its image.
+            let wanted = match snap.name_str() {
+                Some(tag)
+                    if !repeated
+                        && is_valid_name(tag)
+                        && libvirt_internal(naming, tag)
+                        && !naming.names.taken.contains(tag) =>
+                {
+                    tag.to_owned()
+                }
+                _ => fallback.clone(),
             };
             let mut entry = snapshot_entry(&chain, depth, image, snap)?;
             if let Some(tag) = snap.name_str() {
                 apply_libvirt(&mut entry, &naming.meta, tag);
             }
             let vm_state = vm_state_entry(&entry, image, snap);
-            place(entry, vm_state, naming, &wanted, format!("{prefix}id-{id}"));
+            place(entry, vm_state, naming, &wanted, fallback);
         }
     }
     Ok(State {
@@ -469,12 +483,27 @@ fn build_state(
     })
 }
 
+/// Whether libvirt knows `tag` as an internal snapshot.
+fn libvirt_internal(naming: &Naming, tag: &str) -> bool {
+    naming
+        .meta
+        .snapshots
+        .get(tag)
+        .is_some_and(|s| s.location() == "internal")
+}
+
 /// Fills in what libvirt says about snapshot `name`. The image's own date wins over libvirt's
 /// (internal snapshots carry one; layers only have their file's mtime).
 fn apply_libvirt(entry: &mut ViewEntry, meta: &Metadata, name: &str) {
     let Some(snap) = meta.snapshots.get(name) else {
         return;
     };
+    // An external snapshot named like an internal tag describes the layer, never the tag (and
+    // the other way round): two views never share one description (metadata.rs reports it).
+    let external = snap.location() == "external";
+    if external != (entry.kind == ViewKind::External) {
+        return;
+    }
     entry.libvirt_name = Some(snap.name.clone());
     entry.description = entry
         .description

@@ -241,7 +241,12 @@ pub enum SnapshotAction {
     /// Take an internal snapshot of the live disk.
     #[command(after_help = "Examples:\n  \
                       snapfs snapshot create /mnt/vm before-upgrade\n  \
-                      snapfs snapshot create /mnt/vm pkg-updated after apt upgrade of 2026-11")]
+                      snapfs snapshot create /mnt/vm pkg-updated after apt upgrade of 2026-11\n  \
+                      snapfs snapshot create /mnt/vm 'before upgrade' apt upgrade of 2026-11\n\n\
+                      NAME is one argument, whatever it holds (white space, quotes): the wrapper \
+                      quotes it for control/create. Written by hand, a name with white space or a \
+                      leading quote is quoted: echo '\"before upgrade\" apt upgrade' > \
+                      /mnt/vm/control/create (inside the quotes \\\" is a quote, \\\\ a backslash).")]
     Create {
         /// Where the image is mounted.
         #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
@@ -254,7 +259,10 @@ pub enum SnapshotAction {
         description: Vec<String>,
     },
     /// Make the live disk equal to snapshot NAME (live.raw must not be open).
-    #[command(after_help = "Example:\n  snapfs snapshot revert /mnt/vm before-upgrade")]
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot revert /mnt/vm before-upgrade\n  \
+                      snapfs snapshot revert /mnt/vm 'before upgrade'   # echo '\"before upgrade\"' > control/revert"
+    )]
     Revert {
         /// Where the image is mounted.
         #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
@@ -264,7 +272,10 @@ pub enum SnapshotAction {
         name: String,
     },
     /// Remove snapshot NAME (its file must not be open).
-    #[command(after_help = "Example:\n  snapfs snapshot delete /mnt/vm before-upgrade")]
+    #[command(
+        after_help = "Examples:\n  snapfs snapshot delete /mnt/vm before-upgrade\n  \
+                      snapfs snapshot delete /mnt/vm 'before upgrade'   # echo '\"before upgrade\"' > control/delete"
+    )]
     Delete {
         /// Where the image is mounted.
         #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
@@ -291,8 +302,8 @@ pub struct MountArgs {
     #[arg(long)]
     pub force_share: bool,
     /// Mount options, as mount(8) passes them (ro, rw, allow_other, allow_root,
-    /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, cache=SIZE, threads=N,
-    /// direct_io, write_devices, force_share, log=FILE).
+    /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, libvirt-domain=FILE,
+    /// libvirt-uri=URI, cache=SIZE, threads=N, direct_io, write_devices, force_share, log=FILE).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
     /// libvirt snapshot metadata folder.

@@ -30,15 +30,20 @@ fn run(command: Command) -> Result<(), String> {
                     name,
                     description,
                 } => {
-                    let mut command = name;
+                    // The name is always one word of the command, whatever it holds.
+                    let mut command = snapfs::control::quote_name(&name);
                     for word in description {
                         command.push(' ');
                         command.push_str(&word);
                     }
                     (mountpoint, "create", command)
                 }
-                SnapshotAction::Revert { mountpoint, name } => (mountpoint, "revert", name),
-                SnapshotAction::Delete { mountpoint, name } => (mountpoint, "delete", name),
+                SnapshotAction::Revert { mountpoint, name } => {
+                    (mountpoint, "revert", snapfs::control::quote_name(&name))
+                }
+                SnapshotAction::Delete { mountpoint, name } => {
+                    (mountpoint, "delete", snapfs::control::quote_name(&name))
+                }
             };
             snapfs::report::control_command(&mountpoint, file, &command)
         }

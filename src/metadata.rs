@@ -74,9 +74,50 @@ impl Metadata {
             {
                 meta.disk_name = Some(disk.name.clone());
             }
+            if let Some(first) = meta.snapshots.get(&snap.name) {
+                meta.problems.push(format!(
+                    "skipped: {}: names the snapshot {:?} that {} names too (the first file counts)",
+                    snap.source_file.display(),
+                    snap.name,
+                    first.source_file.display(),
+                ));
+                continue;
+            }
             meta.snapshots.insert(snap.name.clone(), snap);
         }
+        meta.report_external_named_like_tags(chain);
         meta
+    }
+
+    /// A status line for every external snapshot whose name is also an internal snapshot's tag
+    /// in the chain: the layer's view and the tag's view each keep what is theirs.
+    fn report_external_named_like_tags(&mut self, chain: &Chain) {
+        let mut lines = Vec::new();
+        for snap in self.snapshots.values() {
+            if snap.location() != "external" {
+                continue;
+            }
+            for layer in &chain.layers {
+                let crate::chain::Layer::Qcow2(image) = layer.as_ref() else {
+                    continue;
+                };
+                if image
+                    .snapshots()
+                    .iter()
+                    .any(|t| t.name == snap.name.as_bytes())
+                {
+                    lines.push(format!(
+                        "{}: the external snapshot {:?} has the name of an internal snapshot in {}; \
+                         its description and state stay the layer's",
+                        snap.source_file.display(),
+                        snap.name,
+                        layer.path().display()
+                    ));
+                }
+            }
+        }
+        lines.sort();
+        self.problems.extend(lines);
     }
 
     /// The snapshot libvirt marks current, if any.

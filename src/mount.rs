@@ -38,6 +38,10 @@ pub struct MountSettings {
     pub threads: usize,
     pub libvirt: Option<PathBuf>,
     pub libvirt_write: bool,
+    /// The domain definition `-o libvirt-write` records in snapshots (`-o libvirt-domain=FILE`).
+    pub libvirt_domain: Option<PathBuf>,
+    /// Where a running libvirtd answers (`-o libvirt-uri=URI`).
+    pub libvirt_uri: Option<String>,
     /// Commands may write backing files that are block devices (`-o write_devices`).
     pub write_devices: bool,
     /// Reads and writes of live.raw and the snapshot files bypass the kernel page cache.
@@ -61,6 +65,8 @@ impl MountSettings {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)),
             libvirt: args.libvirt.clone(),
             libvirt_write: false,
+            libvirt_domain: None,
+            libvirt_uri: None,
             write_devices: false,
             direct_io: args.direct_io,
             force_share: args.force_share,
@@ -96,6 +102,8 @@ impl MountSettings {
                 "threads" => s.threads = number()? as usize,
                 "libvirt" => s.libvirt = Some(PathBuf::from(need()?)),
                 "libvirt-write" => s.libvirt_write = true,
+                "libvirt-domain" => s.libvirt_domain = Some(PathBuf::from(need()?)),
+                "libvirt-uri" => s.libvirt_uri = Some(need()?.to_owned()),
                 "write_devices" => s.write_devices = true,
                 "direct_io" => s.direct_io = true,
                 "force_share" => s.force_share = true,
@@ -198,7 +206,17 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
             settings.mountpoint.display()
         ));
     }
-    let libvirt_write = settings.libvirt.clone().filter(|_| settings.libvirt_write);
+    let libvirt_write = settings
+        .libvirt
+        .clone()
+        .filter(|_| settings.libvirt_write)
+        .map(|dir| {
+            crate::control::LibvirtWrite::new(
+                dir,
+                settings.libvirt_domain.clone(),
+                settings.libvirt_uri.clone(),
+            )
+        });
     let controller = Arc::new(Controller::new(
         catalog.clone(),
         owner.writable,

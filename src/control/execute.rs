@@ -295,6 +295,7 @@ impl Controller {
             })?,
             _ => top_path.clone(),
         };
+        self.check_domain_disk(&top_path)?;
         let wanted = crate::ops::external::overlay_path(&real_top, name, file);
         let place = access::place_new_file(&wanted, who)
             .map_err(|e| CommandError::new(e.errno(), e.to_string()))?;
@@ -307,10 +308,15 @@ impl Controller {
         ) {
             adopt(new, old, who, &path);
         }
-        self.catalog.name_layer(top_path, name.to_owned());
+        self.catalog.name_layer(top_path.clone(), name.to_owned());
         let mut effect = self.switch_chain(new_chain)?;
         let mut detail = format!("the live disk is now {}", path.display());
-        if let Some(problem) = self.record_in_libvirt(name, None, Some(&path)) {
+        // The snapshot records the definition before the move, as virsh's does.
+        let problems = [
+            self.record_in_libvirt(name, None, &top_path, Some(&path)),
+            self.move_domain_disk(&top_path, &path),
+        ];
+        for problem in problems.into_iter().flatten() {
             detail.push_str("; ");
             detail.push_str(&problem);
         }
@@ -322,28 +328,6 @@ impl Controller {
         self.catalog
             .find_by_name(name)
             .ok_or_else(|| CommandError::new(libc::ENOENT, format!("no snapshot named {name:?}")))
-    }
-
-    /// The view must be an internal snapshot of the top image.
-    fn internal_of_top(&self, entry: &ViewEntry, verb: &str) -> Result<Vec<u8>, CommandError> {
-        match (&entry.kind, entry.layer, &entry.snapshot_id) {
-            (ViewKind::Internal, 0, Some(id)) => Ok(id.clone()),
-            (ViewKind::Internal, _, _) => Err(CommandError::new(
-                libc::EROFS,
-                format!(
-                    "{} is stored in backing file {}, which snapfs does not write; cannot {verb} it",
-                    entry.file_name,
-                    entry.layer_path.display()
-                ),
-            )),
-            _ => Err(CommandError::new(
-                libc::EINVAL,
-                format!(
-                    "{} is not an internal snapshot; cannot {verb} it",
-                    entry.file_name
-                ),
-            )),
-        }
     }
 
     fn create(&self, name: &str, description: Option<String>) -> Result<Effect, CommandError> {
@@ -371,7 +355,8 @@ impl Controller {
             added: vec![(key, entry.file_name.clone())],
             ..Effect::default()
         };
-        effect.detail = self.record_in_libvirt(name, description, None);
+        let top = chain.top().path().to_owned();
+        effect.detail = self.record_in_libvirt(name, description, &top, None);
         Ok(effect)
     }
 
@@ -412,16 +397,77 @@ impl Controller {
             }
             return Ok(effect);
         }
-        let id = self.internal_of_top(&entry, "revert to")?;
+        let (ViewKind::Internal, Some(id)) = (entry.kind, entry.snapshot_id.clone()) else {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!("{} is not a snapshot; cannot revert to it", entry.file_name),
+            ));
+        };
         if still_open(Target::Live, is_open) {
             return Err(live_open());
         }
-        self.catalog.chain().top_image().apply_snapshot(&id)?;
+        let mut effect = if entry.layer == 0 {
+            self.catalog.chain().top_image().apply_snapshot(&id)?;
+            Effect {
+                live_changed: true,
+                ..Effect::default()
+            }
+        } else {
+            self.revert_in_layer(&entry, &id, cx)?
+        };
         self.catalog.live().view.invalidate();
-        Ok(Effect {
-            live_changed: true,
-            ..Effect::default()
-        })
+        if let Some(problem) = self.make_current_in_libvirt(entry.libvirt_name.as_deref()) {
+            effect.detail = Some(match effect.detail.take() {
+                Some(d) => format!("{d}; {problem}"),
+                None => problem,
+            });
+        }
+        Ok(effect)
+    }
+
+    /// Reverts to internal snapshot `id` of backing layer `entry.layer`, as virsh does (the
+    /// snapshot becomes that file's active state, and the disk is that file again): the top is
+    /// emptied and pointed at the layer, the layers between leave the chain (their files stay),
+    /// and the layer's active state becomes the snapshot. What the layer's own view showed (an
+    /// external snapshot's state) is replaced, as with virsh.
+    fn revert_in_layer(
+        &self,
+        entry: &ViewEntry,
+        id: &[u8],
+        cx: &Context,
+    ) -> Result<Effect, CommandError> {
+        let chain = self.catalog.chain();
+        self.require(&chain, cx.caller, &[(entry.layer, WRITE)])?;
+        let mut busy = Vec::new();
+        for layer in 0..entry.layer {
+            busy.extend(self.views_of_layer(layer));
+        }
+        busy.extend(
+            self.views_of_layer(entry.layer)
+                .into_iter()
+                .filter(|(t, _)| {
+                    let Target::Snapshot(k) = t else { return false };
+                    self.catalog
+                        .get(*k)
+                        .is_some_and(|v| v.kind == ViewKind::External)
+                }),
+        );
+        self.refuse_if_open(&busy, cx.is_open)?;
+        let removed: Vec<String> = chain.layers[1..entry.layer]
+            .iter()
+            .map(|l| l.path().display().to_string())
+            .collect();
+        let new_chain = crate::ops::revert_to_layer(&chain, entry.layer)?;
+        crate::ops::apply_internal(&new_chain, 1, id)?;
+        let mut effect = self.switch_chain(new_chain)?;
+        effect.live_changed = true;
+        if !removed.is_empty() {
+            effect.detail = Some(format!(
+                "left the chain, files kept: {}",
+                removed.join(", ")
+            ));
+        }
+        Ok(effect)
     }
 
     fn delete(&self, name: &str, label: &str, cx: &Context) -> Result<Effect, CommandError> {
@@ -448,7 +494,15 @@ impl Controller {
             self.forget_in_libvirt(entry.libvirt_name.as_deref());
             return Ok(effect);
         }
-        let id = self.internal_of_top(&entry, "delete")?;
+        let (ViewKind::Internal, Some(id)) = (entry.kind, entry.snapshot_id.clone()) else {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!("{} is not a snapshot; cannot delete it", entry.file_name),
+            ));
+        };
+        let chain = self.catalog.chain();
+        // A snapshot in a backing layer is deleted there, as virsh does: that file is written.
+        self.require(&chain, cx.caller, &[(entry.layer, WRITE)])?;
         // The snapshot's VM state file goes with it.
         let mut views = vec![(key, entry.clone())];
         views.extend(self.catalog.siblings(key));
@@ -464,7 +518,7 @@ impl Controller {
                 ),
             ));
         }
-        self.catalog.chain().top_image().delete_snapshot(&id)?;
+        crate::ops::delete_internal(&chain, entry.layer, &id)?;
         for (k, _) in &views {
             self.catalog.remove(*k);
         }

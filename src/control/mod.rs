@@ -18,7 +18,8 @@ use crate::catalog::Catalog;
 use crate::info::rfc3339;
 
 pub use execute::Context;
-pub use parse::{Command, CommandKind, MAX_COMMAND_LEN, label, parse};
+pub use libvirt::{LibvirtWrite, default_domain_file};
+pub use parse::{Command, CommandKind, MAX_COMMAND_LEN, label, parse, quote_name};
 
 /// A refused or failed command: the errno the writer gets and the message `status` shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,8 +70,8 @@ pub enum Target {
 pub struct Controller {
     catalog: Arc<Catalog>,
     writable: bool,
-    /// With `-o libvirt-write`: the folder where snapshot XML is written and removed.
-    libvirt_dir: Option<std::path::PathBuf>,
+    /// With `-o libvirt-write`: where snapshot XML is written and removed.
+    libvirt: Option<LibvirtWrite>,
     /// Whether commands may write backing files that are block devices.
     devices: DeviceWrites,
     running: Mutex<()>,
@@ -81,13 +82,13 @@ impl Controller {
     pub fn new(
         catalog: Arc<Catalog>,
         writable: bool,
-        libvirt_dir: Option<std::path::PathBuf>,
+        libvirt: Option<LibvirtWrite>,
         devices: DeviceWrites,
     ) -> Self {
         Controller {
             catalog,
             writable,
-            libvirt_dir,
+            libvirt,
             devices,
             running: Mutex::new(()),
             status: status::StatusLog::default(),

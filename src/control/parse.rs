@@ -80,28 +80,30 @@ pub fn parse(kind: CommandKind, input: &[u8]) -> Result<Command, CommandError> {
                 .into(),
         ));
     }
-    let text = text.trim();
-    let (first, rest) = match text.split_once(char::is_whitespace) {
-        Some((a, b)) => (a, b.trim()),
-        None => (text, ""),
-    };
+    let text = text.trim_start();
+    let (first, rest) = first_word(text).map_err(invalid)?;
+    let rest = rest.trim();
     let need_name = |what: &str| -> Result<String, CommandError> {
         if first.is_empty() {
             Err(invalid(format!("{what} needs a snapshot name")))
         } else {
-            Ok(first.to_owned())
+            Ok(first.clone())
         }
     };
     match kind {
         CommandKind::Create => {
             let name = need_name("create")?;
-            let mut words = rest.split_whitespace();
-            if words.next() == Some("--external") {
-                let file = words.next().map(str::to_owned);
-                if words.next().is_some() {
+            if let Some(after) = rest.strip_prefix("--external")
+                && (after.is_empty() || after.starts_with(char::is_whitespace))
+            {
+                let (file, tail) = first_word(after.trim_start()).map_err(invalid)?;
+                if !tail.trim().is_empty() {
                     return Err(invalid("usage: NAME --external [FILE]".into()));
                 }
-                return Ok(Command::CreateExternal { name, file });
+                return Ok(Command::CreateExternal {
+                    name,
+                    file: (!file.is_empty()).then_some(file),
+                });
             }
             Ok(Command::Create {
                 name,
@@ -112,7 +114,7 @@ pub fn parse(kind: CommandKind, input: &[u8]) -> Result<Command, CommandError> {
             let name = need_name(kind.file_name())?;
             if !rest.is_empty() {
                 return Err(invalid(format!(
-                    "usage: echo NAME > control/{} (one name only)",
+                    "usage: echo NAME > control/{} (one name; a name with white space is quoted: \"before upgrade\")",
                     kind.file_name()
                 )));
             }
@@ -127,7 +129,7 @@ pub fn parse(kind: CommandKind, input: &[u8]) -> Result<Command, CommandError> {
                 return Err(invalid("usage: echo [LAYER] > control/commit".into()));
             }
             Ok(Command::Commit {
-                layer: (!first.is_empty()).then(|| first.to_owned()),
+                layer: (!first.is_empty()).then_some(first),
             })
         }
         CommandKind::Pull => {
@@ -141,13 +143,66 @@ pub fn parse(kind: CommandKind, input: &[u8]) -> Result<Command, CommandError> {
     }
 }
 
+/// The first word of `text` (which starts with it, or is empty) and what follows it (white space
+/// included). A word is a run of characters up to white space, or a quoted name: `"` up to the
+/// next `"` that is not escaped, in which `\"` stands for `"` and `\\` for `\` (any other `\`
+/// is refused); the closing quote must end the text or be followed by white space.
+fn first_word(text: &str) -> Result<(String, &str), String> {
+    let Some(quoted) = text.strip_prefix('"') else {
+        let end = text.find(char::is_whitespace).unwrap_or(text.len());
+        return Ok((text[..end].to_owned(), &text[end..]));
+    };
+    let mut word = String::new();
+    let mut chars = quoted.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => {
+                let rest = &quoted[i + 1..];
+                if !rest.is_empty() && !rest.starts_with(char::is_whitespace) {
+                    return Err("a quoted name must be followed by white space or the end".into());
+                }
+                return Ok((word, rest));
+            }
+            '\\' => match chars.next() {
+                Some((_, e @ ('"' | '\\'))) => word.push(e),
+                _ => {
+                    return Err(
+                        "in a quoted name only \\\" and \\\\ are escapes (a quote and a backslash)"
+                            .into(),
+                    );
+                }
+            },
+            c => word.push(c),
+        }
+    }
+    Err("a quoted name has no closing quote".into())
+}
+
+/// `name` as a command carries it: as it is when it is one word that does not start with a
+/// quote, else quoted (see [`parse`]). `parse` of the result gives `name` back.
+pub fn quote_name(name: &str) -> String {
+    if !name.is_empty() && !name.starts_with('"') && !name.contains(char::is_whitespace) {
+        return name.to_owned();
+    }
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 /// The words `control/status` names a command by: `create NAME`, `commit (top)`, or the file's
 /// name for a command that did not parse.
 pub fn label(kind: CommandKind, command: &Result<Command, CommandError>) -> String {
     match command {
         Ok(Command::Create { name, .. } | Command::CreateExternal { name, .. })
         | Ok(Command::Revert { name } | Command::Delete { name }) => {
-            format!("{} {name}", kind.file_name())
+            format!("{} {}", kind.file_name(), quote_name(name))
         }
         Ok(Command::Commit { layer }) => {
             format!("commit {}", layer.as_deref().unwrap_or("(top)"))
@@ -210,6 +265,56 @@ mod tests {
                 base: Some("base".into())
             })
         );
+    }
+
+    #[test]
+    fn quoted_names() {
+        assert_eq!(
+            parse(CommandKind::Create, b"\"before upgrade\" apt upgrade\n"),
+            Ok(Command::Create {
+                name: "before upgrade".into(),
+                description: Some("apt upgrade".into())
+            })
+        );
+        assert_eq!(
+            parse(CommandKind::Delete, b"\"before upgrade\"\n"),
+            Ok(Command::Delete {
+                name: "before upgrade".into()
+            })
+        );
+        assert_eq!(
+            parse(
+                CommandKind::Create,
+                br#""a \"q\" \\ b" --external "/vm/new file.qcow2""#
+            ),
+            Ok(Command::CreateExternal {
+                name: r#"a "q" \ b"#.into(),
+                file: Some("/vm/new file.qcow2".into())
+            })
+        );
+        for name in [
+            "plain",
+            "two words",
+            " lead",
+            "trail ",
+            "\"q",
+            "a\\b",
+            "tab\there",
+            "x\"",
+        ] {
+            let quoted = quote_name(name);
+            assert_eq!(
+                parse(CommandKind::Revert, quoted.as_bytes()),
+                Ok(Command::Revert { name: name.into() }),
+                "{quoted}"
+            );
+        }
+        for bad in [&b"\"open"[..], b"\"a\"b", b"\"a\\x\"", b"two words"] {
+            assert_eq!(
+                parse(CommandKind::Delete, bad).unwrap_err().errno,
+                libc::EINVAL
+            );
+        }
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! `/var/lib/libvirt/qemu/snapshot/DOMAIN/NAME.xml` (see docs/design.md section 4).
 //!
 //! Reading is tolerant: elements may come in any order, unknown elements are ignored, and the
-//! (large) `<domain>`, `<inactiveDomain>` and `<cookie>` elements are skipped entirely, so that the
-//! `<name>`, `<description>` and `<disk>` elements of the *domain* are never mistaken for the
-//! snapshot's. Only a missing `<name>`, a root element other than `<domainsnapshot>`, or XML that is
+//! (large) `<domain>`, `<inactiveDomain>` and `<cookie>` elements are skipped (the `<domain>` kept
+//! as text), so that the `<name>`, `<description>` and `<disk>` elements of the *domain* are never
+//! mistaken for the snapshot's. Only a missing `<name>`, a root element other than `<domainsnapshot>`, or XML that is
 //! not well formed makes a file fail, and [`load_dir`] reports such a file and goes on with the rest.
 //!
 //! Writing ([`to_xml`], [`write_atomically`]) produces libvirt's own layout, so that
@@ -13,16 +13,22 @@
 //! read trimmed, so they must not begin or end with white space).
 //!
 //! The parts: this module holds the model and its errors and reads a folder; `parse` reads one
-//! file, `write` writes and edits files, `tree` relates snapshots by their parents.
+//! file, `write` writes and edits files, `tree` relates snapshots by their parents, `domain` reads
+//! a domain definition (its disks, and its text as a snapshot holds it).
 
+mod client;
+mod domain;
 mod parse;
 mod tree;
 mod write;
 
+pub use client::Daemon;
+pub use domain::{DomainDefinition, DomainDisk, with_disk_source};
 pub use parse::parse_snapshot_xml;
 pub use tree::SnapshotTree;
 pub use write::{
-    check_writable, remove, set_active_in_file, set_parent_in_file, to_xml, write_atomically,
+    check_writable, remove, set_active_in_file, set_disk_source_in_file, set_parent_in_file,
+    to_xml, write_atomically,
 };
 
 use std::ffi::OsStr;
@@ -53,6 +59,10 @@ pub struct DomainSnapshot {
     pub memory: Option<String>,
     /// `<disks><disk .../></disks>`, in file order.
     pub disks: Vec<SnapshotDisk>,
+    /// The top-level `<domain>` element (the domain's inactive definition when the snapshot was
+    /// taken), verbatim from `<domain` to `</domain>`: what `virsh snapshot-revert` restores and
+    /// `snapshot-create --redefine` requires.
+    pub domain: Option<String>,
     /// The XML file this snapshot was read from.
     pub source_file: PathBuf,
 }
@@ -198,6 +208,9 @@ pub enum LibvirtError {
     /// `<domainsnapshot>` has no (or an empty) `<name>`.
     #[error("{}: <domainsnapshot> has no <name>", one_line_path(.path))]
     MissingName { path: PathBuf },
+    /// A domain definition file whose root element is not `<domain>`.
+    #[error("{}: not a libvirt domain definition (no <domain> root element)", one_line_path(.path))]
+    NotADomain { path: PathBuf },
     /// `<domainsnapshot>` has more than one `<name>`.
     #[error("{}: <domainsnapshot> has a second <name> (ending at line {line}, column {column})", one_line_path(.path))]
     DuplicateName {
@@ -221,6 +234,7 @@ impl LibvirtError {
             | LibvirtError::Malformed { path, .. }
             | LibvirtError::NotASnapshot { path, .. }
             | LibvirtError::MissingName { path }
+            | LibvirtError::NotADomain { path }
             | LibvirtError::DuplicateName { path, .. } => path,
         }
     }

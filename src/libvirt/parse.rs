@@ -20,6 +20,8 @@ enum Ctx {
     ParentName,
     /// `<disks>`.
     Disks,
+    /// The top-level `<domain>`: kept as text, everything in it ignored.
+    Domain,
     /// `<disks><disk>`.
     Disk,
     /// Anything else (including everything inside `<domain>`): ignored.
@@ -47,6 +49,9 @@ struct Partial {
     current: bool,
     memory: Option<String>,
     disks: Vec<SnapshotDisk>,
+    /// Byte offset of the first top-level `<domain` while it is open, then its text.
+    domain_start: Option<usize>,
+    domain: Option<String>,
 }
 
 /// Line and column (both from 1, the column in characters) of byte `position` of `text`.
@@ -130,6 +135,7 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
     let mut text_buf: Option<String> = None;
 
     loop {
+        let before = reader.buffer_position() as usize;
         let event = match reader.read_event() {
             Ok(ev) => ev,
             Err(e) => {
@@ -154,6 +160,9 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
                 if matches!(ctx, Ctx::Field(_) | Ctx::ParentName) {
                     text_buf = Some(String::new());
                 }
+                if ctx == Ctx::Domain {
+                    part.domain_start = Some(before);
+                }
                 stack.push(ctx);
             }
             Event::Empty(e) => {
@@ -166,6 +175,10 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
                 if ctx == Ctx::Root {
                     done = true;
                 }
+                if ctx == Ctx::Domain {
+                    let end = reader.buffer_position() as usize;
+                    part.domain = text.get(before..end).map(str::to_owned);
+                }
             }
             Event::End(_) => {
                 let Some(ctx) = stack.pop() else {
@@ -174,6 +187,12 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
                 if matches!(ctx, Ctx::Field(_) | Ctx::ParentName) {
                     let field_text = text_buf.take().unwrap_or_default();
                     close_text(ctx, field_text, &mut part, &reader, text, source)?;
+                }
+                if ctx == Ctx::Domain
+                    && let Some(start) = part.domain_start.take()
+                {
+                    let end = reader.buffer_position() as usize;
+                    part.domain = text.get(start..end).map(str::to_owned);
                 }
                 if stack.is_empty() {
                     done = true;
@@ -249,6 +268,7 @@ pub fn parse_snapshot_xml(text: &str, source: &Path) -> Result<DomainSnapshot, L
         current: part.current,
         memory: part.memory,
         disks: part.disks,
+        domain: part.domain,
         source_file: source.to_path_buf(),
     })
 }
@@ -293,6 +313,10 @@ fn open_element(
         (Ctx::Root, b"active") => Ctx::Field(Field::Active),
         (Ctx::Root, b"parent") => Ctx::Parent,
         (Ctx::Root, b"disks") => Ctx::Disks,
+        // The first one only: a second is skipped like anything unknown.
+        (Ctx::Root, b"domain") if part.domain.is_none() && part.domain_start.is_none() => {
+            Ctx::Domain
+        }
         (Ctx::Root, b"memory") => {
             if let Some(v) = attribute(e, b"snapshot", reader, text, source)? {
                 let v = v.trim();

@@ -79,7 +79,8 @@ fn non_xml10_error(snapshot: &str, field: &str, c: char) -> io::Error {
     )
 }
 
-/// The snapshot in libvirt's `<domainsnapshot>` format (without a `<domain>` element).
+/// The snapshot in libvirt's `<domainsnapshot>` format, elements in libvirt's order (its
+/// `virDomainSnapshotDefFormat`): the `<domain>` text verbatim after `<disks>`, two spaces in.
 pub fn to_xml(s: &DomainSnapshot) -> String {
     let mut out = String::new();
     let text = |t: &str| xml_escape(t, false);
@@ -124,10 +125,19 @@ pub fn to_xml(s: &DomainSnapshot) -> String {
         }
         out.push_str("  </disks>\n");
     }
+    if let Some(domain) = &s.domain {
+        let _ = writeln!(out, "  {domain}");
+    }
     let _ = writeln!(out, "  <active>{}</active>", u8::from(s.current));
     out.push_str("</domainsnapshot>\n");
     out
 }
+
+/// The comment libvirt puts at the top of every snapshot file it writes (`virXMLSaveFile` with
+/// the command `snapshot-edit`).
+pub const LIBVIRT_HEADER: &str = "<!--\nWARNING: THIS IS AN AUTO-GENERATED FILE. CHANGES TO IT ARE LIKELY TO BE\n\
+OVERWRITTEN AND LOST. Changes to this xml configuration should be made using:\n  \
+virsh snapshot-edit\nor other application using the libvirt API.\n-->\n\n";
 
 /// Refuses snapshot names that are not a single safe file-name component.
 fn check_name(name: &str) -> io::Result<()> {
@@ -150,8 +160,16 @@ pub fn write_atomically(dir: &Path, s: &DomainSnapshot) -> io::Result<PathBuf> {
     check_name(&s.name)?;
     check_writable(s)?;
     let name = format!("{}.xml", s.name);
+    // libvirt makes a domain's snapshot folder with its first snapshot; so does snapfs (mkdir
+    // does not follow a symlink in the last component; the open below checks the whole path).
+    if let Err(e) = std::fs::create_dir(dir)
+        && e.kind() != io::ErrorKind::AlreadyExists
+    {
+        return Err(e);
+    }
     let folder = super::open_folder(dir).map_err(io::Error::other)?;
-    folder.replace(OsStr::new(&name), to_xml(s).as_bytes(), 0o600, None)?;
+    let text = format!("{LIBVIRT_HEADER}{}", to_xml(s));
+    folder.replace(OsStr::new(&name), text.as_bytes(), 0o600, None)?;
     Ok(dir.join(name))
 }
 
@@ -191,6 +209,25 @@ fn edit_file(path: &Path, edit: impl FnOnce(&str) -> io::Result<Option<String>>)
         ),
         None => Ok(()),
     }
+}
+
+/// Points the disk of the domain definition file `path` whose source is `old` at `new`, changing
+/// only that attribute (the file replaced atomically, keeping its mode and owner). Fails with
+/// `NotFound` when no disk has `old` as its source.
+pub fn set_disk_source_in_file(path: &Path, old: &Path, new: &Path) -> io::Result<()> {
+    edit_file(path, |text| {
+        match super::domain::with_disk_source(text, path, old, new).map_err(io::Error::other)? {
+            Some(new_text) => Ok(Some(new_text)),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{}: no disk has {} as its source",
+                    path.display(),
+                    old.display()
+                ),
+            )),
+        }
+    })
 }
 
 /// Where the `<domain>` element of a snapshot file lies (its text is libvirt's domain definition

@@ -77,6 +77,39 @@ impl Drop for WriteAccess<'_> {
     }
 }
 
+/// The qcow2 image of layer `index`, for an operation on its internal snapshots.
+fn qcow2_layer(chain: &Chain, index: usize) -> Result<&Qcow2Image> {
+    let layer = chain.layers.get(index).ok_or_else(|| Error::Invalid {
+        path: chain.top().path().to_owned(),
+        reason: format!("the chain has no layer {index}"),
+    })?;
+    match layer.as_ref() {
+        Layer::Qcow2(image) => Ok(image),
+        _ => Err(Error::Invalid {
+            path: layer.path().to_owned(),
+            reason: "a raw layer has no internal snapshots".into(),
+        }),
+    }
+}
+
+/// Deletes internal snapshot `id` of layer `index` (a backing layer too, as
+/// `virsh snapshot-delete` deletes a snapshot virsh took before a disk-only snapshot put a layer
+/// above it): the layer's guest-visible content, and so every view reading through it, stays
+/// as it was.
+pub fn delete_internal(chain: &Chain, index: usize, id: &[u8]) -> Result<()> {
+    let image = qcow2_layer(chain, index)?;
+    let _access = WriteAccess::acquire(chain, index)?;
+    image.delete_snapshot(id)
+}
+
+/// Makes internal snapshot `id` the active state of layer `index` (`qemu-img snapshot -a` on
+/// that file, as `virsh snapshot-revert` does to a snapshot stored in a backing file).
+pub fn apply_internal(chain: &Chain, index: usize, id: &[u8]) -> Result<()> {
+    let image = qcow2_layer(chain, index)?;
+    let _access = WriteAccess::acquire(chain, index)?;
+    image.apply_snapshot(id)
+}
+
 /// A run of guest bytes that a layer maps itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Run {

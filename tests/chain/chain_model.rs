@@ -327,11 +327,15 @@ enum Step {
         base: Option<(usize, String)>,
     },
     CreateInternal(String),
+    /// Internal snapshot `tag` of layer `depth` (a backing layer's too, as virsh reverts to
+    /// and deletes a snapshot it took before a disk-only snapshot put a layer above it).
     RevertInternal {
+        depth: usize,
         tag: String,
         name: String,
     },
     DeleteInternal {
+        depth: usize,
         tag: String,
         name: String,
     },
@@ -698,12 +702,20 @@ impl Run {
                 84..=89 if !top_snaps.is_empty() => {
                     let tag = self.rng.pick(&top_snaps).clone();
                     let name = self.view_name(0, Some(&tag));
-                    Step::RevertInternal { tag, name }
+                    Step::RevertInternal {
+                        depth: 0,
+                        tag,
+                        name,
+                    }
                 }
                 90..=95 if !top_snaps.is_empty() => {
                     let tag = self.rng.pick(&top_snaps).clone();
                     let name = self.view_name(0, Some(&tag));
-                    Step::DeleteInternal { tag, name }
+                    Step::DeleteInternal {
+                        depth: 0,
+                        tag,
+                        name,
+                    }
                 }
                 96..=99 => {
                     let below: Vec<(usize, String)> = (1..n)
@@ -715,16 +727,12 @@ impl Run {
                         })
                         .collect();
                     if !below.is_empty() && self.rng.chance(60) {
-                        let (d, tag) = self.rng.pick(&below).clone();
-                        let verb = if self.rng.chance(50) {
-                            "revert"
+                        let (depth, tag) = self.rng.pick(&below).clone();
+                        let name = self.view_name(depth, Some(&tag));
+                        if self.rng.chance(50) {
+                            Step::RevertInternal { depth, tag, name }
                         } else {
-                            "delete"
-                        };
-                        Step::Refused {
-                            file: verb,
-                            text: self.view_name(d, Some(&tag)),
-                            why: "an internal snapshot of a backing layer",
+                            Step::DeleteInternal { depth, tag, name }
                         }
                     } else if n >= 2 {
                         Step::Refused {
@@ -758,7 +766,9 @@ impl Run {
     fn apply(&mut self, m: &Mount, step: &Step) {
         let leaving: Vec<usize> = match step {
             Step::CommitLayer { depth, .. } | Step::DeleteLayer { depth, .. } => vec![*depth],
-            Step::RevertLayer { depth, .. } => (1..*depth).collect(),
+            Step::RevertLayer { depth, .. } | Step::RevertInternal { depth, .. } => {
+                (1..*depth).collect()
+            }
             Step::Pull { base } => (1..base.as_ref().map_or(self.layers.len(), |b| b.0)).collect(),
             _ => Vec::new(),
         };
@@ -902,67 +912,7 @@ impl Run {
             }
             Step::RevertLayer { depth, name } => {
                 self.command(m, "revert", name, &format!("revert {name}"));
-                let d = *depth;
-                let target = self.layers[d].clone();
-                let old_size = self.layers[0].size;
-                // Emptied as `qemu-img commit` empties an image (its internal snapshots stay):
-                // committed into a scratch image put under it; resized over the scratch image
-                // (so that growing does not zero the new end, as it would over a larger
-                // backing file), then pointed at the layer.
-                let scratch = ".scratch.qcow2";
-                run_in(
-                    &model,
-                    "qemu-img",
-                    &[
-                        "create",
-                        "-q",
-                        "-f",
-                        "qcow2",
-                        scratch,
-                        &old_size.to_string(),
-                    ],
-                );
-                run_in(
-                    &model,
-                    "qemu-img",
-                    &[
-                        "rebase", "-u", "-f", "qcow2", "-b", scratch, "-F", "qcow2", &top,
-                    ],
-                );
-                run_in(&model, "qemu-img", &["commit", "-q", "-f", "qcow2", &top]);
-                if target.size != old_size {
-                    run_in(
-                        &model,
-                        "qemu-img",
-                        &[
-                            "resize",
-                            "-q",
-                            "--shrink",
-                            "-f",
-                            "qcow2",
-                            &top,
-                            &target.size.to_string(),
-                        ],
-                    );
-                }
-                run_in(
-                    &model,
-                    "qemu-img",
-                    &[
-                        "rebase",
-                        "-u",
-                        "-f",
-                        "qcow2",
-                        "-b",
-                        &target.file,
-                        "-F",
-                        target.fmt.name(),
-                        &top,
-                    ],
-                );
-                fs::remove_file(model.join(scratch)).unwrap();
-                self.layers[0].size = target.size;
-                self.layers.drain(1..d);
+                self.model_revert_to_layer(*depth);
             }
             Step::Pull { base } => {
                 let (text, label) = match base {
@@ -1011,21 +961,29 @@ impl Run {
                 let size = self.layers[0].size;
                 self.layers[0].snapshots.push((tag.clone(), size));
             }
-            Step::RevertInternal { tag, name } => {
+            Step::RevertInternal { depth, tag, name } => {
                 self.command(m, "revert", name, &format!("revert {name}"));
-                run_in(&model, "qemu-img", &["snapshot", "-a", tag, &top]);
-                let taken_at = self.layers[0]
+                // The snapshot becomes its file's active state; a backing layer's file is then
+                // the disk again, as virsh points the domain at it: the top is emptied over it.
+                let d = *depth;
+                let file = self.layers[d].file.clone();
+                run_in(&model, "qemu-img", &["snapshot", "-a", tag, &file]);
+                let taken_at = self.layers[d]
                     .snapshots
                     .iter()
                     .find(|(t, _)| t == tag)
                     .unwrap()
                     .1;
-                self.layers[0].size = taken_at;
+                self.layers[d].size = taken_at;
+                if d > 0 {
+                    self.model_revert_to_layer(d);
+                }
             }
-            Step::DeleteInternal { tag, name } => {
+            Step::DeleteInternal { depth, tag, name } => {
                 self.command(m, "delete", name, &format!("delete {name}"));
-                run_in(&model, "qemu-img", &["snapshot", "-d", tag, &top]);
-                self.layers[0].snapshots.retain(|(t, _)| t != tag);
+                let file = self.layers[*depth].file.clone();
+                run_in(&model, "qemu-img", &["snapshot", "-d", tag, &file]);
+                self.layers[*depth].snapshots.retain(|(t, _)| t != tag);
             }
             Step::Refused { file, text, why } => {
                 let label = match *file {
@@ -1059,6 +1017,74 @@ impl Run {
         }
         self.content.clear();
         self.rename();
+    }
+
+    /// The model of a revert to layer `d`: the top emptied as `qemu-img commit` empties an image
+    /// (its internal snapshots stay), at layer `d`'s size, over layer `d`; the layers between
+    /// leave.
+    fn model_revert_to_layer(&mut self, d: usize) {
+        let model = self.model.clone();
+        let top = self.layers[0].file.clone();
+        let target = self.layers[d].clone();
+        let old_size = self.layers[0].size;
+        // Emptied as `qemu-img commit` empties an image (its internal snapshots stay):
+        // committed into a scratch image put under it; resized over the scratch image
+        // (so that growing does not zero the new end, as it would over a larger
+        // backing file), then pointed at the layer.
+        let scratch = ".scratch.qcow2";
+        run_in(
+            &model,
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                scratch,
+                &old_size.to_string(),
+            ],
+        );
+        run_in(
+            &model,
+            "qemu-img",
+            &[
+                "rebase", "-u", "-f", "qcow2", "-b", scratch, "-F", "qcow2", &top,
+            ],
+        );
+        run_in(&model, "qemu-img", &["commit", "-q", "-f", "qcow2", &top]);
+        if target.size != old_size {
+            run_in(
+                &model,
+                "qemu-img",
+                &[
+                    "resize",
+                    "-q",
+                    "--shrink",
+                    "-f",
+                    "qcow2",
+                    &top,
+                    &target.size.to_string(),
+                ],
+            );
+        }
+        run_in(
+            &model,
+            "qemu-img",
+            &[
+                "rebase",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                &target.file,
+                "-F",
+                target.fmt.name(),
+                &top,
+            ],
+        );
+        fs::remove_file(model.join(scratch)).unwrap();
+        self.layers[0].size = target.size;
+        self.layers.drain(1..d);
     }
 
     /// A `delete` of a layer or a `pull` removes layers under a layer that may have internal

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod images;
+pub mod libvirtd;
 pub mod qemu_vm;
 
 use std::collections::BTreeSet;

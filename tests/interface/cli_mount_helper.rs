@@ -24,18 +24,21 @@ use crate::common::{
 };
 
 const HELPER: &str = "/sbin/mount.snapfs";
+const UMOUNT_HELPER: &str = "/sbin/umount.fuse.snapfs";
 const HELPER_LOCK: &str = "/tmp/snapfs-test-mount-helper.lock";
 
 // ---------------------------------------------------------------------------------------------
 // The helper installed for mount(8)
 // ---------------------------------------------------------------------------------------------
 
-/// `/sbin/mount.snapfs` -> `TMP/bin/mount.snapfs` (a copy of mount-helper/mount.snapfs), with
-/// `TMP/bin/snapfs` -> the binary under test. Held under an exclusive lock; undone on drop.
+/// `/sbin/mount.snapfs` -> `TMP/bin/mount.snapfs` and `/sbin/umount.fuse.snapfs` ->
+/// `TMP/bin/umount.fuse.snapfs` (copies of mount-helper/'s), with `TMP/bin/snapfs` -> the binary
+/// under test. Held under an exclusive lock; undone on drop.
 struct HelperInstall {
     _lock: File,
     bin: tempfile::TempDir,
-    backup: Option<PathBuf>,
+    /// (installed path, the file that was there before, moved aside).
+    installed: Vec<(PathBuf, Option<PathBuf>)>,
 }
 
 impl HelperInstall {
@@ -49,52 +52,62 @@ impl HelperInstall {
             .prefix("snapfs-helper-test-")
             .tempdir()
             .expect("temp dir");
-        let helper = bin.path().join("mount.snapfs");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helper/mount.snapfs");
-        let out = run_timeout(
-            Command::new("install")
-                .args(["-m", "0755"])
-                .arg(&source)
-                .arg(&helper),
-            Duration::from_secs(20),
-        );
-        assert_eq!(
-            out.status.map(|s| s.success()),
-            Some(true),
-            "install: {}",
-            out.stderr
-        );
         symlink(snapfs_bin(), bin.path().join("snapfs")).unwrap();
-
-        let sbin = Path::new(HELPER);
-        let mut backup = None;
-        if let Ok(meta) = fs::symlink_metadata(sbin) {
-            let target = fs::read_link(sbin).unwrap_or_default();
-            if meta.file_type().is_symlink()
-                && target.to_string_lossy().contains("snapfs-helper-test-")
-            {
-                // Left behind by a test run that was killed.
-                fs::remove_file(sbin).unwrap();
-            } else {
-                let saved = PathBuf::from(format!("{HELPER}.snapfs-test-backup"));
-                fs::rename(sbin, &saved).unwrap();
-                backup = Some(saved);
+        let mut installed = Vec::new();
+        for (name, sbin) in [
+            ("mount.snapfs", HELPER),
+            ("umount.fuse.snapfs", UMOUNT_HELPER),
+        ] {
+            let helper = bin.path().join(name);
+            let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("mount-helper")
+                .join(name);
+            let out = run_timeout(
+                Command::new("install")
+                    .args(["-m", "0755"])
+                    .arg(&source)
+                    .arg(&helper),
+                Duration::from_secs(20),
+            );
+            assert_eq!(
+                out.status.map(|s| s.success()),
+                Some(true),
+                "install: {}",
+                out.stderr
+            );
+            let sbin = Path::new(sbin);
+            let mut backup = None;
+            if let Ok(meta) = fs::symlink_metadata(sbin) {
+                let target = fs::read_link(sbin).unwrap_or_default();
+                if meta.file_type().is_symlink()
+                    && target.to_string_lossy().contains("snapfs-helper-test-")
+                {
+                    // Left behind by a test run that was killed.
+                    fs::remove_file(sbin).unwrap();
+                } else {
+                    let saved = PathBuf::from(format!("{}.snapfs-test-backup", sbin.display()));
+                    fs::rename(sbin, &saved).unwrap();
+                    backup = Some(saved);
+                }
             }
+            symlink(&helper, sbin).unwrap();
+            installed.push((sbin.to_path_buf(), backup));
         }
-        symlink(&helper, sbin).unwrap();
         HelperInstall {
             _lock: lock,
             bin,
-            backup,
+            installed,
         }
     }
 }
 
 impl Drop for HelperInstall {
     fn drop(&mut self) {
-        let _ = fs::remove_file(HELPER);
-        if let Some(saved) = &self.backup {
-            let _ = fs::rename(saved, HELPER);
+        for (sbin, backup) in &self.installed {
+            let _ = fs::remove_file(sbin);
+            if let Some(saved) = backup {
+                let _ = fs::rename(saved, sbin);
+            }
         }
         let _ = &self.bin;
     }
@@ -446,6 +459,48 @@ fn mount_t_snapfs_and_umount() {
         snapshot_create_works(&img),
         "the image is still locked after umount"
     );
+}
+
+/// `umount DIR` (through /sbin/umount.fuse.snapfs) returns only once the serving process has
+/// exited, so the image is free at once: qemu-img write-locks it right after, with no wait.
+#[test]
+fn umount_returns_once_the_image_is_free() {
+    let _helper = HelperInstall::new();
+    become_subreaper();
+    let dir = workdir();
+    let img = image(dir.path());
+    let mp = mountpoint(dir.path());
+    let mut cleanup = Cleanup::new(&mp);
+    ok(Command::new("mount")
+        .args(["-t", "snapfs"])
+        .arg(&img)
+        .arg(&mp));
+    let pid = cleanup.mounted();
+    fs::write(mp.join("control/create"), "before-umount").unwrap();
+    // Data the daemon still has to flush to the image when the kernel lets the mount go.
+    std::io::Write::write_all(
+        &mut fs::OpenOptions::new()
+            .write(true)
+            .open(mp.join("live.raw"))
+            .unwrap(),
+        &vec![0x77u8; 48 << 20],
+    )
+    .unwrap();
+    umount(&mp);
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned));
+    assert!(
+        state.as_deref().is_none_or(|s| s == "Z"),
+        "umount returned while the daemon {pid} still runs (state {state:?})"
+    );
+    assert!(
+        snapshot_create_works(&img),
+        "the image is still locked right after umount returned"
+    );
+    expect_end(pid, Duration::from_secs(30), End::Exited(0));
+    cleanup.reaped();
 }
 
 #[test]

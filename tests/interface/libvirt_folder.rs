@@ -55,7 +55,7 @@ fn libvirt_folder_names_and_describes_views() {
         ),
         ("snapshots/1270477159.raw".into(), View::layer(&fx.mid)),
         (
-            "snapshots/1270477159@experiment.raw".into(),
+            "snapshots/experiment.raw".into(),
             View::internal(&fx.mid, "experiment"),
         ),
         (
@@ -78,7 +78,7 @@ fn libvirt_folder_names_and_describes_views() {
     let want_names = names(&[
         "bare-os-install.raw",
         "1270477159.raw",
-        "1270477159@experiment.raw",
+        "experiment.raw",
         "pkg-updated.raw",
         "untracked.raw",
     ]);
@@ -182,7 +182,7 @@ fn libvirt_mount_option_spelling() {
     let want = names(&[
         "bare-os-install.raw",
         "1270477159.raw",
-        "1270477159@experiment.raw",
+        "experiment.raw",
         "pkg-updated.raw",
         "untracked.raw",
     ]);
@@ -330,6 +330,75 @@ fn external_source_through_a_symlink_names_the_layer() {
         if getxattr_str(&p, "user.snapfs.current").as_deref() != Some("true") {
             problems.push("installed.raw: user.snapfs.current is not \"true\"".into());
         }
+    }
+    fail_if_any(problems, &m);
+}
+
+/// Two files with the same `<name>`, and an external snapshot named like an internal tag: each
+/// gets a status line, the first file of a name counts, and no two views share a description
+/// (the tag's view keeps none of the external snapshot's, the layer's view gets it).
+#[test]
+fn clashing_libvirt_names_get_status_lines() {
+    let wd = workdir();
+    let dir = wd.path().join("snap");
+    fs::create_dir(&dir).unwrap();
+    let base = wd.path().join("base.qcow2");
+    let top = wd.path().join("vm.qcow2");
+    create_qcow2(&base, DISK, "", None);
+    create_qcow2(&top, DISK, "", Some((base.to_str().unwrap(), "qcow2")));
+    snapshot_create(&top, "twin");
+    snapshot_create(&top, "dup");
+    let external = SnapXml {
+        name: "twin",
+        description: Some("the layer below vm.qcow2"),
+        state: Some("shutoff"),
+        disks: vec![("vda", "external", Some(top.to_str().unwrap().to_string()))],
+        ..SnapXml::default()
+    };
+    let dup = |description| SnapXml {
+        name: "dup",
+        description: Some(description),
+        disks: vec![("vda", "internal", None)],
+        ..SnapXml::default()
+    };
+    write_file_mode(&dir.join("twin.xml"), &external.render(), 0o600);
+    write_file_mode(&dir.join("a-dup.xml"), &dup("first file").render(), 0o600);
+    write_file_mode(&dir.join("b-dup.xml"), &dup("second file").render(), 0o600);
+    let m = Mount::with_args(&top, &["--libvirt", dir.to_str().unwrap()]);
+    let status = status_text(m.path());
+    let mut problems = Vec::new();
+    if !status
+        .lines()
+        .any(|l| l.contains("b-dup.xml") && l.contains("a-dup.xml"))
+    {
+        problems.push("no status line names the two files that claim \"dup\"".to_string());
+    }
+    if !status
+        .lines()
+        .any(|l| l.contains("twin.xml") && l.contains("internal snapshot"))
+    {
+        problems.push("no status line for the external snapshot named like a tag".to_string());
+    }
+    let desc = |view: &str| getxattr_str(&m.snapshot(view), "user.snapfs.description");
+    if desc("dup.raw").as_deref() != Some("first file") {
+        problems.push(format!("dup.raw describes itself as {:?}", desc("dup.raw")));
+    }
+    if desc("twin.raw").is_some() {
+        problems.push(format!(
+            "the tag twin.raw took the external snapshot's description {:?}",
+            desc("twin.raw")
+        ));
+    }
+    let layer_views: Vec<String> = m
+        .snapshot_names()
+        .into_iter()
+        .filter(|n| n.starts_with("twin") && n != "twin.raw")
+        .collect();
+    match layer_views.as_slice() {
+        [layer] if desc(layer).as_deref() == Some("the layer below vm.qcow2") => {}
+        other => problems.push(format!(
+            "the layer's view ({other:?}) does not carry the external snapshot's description"
+        )),
     }
     fail_if_any(problems, &m);
 }

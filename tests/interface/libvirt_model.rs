@@ -54,6 +54,7 @@ fn snap(name: &str, parent: Option<&str>) -> DomainSnapshot {
         current: false,
         memory: None,
         disks: vec![],
+        domain: None,
         source_file: p(),
     }
 }
@@ -77,6 +78,10 @@ fn internal_example() {
                 source_file: None,
                 driver_type: None,
             }],
+            domain: Some(
+                "<domain type='kvm'> ... the whole domain definition at that time ... </domain>"
+                    .into()
+            ),
             source_file: p(),
         }
     );
@@ -386,6 +391,7 @@ fn to_xml_layout() {
     </disk>
     <disk name='vdb' snapshot='no'/>
   </disks>
+  <domain> ... <disk><source file='/path/to/old'/><target dev='vda'/></disk> ... </domain>
   <active>0</active>
 </domainsnapshot>
 "
@@ -790,6 +796,7 @@ proptest! {
                     driver_type,
                 })
                 .collect(),
+            domain: None,
             source_file: p(),
         };
         let xml = to_xml(&s);

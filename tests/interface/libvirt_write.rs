@@ -27,6 +27,19 @@ struct Fixture {
     installed: String,
     /// old-branch.xml as written.
     old_branch: String,
+    /// The domain definition file (`/etc/libvirt/qemu/DOMAIN.xml`): disk `sda` on vm.qcow2.
+    domain: PathBuf,
+}
+
+impl Fixture {
+    /// `-o libvirt=DIR,libvirt-write,libvirt-domain=FILE`.
+    fn write_options(&self) -> String {
+        format!(
+            "libvirt={},libvirt-write,libvirt-domain={}",
+            self.dir.display(),
+            self.domain.display()
+        )
+    }
 }
 
 const T_INSTALLED: i64 = 1700000000;
@@ -75,6 +88,12 @@ fn fixture() -> Fixture {
     .render();
     write_file_mode(&dir.join("installed.xml"), &installed, 0o600);
     write_file_mode(&dir.join("old-branch.xml"), &old_branch, 0o600);
+    let domain = wd.path().join("vm-domain.xml");
+    write_file_mode(
+        &domain,
+        &big_domain(&[("sda", top.to_str().unwrap())]),
+        0o600,
+    );
     Fixture {
         _wd: wd,
         img,
@@ -82,6 +101,7 @@ fn fixture() -> Fixture {
         top,
         installed,
         old_branch,
+        domain,
     }
 }
 
@@ -170,8 +190,9 @@ fn check_written(
     );
     want(
         "<state>",
-        s.state.as_deref() == Some("disk-snapshot"),
-        format!("{:?}, expected disk-snapshot", s.state),
+        // What virsh writes for a snapshot of a shut-off domain, internal or disk-only.
+        s.state.as_deref() == Some("shutoff"),
+        format!("{:?}, expected shutoff", s.state),
     );
     want(
         "<parent>",
@@ -265,7 +286,7 @@ fn finish(problems: Vec<String>, m: Option<&Mount>) {
 #[test]
 fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
     let fx = fixture();
-    let opt = format!("libvirt={},libvirt-write", fx.dir.display());
+    let opt = fx.write_options();
     let m = Mount::with_args(&fx.top, &["-o", &opt]);
     let mut problems = Vec::new();
     if !m.snapshot_names().contains("installed.raw") {
@@ -326,16 +347,11 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
         ],
         Some("snap1"),
     ));
-    problems.extend(round_trip_problems(&fx.dir.join("snap1.xml"), false));
+    problems.extend(round_trip_problems(&fx.dir.join("snap1.xml"), true));
     problems.extend(round_trip_problems(&fx.dir.join("installed.xml"), true));
     let v = m.snapshot("snap1.raw");
     xattr_expect(&mut problems, &v, "user.snapfs.current", Some("true"));
-    xattr_expect(
-        &mut problems,
-        &v,
-        "user.snapfs.state",
-        Some("disk-snapshot"),
-    );
+    xattr_expect(&mut problems, &v, "user.snapfs.state", Some("shutoff"));
     xattr_expect(&mut problems, &v, "user.snapfs.parent", Some("installed"));
     xattr_expect(
         &mut problems,
@@ -420,7 +436,7 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
         Some("ext1"),
     ));
     for f in ["ext1.xml", "snap1.xml"] {
-        problems.extend(round_trip_problems(&fx.dir.join(f), false));
+        problems.extend(round_trip_problems(&fx.dir.join(f), true));
     }
     problems.extend(round_trip_problems(&fx.dir.join("installed.xml"), true));
     if !overlay.exists() {
@@ -455,7 +471,7 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
     }
     let before = folder_state(&fx.dir);
     let m = Mount::with_args(&overlay, &["--libvirt", fx.dir.to_str().unwrap()]);
-    let want: std::collections::BTreeSet<String> = ["installed.raw", "ext1.raw", "ext1@snap1.raw"]
+    let want: std::collections::BTreeSet<String> = ["installed.raw", "ext1.raw", "snap1.raw"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -474,7 +490,7 @@ fn create_writes_libvirt_xml_for_internal_and_external_snapshots() {
         );
         xattr_expect(
             &mut problems,
-            &m.snapshot("ext1@snap1.raw"),
+            &m.snapshot("snap1.raw"),
             "user.snapfs.description",
             Some("first snapshot, with words"),
         );
@@ -503,7 +519,7 @@ fn previous_current_is_unmarked_whatever_the_element_order() {
          </app:sync>\n    </metadata>\n  </domain>\n</domainsnapshot>\n"
     );
     write_file_mode(&fx.dir.join("installed.xml"), &installed, 0o600);
-    let opt = format!("libvirt={},libvirt-write", fx.dir.display());
+    let opt = fx.write_options();
     let m = Mount::with_args(&fx.top, &["-o", &opt]);
     let mut problems = Vec::new();
     control_ok(m.path(), "create", "s1");
@@ -663,7 +679,7 @@ fn delete_removes_xml_and_keeps_the_libvirt_tree_consistent() {
 #[test]
 fn deleting_external_snapshots_removes_their_xml() {
     let fx = fixture();
-    let opt = format!("libvirt={},libvirt-write", fx.dir.display());
+    let opt = fx.write_options();
     let m = Mount::with_args(&fx.top, &["-o", &opt]);
     let mp = m.path();
     let mut problems = Vec::new();

@@ -11,6 +11,7 @@ mod libvirt_changes;
 mod libvirt_folder;
 mod libvirt_info;
 mod libvirt_model;
+mod libvirt_virsh;
 mod libvirt_write;
 mod perm_control_input;
 mod perm_modes;
