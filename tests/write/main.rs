@@ -8,6 +8,7 @@ mod common;
 mod degrade_backing_gone;
 mod degrade_enospc;
 mod degrade_shrink;
+mod powercut;
 mod snapshot_crash;
 mod snapshot_errors;
 mod snapshot_model;
