@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{
-    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
-    format_name, read_own, run_bytes, without,
+    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, format_name, read_own,
+    run_bytes, without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -61,7 +61,7 @@ pub fn commit(chain: &Arc<Chain>, index: usize, progress: Progress) -> Result<Ar
         }
         progress(done, total);
     }
-    flush_layer(target_layer)?;
+    into.flush()?;
     drop(into);
 
     if let Some(w) = hold.as_mut() {

@@ -41,8 +41,8 @@ pub fn create_external(
     path: &Path,
 ) -> Result<Arc<Chain>> {
     let top = chain.top_image();
-    let writes_wait = top.writer()?;
-    top.flush()?;
+    let mut writes_wait = top.writer()?;
+    top.flush_locked(&mut writes_wait)?;
     let top_path = top.path();
     let backing = super::backing_name(path, None, top_path);
     let new = NewImage {

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::{
-    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
-    format_name, run_bytes, without,
+    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, format_name, run_bytes,
+    without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -70,7 +70,7 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
         done += len;
         progress(done, total);
     }
-    flush_layer(&chain.layers[above])?;
+    into.flush()?;
     let (name, format) = match chain.layers.get(index + 1) {
         Some(below) => (
             Some(backing_name(

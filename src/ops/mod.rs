@@ -185,19 +185,21 @@ impl<'a> LayerWriter<'a> {
         }
     }
 
+    /// Makes everything written into the layer durable (with the writer held: the image's
+    /// `flush_locked`, which also settles the deferred references and the reservation).
+    fn flush(&mut self) -> Result<()> {
+        match &mut self.held {
+            Held::Qcow2(image, w) => Ok(image.flush_locked(w)?),
+            Held::Raw(raw) => raw.flush(),
+        }
+    }
+
     /// Grows the layer's virtual disk to `size` (a commit of a larger overlay).
     fn grow(&mut self, size: u64) -> Result<()> {
         match &mut self.held {
             Held::Qcow2(image, w) => image.grow_locked(w, size),
             Held::Raw(raw) => raw.grow(size),
         }
-    }
-}
-
-fn flush_layer(layer: &Layer) -> Result<()> {
-    match layer {
-        Layer::Qcow2(image) => image.flush(),
-        Layer::Raw(raw) => raw.flush(),
     }
 }
 

@@ -5,7 +5,10 @@
 //! cluster, the backing file, or zeros).
 //!
 //! Ordering: the whole run, fill included, is written before the L2 entries that map it
-//! (`cluster.rs`), so that a crash leaves either the old mapping or the new one with its data.
+//! (`cluster.rs`); when a fill was written it is also flushed before them (`ordering.rs` rule 2,
+//! QEMU's `qcow2_cache_depends_on_flush` after `perform_cow`), so that a power cut leaves either
+//! the old mapping or the new one with the bytes it showed before. The guest's own bytes are not
+//! ordered (as in QEMU): until the guest flushes they may read as anything.
 
 use crate::qcow2::error::{Error, Result};
 use crate::qcow2::image::Qcow2Image;
@@ -66,16 +69,17 @@ impl Qcow2Image {
         }))
     }
 
-    /// Writes the run at `host`: the guest's bytes alone, or the assembled run.
+    /// Writes the run at `host`: the guest's bytes alone, or the assembled run. Returns whether
+    /// any fill was written (it must then be flushed before the L2 entries: `ordering.rs`).
     pub(super) fn write_cow_run(
         &self,
         run: &CowRun,
         host: HostOffset,
         guest: &[u8],
         fill: Option<CowFill>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         match fill {
-            None => self.write_file(guest, host.0, "guest data"),
+            None => self.write_file(guest, host.0, "guest data").map(|()| false),
             Some(fill) => self.write_new_run(
                 &fill.buf,
                 host.0,
@@ -101,7 +105,8 @@ impl Qcow2Image {
     /// bytes were never written and already read as zeros (a hole, or past the end of the file,
     /// which is then extended over the whole run). A 4 KiB write into a fresh 64 KiB cluster then
     /// writes 4 KiB, not 64 KiB, as QEMU does by zeroing the cluster without writing it. The
-    /// order is unchanged: all of this happens before the L2 entry is written.
+    /// order is unchanged: all of this happens before the L2 entry is written. Returns whether
+    /// any fill was written.
     fn write_new_run(
         &self,
         buf: &[u8],
@@ -109,7 +114,7 @@ impl Qcow2Image {
         write_from: usize,
         write_to: usize,
         unwritten_from: Option<u64>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // OR-folding 4 KiB at a time vectorises; a byte-wise `all` that may stop early does not.
         let zero = |part: &[u8]| {
             part.chunks(4096)
@@ -145,7 +150,7 @@ impl Qcow2Image {
                 )
             })?;
         }
-        Ok(())
+        Ok(from < write_from || to > write_to)
     }
 
     /// Reads what the active disk shows at `offset` now (for copy-on-write).
