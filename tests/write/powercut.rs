@@ -229,7 +229,10 @@ impl Disk {
 
     fn external(&mut self, file: &str) {
         let path = self.dir.path().join(file);
-        self.chain = snapfs::ops::create_external(&self.chain, &path).expect("create --external");
+        let folder = std::fs::File::open(self.dir.path()).expect("open folder");
+        self.chain =
+            snapfs::ops::create_external(&self.chain, &folder, std::ffi::OsStr::new(file), &path)
+                .expect("create --external");
         self.snapshots.clear();
         self.done.push(format!("create --external {file}"));
         self.ack();
