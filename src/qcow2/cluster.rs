@@ -216,12 +216,13 @@ impl Qcow2Image {
                 write_to,
             };
             let fill = self.cow_fill(&run, guest, backing)?;
-            // Ordering: the clusters come from a reservation whose refcounts are already durable
-            // (rule 1); the data, copied-on-write fill included, is written before the L2
-            // entries that map it, and a fill flushed before them (rule 2, before commit_l2).
-            let host = self.allocate_data(w, count)?;
+            // Ordering: the clusters come from a reservation whose refcounts (and the file
+            // length covering them) are already durable (rule 1); the data, copied-on-write
+            // fill included, is written before the L2 entries that map it, and a fill flushed
+            // before them (rule 2, before commit_l2).
+            let (host, fresh) = self.allocate_data(w, count)?;
             self.check_overlap(w, "new data cluster", host.0, run_len)?;
-            if self.write_cow_run(&run, host, guest, fill)? {
+            if self.write_cow_run(&run, host, guest, fill, fresh)? {
                 self.wrote_fill(w);
             }
             for i in 0..count as usize {

@@ -55,6 +55,10 @@ pub(super) struct WriteOrder {
     /// Clusters with a durable refcount of 1 that nothing points at yet: the next one's offset
     /// and how many are left.
     reserved: Option<(HostOffset, u64)>,
+    /// Where the reservation's part that extended the file starts: clusters from there on
+    /// were never written (a hole the reservation's flushed `set_len` made), so a zero fill
+    /// there need not be written (nor flushed).
+    fresh_from: Option<u64>,
     /// Clusters the next reservation takes.
     next_reservation: u64,
     /// Clusters whose reference the entries written since the last flush dropped (one element
@@ -79,8 +83,15 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// `count` contiguous clusters for guest data, with refcounts already durable (rule 1).
-    pub(super) fn allocate_data(&self, w: &mut Writer, count: u64) -> Result<HostOffset> {
+    /// `count` contiguous clusters for guest data, with refcounts already durable (rule 1), and
+    /// whether they were never written (holes past the file's old end: see `fresh_from`).
+    pub(super) fn allocate_data(&self, w: &mut Writer, count: u64) -> Result<(HostOffset, bool)> {
+        let first = self.take_reserved(w, count)?;
+        let fresh = w.order.fresh_from.is_some_and(|f| first.0 >= f);
+        Ok((first, fresh))
+    }
+
+    fn take_reserved(&self, w: &mut Writer, count: u64) -> Result<HostOffset> {
         let cs = self.geometry.cluster_size();
         if let Some((next, left)) = w.order.reserved
             && left >= count
@@ -100,6 +111,23 @@ impl Qcow2Image {
             .refcounts
             .allocate(self.storage(), size)
             .map_err(self.refcount_err())?;
+        // The file covers the reservation, durably with its refcounts, before any entry names
+        // one of its clusters: an entry naming a cluster past the end of the file is an error
+        // `qemu-img check` reports (the data write that would extend the file is not ordered
+        // before the entry).
+        let end = first.0 + size * cs;
+        w.order.fresh_from = None;
+        if let Some(len) = self.regular_file_len()
+            && len < end
+        {
+            self.storage.set_len(end).map_err(|e| {
+                Error::io(
+                    format!("{}: extending the file to {end:#x}", self.path.display()),
+                    e,
+                )
+            })?;
+            w.order.fresh_from = Some(len.max(first.0));
+        }
         self.barrier(w)?;
         w.order.next_reservation = (size * 2).min(max);
         w.order.reserved =
@@ -123,6 +151,7 @@ impl Qcow2Image {
     /// Gives back the reserved clusters nothing uses: their refcounts drop to 0. Nothing on disk
     /// points at them, so the write needs no order.
     fn return_reservation(&self, w: &mut Writer) -> Result<()> {
+        w.order.fresh_from = None;
         if let Some((next, left)) = w.order.reserved.take() {
             w.refcounts
                 .free(self.storage(), next, left)
