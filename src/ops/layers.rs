@@ -41,6 +41,10 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
     }
     let _access = WriteAccess::acquire(chain, above)?;
     let mut into = LayerWriter::take(chain, above)?;
+    // Ordering: the layer above reads through to this one where it gets the data, so the data
+    // is durable before each entry that maps it (a crash leaves the old mapping or the copy);
+    // all of it before the header names the new backing file (`set_backing_locked`).
+    into.order_as_copy();
     let runs = source_runs(chain, index)?;
     let total = run_bytes(&runs);
     let above_l1 = above_image.active_l1();

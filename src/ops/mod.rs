@@ -185,6 +185,16 @@ impl<'a> LayerWriter<'a> {
         }
     }
 
+    /// Orders every write as a copy of what the disk shows (`Writer::order_as_copy`): the data
+    /// is durable before the entries that map it, for a layer that shows other data there
+    /// until then (a layer delete pulls data into the layer above the one deleted, whose view
+    /// read through to it: a crash must leave either).
+    fn order_as_copy(&mut self) {
+        if let Held::Qcow2(_, w) = &mut self.held {
+            w.order_as_copy(true);
+        }
+    }
+
     /// Makes everything written into the layer durable (with the writer held: the image's
     /// `flush_locked`, which also settles the deferred references and the reservation).
     fn flush(&mut self) -> Result<()> {
@@ -199,6 +209,15 @@ impl<'a> LayerWriter<'a> {
         match &mut self.held {
             Held::Qcow2(image, w) => image.grow_locked(w, size),
             Held::Raw(raw) => raw.grow(size),
+        }
+    }
+}
+
+impl Drop for LayerWriter<'_> {
+    /// The writer goes back to ordinary ordering (the guest's, once the layer is the top).
+    fn drop(&mut self) {
+        if let Held::Qcow2(_, w) = &mut self.held {
+            w.order_as_copy(false);
         }
     }
 }

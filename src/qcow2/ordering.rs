@@ -66,6 +66,18 @@ pub(super) struct WriteOrder {
     pub(super) deferred: Vec<HostOffset>,
     /// Copied-on-write bytes were written into new clusters since the last flush.
     fill_unflushed: bool,
+    /// Every byte written is a copy of data the disk already shows (a layer delete pulling
+    /// data up): all of it is ordered as a fill (rule 2).
+    copying: bool,
+}
+
+impl Writer {
+    /// Orders every following write as copied data (rule 2) until turned off: for a chain
+    /// operation that copies what the disk shows into a layer that shows something else there
+    /// until the new entries land (a layer delete, `ops::layers`).
+    pub fn order_as_copy(&mut self, on: bool) {
+        self.order.copying = on;
+    }
 }
 
 impl Qcow2Image {
@@ -142,7 +154,7 @@ impl Qcow2Image {
 
     /// Before L2 entries that map new clusters are written: the fill they need is durable.
     pub(super) fn before_l2_update(&self, w: &mut Writer) -> Result<()> {
-        if w.order.fill_unflushed {
+        if w.order.fill_unflushed || w.order.copying {
             self.barrier(w)?;
         }
         Ok(())
