@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chain::{Chain, Layer};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::qcow2::create::{NewImage, create_in};
 use crate::qcow2::lock::LockMode;
 use crate::qcow2::storage::FileStorage;
@@ -51,21 +51,26 @@ pub fn create_external(
         backing_file: Some(backing),
         backing_format: Some("qcow2".into()),
     };
-    let file = create_in(dir, name, path, &new)?;
-    let opened = (|| {
-        let storage = FileStorage::new(file, path)
-            .map_err(|e| Error::io(format!("{}: cannot open", path.display()), e))?;
+    // The new file is written through the storage it is opened with (locked first, as QEMU
+    // locks an image it creates; interposed like every file of the chain).
+    let wrap = |file| {
+        let storage = FileStorage::new(file, path).map_err(|e| {
+            crate::qcow2::error::Error::io(format!("{}: cannot open", path.display()), e)
+        })?;
         let lock = storage.lock(LockMode::ReadWrite)?;
         if let Some(warning) = lock.warning() {
             log::warn!("{warning}");
         }
+        Ok(chain.interpose(path, Box::new(storage)))
+    };
+    let storage = create_in(dir, name, path, &new, &wrap)?;
+    let opened = {
         let options = OpenOptions {
             writable: true,
             lock: true,
         };
-        let storage = chain.interpose(path, Box::new(storage));
         Qcow2Image::from_storage(path, storage, top.caches(), options)
-    })();
+    };
     let overlay = match opened {
         Ok(image) => image,
         Err(e) => {

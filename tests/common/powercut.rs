@@ -11,6 +11,9 @@
 //! may be torn: only some of its 512-byte sectors land. This is exactly what the storage
 //! contract (`src/qcow2/storage/mod.rs`) allows, so an engine that follows its own rules must
 //! come out of every such state consistent. A flush of one file orders nothing in another.
+//! A file the workload creates (an external overlay) exists in a state only once its first
+//! flush completed: the engine writes a new image whole and flushes it before it links the
+//! name (`src/qcow2/create.rs`).
 //!
 //! # The checks
 //!
@@ -452,9 +455,20 @@ impl Simulator {
         let kept: HashSet<usize> = spec.kept.iter().copied().collect();
         let durable = durable_bounds(ops, spec.at, files.len());
         let mut contents: Vec<Vec<u8>> = files.iter().map(|(_, b)| b.as_ref().clone()).collect();
+        // A file the workload creates gets its name only once its first flush completed (the
+        // engine writes a new image whole, flushes it, then links it: `qcow2::create`); before
+        // that the crash leaves no such file.
+        let born: Vec<bool> = (0..files.len())
+            .map(|f| {
+                !files[f].1.is_empty()
+                    || ops[..spec.at]
+                        .iter()
+                        .any(|op| matches!(op, Op::Flush { file } if *file == f))
+            })
+            .collect();
         for (i, op) in ops[..spec.at].iter().enumerate() {
             let f = op.file();
-            if i < durable[f] || kept.contains(&i) {
+            if born[f] && (i < durable[f] || kept.contains(&i)) {
                 let torn = spec
                     .torn
                     .as_ref()
