@@ -8,7 +8,10 @@
 //!
 //! 1. **A refcount is raised, and flushed, before any L1/L2 entry points at its cluster.** Data
 //!    clusters come from a *reservation*: a run of clusters whose refcounts are set to 1 and
-//!    flushed together, before any of them is handed out. One flush then covers many allocating
+//!    flushed together, with the file extended over the run in the same flush (an entry naming
+//!    a cluster past the end of the file is an error to `qemu-img check`, and the data write
+//!    that would extend the file is not ordered before the entry), before any of them is handed
+//!    out. One flush then covers many allocating
 //!    writes, as QEMU's write-back refcount cache does (its L2 cache depends on the refcount
 //!    cache: `qcow2_cache_set_dependency`). A new L2 table is allocated from the refcounts
 //!    directly, written, and flushed before the L1 entry names it (`l2_allocate` +
@@ -18,7 +21,10 @@
 //!    from the old cluster or the backing file), a crash must not keep the entry and lose those
 //!    bytes: they were acknowledged long ago. QEMU: `qcow2_cache_depends_on_flush` after
 //!    `perform_cow`. Bytes the guest writes itself are not ordered (as in QEMU): until the guest
-//!    flushes they may read as anything.
+//!    flushes they may read as anything. A zero fill in clusters the reservation made (a hole
+//!    past the file's old end, never written) is not written at all, so it needs no flush. A
+//!    chain operation that copies what the disk shows into a layer that read through to it
+//!    there (a layer delete) orders all its data this way ([`Writer::order_as_copy`]).
 //! 3. **A refcount drops only once the entry that referenced the cluster is durably gone.** The
 //!    references that overwritten or discarded entries held are *deferred* and dropped at the
 //!    next flush, after the flush that made the new entries durable (QEMU: the refcount cache

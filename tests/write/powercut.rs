@@ -23,7 +23,7 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
 /// States checked per test unless `SNAPFS_TEST_POWERCUT_STATES` says otherwise.
-const STATES: usize = 700;
+const STATES: usize = 500;
 
 /// A disk driven through the engine as the FUSE side drives it, with the model of what each
 /// acknowledgement promised.
