@@ -214,10 +214,21 @@ impl<'a> LayerWriter<'a> {
 }
 
 impl Drop for LayerWriter<'_> {
-    /// The writer goes back to ordinary ordering (the guest's, once the layer is the top).
+    /// The writer goes back to ordinary ordering (the guest's, once the layer is the top), and
+    /// a layer left unsettled by a failed operation is settled: its deferred references drop
+    /// and its reservation goes back, so that a failed commit or layer delete leaks nothing
+    /// (nothing else flushes a backing layer).
     fn drop(&mut self) {
-        if let Held::Qcow2(_, w) = &mut self.held {
+        if let Held::Qcow2(image, w) = &mut self.held {
             w.order_as_copy(false);
+            if w.has_unsettled()
+                && let Err(e) = image.flush_locked(w)
+            {
+                log::warn!(
+                    "{}: settling after a failed operation: {e}",
+                    image.path().display()
+                );
+            }
         }
     }
 }

@@ -107,10 +107,16 @@ impl Qcow2Image {
             .refcounts
             .allocate(self.storage(), 1)
             .map_err(self.refcount_err())?;
-        self.check_overlap(w, "new L2 table", new.0, cs)?;
         let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
-        self.write_file(&bytes, new.0, "L2 table")?;
-        self.barrier(w)?;
+        let written = self
+            .check_overlap(w, "new L2 table", new.0, cs)
+            .and_then(|()| self.write_file(&bytes, new.0, "L2 table"))
+            .and_then(|()| self.barrier(w));
+        if let Err(e) = written {
+            // Nothing names the table yet: its cluster goes back (a full disk leaks nothing).
+            self.give_back(w, new, 1);
+            return Err(e);
+        }
         w.add_metadata(g.cluster_of(new), 1, MetadataKind::ActiveL2);
         self.publish_l2(new, words.clone());
         self.set_l1_entry(w, l1_index, L1Entry::new(new, true))?;
@@ -151,9 +157,53 @@ impl Qcow2Image {
         backing: BackingRead,
     ) -> Result<()> {
         let g = self.geometry;
-        let cs = g.cluster_size();
         let mut edit = self.writable_l2(w, g.l1_index(GuestOffset(offset)))?;
         let mut old_refs = Vec::new();
+        // Runs allocated by this call: given back if it fails before the entries are written.
+        let mut new_runs = Vec::new();
+        let mapped = self
+            .map_into_table(
+                w,
+                &mut edit,
+                data,
+                offset,
+                backing,
+                &mut old_refs,
+                &mut new_runs,
+            )
+            .and_then(|()| {
+                // Ordering: the fill is durable before the entries that map it.
+                self.before_l2_update(w)
+            });
+        if let Err(e) = mapped {
+            for (host, count) in new_runs {
+                self.give_back(w, host, count);
+            }
+            return Err(e);
+        }
+        // Ordering: the new entries are durable (next flush) before the clusters they replaced
+        // lose their reference.
+        self.commit_l2(edit)?;
+        self.release(w, old_refs);
+        Ok(())
+    }
+
+    /// The guest writes of [`Qcow2Image::write_in_table`]: in place where the cluster is ours,
+    /// else into new runs (noted in `new_runs`) whose entries are set in `edit`, the references
+    /// they replace in `old_refs`.
+    #[allow(clippy::too_many_arguments)]
+    fn map_into_table(
+        &self,
+        w: &mut Writer,
+        edit: &mut L2Edit,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+        old_refs: &mut Vec<crate::qcow2::l2::Reference>,
+        new_runs: &mut Vec<(HostOffset, u64)>,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
@@ -175,14 +225,7 @@ impl Qcow2Image {
                 let chunk = &data[done..(end - offset) as usize];
                 let host_pos = host + g.in_cluster(pos);
                 if g.extended_l2 {
-                    self.write_subclusters_in_place(
-                        w,
-                        &mut edit,
-                        (index, host),
-                        pos,
-                        chunk,
-                        backing,
-                    )?;
+                    self.write_subclusters_in_place(w, edit, (index, host), pos, chunk, backing)?;
                     done += ((pos / cs + 1) * cs).min(end).saturating_sub(pos) as usize;
                     continue;
                 }
@@ -221,6 +264,7 @@ impl Qcow2Image {
             // fill included, is written before the L2 entries that map it, and a fill flushed
             // before them (rule 2, before commit_l2).
             let (host, fresh) = self.allocate_data(w, count)?;
+            new_runs.push((host, count));
             self.check_overlap(w, "new data cluster", host.0, run_len)?;
             if self.write_cow_run(&run, host, guest, fill, fresh)? {
                 self.wrote_fill(w);
@@ -232,11 +276,6 @@ impl Qcow2Image {
             }
             done += write_to - write_from;
         }
-        // Ordering: the fill is durable before the entries that map it; the new entries are
-        // durable (next flush) before the clusters they replaced lose their reference.
-        self.before_l2_update(w)?;
-        self.commit_l2(edit)?;
-        self.release(w, old_refs);
         Ok(())
     }
 

@@ -40,7 +40,8 @@
 //!    refcounts of clusters nothing points at on disk: unordered, leak-only writes), so that a
 //!    clean unmount leaves no leaked cluster.
 //!
-//! The flushes are few: one per reservation (up to [`MAX_RESERVATION_BYTES`] of new clusters),
+//! The flushes are few: one per reservation (up to [`MAX_RESERVATION_BYTES`] and
+//! [`MAX_RESERVATION_CLUSTERS`] of new clusters),
 //! one per new L2 table, one per request that copies on write, one per guest flush.
 
 use crate::qcow2::error::{Error, Result};
@@ -54,6 +55,11 @@ const FIRST_RESERVATION: u64 = 16;
 
 /// The largest reservation: what a power cut can leak at most, besides the requests in flight.
 pub const MAX_RESERVATION_BYTES: u64 = 32 << 20;
+
+/// The largest reservation in clusters (32 MiB of the default 64 KiB clusters): with small
+/// clusters a reservation of 32 MiB would cost thousands of refcount entries and blocks to set
+/// and give back for writes that may never come.
+pub const MAX_RESERVATION_CLUSTERS: u64 = 512;
 
 /// The ordering state of one image's write side.
 #[derive(Debug, Default)]
@@ -83,6 +89,13 @@ impl Writer {
     /// until the new entries land (a layer delete, `ops::layers`).
     pub fn order_as_copy(&mut self, on: bool) {
         self.order.copying = on;
+    }
+
+    /// Whether a flush would still settle something (deferred references, a reservation): a
+    /// layer a failed chain operation wrote into is settled before it is let go, since nothing
+    /// else flushes a backing layer (unmount flushes the top).
+    pub fn has_unsettled(&self) -> bool {
+        !self.order.deferred.is_empty() || self.order.reserved.is_some()
     }
 }
 
@@ -119,7 +132,7 @@ impl Qcow2Image {
             return Ok(next);
         }
         self.return_reservation(w)?;
-        let max = (MAX_RESERVATION_BYTES / cs).max(1);
+        let max = (MAX_RESERVATION_BYTES / cs).clamp(1, MAX_RESERVATION_CLUSTERS);
         let size = w
             .order
             .next_reservation
@@ -133,7 +146,23 @@ impl Qcow2Image {
         // one of its clusters: an entry naming a cluster past the end of the file is an error
         // `qemu-img check` reports (the data write that would extend the file is not ordered
         // before the entry).
-        let end = first.0 + size * cs;
+        if let Err(e) = self.cover_and_flush(w, first, size) {
+            // Nothing points at the run: a failed reservation gives its clusters back.
+            self.give_back(w, first, size);
+            return Err(e);
+        }
+        w.order.next_reservation = (size * 2).min(max);
+        w.order.reserved =
+            (size > count).then_some((HostOffset(first.0 + count * cs), size - count));
+        Ok(first)
+    }
+
+    /// Makes a new reservation of `size` clusters at `first` usable: the file covers it, durably
+    /// with its refcounts, before any entry names one of its clusters (an entry naming a cluster
+    /// past the end of the file is an error `qemu-img check` reports, and the data write that
+    /// would extend the file is not ordered before the entry).
+    fn cover_and_flush(&self, w: &mut Writer, first: HostOffset, size: u64) -> Result<()> {
+        let end = first.0 + size * self.geometry.cluster_size();
         w.order.fresh_from = None;
         if let Some(len) = self.regular_file_len()
             && len < end
@@ -146,11 +175,21 @@ impl Qcow2Image {
             })?;
             w.order.fresh_from = Some(len.max(first.0));
         }
-        self.barrier(w)?;
-        w.order.next_reservation = (size * 2).min(max);
-        w.order.reserved =
-            (size > count).then_some((HostOffset(first.0 + count * cs), size - count));
-        Ok(first)
+        self.barrier(w)
+    }
+
+    /// Gives back `count` clusters from `first` that were allocated for a change that failed
+    /// before any entry named them (a failed write, a full disk): nothing on disk points at them,
+    /// so their refcounts drop at once, unordered (a lost write leaks them at worst). They are
+    /// not fresh any more (a failed write may have written part of them).
+    pub(super) fn give_back(&self, w: &mut Writer, first: HostOffset, count: u64) {
+        if let Err(e) = w.refcounts.free(self.storage(), first, count) {
+            log::warn!(
+                "{}: {count} clusters at {:#x} stay allocated after a failed change: {e}",
+                self.path.display(),
+                first.0
+            );
+        }
     }
 
     /// Notes that copied-on-write bytes went into a new cluster (rule 2).
