@@ -22,7 +22,8 @@
 #             a read of the top falls through up to 4 layers. Random reads of its live view, and
 #             mount time of its top.
 #   write:    a fresh empty 4 GiB qcow2 per run (same for both), mounted read-write; fio writes
-#             to live.raw (snapfs) or to the writable export (peer), end_fsync=1.
+#             to live.raw (snapfs) or to the writable export (peer), end_fsync=1; the same
+#             jobs again with an fsync every 64 writes.
 #   manysnap: a 1 GiB qcow2 with 16 MiB of data and 1000 internal snapshots; mount time.
 #   memory:   a 64 GiB qcow2 with one 64 KiB cluster written every 256 MiB (so every L2 table
 #             exists); dd bs=1M of the whole live view with snapfs --cache 32M, peak RSS (VmHWM)
@@ -545,30 +546,32 @@ wl_chain() {
 # write: fio on live.raw of a fresh image; MiB/s (sequential) and IOPS (random)
 WIMG=$WORK/write.qcow2
 fresh_write_image() { rm -f "$WIMG" && qemu-img create -q -f qcow2 "$WIMG" 4G; }
-fio_write() { # FILE seq|rand -> RESULT (MiB/s or IOPS)
-    local args
+fio_write() { # FILE seq|rand [FSYNC_EVERY] -> RESULT (MiB/s or IOPS)
+    local args sync=()
+    # An fsync every N writes: the guest that flushes often, where write ordering costs most.
+    [[ -n ${3:-} ]] && sync=(--fsync="$3")
     if [[ $2 == seq ]]; then
         args=(--rw=write --bs=1M --size=1G)
     else
         args=(--rw=randwrite --bs=4k --size=4G --time_based --runtime="$FIO_SECONDS")
     fi
-    RESULT=$(fio --name=write --filename="$1" "${args[@]}" --ioengine=psync --direct=0 \
+    RESULT=$(fio --name=write --filename="$1" "${args[@]}" "${sync[@]}" --ioengine=psync --direct=0 \
         --end_fsync=1 --output-format=terse --terse-version=3 |
         awk -F';' -v kind="$2" '{ print (kind == "seq") ? $48 / 1024 : $49 }')
 }
-write_snapfs() { # seq|rand
+write_snapfs() { # seq|rand [FSYNC_EVERY]
     fresh_write_image
     with_image "$WIMG" -- start_snapfs
-    fio_write "$LIVEFILE" "$1"
+    fio_write "$LIVEFILE" "$1" "${2:-}"
     stop_snapfs
     qemu-img check -q "$WIMG" || die "qemu-img check of the image snapfs wrote failed"
 }
-write_peer() {
+write_peer() { # seq|rand [FSYNC_EVERY]
     fresh_write_image
     P_WRITABLE=on
     with_image "$WIMG" -- start_peer
     P_WRITABLE=off
-    fio_write "$PEER" "$1"
+    fio_write "$PEER" "$1" "${2:-}"
     stop_peer
 }
 # The same job on a sparse plain file next to the images: what this file system and disk take
@@ -584,6 +587,10 @@ seqwrite_snapfs() { write_snapfs seq; }
 seqwrite_peer() { write_peer seq; }
 randwrite_snapfs() { write_snapfs rand; }
 randwrite_peer() { write_peer rand; }
+seqwrite64_snapfs() { write_snapfs seq 64; }
+seqwrite64_peer() { write_peer seq 64; }
+randwrite64_snapfs() { write_snapfs rand 64; }
+randwrite64_peer() { write_peer rand 64; }
 wl_write() {
     section "writes to live.raw of a fresh 4 GiB image: fio psync, end_fsync=1"
     alternate seqwrite_snapfs seqwrite_peer
@@ -597,6 +604,10 @@ wl_write() {
         "$A_MED" "$(median "${plain[@]}")" mibs higher
     alternate randwrite_snapfs randwrite_peer
     row "rand 4K write, ${FIO_SECONDS}s [live.raw vs live]" "$A_MED" "$B_MED" iops higher
+    alternate seqwrite64_snapfs seqwrite64_peer
+    row "seq write 1 MiB, 1 GiB, fsync every 64 writes [live.raw vs live]" "$A_MED" "$B_MED" mibs higher
+    alternate randwrite64_snapfs randwrite64_peer
+    row "rand 4K write, ${FIO_SECONDS}s, fsync every 64 writes [live.raw vs live]" "$A_MED" "$B_MED" iops higher
     rm -f "$WIMG"
 }
 

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{
-    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
-    format_name, read_own, run_bytes, valid_bitmap_chains, without,
+    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, format_name, read_own,
+    run_bytes, valid_bitmap_chains, without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -61,9 +61,9 @@ pub fn commit(chain: &Arc<Chain>, index: usize, progress: Progress) -> Result<Ar
         }
         progress(done, total);
     }
-    flush_layer(target_layer)?;
     // libvirt's rule for commit: the committed layer's valid bitmaps merge into the base's.
     into.merge_bitmaps(&valid_bitmap_chains(chain, index))?;
+    into.flush()?;
     drop(into);
 
     if let Some(w) = hold.as_mut() {

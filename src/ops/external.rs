@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chain::{Chain, Layer};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::qcow2::create::{NewImage, create_in};
 use crate::qcow2::lock::LockMode;
 use crate::qcow2::storage::FileStorage;
@@ -42,11 +42,12 @@ pub fn create_external(
 ) -> Result<Arc<Chain>> {
     let top = chain.top_image();
     let mut writes_wait = top.writer()?;
-    top.flush()?;
     // libvirt's rule: the overlay gets an empty recording bitmap for each recording, consistent
-    // bitmap of the old top; the old top, read-only from here on, stores its bitmaps now.
+    // bitmap of the old top; the old top, read-only from here on, stores its bitmaps now (and
+    // they are durable with everything else it holds before the overlay is made).
     let carried = top.recording_bitmaps();
     top.store_bitmaps_locked(&mut writes_wait)?;
+    top.flush_locked(&mut writes_wait)?;
     let top_path = top.path();
     let backing = super::backing_name(path, None, top_path);
     let new = NewImage {
@@ -55,24 +56,32 @@ pub fn create_external(
         backing_file: Some(backing),
         backing_format: Some("qcow2".into()),
     };
-    let file = create_in(dir, name, path, &new)?;
-    let opened = (|| {
-        let storage = FileStorage::new(file, path)
-            .map_err(|e| Error::io(format!("{}: cannot open", path.display()), e))?;
+    // The new file is written through the storage it is opened with (locked first, as QEMU
+    // locks an image it creates; interposed like every file of the chain).
+    let wrap = |file| {
+        let storage = FileStorage::new(file, path).map_err(|e| {
+            crate::qcow2::error::Error::io(format!("{}: cannot open", path.display()), e)
+        })?;
         let lock = storage.lock(LockMode::ReadWrite)?;
         if let Some(warning) = lock.warning() {
             log::warn!("{warning}");
         }
+        Ok(chain.interpose(path, Box::new(storage)))
+    };
+    let storage = create_in(dir, name, path, &new, &wrap)?;
+    let opened = {
         let options = OpenOptions {
             writable: true,
             lock: true,
             share: false,
         };
-        let storage = chain.interpose(path, Box::new(storage));
-        let image = Qcow2Image::from_storage(path, storage, top.caches(), options)?;
-        image.add_bitmaps_like(&carried)?;
-        Ok(image)
-    })();
+        Qcow2Image::from_storage(path, storage, top.caches(), options).and_then(|image| {
+            image.add_bitmaps_like(&carried)?;
+            // Durable before the overlay joins the chain.
+            image.flush()?;
+            Ok(image)
+        })
+    };
     let overlay = match opened {
         Ok(image) => image,
         Err(e) => {

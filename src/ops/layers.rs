@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::dependents::{refusal, snapshots_reading_through};
 use super::{
-    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, flush_layer,
-    format_name, run_bytes, valid_bitmap_chains, without,
+    LayerWriter, Progress, Run, WriteAccess, allocated_runs, backing_name, format_name, run_bytes,
+    valid_bitmap_chains, without,
 };
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -42,6 +42,10 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
     }
     let _access = WriteAccess::acquire(chain, above)?;
     let mut into = LayerWriter::take(chain, above)?;
+    // Ordering: the layer above reads through to this one where it gets the data, so the data
+    // is durable before each entry that maps it (a crash leaves the old mapping or the copy);
+    // all of it before the header names the new backing file (`set_backing_locked`).
+    into.order_as_copy();
     let runs = source_runs(chain, index)?;
     let total = run_bytes(&runs);
     let above_l1 = above_image.active_l1();
@@ -72,7 +76,6 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
         done += len;
         progress(done, total);
     }
-    flush_layer(&chain.layers[above])?;
     // The layer's part of each bitmap chain that runs through it moves up with its data: merged
     // into the same bitmap of the layer above, where the chain is valid from there (none is
     // created: a bitmap the layer above lacks starts no chain).
@@ -85,6 +88,7 @@ pub fn pull_into_above(chain: &Arc<Chain>, index: usize, progress: Progress) -> 
         })
         .collect();
     into.merge_bitmaps(&through)?;
+    into.flush()?;
     let (name, format) = match chain.layers.get(index + 1) {
         Some(below) => (
             Some(backing_name(

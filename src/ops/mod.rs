@@ -262,6 +262,25 @@ impl<'a> LayerWriter<'a> {
         Ok(())
     }
 
+    /// Orders every write as a copy of what the disk shows (`Writer::order_as_copy`): the data
+    /// is durable before the entries that map it, for a layer that shows other data there
+    /// until then (a layer delete pulls data into the layer above the one deleted, whose view
+    /// read through to it: a crash must leave either).
+    fn order_as_copy(&mut self) {
+        if let Held::Qcow2(_, w) = &mut self.held {
+            w.order_as_copy(true);
+        }
+    }
+
+    /// Makes everything written into the layer durable (with the writer held: the image's
+    /// `flush_locked`, which also settles the deferred references and the reservation).
+    fn flush(&mut self) -> Result<()> {
+        match &mut self.held {
+            Held::Qcow2(image, w) => Ok(image.flush_locked(w)?),
+            Held::Raw(raw) => raw.flush(),
+        }
+    }
+
     /// Grows the layer's virtual disk to `size` (a commit of a larger overlay).
     fn grow(&mut self, size: u64) -> Result<()> {
         match &mut self.held {
@@ -304,6 +323,26 @@ fn flush_layer(layer: &Layer) -> Result<()> {
     match layer {
         Layer::Qcow2(image) => image.flush(),
         Layer::Raw(raw) => raw.flush(),
+    }
+}
+
+impl Drop for LayerWriter<'_> {
+    /// The writer goes back to ordinary ordering (the guest's, once the layer is the top), and
+    /// a layer left unsettled by a failed operation is settled: its deferred references drop
+    /// and its reservation goes back, so that a failed commit or layer delete leaks nothing
+    /// (nothing else flushes a backing layer).
+    fn drop(&mut self) {
+        if let Held::Qcow2(image, w) = &mut self.held {
+            w.order_as_copy(false);
+            if w.has_unsettled()
+                && let Err(e) = image.flush_locked(w)
+            {
+                log::warn!(
+                    "{}: settling after a failed operation: {e}",
+                    image.path().display()
+                );
+            }
+        }
     }
 }
 

@@ -56,6 +56,10 @@ pub fn pull(chain: &Arc<Chain>, base: Option<usize>, progress: Progress) -> Resu
             Run::Zero { offset, len } => (offset, len, true),
         };
         let mut into = LayerWriter::take(chain, 0)?;
+        // The top's view reads these ranges through to the pulled layers until its entries
+        // map them: the copied data must be durable before those entries (a crash leaves
+        // either), as for a delete of a layer.
+        into.order_as_copy();
         // What the top still leaves to the layers below (a guest write may have filled some).
         let l1 = top.active_l1();
         let mut pos = offset;

@@ -205,7 +205,7 @@ impl Qcow2Image {
                 // it is rewritten), the directory in place, the bit back on; flushed between.
                 self.write_autoclear(kept & !autoclear::BITMAPS)?;
                 self.write_file(&bytes, extension.directory_offset, "bitmap directory")?;
-                self.flush()?;
+                self.sync()?;
                 self.write_autoclear(kept)?;
                 state.directory = directory;
             }
@@ -236,7 +236,7 @@ impl Qcow2Image {
             FieldWrite::AutoclearFeatures(value),
             "header autoclear features",
         )?;
-        self.flush()
+        self.sync()
     }
 
     fn encode_directory(&self, directory: &Directory) -> Result<Vec<u8>> {
@@ -428,7 +428,7 @@ impl Qcow2Image {
             .map_err(&refcount_err)?;
         self.write_file(&bytes, dir_at.0, "bitmap directory")?;
         // Data, tables and directory durable before the header points at them.
-        self.flush()?;
+        self.sync()?;
         let extension = directory.extension_at(dir_at.0);
         self.write_bitmaps_extension(&extension, state.autoclear)?;
         state.autoclear |= autoclear::BITMAPS;
@@ -458,7 +458,7 @@ impl Qcow2Image {
                 )
                 .map_err(&refcount_err)?;
         }
-        self.flush()?;
+        self.sync()?;
         state.extension = Some(extension);
         state.directory = directory;
         state.changed = false;
@@ -510,6 +510,6 @@ impl Qcow2Image {
             bytes.resize(old_len, 0);
         }
         self.write_file(&bytes, 0, "header with the bitmaps extension")?;
-        self.flush()
+        self.sync()
     }
 }

@@ -4,10 +4,11 @@
 //! copy-on-write (`cow.rs`); whole clusters made zero; and the changed L2 entries written and
 //! handed to readers.
 //!
-//! Ordering, written beside each step below; in short (QEMU's): a cluster's refcount is raised
-//! before any entry points at it; data (with its copy-on-write fill) is written before the L2
-//! entry that maps it, a new L2 table before the L1 entry that points at it; a refcount is
-//! lowered only after the entry that referenced the cluster is gone.
+//! Ordering, written beside each step below; in short (QEMU's, the rules in `ordering.rs`): a
+//! cluster's refcount is raised and flushed before any entry points at it; the copy-on-write
+//! fill of new data clusters is flushed before the L2 entry that maps it, a new L2 table before
+//! the L1 entry that points at it; a refcount is lowered only after the entry that referenced the
+//! cluster is durably gone (at the next flush: `release.rs`).
 //!
 //! COPIED (bit 63 of L1 and L2 entries) is set exactly on entries whose cluster has refcount 1:
 //! only those are written in place; anything else is copied to a new cluster first.
@@ -99,25 +100,30 @@ impl Qcow2Image {
             None => std::iter::repeat_n(0u64, (cs / 8) as usize).collect(),
             Some(old) => self.l2_table(l1_index, old)?,
         };
-        // Ordering (QEMU's `l2_allocate`): the new table's refcount is on disk (allocate) and
-        // the table written before the L1 entry points at it; the old table loses the active
-        // path's reference only after the L1 entry moved on.
+        // Ordering (QEMU's `l2_allocate`): the new table's refcount (allocate) and the table are
+        // written and flushed before the L1 entry points at it; the old table loses the active
+        // path's reference only once the L1 entry's move is durable (deferred: `release.rs`).
         let new = w
             .refcounts
             .allocate(self.storage(), 1)
             .map_err(self.refcount_err())?;
-        self.check_overlap(w, "new L2 table", new.0, cs)?;
         let bytes: Vec<u8> = words.iter().flat_map(|v| v.to_be_bytes()).collect();
-        self.write_file(&bytes, new.0, "L2 table")?;
+        let written = self
+            .check_overlap(w, "new L2 table", new.0, cs)
+            .and_then(|()| self.write_file(&bytes, new.0, "L2 table"))
+            .and_then(|()| self.barrier(w));
+        if let Err(e) = written {
+            // Nothing names the table yet: its cluster goes back (a full disk leaks nothing).
+            self.give_back(w, new, 1);
+            return Err(e);
+        }
         w.add_metadata(g.cluster_of(new), 1, MetadataKind::ActiveL2);
         self.publish_l2(new, words.clone());
         self.set_l1_entry(w, l1_index, L1Entry::new(new, true))?;
         if let Some(old) = old {
             // The old table now belongs to snapshots only (or to nobody).
             w.remove_metadata(g.cluster_of(old), 1);
-            w.refcounts
-                .update(self.storage(), old, -1)
-                .map_err(self.refcount_err())?;
+            self.release_clusters(w, old, 1);
         }
         Ok(L2Edit {
             offset: new,
@@ -151,9 +157,53 @@ impl Qcow2Image {
         backing: BackingRead,
     ) -> Result<()> {
         let g = self.geometry;
-        let cs = g.cluster_size();
         let mut edit = self.writable_l2(w, g.l1_index(GuestOffset(offset)))?;
         let mut old_refs = Vec::new();
+        // Runs allocated by this call: given back if it fails before the entries are written.
+        let mut new_runs = Vec::new();
+        let mapped = self
+            .map_into_table(
+                w,
+                &mut edit,
+                data,
+                offset,
+                backing,
+                &mut old_refs,
+                &mut new_runs,
+            )
+            .and_then(|()| {
+                // Ordering: the fill is durable before the entries that map it.
+                self.before_l2_update(w)
+            });
+        if let Err(e) = mapped {
+            for (host, count) in new_runs {
+                self.give_back(w, host, count);
+            }
+            return Err(e);
+        }
+        // Ordering: the new entries are durable (next flush) before the clusters they replaced
+        // lose their reference.
+        self.commit_l2(edit)?;
+        self.release(w, old_refs);
+        Ok(())
+    }
+
+    /// The guest writes of [`Qcow2Image::write_in_table`]: in place where the cluster is ours,
+    /// else into new runs (noted in `new_runs`) whose entries are set in `edit`, the references
+    /// they replace in `old_refs`.
+    #[allow(clippy::too_many_arguments)]
+    fn map_into_table(
+        &self,
+        w: &mut Writer,
+        edit: &mut L2Edit,
+        data: &[u8],
+        offset: u64,
+        backing: BackingRead,
+        old_refs: &mut Vec<crate::qcow2::l2::Reference>,
+        new_runs: &mut Vec<(HostOffset, u64)>,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
         let mut done = 0usize;
         while done < data.len() {
             let pos = offset + done as u64;
@@ -175,14 +225,7 @@ impl Qcow2Image {
                 let chunk = &data[done..(end - offset) as usize];
                 let host_pos = host + g.in_cluster(pos);
                 if g.extended_l2 {
-                    self.write_subclusters_in_place(
-                        w,
-                        &mut edit,
-                        (index, host),
-                        pos,
-                        chunk,
-                        backing,
-                    )?;
+                    self.write_subclusters_in_place(w, edit, (index, host), pos, chunk, backing)?;
                     done += ((pos / cs + 1) * cs).min(end).saturating_sub(pos) as usize;
                     continue;
                 }
@@ -216,15 +259,16 @@ impl Qcow2Image {
                 write_to,
             };
             let fill = self.cow_fill(&run, guest, backing)?;
-            // Ordering: the clusters' refcounts are raised (allocate writes them through) before
-            // the data goes there, and the data, copied-on-write fill included, before the L2
-            // entries that map it (commit_l2 below).
-            let host = w
-                .refcounts
-                .allocate(self.storage(), count)
-                .map_err(self.refcount_err())?;
+            // Ordering: the clusters come from a reservation whose refcounts (and the file
+            // length covering them) are already durable (rule 1); the data, copied-on-write
+            // fill included, is written before the L2 entries that map it, and a fill flushed
+            // before them (rule 2, before commit_l2).
+            let (host, fresh) = self.allocate_data(w, count)?;
+            new_runs.push((host, count));
             self.check_overlap(w, "new data cluster", host.0, run_len)?;
-            self.write_cow_run(&run, host, guest, fill)?;
+            if self.write_cow_run(&run, host, guest, fill, fresh)? {
+                self.wrote_fill(w);
+            }
             for i in 0..count as usize {
                 old_refs.extend(edit.entry(index + i).reference(&g));
                 let new_host = HostOffset(host.0 + i as u64 * cs);
@@ -232,10 +276,7 @@ impl Qcow2Image {
             }
             done += write_to - write_from;
         }
-        // Ordering: the new entries are in the file before the clusters they replaced lose
-        // their reference.
-        self.commit_l2(edit)?;
-        self.release(w, old_refs)
+        Ok(())
     }
 
     /// Extended L2, cluster ours (entry `index` of `edit`, its data at host offset `host`):
@@ -270,6 +311,10 @@ impl Qcow2Image {
         let host_pos = host + (span_start - cluster_start);
         self.check_overlap(w, "guest data", host_pos, buf.len() as u64)?;
         self.write_file(&buf, host_pos, "guest data")?;
+        if needs_fill {
+            // The subcluster's other bytes were copied: durable before its bitmap bit (rule 2).
+            self.wrote_fill(w);
+        }
         let written = entry.with_allocated_subclusters(first_sub..last_sub);
         if written != entry {
             edit.set(index, written);
@@ -310,10 +355,11 @@ impl Qcow2Image {
                 }
                 pos += cs;
             }
-            // Ordering: the entries stop naming the clusters before the clusters lose their
-            // reference (a crash in between leaks them, never hands them out twice).
+            // Ordering: the entries stop naming the clusters, durably (next flush), before the
+            // clusters lose their reference (a crash in between leaks them, never hands them
+            // out twice).
             self.commit_l2(edit)?;
-            self.release(w, old_refs)?;
+            self.release(w, old_refs);
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ impl Qcow2Image {
         ) {
             log::error!("{}: {e}", self.path.display());
         }
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.sync() {
             log::error!("{}: {e}", self.path.display());
         }
     }

@@ -5,9 +5,12 @@
 //! cluster, the backing file, or zeros).
 //!
 //! Ordering: the whole run, fill included, is written before the L2 entries that map it
-//! (`cluster.rs`), so that a crash leaves either the old mapping or the new one with its data.
+//! (`cluster.rs`); when a fill was written it is also flushed before them (`ordering.rs` rule 2,
+//! QEMU's `qcow2_cache_depends_on_flush` after `perform_cow`), so that a power cut leaves either
+//! the old mapping or the new one with the bytes it showed before. The guest's own bytes are not
+//! ordered (as in QEMU): until the guest flushes they may read as anything.
 
-use crate::qcow2::error::{Error, Result};
+use crate::qcow2::error::Result;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::offsets::HostOffset;
 use crate::qcow2::write::BackingRead;
@@ -21,19 +24,18 @@ pub(super) struct CowRun {
     pub write_to: usize,
 }
 
-/// The run as it will be written, when it is more than the guest's bytes.
+/// The run as it will be written, when it is more than the guest's bytes: the guest data with
+/// the old contents around it.
 pub(super) struct CowFill {
-    /// The whole run: guest data with the old contents around it.
     buf: Vec<u8>,
-    /// Where the file ended before the run was allocated (None for a block device).
-    unwritten_from: Option<u64>,
 }
 
 impl Qcow2Image {
     /// What a run needs besides the guest's bytes: nothing when the guest writes whole clusters
     /// (written straight from the request: a 1 MiB buffer would cost a memset and a copy per
     /// 1 MiB write), else the run assembled with the old contents of its partly written first
-    /// and last cluster. Called before the run is allocated (the file's end is noted first).
+    /// and last cluster. Called before the run is allocated, so that a failed read allocates
+    /// nothing.
     pub(super) fn cow_fill(
         &self,
         run: &CowRun,
@@ -59,30 +61,25 @@ impl Qcow2Image {
             )?;
         }
         buf[run.write_from..run.write_to].copy_from_slice(guest);
-        Ok(Some(CowFill {
-            buf,
-            // Where the file ends before the allocation: nothing was ever written past it.
-            unwritten_from: self.regular_file_len(),
-        }))
+        Ok(Some(CowFill { buf }))
     }
 
-    /// Writes the run at `host`: the guest's bytes alone, or the assembled run.
+    /// Writes the run at `host`: the guest's bytes alone, or the assembled run. `fresh`: the
+    /// run's clusters were never written (a hole the reservation made, `ordering.rs`). Returns
+    /// whether any fill was written (it must then be flushed before the L2 entries).
     pub(super) fn write_cow_run(
         &self,
         run: &CowRun,
         host: HostOffset,
         guest: &[u8],
         fill: Option<CowFill>,
-    ) -> Result<()> {
+        fresh: bool,
+    ) -> Result<bool> {
         match fill {
-            None => self.write_file(guest, host.0, "guest data"),
-            Some(fill) => self.write_new_run(
-                &fill.buf,
-                host.0,
-                run.write_from,
-                run.write_to,
-                fill.unwritten_from,
-            ),
+            None => self.write_file(guest, host.0, "guest data").map(|()| false),
+            Some(fill) => {
+                self.write_new_run(&fill.buf, host.0, run.write_from, run.write_to, fresh)
+            }
         }
     }
 
@@ -96,56 +93,36 @@ impl Qcow2Image {
     }
 
     /// Writes the newly allocated run `buf` at `host`, of which `write_from..write_to` is guest
-    /// data and the rest the copied-on-write fill. A fill that is all zeros and lies wholly at or
-    /// past `unwritten_from` (the file's end before the run was allocated) is not written: those
-    /// bytes were never written and already read as zeros (a hole, or past the end of the file,
-    /// which is then extended over the whole run). A 4 KiB write into a fresh 64 KiB cluster then
-    /// writes 4 KiB, not 64 KiB, as QEMU does by zeroing the cluster without writing it. The
-    /// order is unchanged: all of this happens before the L2 entry is written.
+    /// data and the rest the copied-on-write fill. In a `fresh` run (never written: a hole of
+    /// the file that reads as zeros, durably) a fill that is all zeros is not written: a 4 KiB
+    /// write into a fresh 64 KiB cluster then writes 4 KiB, not 64 KiB, as QEMU does by zeroing
+    /// the cluster without writing it, and no fill needs a flush before the L2 entry. Returns
+    /// whether any fill was written.
     fn write_new_run(
         &self,
         buf: &[u8],
         host: u64,
         write_from: usize,
         write_to: usize,
-        unwritten_from: Option<u64>,
-    ) -> Result<()> {
+        fresh: bool,
+    ) -> Result<bool> {
         // OR-folding 4 KiB at a time vectorises; a byte-wise `all` that may stop early does not.
         let zero = |part: &[u8]| {
             part.chunks(4096)
                 .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
         };
-        let (from, to) = match unwritten_from {
-            Some(eof) => (
-                if host >= eof && zero(&buf[..write_from]) {
-                    write_from
-                } else {
-                    0
-                },
-                if host + write_to as u64 >= eof && zero(&buf[write_to..]) {
-                    write_to
-                } else {
-                    buf.len()
-                },
-            ),
-            None => (0, buf.len()),
+        let from = if fresh && zero(&buf[..write_from]) {
+            write_from
+        } else {
+            0
+        };
+        let to = if fresh && zero(&buf[write_to..]) {
+            write_to
+        } else {
+            buf.len()
         };
         self.write_file(&buf[from..to], host + from as u64, "guest data")?;
-        let run_end = host + buf.len() as u64;
-        if to < buf.len() && self.regular_file_len().is_some_and(|len| len < run_end) {
-            // The skipped tail lies past the end: extend the file so that the whole cluster is
-            // inside it (a hole), as a full write would have.
-            self.storage.set_len(run_end).map_err(|e| {
-                Error::io(
-                    format!(
-                        "{}: extending the file to {run_end:#x}",
-                        self.path.display()
-                    ),
-                    e,
-                )
-            })?;
-        }
-        Ok(())
+        Ok(from < write_from || to > write_to)
     }
 
     /// Reads what the active disk shows at `offset` now (for copy-on-write).

@@ -6,13 +6,25 @@ use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::qcow2::error::{Error, Result};
 use crate::qcow2::header::{CompressionType, Header};
 use crate::qcow2::offsets::Geometry;
 use crate::qcow2::refcount::write_entry;
+use crate::qcow2::storage::{FileStorage, Storage};
+
+/// Turns a newly created file into the storage its image is written through and then opened
+/// with: a [`FileStorage`] (see [`plain_storage`]), locked, or wrapped by a caller (the
+/// power-cut simulator records every write of the new file too).
+pub type WrapNew<'a> = &'a dyn Fn(File) -> Result<Box<dyn Storage>>;
+
+/// The plain [`WrapNew`]: the file as a [`FileStorage`] named `path`.
+pub fn plain_storage(file: File, path: &Path) -> Result<Box<dyn Storage>> {
+    FileStorage::new(file, path)
+        .map(|s| Box::new(s) as Box<dyn Storage>)
+        .map_err(|e| Error::io(format!("{}: cannot open", path.display()), e))
+}
 
 /// Refcount width of new images: QEMU's default of 16 bits.
 const REFCOUNT_ORDER: u32 = 4;
@@ -29,7 +41,7 @@ pub struct NewImage {
 
 /// Creates `path` (which must not exist) as an empty v3 qcow2 image, all or nothing (see
 /// [`create_whole`]).
-pub fn create(path: &Path, new: &NewImage) -> Result<File> {
+pub fn create(path: &Path, new: &NewImage) -> Result<Box<dyn Storage>> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -37,12 +49,19 @@ pub fn create(path: &Path, new: &NewImage) -> Result<File> {
     let name = path.file_name().unwrap_or_default();
     let dir = File::open(dir)
         .map_err(|e| Error::io(format!("{}: cannot open its folder", path.display()), e))?;
-    create_in(&dir, name, path, new)
+    create_in(&dir, name, path, new, &|file| plain_storage(file, path))
 }
 
 /// Creates `name` in the open folder `dir` (`path` names it in messages) as [`create`] does:
 /// only inside that folder, whatever its path names by now, and never over an existing file.
-pub fn create_in(dir: &File, name: &OsStr, path: &Path, new: &NewImage) -> Result<File> {
+/// The image is written through the storage `wrap` makes of the new file, which is returned.
+pub fn create_in(
+    dir: &File,
+    name: &OsStr,
+    path: &Path,
+    new: &NewImage,
+    wrap: WrapNew,
+) -> Result<Box<dyn Storage>> {
     let cs = 1u64 << new.cluster_bits;
     let geometry = Geometry::new(new.cluster_bits, false);
     let l1_entries = geometry.l1_entries_for(new.size).max(1);
@@ -113,29 +132,37 @@ pub fn create_in(dir: &File, name: &OsStr, path: &Path, new: &NewImage) -> Resul
             1,
         );
     }
-    create_whole(dir, name, path, &image)
+    create_whole(dir, name, path, &image, wrap)
 }
 
-/// Creates `path` holding `bytes`, all or nothing: the bytes are written and synced in a file
-/// without a name (`O_TMPFILE`), or under a hidden temporary name where the file system has no
-/// such files, and only then linked to `path`, which fails if `path` exists. A kill at any moment
-/// leaves no half-written image under `path` (a retry would find the name taken and a file that
-/// is no image); the fallback may leave its temporary file behind.
-fn create_whole(dir: &File, name: &OsStr, path: &Path, bytes: &[u8]) -> Result<File> {
+/// Creates `path` holding `bytes`, all or nothing: the bytes are written (through the storage
+/// `wrap` makes of the file) and flushed in a file without a name (`O_TMPFILE`), or under a
+/// hidden temporary name where the file system has no such files, and only then linked to
+/// `path`, which fails if `path` exists. A kill or power cut at any moment leaves no
+/// half-written image under `path` (a retry would find the name taken and a file that is no
+/// image); the fallback may leave its temporary file behind.
+fn create_whole(
+    dir: &File,
+    name: &OsStr,
+    path: &Path,
+    bytes: &[u8],
+    wrap: WrapNew,
+) -> Result<Box<dyn Storage>> {
     let io = |what: &str, e| Error::io(format!("{}: {what}", path.display()), e);
     let unnamed = open_at(dir, c".", libc::O_RDWR | libc::O_TMPFILE);
-    let file = match unnamed {
+    let storage = match unnamed {
         Ok(file) => {
-            write_and_sync(&file, bytes).map_err(|e| io("cannot write", e))?;
-            match link_unnamed(&file, dir, name) {
-                Ok(()) => file,
+            let storage = wrap(file)?;
+            write_and_flush(storage.as_ref(), bytes).map_err(|e| io("cannot write", e))?;
+            match link_unnamed(host_file(storage.as_ref())?, dir, name) {
+                Ok(()) => storage,
                 // No /proc to name the file by.
                 Err(e)
                     if e.raw_os_error() == Some(libc::ENOENT)
                         && !Path::new("/proc/self/fd").exists() =>
                 {
-                    create_via_temporary_name(dir, name, bytes)
-                        .map_err(|e| io("cannot create", e))?
+                    drop(storage);
+                    create_via_temporary_name(dir, name, bytes, wrap)?
                 }
                 Err(e) => return Err(io("cannot create", e)),
             }
@@ -147,14 +174,24 @@ fn create_whole(dir: &File, name: &OsStr, path: &Path, bytes: &[u8]) -> Result<F
                 Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
             ) =>
         {
-            create_via_temporary_name(dir, name, bytes).map_err(|e| io("cannot create", e))?
+            create_via_temporary_name(dir, name, bytes, wrap)?
         }
         Err(e) => return Err(io("cannot create", e)),
     };
     // The new name is durable before anything refers to it.
     dir.sync_all()
         .map_err(|e| io("cannot sync its folder", e))?;
-    Ok(file)
+    Ok(storage)
+}
+
+/// The host file of a new image's storage (to give it its name).
+fn host_file(storage: &dyn Storage) -> Result<&File> {
+    storage.host_file().ok_or_else(|| {
+        Error::io(
+            "a new image",
+            std::io::Error::other("its storage has no host file to name"),
+        )
+    })
 }
 
 /// `openat(dir, name, flags | O_CLOEXEC, 0666)`.
@@ -201,9 +238,11 @@ fn link_at(
     }
 }
 
-fn write_and_sync(file: &File, bytes: &[u8]) -> std::io::Result<()> {
-    file.write_all_at(bytes, 0)?;
-    file.sync_all()
+/// The image's bytes, made durable: the whole file is new, so one flush covers its data and
+/// length (`fdatasync`); its name comes after, synced with its folder.
+fn write_and_flush(storage: &dyn Storage, bytes: &[u8]) -> std::io::Result<()> {
+    storage.write_at(bytes, 0)?;
+    storage.flush()
 }
 
 /// Gives the `O_TMPFILE` file `file` the name `name` in `dir` (`EEXIST` if taken), through its
@@ -215,11 +254,18 @@ fn link_unnamed(file: &File, dir: &File, name: &OsStr) -> std::io::Result<()> {
 }
 
 /// The fallback of [`create_whole`]: a hidden file beside `name` in `dir`, created exclusively
-/// (never through a symlink), written, synced and hard-linked to `name` (no-clobber), then
-/// removed.
-fn create_via_temporary_name(dir: &File, name: &OsStr, bytes: &[u8]) -> std::io::Result<File> {
+/// (never through a symlink), written and flushed through `wrap`'s storage, hard-linked to
+/// `name` (no-clobber), then removed.
+fn create_via_temporary_name(
+    dir: &File,
+    name: &OsStr,
+    bytes: &[u8],
+    wrap: WrapNew,
+) -> Result<Box<dyn Storage>> {
+    let io = |what: &str, e| Error::io(format!("{}: {what}", name.to_string_lossy()), e);
     let stem = name.to_string_lossy();
-    let temporary = CString::new(format!(".{stem}.snapfs-{}.tmp", std::process::id()))?;
+    let temporary = CString::new(format!(".{stem}.snapfs-{}.tmp", std::process::id()))
+        .map_err(|e| io("cannot create", e.into()))?;
     let unlink = || {
         // SAFETY: unlinkat of a NUL-terminated name in our folder.
         unsafe { libc::unlinkat(dir.as_raw_fd(), temporary.as_ptr(), 0) };
@@ -230,12 +276,16 @@ fn create_via_temporary_name(dir: &File, name: &OsStr, bytes: &[u8]) -> std::io:
         dir,
         &temporary,
         libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-    )?;
-    let to = CString::new(name.as_bytes())?;
-    let linked = write_and_sync(&file, bytes)
-        .and_then(|()| link_at(dir.as_raw_fd(), &temporary, dir, &to, 0));
+    )
+    .map_err(|e| io("cannot create", e))?;
+    let to = CString::new(name.as_bytes()).map_err(|e| io("cannot create", e.into()))?;
+    let linked = wrap(file).and_then(|storage| {
+        write_and_flush(storage.as_ref(), bytes).map_err(|e| io("cannot write", e))?;
+        link_at(dir.as_raw_fd(), &temporary, dir, &to, 0).map_err(|e| io("cannot create", e))?;
+        Ok(storage)
+    });
     unlink();
-    linked.map(|()| file)
+    linked
 }
 
 #[cfg(test)]
@@ -279,12 +329,16 @@ mod tests {
         let path = dir.path().join("new.qcow2");
         let folder = File::open(dir.path()).unwrap();
         let name = OsStr::new("new.qcow2");
-        let file = create_via_temporary_name(&folder, name, b"first").unwrap();
-        let mut read = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut read).unwrap();
+        let wrap = |file| plain_storage(file, &path);
+        let storage = create_via_temporary_name(&folder, name, b"first", &wrap).unwrap();
+        let mut read = vec![0u8; 5];
+        storage.read_at(&mut read, 0).unwrap();
         assert_eq!(read, b"first");
-        let taken = create_via_temporary_name(&folder, name, b"second").unwrap_err();
-        assert_eq!(taken.raw_os_error(), Some(libc::EEXIST));
+        let taken = create_via_temporary_name(&folder, name, b"second", &wrap).unwrap_err();
+        let Error::Io { source, .. } = taken else {
+            panic!("not an I/O error: {taken}");
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::EEXIST));
         assert_eq!(std::fs::read(&path).unwrap(), b"first");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -101,26 +101,27 @@ impl Qcow2Image {
             .allocate(self.storage(), clusters)
             .map_err(self.refcount_err())?;
         self.check_overlap(w, "new L1 table", new_offset.0, clusters * cs)?;
-        // Ordering: the new table's refcount is on disk (allocate) before anything names it; the
-        // copy is written and flushed before the header names it, so that a crash leaves the old
-        // table or the whole new one; the old table is freed only after the header moved on.
+        // Ordering (rule 4 of `ordering.rs`): the new table's refcount and the copy are written
+        // and flushed before the header names it, so that a crash leaves the old table or the
+        // whole new one; the header switch is flushed before the size that needs it is written,
+        // and the old table is freed only once the switch is durable (deferred: `release.rs`).
         let bytes = l1.to_be_bytes((clusters * cs) as usize);
         self.write_file(&bytes, new_offset.0, "L1 table")?;
-        self.flush()?;
+        self.barrier(w)?;
         // One header write switches l1_size and l1_table_offset together. `needed` fits: MAX_L1_BYTES holds fewer than 2^32 entries.
         let fields = FieldWrite::L1Table {
             entries: needed as u32,
             offset: new_offset.0,
         };
         self.write_header(fields, "header L1 fields")?;
+        self.barrier(w)?;
         let old_offset = HostOffset(w.l1_offset);
         let old_clusters = (l1.declared_len() * L1_ENTRY_SIZE).div_ceil(cs);
         w.l1_offset = new_offset.0;
         *self.active_l1.write() = Arc::new(l1.with_declared_len(needed));
         w.remove_metadata(g.cluster_of(old_offset), old_clusters);
         w.add_metadata(g.cluster_of(new_offset), clusters, MetadataKind::ActiveL1);
-        w.refcounts
-            .free(self.storage(), old_offset, old_clusters)
-            .map_err(self.refcount_err())
+        self.release_clusters(w, old_offset, old_clusters);
+        Ok(())
     }
 }

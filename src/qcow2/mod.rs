@@ -20,6 +20,7 @@ pub mod limits;
 pub mod lock;
 pub mod mapping;
 pub mod offsets;
+pub mod ordering;
 mod overlap;
 mod recent_l2;
 pub mod refcount;

@@ -11,9 +11,13 @@
 //! block, the table, an allocated run). Callers speak offsets (they write there); the counting
 //! is done on clusters.
 //!
-//! Every change is written through to the file at once, in an order that makes a crash leave at
-//! most leaked clusters: a refcount is raised on disk before anything points at its cluster, and
-//! lowered only after the last pointer is gone (the callers' job).
+//! Every change is written to the file at once, but a write is durable only after a flush (see
+//! [`crate::qcow2::storage`]). Inside the refcount structure this module orders what depends on
+//! what with flushes of its own: a new refcount block (and its own refcount) before the table
+//! entry that names it, a new table before the header switches to it, and that header write
+//! before the old table is freed. Ordering refcounts against the L1/L2 entries that use them
+//! is the callers' job ([`crate::qcow2::ordering`]): raised and flushed before anything points
+//! at the cluster, lowered only after the pointer's removal is durable.
 //!
 //! Operations that must change many refcounts together with the entries that point at the
 //! clusters (snapshot create, revert, delete) use a [`Shadow`] instead: a private copy of the
@@ -553,6 +557,9 @@ impl Refcounts {
         }
         .encode();
         write_all(storage, &header, HostOffset(at))?;
+        // The header names the new table on disk before the old one's clusters can be freed
+        // (and reused): a crash in between must not leave the header on a freed table.
+        storage.flush().map_err(io_err(HostOffset(at)))?;
         self.table_offset = new_offset;
         self.free_hint = self.free_hint.min(self.cluster_of(old_offset));
         self.free(storage, old_offset, old_clusters)
@@ -588,6 +595,11 @@ impl Refcounts {
         self.table[index] = Some(offset);
         self.block_clusters.insert(at);
         if (index as u64) < disk_capacity {
+            // The block and its own refcount are on disk before the table points at it: a table
+            // entry naming a cluster that still reads as zeros would count nothing, its own
+            // cluster included (QEMU's `alloc_refcount_block` flushes here too). A block for a
+            // new table (`disk_capacity` too small) is made durable by that table's flush.
+            storage.flush().map_err(io_err(offset))?;
             write_all(
                 storage,
                 &offset.0.to_be_bytes(),

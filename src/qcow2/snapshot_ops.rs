@@ -66,6 +66,9 @@ impl Qcow2Image {
         w: &mut Writer,
         build: impl FnOnce(&mut Shadow) -> Result<(NewState, T)>,
     ) -> Result<T> {
+        // Deferred references drop first (their entries are durable after this flush), so that
+        // the refcounts the new state is built from count only what points at clusters.
+        self.flush_locked(w)?;
         let len_before = self.file_len();
         let built = {
             let Writer {
@@ -81,7 +84,8 @@ impl Qcow2Image {
             })
         };
         let switched = built.and_then(|(state, out, commit)| {
-            self.flush()?;
+            // Everything the new state consists of is durable before the header names it.
+            self.sync()?;
             self.write_switch(&state, &commit)?;
             Ok((state, out, commit))
         });
@@ -96,7 +100,7 @@ impl Qcow2Image {
             }
         };
         // The header is written: whatever the flush says, the file now holds the new state.
-        let durable = self.flush();
+        let durable = self.sync();
         self.install(w, state, &commit);
         if durable.is_ok() {
             // As QEMU discards what a snapshot operation frees, so that the host file system
@@ -578,10 +582,13 @@ impl Qcow2Image {
     /// The header is re-read from disk first so that fields changed since opening are kept.
     pub fn set_backing_locked(
         &self,
-        _w: &mut Writer,
+        w: &mut Writer,
         file: Option<String>,
         format: Option<String>,
     ) -> Result<()> {
+        // What the new backing file must show (data copied into it or into this image) is
+        // durable before the header switches to it.
+        self.flush_locked(w)?;
         let cs = self.geometry.cluster_size() as usize;
         let mut start = vec![0u8; cs];
         self.storage
@@ -600,8 +607,10 @@ impl Qcow2Image {
         if bytes.len() < old_len.min(cs) {
             bytes.resize(old_len.min(cs), 0);
         }
+        // One write; atomic under a power cut while the header fits in one 512-byte sector (a
+        // longer one can tear, as QEMU's header rewrite can).
         self.write_file(&bytes, 0, "header")?;
-        self.flush()?;
+        self.sync()?;
         *self.backing.write() = (file, format);
         Ok(())
     }

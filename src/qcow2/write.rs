@@ -8,20 +8,23 @@
 //! - `cow.rs`: copy-on-write of partly written new clusters (`perform_cow`);
 //! - `overlap.rs`: the metadata index and the overlap check (`qcow2_check_metadata_overlap`);
 //! - `corrupt.rs`: marking the image corrupt (`qcow2_signal_corruption`);
-//! - `release.rs`: dropping the references of replaced entries (`qcow2_free_any_cluster`);
+//! - `release.rs`: dropping the references of replaced entries (`qcow2_free_any_cluster`), deferred
+//!   to the next flush;
+//! - `ordering.rs`: what must be durable before what (the power-loss rules), the flushed
+//!   reservation data clusters come from, and the flush that settles deferred work;
 //! - `grow.rs`: growing the disk and its L1 table (`qcow2_grow_l1_table`);
 //! - `refcount.rs`: refcounts and allocation; `snapshot_ops.rs`: internal snapshot operations.
 //!
-//! Every metadata change is written through at once, in QEMU's order, so that a process killed at
-//! any point leaves at most leaked clusters:
-//! - a cluster's refcount is raised before any L1/L2 entry points at it;
-//! - guest data (and the copied-on-write rest of its cluster) is written before the L2 entry that
-//!   maps it; a new L2 table is written before the L1 entry that points at it;
-//! - a refcount is lowered only after the entry that referenced the cluster is gone.
+//! Every metadata change is written at once, in QEMU's order, with a flush between dependent
+//! writes, so that a power cut (not only a killed process) leaves at most leaked clusters:
+//! - a cluster's refcount is raised and flushed before any L1/L2 entry points at it (data
+//!   clusters come from a flushed reservation);
+//! - copied-on-write data is flushed before the L2 entry that maps it; a new L2 table is written
+//!   and flushed before the L1 entry that points at it;
+//! - a refcount is lowered only after the entry that referenced the cluster is durably gone (the
+//!   references are dropped at the next flush).
 //!
-//! Today that order holds for a killed process: between dependent writes only a few places flush
-//! (the autoclear bits, L1 and refcount table moves, the header switch of snapshot operations), so
-//! a power cut may reorder the rest in the host's page cache.
+//! The rules, and why each holds: `ordering.rs`.
 
 use std::sync::atomic::Ordering;
 
@@ -29,6 +32,7 @@ use crate::qcow2::error::{Error, Result};
 use crate::qcow2::header::FieldWrite;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::offsets::HostCluster;
+use crate::qcow2::ordering::WriteOrder;
 use crate::qcow2::overlap::MetadataKind;
 use crate::qcow2::refcount::Refcounts;
 
@@ -58,6 +62,8 @@ pub struct Writer {
     /// the autoclear bits it does not know are cleared (`bitmaps.rs`); not at open, so that a
     /// read-write mount nobody writes to leaves the file exactly as it was.
     pub(super) before_first_change: bool,
+    /// What must reach the disk before what (see `ordering.rs`).
+    pub(super) order: WriteOrder,
 }
 
 impl Writer {
@@ -100,6 +106,7 @@ impl Writer {
             metadata: Default::default(),
             corrupt: false,
             before_first_change: h.version >= 3,
+            order: WriteOrder::default(),
         };
         writer.index_metadata(image);
         Ok(writer)
@@ -311,12 +318,5 @@ impl Qcow2Image {
             pos += n;
         }
         Ok(())
-    }
-
-    /// Makes everything written so far durable.
-    pub fn flush(&self) -> Result<()> {
-        self.storage
-            .flush()
-            .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))
     }
 }

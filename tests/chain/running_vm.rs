@@ -85,7 +85,13 @@ fn force_share_reads_the_frozen_parts_beside_a_running_vm() {
     let m = Mount::with_args(&top, &["--force-share"]);
     assert_eq!(
         names_in(m.path()),
-        ["changes", "checkpoints", "control", "info.json", "snapshots"],
+        [
+            "changes",
+            "checkpoints",
+            "control",
+            "info.json",
+            "snapshots"
+        ],
         "live.raw of an image the VM writes must not be shown"
     );
     let info: serde_json::Value =

@@ -1572,6 +1572,7 @@ pub mod chain_support;
 pub mod crash;
 pub mod hostile_support;
 pub mod libvirt_support;
+pub mod powercut;
 pub mod snapshot_support;
 pub mod stress_support;
 pub mod write_support;

@@ -3,7 +3,7 @@
 //! - Writes through live.raw to an image on a small ext4 file system (64 MiB, loop-mounted) fail
 //!   with ENOSPC (or EIO) once it is full; the daemon stays alive, data written before is intact,
 //!   writes work again once space is freed, and after unmounting `qemu-img check` finds no
-//!   corruption (leaked clusters are allowed).
+//!   corruption and no leaked cluster (a failed allocation gives its clusters back).
 //! - A commit of a large top (on the roomy file system) into a base on the small one fails with an
 //!   error in `control/status`; live.raw is unchanged, before and after unmounting.
 //!
@@ -192,9 +192,11 @@ fn degrade_enospc_on_write_fails_cleanly_and_recovers() {
         c.leaks(),
         c.check_errors()
     );
-    if c.corruptions() > 0 || c.check_errors() > 0 || !matches!(c.exit, Some(0) | Some(3)) {
+    // A clean unmount after ENOSPC leaks nothing (issue 16 point 4): a failed allocation gives
+    // its clusters back.
+    if c.corruptions() > 0 || c.check_errors() > 0 || c.leaks() > 0 || c.exit != Some(0) {
         problems.push(format!(
-            "qemu-img check after ENOSPC: exit {:?}, {}",
+            "qemu-img check after ENOSPC and a clean unmount: exit {:?}, {}",
             c.exit,
             c.stdout.trim()
         ));
@@ -350,9 +352,11 @@ fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
         fs::metadata(&base).unwrap().len(),
         base_before.len()
     );
-    if cb.corruptions() > 0 || cb.check_errors() > 0 || !matches!(cb.exit, Some(0) | Some(3)) {
+    // A failed commit leaves no residue in the base (issue 16 point 4): what it allocated there
+    // is given back or mapped, never leaked.
+    if cb.corruptions() > 0 || cb.check_errors() > 0 || cb.leaks() > 0 || cb.exit != Some(0) {
         problems.push(format!(
-            "qemu-img check base: exit {:?}, {}",
+            "qemu-img check base after the failed commit and a clean unmount: exit {:?}, {}",
             cb.exit,
             cb.stdout.trim()
         ));

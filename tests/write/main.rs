@@ -10,6 +10,7 @@ mod bitmaps_oracle;
 mod degrade_backing_gone;
 mod degrade_enospc;
 mod degrade_shrink;
+mod powercut;
 mod snapshot_crash;
 mod snapshot_errors;
 mod snapshot_model;

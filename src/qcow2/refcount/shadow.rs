@@ -333,7 +333,6 @@ mod tests {
     use super::*;
     use crate::qcow2::create::{NewImage, create};
     use crate::qcow2::header::Header;
-    use crate::qcow2::storage::FileStorage;
 
     fn header_of(storage: &dyn Storage) -> Header {
         let len = storage.len().expect("length");
@@ -348,7 +347,7 @@ mod tests {
     fn a_shadow_leaves_the_file_alone_and_describes_itself() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("shadow.qcow2");
-        let file = create(
+        let storage = create(
             &path,
             &NewImage {
                 size: 64 << 20,
@@ -358,15 +357,15 @@ mod tests {
             },
         )
         .expect("creating the image");
-        let file = FileStorage::new(file, &path).expect("storage");
-        let header = header_of(&file);
+        let file = storage.as_ref();
+        let header = header_of(file);
         let before = std::fs::read(&path).expect("reading the image");
-        let mut base = Refcounts::load(&file, &header, before.len() as u64, 16).expect("load");
+        let mut base = Refcounts::load(file, &header, before.len() as u64, 16).expect("load");
         let old_table = (base.table_offset, base.table_clusters());
         let old_blocks: Vec<HostOffset> = base.table.iter().flatten().copied().collect();
 
         let no_metadata = |_: HostCluster| false;
-        let mut tx = Shadow::new(&mut base, &file, &no_metadata);
+        let mut tx = Shadow::new(&mut base, file, &no_metadata);
         let mut allocated = BTreeSet::new();
         for _ in 0..4 {
             let first = tx.allocate(5000).expect("allocate").0 >> 9;
@@ -384,7 +383,7 @@ mod tests {
             "the shadow wrote into clusters the current state uses"
         );
         assert_eq!(
-            header_of(&file).refcount_table_offset,
+            header_of(file).refcount_table_offset,
             old_table.0.0,
             "the header is the caller's to switch"
         );
@@ -394,7 +393,7 @@ mod tests {
         let mut switched = header.clone();
         switched.refcount_table_offset = table_offset;
         switched.refcount_table_clusters = table_clusters;
-        let mut view = Refcounts::load(&file, &switched, after.len() as u64, 16).expect("reload");
+        let mut view = Refcounts::load(file, &switched, after.len() as u64, 16).expect("reload");
         let mut expected_used: BTreeSet<u64> = BTreeSet::new();
         expected_used.insert(0);
         let l1_first = header.l1_table_offset >> 9;
@@ -406,7 +405,7 @@ mod tests {
         for c in 0..clusters {
             let want = u64::from(expected_used.contains(&c));
             assert_eq!(
-                view.get(&file, HostCluster(c)).expect("get"),
+                view.get(file, HostCluster(c)).expect("get"),
                 Refcount(want),
                 "cluster {c}"
             );
