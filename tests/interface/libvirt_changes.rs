@@ -115,11 +115,12 @@ fn changes_lists_parents_from_libvirt_else_by_date_else_the_layer_below() {
     // libvirt's tree: bare-os-install has no parent; 1270477159 and experiment are its children,
     // pkg-updated is 1270477159's child and libvirt's current snapshot (so live's parent, though
     // `untracked` is newer); untracked is unknown to libvirt: the previous snapshot of its layer
-    // by date, pkg-updated.
+    // by date, pkg-updated. libvirt's name wins where the snapshot is stored (experiment lives
+    // in a backing layer, which snapfs names 1270477159@experiment without libvirt).
     let m = Mount::with_args(&fx.top, &["-r", "--libvirt", dir]);
     let with_libvirt = [
         "bare-os-install..1270477159",
-        "bare-os-install..1270477159@experiment",
+        "bare-os-install..experiment",
         "1270477159..pkg-updated",
         "pkg-updated..untracked",
         "pkg-updated..live",

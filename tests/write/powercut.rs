@@ -228,6 +228,13 @@ impl Disk {
         self.ack();
     }
 
+    /// `pull [BASE]`: the top copies what it reads from the layers above `base` (`None`: all).
+    fn pull_into_top(&mut self, base: Option<usize>) {
+        self.chain = snapfs::ops::pull(&self.chain, base, &|_, _| {}).expect("pull");
+        self.done.push(format!("pull {base:?}"));
+        self.ack();
+    }
+
     fn external(&mut self, file: &str) {
         let path = self.dir.path().join(file);
         let folder = std::fs::File::open(self.dir.path()).expect("open folder");
@@ -467,6 +474,9 @@ fn powercut_chain_operations() {
     }
     d.flush();
     d.pull(1);
+    d.random_write(16 * KIB, SECTOR);
+    d.flush();
+    d.pull_into_top(None);
     d.random_write(16 * KIB, SECTOR);
     d.flush();
     assert_no_damage(&d.simulate("chain operations", seed));
