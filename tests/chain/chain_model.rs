@@ -820,20 +820,11 @@ impl Run {
                     &["commit", "-q", "-d", "-f", "qcow2", &source.file],
                 );
                 let target = self.layers[d + 1].clone();
-                run_in(
+                rebase(
                     &model,
-                    "qemu-img",
-                    &[
-                        "rebase",
-                        "-u",
-                        "-f",
-                        "qcow2",
-                        "-b",
-                        &target.file,
-                        "-F",
-                        target.fmt.name(),
-                        &self.layers[d - 1].file,
-                    ],
+                    Rebase::Unsafe,
+                    &self.layers[d - 1].file,
+                    Some(&target),
                 );
                 self.layers[d + 1].size = target.size.max(source.size);
                 self.layers.remove(d);
@@ -886,28 +877,7 @@ impl Run {
                 }
                 let d = *depth;
                 let above = self.layers[d - 1].file.clone();
-                match self.layers.get(d + 1) {
-                    Some(below) => run_in(
-                        &model,
-                        "qemu-img",
-                        &[
-                            "rebase",
-                            "-q",
-                            "-f",
-                            "qcow2",
-                            "-b",
-                            &below.file,
-                            "-F",
-                            below.fmt.name(),
-                            &above,
-                        ],
-                    ),
-                    None => run_in(
-                        &model,
-                        "qemu-img",
-                        &["rebase", "-q", "-f", "qcow2", "-b", "", &above],
-                    ),
-                }
+                rebase(&model, Rebase::Safe, &above, self.layers.get(d + 1));
                 self.layers.remove(d);
             }
             Step::RevertLayer { depth, name } => {
@@ -924,35 +894,8 @@ impl Run {
                 }
                 // `qemu-img rebase` in safe mode copies into the top what the guest would read
                 // differently over the new backing file (nothing at all: everything it reads).
-                let until = match base {
-                    Some((d, _)) => {
-                        let below = self.layers[*d].clone();
-                        run_in(
-                            &model,
-                            "qemu-img",
-                            &[
-                                "rebase",
-                                "-q",
-                                "-f",
-                                "qcow2",
-                                "-b",
-                                &below.file,
-                                "-F",
-                                below.fmt.name(),
-                                &top,
-                            ],
-                        );
-                        *d
-                    }
-                    None => {
-                        run_in(
-                            &model,
-                            "qemu-img",
-                            &["rebase", "-q", "-f", "qcow2", "-b", "", &top],
-                        );
-                        self.layers.len()
-                    }
-                };
+                let until = base.as_ref().map_or(self.layers.len(), |b| b.0);
+                rebase(&model, Rebase::Safe, &top, self.layers.get(until));
                 self.layers.drain(1..until);
             }
             Step::CreateInternal(tag) => {
@@ -1067,21 +1010,7 @@ impl Run {
                 ],
             );
         }
-        run_in(
-            &model,
-            "qemu-img",
-            &[
-                "rebase",
-                "-u",
-                "-f",
-                "qcow2",
-                "-b",
-                &target.file,
-                "-F",
-                target.fmt.name(),
-                &top,
-            ],
-        );
+        rebase(&model, Rebase::Unsafe, &top, Some(&target));
         fs::remove_file(model.join(scratch)).unwrap();
         self.layers[0].size = target.size;
         self.layers.drain(1..d);
@@ -1260,6 +1189,29 @@ impl Run {
 }
 
 /// Every control file is one the model drives (see [`MODELLED_COMMANDS`]).
+/// How `qemu-img rebase` changes the backing file: `Safe` copies into the image what its guest
+/// would read differently over the new one; `Unsafe` (`-u`) only rewrites the header.
+#[derive(Clone, Copy)]
+enum Rebase {
+    Safe,
+    Unsafe,
+}
+
+/// `qemu-img rebase` of `file` (a qcow2 image in `dir`) onto `onto` (`None`: no backing file).
+fn rebase(dir: &Path, how: Rebase, file: &str, onto: Option<&ModelLayer>) {
+    let mode = match how {
+        Rebase::Safe => "-q",
+        Rebase::Unsafe => "-u",
+    };
+    let mut args = vec!["rebase", mode, "-f", "qcow2", "-b"];
+    match onto {
+        Some(layer) => args.extend([layer.file.as_str(), "-F", layer.fmt.name()]),
+        None => args.push(""),
+    }
+    args.push(file);
+    run_in(dir, "qemu-img", &args);
+}
+
 fn commands_are_modelled(m: &Mount) -> Result<(), String> {
     let dir = m.path().join("control");
     let got: BTreeSet<String> = fs::read_dir(&dir)
