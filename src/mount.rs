@@ -433,18 +433,44 @@ impl PidFile {
         let Some(path) = Self::path_for(mountpoint) else {
             return PidFile(None);
         };
-        let written = path
-            .parent()
-            .map(std::fs::create_dir_all)
-            .transpose()
-            .and_then(|_| std::fs::write(&path, format!("{}\n", std::process::id())));
-        match written {
+        match Self::write(&path) {
             Ok(()) => PidFile(Some(path)),
             Err(e) => {
                 log::warn!("cannot write {}: {e}", path.display());
                 PidFile(None)
             }
         }
+    }
+
+    /// Writes this process's pid to `path`. The folder is made private to us and must be ours
+    /// and no symlink; the file is never reached through a symlink (a planted one fails
+    /// ELOOP), so the write lands nowhere else.
+    fn write(path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+        let Some(dir) = path.parent() else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        let meta = std::fs::symlink_metadata(dir)?;
+        // SAFETY: geteuid has no preconditions.
+        if !meta.is_dir() || meta.uid() != unsafe { libc::geteuid() } {
+            return Err(std::io::Error::other(format!(
+                "{} is not a folder of ours",
+                dir.display()
+            )));
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
     }
 
     fn read(mountpoint: &Path) -> Option<(PathBuf, i32)> {
@@ -688,4 +714,39 @@ pub fn umount(mountpoint: &Path) -> Result<(), String> {
         "cannot unmount {}: {err}{hint}",
         mountpoint.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PidFile;
+
+    #[test]
+    fn pid_file_is_written_in_a_private_folder_and_never_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("snapfs");
+        let path = folder.join("mnt.pid");
+        PidFile::write(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        // A symlink planted where the pid file goes: the write fails, the target is untouched.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let err = PidFile::write(&path).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A folder that is a symlink is refused too.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(&elsewhere, &linked).unwrap();
+        assert!(PidFile::write(&linked.join("mnt.pid")).is_err());
+        assert!(!elsewhere.join("mnt.pid").exists());
+    }
 }
