@@ -139,10 +139,19 @@ impl View {
         result
     }
 
-    /// Makes the live disk's writes durable.
+    /// Makes the live disk's writes durable and settles its write side (unmount).
     pub fn flush(&self) -> Result<()> {
         match self.writable_image() {
             Ok(image) => image.flush(),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Makes the live disk's writes durable: a guest's `fsync` (the write side keeps its
+    /// reserved clusters for the writes that follow).
+    pub fn flush_writes(&self) -> Result<()> {
+        match self.writable_image() {
+            Ok(image) => image.flush_writes(),
             Err(_) => Ok(()),
         }
     }

@@ -774,7 +774,7 @@ impl Filesystem for SnapFs {
         if ino.0 != nodes::LIVE {
             return reply.ok();
         }
-        match self.catalog.live().view.flush() {
+        match self.catalog.live().view.flush_writes() {
             Ok(()) => reply.ok(),
             Err(e) => {
                 log::error!("live.raw: fsync: {e}");

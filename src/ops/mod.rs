@@ -334,7 +334,7 @@ impl Drop for LayerWriter<'_> {
     fn drop(&mut self) {
         if let Held::Qcow2(image, w) = &mut self.held {
             w.order_as_copy(false);
-            if w.has_unsettled()
+            if image.has_unsettled(w)
                 && let Err(e) = image.flush_locked(w)
             {
                 log::warn!(

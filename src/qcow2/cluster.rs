@@ -133,18 +133,19 @@ impl Qcow2Image {
         })
     }
 
-    /// Writes the changed entries of `edit` and makes them visible to readers.
-    fn commit_l2(&self, edit: L2Edit) -> Result<()> {
-        let Some((first, last)) = edit.changed else {
+    /// Makes the changed entries of `edit` visible to readers; they reach the file at the next
+    /// write-back (`l2_writeback.rs`), after what they depend on is durable.
+    fn commit_l2(&self, w: &mut Writer, edit: L2Edit) -> Result<()> {
+        let Some(changed) = edit.changed else {
             return Ok(());
         };
-        let w = edit.geometry.l2_entry_words();
-        let bytes: Vec<u8> = edit.words[first * w..(last + 1) * w]
-            .iter()
-            .flat_map(|v| v.to_be_bytes())
-            .collect();
-        self.write_file(&bytes, edit.offset.0 + (first * w * 8) as u64, "L2 entries")?;
+        // Noted before it is published: a reader that misses the cache from then on loads the
+        // new table from the unwritten ones, never the old one from the file.
+        let too_many = self.note_unwritten_l2(edit.offset, edit.words.clone(), changed);
         self.publish_l2(edit.offset, edit.words);
+        if too_many {
+            self.write_back_l2(w)?;
+        }
         Ok(())
     }
 
@@ -171,8 +172,8 @@ impl Qcow2Image {
                 &mut old_refs,
                 &mut new_runs,
             )
-            .and_then(|()| {
-                // Ordering: the fill is durable before the entries that map it.
+            .map(|()| {
+                // Ordering: the fill is durable before the entries that map it are written.
                 self.before_l2_update(w)
             });
         if let Err(e) = mapped {
@@ -183,7 +184,7 @@ impl Qcow2Image {
         }
         // Ordering: the new entries are durable (next flush) before the clusters they replaced
         // lose their reference.
-        self.commit_l2(edit)?;
+        self.commit_l2(w, edit)?;
         self.release(w, old_refs);
         Ok(())
     }
@@ -358,7 +359,7 @@ impl Qcow2Image {
             // Ordering: the entries stop naming the clusters, durably (next flush), before the
             // clusters lose their reference (a crash in between leaks them, never hands them
             // out twice).
-            self.commit_l2(edit)?;
+            self.commit_l2(w, edit)?;
             self.release(w, old_refs);
         }
         Ok(())

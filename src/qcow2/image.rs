@@ -95,6 +95,8 @@ pub struct Qcow2Image {
     /// Readers of the active state hold this shared; freeing clusters takes it exclusively, so
     /// that no read still in flight can see a freed cluster reused.
     pub(super) reclaim: RwLock<()>,
+    /// L2 tables changed in memory, written at the next flush (`l2_writeback.rs`).
+    pub(super) unwritten_l2: super::l2_writeback::UnwrittenL2,
     /// Starts the write-back of guest data during long runs of writes.
     pub(super) write_behind: super::write_behind::WriteBehind,
     /// The persistent dirty bitmaps, loaded when first needed (`bitmaps.rs`).
@@ -169,6 +171,7 @@ impl Qcow2Image {
             writer: OnceLock::new(),
             retired: false.into(),
             reclaim: RwLock::new(()),
+            unwritten_l2: Default::default(),
             write_behind: Default::default(),
             bitmaps: OnceLock::new(),
         };
@@ -500,6 +503,10 @@ impl Qcow2Image {
     }
 
     fn load_l2(&self, offset: HostOffset) -> Result<L2Table> {
+        // A changed table the cache let go of before it was written: the file holds it stale.
+        if let Some(table) = self.unwritten_l2.get(offset) {
+            return Ok(table);
+        }
         let size = self.geometry.cluster_size() as usize;
         let mut bytes = vec![0u8; size];
         self.read_data(offset, &mut bytes)?;

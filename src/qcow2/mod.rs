@@ -16,6 +16,7 @@ pub mod header;
 pub mod image;
 pub mod l1;
 pub mod l2;
+mod l2_writeback;
 pub mod limits;
 pub mod lock;
 pub mod mapping;

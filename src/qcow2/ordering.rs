@@ -6,43 +6,47 @@
 //! write may be torn into its 512-byte sectors. QEMU's rules for qcow2 (`block/qcow2-cache.c`,
 //! `qcow2-cluster.c`, `qcow2-refcount.c`), which this engine follows:
 //!
-//! 1. **A refcount is raised, and flushed, before any L1/L2 entry points at its cluster.** Data
-//!    clusters come from a *reservation*: a run of clusters whose refcounts are set to 1 and
-//!    flushed together, with the file extended over the run in the same flush (an entry naming
-//!    a cluster past the end of the file is an error to `qemu-img check`, and the data write
-//!    that would extend the file is not ordered before the entry), before any of them is handed
-//!    out. One flush then covers many allocating
-//!    writes, as QEMU's write-back refcount cache does (its L2 cache depends on the refcount
-//!    cache: `qcow2_cache_set_dependency`). A new L2 table is allocated from the refcounts
-//!    directly, written, and flushed before the L1 entry names it (`l2_allocate` +
-//!    `qcow2_cache_flush`); so is a new L1 table before the header names it.
-//! 2. **Copied-on-write data is flushed before the L2 entry that maps it.** When a new cluster
-//!    gets bytes the guest did not write in this request (the rest of a partly written cluster,
-//!    from the old cluster or the backing file), a crash must not keep the entry and lose those
-//!    bytes: they were acknowledged long ago. QEMU: `qcow2_cache_depends_on_flush` after
-//!    `perform_cow`. Bytes the guest writes itself are not ordered (as in QEMU): until the guest
-//!    flushes they may read as anything. A zero fill in clusters the reservation made (a hole
-//!    past the file's old end, never written) is not written at all, so it needs no flush. A
-//!    chain operation that copies what the disk shows into a layer that read through to it
-//!    there (a layer delete) orders all its data this way ([`Writer::order_as_copy`]).
+//! 1. **A refcount is raised, and flushed, before any L1/L2 entry that points at its cluster is
+//!    written.** Data clusters come from a *reservation*: a run of clusters whose refcounts are
+//!    set to 1, with the file extended over the run (an entry naming a cluster past the end of
+//!    the file is an error to `qemu-img check`, and the data write that would extend the file
+//!    is not ordered before the entry), before any of them is handed out. The L2 entries that
+//!    name them are not written at once: they wait in memory for the next write-back
+//!    (`l2_writeback.rs`), which flushes first. So one flush covers many allocating writes, as
+//!    QEMU's write-back L2 cache depends on its refcount cache (`qcow2_cache_set_dependency`). A
+//!    new L2 table is allocated from the refcounts directly, written, and flushed before the L1
+//!    entry names it (`l2_allocate` + `qcow2_cache_flush`); so is a new L1 table before the
+//!    header names it.
+//! 2. **Copied-on-write data is flushed before the L2 entry that maps it is written.** When a
+//!    new cluster gets bytes the guest did not write in this request (the rest of a partly
+//!    written cluster, from the old cluster or the backing file), a crash must not keep the
+//!    entry and lose those bytes: they were acknowledged long ago. The write-back's first flush
+//!    covers them (QEMU: `qcow2_cache_depends_on_flush` after `perform_cow`). Bytes the guest
+//!    writes itself are not ordered (as in QEMU): until the guest flushes they may read as
+//!    anything. A zero fill in clusters the reservation made (a hole past the file's old end,
+//!    never written) is not written at all. A chain operation that copies what the disk shows
+//!    into a layer that read through to it there (a layer delete) orders all its data this way
+//!    ([`Writer::order_as_copy`]).
 //! 3. **A refcount drops only once the entry that referenced the cluster is durably gone.** The
 //!    references that overwritten or discarded entries held are *deferred* and dropped at the
-//!    next flush, after the flush that made the new entries durable (QEMU: the refcount cache
-//!    depends on the L2 cache when freeing). Until then the clusters stay in use (a crash leaks
-//!    them, never hands them to two owners).
+//!    next flush, after the write-back of the new entries and the flush that made them durable
+//!    (QEMU: the refcount cache depends on the L2 cache when freeing). Until then the clusters
+//!    stay in use (a crash leaks them, never hands them to two owners).
 //! 4. **A header write is the commit point** of anything that moves a table (L1 growth, the
 //!    refcount table, the snapshot operations of [`crate::qcow2::snapshot_ops`]): the new table
 //!    is written and flushed first, the header fields that switch to it are one write within one
-//!    sector, and what the old table held is freed only after that write is durable.
-//! 5. **A completed flush makes everything before it durable:** [`Qcow2Image::flush`] (an
-//!    `fsync`/`fdatasync` of `live.raw`, the end of every command, unmount) flushes, then drops
-//!    the deferred references and gives back what is left of the reservation (both only lower
-//!    refcounts of clusters nothing points at on disk: unordered, leak-only writes), so that a
-//!    clean unmount leaves no leaked cluster.
+//!    sector, and what the old table held is freed only after that write is durable. Each of
+//!    them starts with a full flush, so no L2 table waits in memory while the state moves.
+//! 5. **A completed flush makes everything before it durable:** a guest flush (an
+//!    `fsync`/`fdatasync` of `live.raw`, [`Qcow2Image::flush_writes`]) writes the waiting L2
+//!    tables back, flushes, then drops the deferred references (leak-only writes, nothing on
+//!    disk points at those clusters). The end of every command and unmount
+//!    ([`Qcow2Image::flush`]) also give back what is left of the reservation, so that a clean
+//!    unmount leaves no leaked cluster.
 //!
-//! The flushes are few: one per reservation (up to [`MAX_RESERVATION_BYTES`] and
-//! [`MAX_RESERVATION_CLUSTERS`] of new clusters),
-//! one per new L2 table, one per request that copies on write, one per guest flush.
+//! The flushes are few: two per guest flush (what the entries depend on, then the entries), one
+//! per new L2 table, and one per write-back when more tables wait than the cache affords
+//! (`l2_writeback.rs`); none per allocating write.
 
 use crate::qcow2::error::{Error, Result};
 use crate::qcow2::image::Qcow2Image;
@@ -76,8 +80,10 @@ pub(super) struct WriteOrder {
     /// Clusters whose reference the entries written since the last flush dropped (one element
     /// per reference; dropped by `release.rs` after the next flush).
     pub(super) deferred: Vec<HostOffset>,
-    /// Copied-on-write bytes were written into new clusters since the last flush.
-    fill_unflushed: bool,
+    /// Since the last flush, something was written that L2 entries written from now on depend
+    /// on: refcounts or a file length of a reservation, copied-on-write bytes in new clusters
+    /// (rules 1 and 2).
+    prerequisites_unflushed: bool,
     /// Every byte written is a copy of data the disk already shows (a layer delete pulling
     /// data up): all of it is ordered as a fill (rule 2).
     copying: bool,
@@ -90,12 +96,12 @@ impl Writer {
     pub fn order_as_copy(&mut self, on: bool) {
         self.order.copying = on;
     }
+}
 
-    /// Whether a flush would still settle something (deferred references, a reservation): a
-    /// layer a failed chain operation wrote into is settled before it is let go, since nothing
-    /// else flushes a backing layer (unmount flushes the top).
-    pub fn has_unsettled(&self) -> bool {
-        !self.order.deferred.is_empty() || self.order.reserved.is_some()
+impl WriteOrder {
+    /// Whether L2 entries written now need a flush first (rules 1 and 2).
+    pub(super) fn entries_wait_for_flush(&self) -> bool {
+        self.prerequisites_unflushed
     }
 }
 
@@ -110,8 +116,16 @@ impl Qcow2Image {
     /// Flushes, for a write that depends on everything written before it.
     pub(super) fn barrier(&self, w: &mut Writer) -> Result<()> {
         self.sync()?;
-        w.order.fill_unflushed = false;
+        w.order.prerequisites_unflushed = false;
         Ok(())
+    }
+
+    /// Whether a flush would still settle something (L2 tables waiting to be written, deferred
+    /// references, a reservation): a layer a failed chain operation wrote into is settled
+    /// before it is let go, since nothing else flushes a backing layer (unmount flushes the
+    /// top).
+    pub fn has_unsettled(&self, w: &Writer) -> bool {
+        !w.order.deferred.is_empty() || w.order.reserved.is_some() || !self.unwritten_l2.is_empty()
     }
 
     /// `count` contiguous clusters for guest data, with refcounts already durable (rule 1), and
@@ -142,11 +156,7 @@ impl Qcow2Image {
             .refcounts
             .allocate(self.storage(), size)
             .map_err(self.refcount_err())?;
-        // The file covers the reservation, durably with its refcounts, before any entry names
-        // one of its clusters: an entry naming a cluster past the end of the file is an error
-        // `qemu-img check` reports (the data write that would extend the file is not ordered
-        // before the entry).
-        if let Err(e) = self.cover_and_flush(w, first, size) {
+        if let Err(e) = self.cover(w, first, size) {
             // Nothing points at the run: a failed reservation gives its clusters back.
             self.give_back(w, first, size);
             return Err(e);
@@ -157,11 +167,12 @@ impl Qcow2Image {
         Ok(first)
     }
 
-    /// Makes a new reservation of `size` clusters at `first` usable: the file covers it, durably
-    /// with its refcounts, before any entry names one of its clusters (an entry naming a cluster
-    /// past the end of the file is an error `qemu-img check` reports, and the data write that
-    /// would extend the file is not ordered before the entry).
-    fn cover_and_flush(&self, w: &mut Writer, first: HostOffset, size: u64) -> Result<()> {
+    /// Makes a new reservation of `size` clusters at `first` usable: the file covers it, and
+    /// both the length and the refcounts must be durable before any entry naming one of its
+    /// clusters is written (an entry naming a cluster past the end of the file is an error
+    /// `qemu-img check` reports, and the data write that would extend the file is not ordered
+    /// before the entry): the write-back of the entries flushes first.
+    fn cover(&self, w: &mut Writer, first: HostOffset, size: u64) -> Result<()> {
         let end = first.0 + size * self.geometry.cluster_size();
         w.order.fresh_from = None;
         if let Some(len) = self.regular_file_len()
@@ -175,7 +186,8 @@ impl Qcow2Image {
             })?;
             w.order.fresh_from = Some(len.max(first.0));
         }
-        self.barrier(w)
+        w.order.prerequisites_unflushed = true;
+        Ok(())
     }
 
     /// Gives back `count` clusters from `first` that were allocated for a change that failed
@@ -194,15 +206,16 @@ impl Qcow2Image {
 
     /// Notes that copied-on-write bytes went into a new cluster (rule 2).
     pub(super) fn wrote_fill(&self, w: &mut Writer) {
-        w.order.fill_unflushed = true;
+        w.order.prerequisites_unflushed = true;
     }
 
-    /// Before L2 entries that map new clusters are written: the fill they need is durable.
-    pub(super) fn before_l2_update(&self, w: &mut Writer) -> Result<()> {
-        if w.order.fill_unflushed || w.order.copying {
-            self.barrier(w)?;
+    /// Notes that L2 entries mapping the data just written are about to change: while the
+    /// writer copies what the disk shows (a layer delete), that data is ordered before them
+    /// (rule 2).
+    pub(super) fn before_l2_update(&self, w: &mut Writer) {
+        if w.order.copying {
+            w.order.prerequisites_unflushed = true;
         }
-        Ok(())
     }
 
     /// Gives back the reserved clusters nothing uses: their refcounts drop to 0. Nothing on disk
@@ -217,21 +230,38 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Rule 5 for a caller that holds the writer: everything written so far becomes durable,
-    /// then the deferred references drop and the reservation goes back.
+    /// Rule 5 for a caller that holds the writer, at the end of a command: everything written
+    /// so far becomes durable, then the deferred references drop and the reservation goes back.
     pub fn flush_locked(&self, w: &mut Writer) -> Result<()> {
-        self.barrier(w)?;
+        self.flush_writes_locked(w)?;
         w.order.next_reservation = FIRST_RESERVATION;
-        self.drop_deferred(w)?;
         self.return_reservation(w)
     }
 
-    /// Makes everything written so far durable (`fsync` of `live.raw`, the end of a command,
-    /// unmount); see rule 5.
+    /// A guest flush for a caller that holds the writer: the waiting L2 tables are written
+    /// back, everything written so far becomes durable, then the deferred references drop. The
+    /// reservation stays for the writes that follow (a crash leaks what is left of it).
+    pub fn flush_writes_locked(&self, w: &mut Writer) -> Result<()> {
+        self.write_back_l2(w)?;
+        self.barrier(w)?;
+        self.drop_deferred(w)
+    }
+
+    /// Makes everything written so far durable and settles the write side (the end of a
+    /// command, unmount); see rule 5.
     pub fn flush(&self) -> Result<()> {
         match self.writer.get() {
             // Not `writer()`: a flush is no change, and must not clear the autoclear bits.
             Some(writer) => self.flush_locked(&mut writer.lock()),
+            None => self.sync(),
+        }
+    }
+
+    /// Makes everything written so far durable: an `fsync`/`fdatasync` of the guest disk; see
+    /// rule 5.
+    pub fn flush_writes(&self) -> Result<()> {
+        match self.writer.get() {
+            Some(writer) => self.flush_writes_locked(&mut writer.lock()),
             None => self.sync(),
         }
     }

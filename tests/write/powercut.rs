@@ -155,7 +155,7 @@ impl Disk {
     }
 
     fn flush(&mut self) {
-        self.view().flush().expect("flush");
+        self.view().flush_writes().expect("flush");
         self.done.push("flush".into());
         self.ack();
     }
