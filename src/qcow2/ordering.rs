@@ -219,13 +219,25 @@ impl Qcow2Image {
     }
 
     /// Gives back the reserved clusters nothing uses: their refcounts drop to 0. Nothing on disk
-    /// points at them, so the write needs no order.
+    /// points at them, so the write needs no order. A reservation at the end of the file also
+    /// gives the file its old end back (as QEMU's files end at their last cluster): a crash that
+    /// keeps the shorter file but not the lower refcounts leaves counts past the end that
+    /// nothing names, which `qemu-img check` does not look at, and a later allocation skips.
     fn return_reservation(&self, w: &mut Writer) -> Result<()> {
         w.order.fresh_from = None;
         if let Some((next, left)) = w.order.reserved.take() {
             w.refcounts
                 .free(self.storage(), next, left)
                 .map_err(self.refcount_err())?;
+            let end = next.0 + left * self.geometry.cluster_size();
+            if self.regular_file_len() == Some(end)
+                && let Err(e) = self.storage.set_len(next.0)
+            {
+                log::debug!(
+                    "{}: the file keeps {left} free clusters at its end: {e}",
+                    self.path.display()
+                );
+            }
         }
         Ok(())
     }
