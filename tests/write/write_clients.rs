@@ -555,3 +555,36 @@ fn write_past_end() {
     qemu_compare(&img, &mirror.path).unwrap();
     assert_check_clean(&img, false);
 }
+
+/// After a few small writes and a clean unmount the file ends where its last cluster ends, as
+/// QEMU's do: the clusters snapfs reserved ahead of the writes and did not use are given back,
+/// the file's end with them (`qemu-img check` reports that end as "image-end-offset").
+#[test]
+fn unused_reserved_clusters_leave_no_tail() {
+    let dir = workdir();
+    let img = fresh_image(dir.path(), 64 * MIB, "cluster_size=65536");
+    {
+        let m = Mount::new(&img);
+        let log = || server_log(m.stderr_text());
+        with_deadline(m.path(), IO_LIMIT, "small writes", &log, || {
+            let f = OpenOptions::new().write(true).open(m.live()).unwrap();
+            for i in 0..3u64 {
+                f.write_all_at(&[0x5a; 4096], i * 8 * MIB).unwrap();
+            }
+            f.sync_all().unwrap();
+        });
+    }
+    qemu_img_check(&img).unwrap();
+    let check: serde_json::Value = serde_json::from_str(&qemu_img(&[
+        "check",
+        "--output=json",
+        img.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let end = check["image-end-offset"].as_u64().unwrap();
+    let len = fs::metadata(&img).unwrap().len();
+    assert_eq!(
+        len, end,
+        "the image file is {len} bytes, its last cluster ends at {end}"
+    );
+}
