@@ -21,7 +21,7 @@ use crate::qcow2::cow::CowRun;
 use crate::qcow2::error::Result;
 use crate::qcow2::image::Qcow2Image;
 use crate::qcow2::l1::L1Entry;
-use crate::qcow2::l2::{L2Entry, L2Table};
+use crate::qcow2::l2::{L2Entry, L2Table, Unit};
 use crate::qcow2::limits::L1_ENTRY_SIZE;
 use crate::qcow2::mapping::L2Source;
 use crate::qcow2::offsets::{Geometry, GuestOffset, HostOffset};
@@ -259,7 +259,13 @@ impl Qcow2Image {
                 write_from,
                 write_to,
             };
-            let fill = self.cow_fill(&run, guest, backing)?;
+            let old_reads_zero = self.reads_zero(edit, index, write_from > 0)
+                && self.reads_zero(
+                    edit,
+                    index + count as usize - 1,
+                    write_to < run_len as usize,
+                );
+            let fill = self.cow_fill(&run, guest, backing, old_reads_zero)?;
             // Ordering: the clusters come from a reservation whose refcounts (and the file
             // length covering them) are already durable (rule 1); the data, copied-on-write
             // fill included, is written before the L2 entries that map it, and a fill flushed
@@ -278,6 +284,25 @@ impl Qcow2Image {
             done += write_to - write_from;
         }
         Ok(())
+    }
+
+    /// Whether the cluster of entry `index` reads as zeros now (a zero cluster, or unallocated
+    /// in an image with no backing file), or needs no fill (`partial` false). Extended entries
+    /// are not looked into: their fill is read.
+    fn reads_zero(&self, edit: &L2Edit, index: usize, partial: bool) -> bool {
+        if !partial {
+            return true;
+        }
+        let g = self.geometry;
+        if g.extended_l2 {
+            return false;
+        }
+        let entry = edit.entry(index);
+        match entry.unit_at(&g, GuestOffset(0)) {
+            Ok(Unit::Zero) => true,
+            Ok(Unit::Unallocated) => self.backing.read().0.is_none(),
+            _ => false,
+        }
     }
 
     /// Extended L2, cluster ours (entry `index` of `edit`, its data at host offset `host`):

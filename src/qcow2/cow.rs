@@ -24,29 +24,38 @@ pub(super) struct CowRun {
     pub write_to: usize,
 }
 
-/// The run as it will be written, when it is more than the guest's bytes: the guest data with
-/// the old contents around it.
-pub(super) struct CowFill {
-    buf: Vec<u8>,
+/// The run as it will be written, when it is more than the guest's bytes.
+pub(super) enum CowFill {
+    /// The guest data with the old contents around it.
+    Assembled(Vec<u8>),
+    /// The guest data with zeros around it (the old contents read as zeros): built only if the
+    /// clusters may hold something else (not fresh), so that a 4 KiB write into a new cluster
+    /// of an empty disk costs no 64 KiB buffer.
+    Zeros,
 }
 
 impl Qcow2Image {
     /// What a run needs besides the guest's bytes: nothing when the guest writes whole clusters
     /// (written straight from the request: a 1 MiB buffer would cost a memset and a copy per
     /// 1 MiB write), else the run assembled with the old contents of its partly written first
-    /// and last cluster. Called before the run is allocated, so that a failed read allocates
-    /// nothing.
+    /// and last cluster. `old_reads_zero`: those clusters read as zeros now (zero clusters,
+    /// or unallocated with nothing below). Called before the run is allocated, so that a
+    /// failed read allocates nothing.
     pub(super) fn cow_fill(
         &self,
         run: &CowRun,
         guest: &[u8],
         backing: BackingRead,
+        old_reads_zero: bool,
     ) -> Result<Option<CowFill>> {
         let cs = self.geometry.cluster_size();
         let first_partial = run.write_from > 0;
         let last_partial = run.write_to < run.len as usize;
         if !first_partial && !last_partial {
             return Ok(None);
+        }
+        if old_reads_zero {
+            return Ok(Some(CowFill::Zeros));
         }
         let mut buf = vec![0u8; run.len as usize];
         if first_partial {
@@ -61,7 +70,7 @@ impl Qcow2Image {
             )?;
         }
         buf[run.write_from..run.write_to].copy_from_slice(guest);
-        Ok(Some(CowFill { buf }))
+        Ok(Some(CowFill::Assembled(buf)))
     }
 
     /// Writes the run at `host`: the guest's bytes alone, or the assembled run. `fresh`: the
@@ -77,8 +86,17 @@ impl Qcow2Image {
     ) -> Result<bool> {
         match fill {
             None => self.write_file(guest, host.0, "guest data").map(|()| false),
-            Some(fill) => {
-                self.write_new_run(&fill.buf, host.0, run.write_from, run.write_to, fresh)
+            // A fresh run is a hole: it reads as zeros without being written.
+            Some(CowFill::Zeros) if fresh => self
+                .write_file(guest, host.0 + run.write_from as u64, "guest data")
+                .map(|()| false),
+            Some(CowFill::Zeros) => {
+                let mut buf = vec![0u8; run.len as usize];
+                buf[run.write_from..run.write_to].copy_from_slice(guest);
+                self.write_new_run(&buf, host.0, run.write_from, run.write_to, fresh)
+            }
+            Some(CowFill::Assembled(buf)) => {
+                self.write_new_run(&buf, host.0, run.write_from, run.write_to, fresh)
             }
         }
     }

@@ -38,11 +38,11 @@
 //!    sector, and what the old table held is freed only after that write is durable. Each of
 //!    them starts with a full flush, so no L2 table waits in memory while the state moves.
 //! 5. **A completed flush makes everything before it durable:** a guest flush (an
-//!    `fsync`/`fdatasync` of `live.raw`, [`Qcow2Image::flush_writes`]) writes the waiting L2
-//!    tables back, flushes, then drops the deferred references (leak-only writes, nothing on
-//!    disk points at those clusters). The end of every command and unmount
-//!    ([`Qcow2Image::flush`]) also give back what is left of the reservation, so that a clean
-//!    unmount leaves no leaked cluster.
+//!    `fsync`/`fdatasync` of `live.raw`, [`Qcow2Image::flush_writes`]), the end of every command
+//!    and unmount ([`Qcow2Image::flush`]) write the waiting L2 tables back, flush, then drop the
+//!    deferred references and give back what is left of the reservation (leak-only writes:
+//!    nothing on disk points at those clusters), so that neither a clean unmount nor a process
+//!    killed after a completed flush leaves a leaked cluster.
 //!
 //! The flushes are few: two per guest flush (what the entries depend on, then the entries), one
 //! per new L2 table, and one per write-back when more tables wait than the cache affords
@@ -227,7 +227,7 @@ impl Qcow2Image {
         w.order.fresh_from = None;
         if let Some((next, left)) = w.order.reserved.take() {
             w.refcounts
-                .free(self.storage(), next, left)
+                .give_back(self.storage(), next, left)
                 .map_err(self.refcount_err())?;
             let end = next.0 + left * self.geometry.cluster_size();
             if self.regular_file_len() == Some(end)
@@ -243,20 +243,24 @@ impl Qcow2Image {
     }
 
     /// Rule 5 for a caller that holds the writer, at the end of a command: everything written
-    /// so far becomes durable, then the deferred references drop and the reservation goes back.
+    /// so far becomes durable, then the deferred references drop and the reservation goes back;
+    /// the next one starts small again.
     pub fn flush_locked(&self, w: &mut Writer) -> Result<()> {
         self.flush_writes_locked(w)?;
         w.order.next_reservation = FIRST_RESERVATION;
-        self.return_reservation(w)
+        Ok(())
     }
 
     /// A guest flush for a caller that holds the writer: the waiting L2 tables are written
-    /// back, everything written so far becomes durable, then the deferred references drop. The
-    /// reservation stays for the writes that follow (a crash leaks what is left of it).
+    /// back, everything written so far becomes durable, then the deferred references drop and
+    /// the reservation goes back (so that a process killed after a completed flush leaks
+    /// nothing, as QEMU's does not). The next reservation keeps its size: a stream of writes
+    /// with a flush every few of them does not start small each time.
     pub fn flush_writes_locked(&self, w: &mut Writer) -> Result<()> {
         self.write_back_l2(w)?;
         self.barrier(w)?;
-        self.drop_deferred(w)
+        self.drop_deferred(w)?;
+        self.return_reservation(w)
     }
 
     /// Makes everything written so far durable and settles the write side (the end of a
@@ -270,7 +274,7 @@ impl Qcow2Image {
     }
 
     /// Makes everything written so far durable: an `fsync`/`fdatasync` of the guest disk; see
-    /// rule 5.
+    /// rule 5 (the same as [`Qcow2Image::flush`] but for the size of the next reservation).
     pub fn flush_writes(&self) -> Result<()> {
         match self.writer.get() {
             Some(writer) => self.flush_writes_locked(&mut writer.lock()),

@@ -465,6 +465,18 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Gives back `count` clusters from host `offset` that [`Refcounts::allocate`] handed out
+    /// and nothing names (each has refcount 1): their counts go to 0 in one write per block.
+    pub fn give_back(
+        &mut self,
+        storage: &dyn Storage,
+        offset: HostOffset,
+        count: u64,
+    ) -> Result<()> {
+        let first = self.cluster_of(offset);
+        self.set_run(storage, first, count, 0)
+    }
+
     /// Drops one reference to each of `count` clusters from host `offset`.
     pub fn free(&mut self, storage: &dyn Storage, offset: HostOffset, count: u64) -> Result<()> {
         for cluster in self.cluster_of(offset).run(count) {
