@@ -357,6 +357,46 @@ fn powercut_snapshots_and_cow() {
     assert_no_damage(&d.simulate("snapshots and copy-on-write", seed));
 }
 
+/// Deleting a snapshot on a full host disk (`snapshot_ops/delete.rs`): the new snapshot table
+/// finds no room, so the entry is emptied in place first, what the snapshot alone used is freed
+/// and punched, and the delete and the writes after it live in the space that gave back.
+#[test]
+fn powercut_snapshot_delete_on_a_full_disk() {
+    let seed = seed_for("powercut_snapshot_delete_on_a_full_disk");
+    let dir = new_dir();
+    let img = create(dir.path(), "disk.qcow2", "cluster_size=4096", MIB, None);
+    qemu_io_fill(&img, &[(0x11, 0, 512 * KIB)]);
+    let mut d = Disk::open(dir, "disk.qcow2", seed);
+    d.snapshot_create("old");
+    // "old" alone keeps what these overwrite; it shares the rest with "later" and the disk.
+    d.write(0, 128 * KIB);
+    for _ in 0..3 {
+        d.random_write(16 * KIB, SECTOR);
+    }
+    d.flush();
+    d.snapshot_create("later");
+    d.random_write(8 * KIB, SECTOR);
+    d.flush();
+    d.rec.fill_disk();
+    let from = d.rec.ops();
+    d.snapshot_delete("old");
+    let emptied = d.rec.writes_since(from).iter().any(|&(_, len)| len == 4);
+    assert!(
+        emptied,
+        "the delete found room for a new snapshot table: the full disk was not full"
+    );
+    // Writes into the space the delete gave back.
+    for _ in 0..2 {
+        d.random_write(8 * KIB, SECTOR);
+    }
+    d.flush();
+    d.rec.free_disk();
+    d.snapshot_delete("later");
+    d.random_write(8 * KIB, SECTOR);
+    d.flush();
+    assert_no_damage(&d.simulate("snapshot delete on a full disk", seed));
+}
+
 #[test]
 fn powercut_discard_and_zero_writes() {
     let seed = seed_for("powercut_discard_and_zero_writes");
