@@ -295,6 +295,29 @@ fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
                     "control/status does not report the failed commit: {last:?}"
                 ));
             }
+            // ... and says which layer holds what, and what to do (issue 16 point 4).
+            let (top_name, base_name) = (top.display().to_string(), base.display().to_string());
+            for (what, needle) in [
+                (
+                    "that the top keeps its data",
+                    format!("{top_name} still holds all its data"),
+                ),
+                (
+                    "that live.raw is unchanged",
+                    "live.raw reads as before".to_string(),
+                ),
+                (
+                    "what the base holds",
+                    format!("{base_name} holds part of it"),
+                ),
+                ("what to do", "run the commit again".to_string()),
+            ] {
+                if !last.contains(&needle) {
+                    problems.push(format!(
+                        "control/status does not say {what} ({needle:?}): {last:?}"
+                    ));
+                }
+            }
             if m.snapshot_names() != names_before {
                 problems.push(format!(
                     "snapshots/ changed after a failed commit: {:?} -> {:?}",
