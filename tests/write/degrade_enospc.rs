@@ -645,3 +645,116 @@ fn degrade_enospc_snapshot_delete_on_a_full_disk_frees_space() {
         server_log(log)
     );
 }
+
+/// A pull (`pull`, and the delete of a layer, which pulls it into the layer above) that runs out
+/// of space in the top fails, changes nothing the disk reads, and leaves no residue: after a
+/// clean unmount `qemu-img check` of the top finds no leaked cluster (what the pull allocated is
+/// mapped, or given back), and the top still reads through its backing file as before
+/// (issue 16 point 4).
+#[test]
+fn degrade_enospc_during_pull_leaves_no_leak() {
+    let small = SmallFs::new(FS_SIZE);
+    let dir = workdir();
+    let base = dir.path().join("base.qcow2");
+    create_qcow2(&base, 128 * MIB, "", None);
+    // 80 MiB in the base: more than the small file system holds.
+    let cmds: Vec<String> = (0..10)
+        .map(|i| format!("write -P {} {} 8M", 0x50 + i, i * 8 * MIB + 256 * KIB))
+        .collect();
+    qemu_io_s(&base, &cmds);
+    let top = small.path().join("top.qcow2");
+    create_qcow2(&top, 128 * MIB, "", Some((base.to_str().unwrap(), "qcow2")));
+    qemu_io(&top, &["write -P 0x61 4M 1M", "write -P 0x62 100M 1M"]);
+    let scratch = workdir();
+    let oracle = convert_to_raw_elsewhere(&top, scratch.path());
+
+    let mut m = Mount::new(&top);
+    let mp = m.path().to_path_buf();
+    let ctx = mp.clone();
+    let context = move || format!("mount {}", ctx.display());
+    let mut problems = Vec::new();
+    with_watchdog(
+        &mp,
+        Duration::from_secs(60),
+        Duration::from_secs(150),
+        "pull into a full file system",
+        &context,
+        |progress| {
+            for (file, arg) in [("pull", ""), ("delete", "base")] {
+                progress.tick();
+                let r = control(&mp, file, arg);
+                let last = status_text(&mp).lines().last().unwrap_or("").to_string();
+                eprintln!("{file} {arg} into the small fs: {r:?}; status: {last}");
+                match r {
+                    Ok(()) => problems.push(format!(
+                        "{file} {arg}: 80 MiB pulled into a {} MiB file system",
+                        FS_SIZE / MIB
+                    )),
+                    Err(e) if e == libc::ENOSPC || e == libc::EIO => {}
+                    Err(e) => problems.push(format!(
+                        "{file} {arg} gave {}, ENOSPC or EIO expected",
+                        errno_name(e)
+                    )),
+                }
+                if !last.contains("error") {
+                    problems.push(format!(
+                        "control/status does not report the failed {file}: {last:?}"
+                    ));
+                }
+                let live = mp.join("live.raw");
+                if let Ok(f) = File::open(&live) {
+                    drop_file_cache(&f);
+                }
+                if let Err(e) = compare_files(&live, &oracle) {
+                    problems.push(format!("live.raw after the failed {file} {arg}: {e}"));
+                }
+            }
+        },
+    );
+    let (out, status) = m.snapfs_umount();
+    let log = m.stderr_text();
+    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
+        problems.push(format!(
+            "unmount: {:?} {}; server exit {status:?}",
+            out.status, out.stderr
+        ));
+    }
+    drop(m);
+    if let Err(e) = qemu_compare(&top, &oracle) {
+        problems.push(format!("after unmounting: {e}"));
+    }
+    let c = qemu_check(&top);
+    eprintln!(
+        "top after the failed pulls: corruptions {}, leaks {}, {} bytes",
+        c.corruptions(),
+        c.leaks(),
+        fs::metadata(&top).unwrap().len()
+    );
+    if c.corruptions() > 0 || c.check_errors() > 0 || c.leaks() > 0 || c.exit != Some(0) {
+        problems.push(format!(
+            "qemu-img check top after the failed pulls and a clean unmount: exit {:?}, {}",
+            c.exit,
+            c.stdout.trim()
+        ));
+    }
+    if backing_of(&top).as_deref() != Some(base.to_str().unwrap()) {
+        problems.push(format!(
+            "the top's backing file changed: {:?}",
+            backing_of(&top)
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        server_log(log)
+    );
+}
+
+/// The backing file the header of `image` names.
+fn backing_of(image: &Path) -> Option<String> {
+    info_json(image)["backing-filename"]
+        .as_str()
+        .map(str::to_owned)
+}
