@@ -530,8 +530,9 @@ fn powercut_chain_operations() {
     assert_no_damage(&d.simulate("chain operations", seed));
 }
 
-/// Commit of the top into a smaller base: the base grows (its L1 table and size, `grow_locked`)
-/// before the data goes in; then an inner commit into the grown base.
+/// Commit into a smaller base: an inner layer commits into a base a tenth its size, which grows
+/// (its L1 table and size, `grow_locked`) before the data goes in; then the top commits into the
+/// grown base.
 #[test]
 fn powercut_commit_grows_the_base() {
     const SIZE: u64 = 2 * MIB + 256 * KIB;
@@ -566,7 +567,7 @@ fn powercut_commit_grows_the_base() {
         d.random_write(32 * KIB, SECTOR);
     }
     d.flush();
-    // mid (3 MiB) into base (256 KiB): base grows past two L1 entries' worth of L2 tables.
+    // mid into base (256 KiB): the base grows to two L1 entries (an L2 table maps 2 MiB).
     d.commit(1);
     d.random_write(32 * KIB, SECTOR);
     d.flush();
