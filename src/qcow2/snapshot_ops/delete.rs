@@ -105,8 +105,18 @@ impl Qcow2Image {
                     snap.id_str()
                 );
                 self.empty_entry_in_place(&mut w, index, &snap, &remaining)?;
-                deltas = self.drop_in_place(&mut w, deltas)?;
-                self.shorter_table(&mut w, index, &remaining)?
+                let emptied = |e: Error| Error::Stopped {
+                    source: Box::new(e),
+                    state: format!(
+                        "snapshot {} is emptied (its l1_size is 0, what it alone used is \
+                         freed) but still in the snapshot table: free space and delete it \
+                         again to finish",
+                        snap.id_str()
+                    ),
+                };
+                deltas = self.drop_in_place(&mut w, deltas).map_err(emptied)?;
+                self.shorter_table(&mut w, index, &remaining)
+                    .map_err(emptied)?
             }
             Err(e) => return Err(e),
         };
