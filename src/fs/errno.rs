@@ -22,6 +22,7 @@ impl Error {
             Error::PastEnd { .. } => libc::ENOSPC,
             Error::ReadOnly { .. } | Error::NeedsReadOnly { .. } => libc::EROFS,
             Error::Locked(e) => lock_errno(e),
+            Error::Stopped { source, .. } => source.errno(),
             _ => libc::EIO,
         }
     }

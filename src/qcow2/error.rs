@@ -95,6 +95,15 @@ pub enum Error {
     #[error(transparent)]
     Locked(#[from] LockError),
 
+    /// A chain operation stopped part-way (a commit that ran out of space): `state` says what
+    /// each layer holds now and what the user can do.
+    #[error("{source}. {state}")]
+    Stopped {
+        #[source]
+        source: Box<Error>,
+        state: String,
+    },
+
     /// An operating-system error, with what was being done.
     #[error("{context}: {source}")]
     Io {

@@ -35,6 +35,8 @@ use crate::qcow2::refcount::{Shadow, ShadowCommit};
 use crate::qcow2::snapshot::{self, Snapshot};
 use crate::qcow2::write::Writer;
 
+mod delete;
+
 /// Net reference changes by host cluster (named by its offset). Applied at once, so that a
 /// cluster that gains and loses a reference in the same operation never passes through an
 /// out-of-range count.
@@ -488,51 +490,6 @@ impl Qcow2Image {
             Ok((state, ()))
         })?;
         self.bitmaps_reverted(old_size, size, &changed)
-    }
-
-    /// Deletes snapshot `id` and frees what only it used.
-    pub fn delete_snapshot(&self, id: &[u8]) -> Result<()> {
-        let mut w = self.writer()?;
-        let snap = self.find_snapshot(id)?;
-        let sn_l1 = self.snapshot_l1(&snap)?;
-        let l1 = self.active_l1();
-        let declared = l1.declared_len();
-        let (old_l1_offset, old_table) = (w.l1_offset, w.snapshot_table);
-        let table: Vec<Snapshot> = self
-            .snapshots()
-            .iter()
-            .filter(|s| s.id != snap.id)
-            .cloned()
-            .collect();
-        let size = self.virtual_size();
-        self.transact(&mut w, |tx| {
-            let mut deltas = Deltas::new();
-            self.add_paths(&mut deltas, &sn_l1, -1)?;
-            self.apply_deltas(tx, deltas)?;
-            self.release_range(
-                tx,
-                snap.l1_table_offset,
-                u64::from(snap.l1_size) * L1_ENTRY_SIZE,
-            )?;
-            // What the snapshot shared with the active state may be the active state's alone now.
-            let mut offsets = Self::table_offsets(&l1);
-            let copies = self.settle_active_tables(tx, &mut offsets)?;
-            let entries = self.with_copied_flags(tx, &offsets)?;
-            let l1_offset = self.replace_active_l1(tx, (old_l1_offset, &l1), &entries, declared)?;
-            let (snapshots_offset, snapshots_len) =
-                self.replace_snapshot_table(tx, old_table, &table)?;
-            let state = NewState {
-                size,
-                l1_offset,
-                l1_declared: declared,
-                l1_entries: entries,
-                snapshots_offset,
-                snapshots_len,
-                snapshots: Arc::new(table),
-                copies,
-            };
-            Ok((state, ()))
-        })
     }
 
     fn find_snapshot(&self, id: &[u8]) -> Result<Snapshot> {

@@ -109,6 +109,9 @@ pub struct Recording {
     files: Mutex<Vec<(PathBuf, Arc<Vec<u8>>)>>,
     ops: Mutex<Vec<Op>>,
     acks: Mutex<Vec<Ack>>,
+    /// A full host file system (see [`Recording::fill_disk`]): the bytes it has left for
+    /// writes into holes or past the end of a file. `None`: room without limit.
+    room: Mutex<Option<u64>>,
 }
 
 impl Recording {
@@ -149,6 +152,46 @@ impl Recording {
     fn push(&self, op: Op) {
         self.ops.lock().push(op);
     }
+
+    /// From now on the host file system is full: a write that needs new space (bytes in a hole
+    /// or past the end of the file) fails with ENOSPC, as on a full disk, until holes punched
+    /// since then gave that much space back. Growing a file's length costs nothing (sparse).
+    pub fn fill_disk(&self) {
+        *self.room.lock() = Some(0);
+    }
+
+    /// The writes logged from operation `at` on: (offset, length) each.
+    pub fn writes_since(&self, at: usize) -> Vec<(u64, usize)> {
+        self.ops.lock()[at..]
+            .iter()
+            .filter_map(|op| match op {
+                Op::Write { offset, bytes, .. } => Some((*offset, bytes.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Room without limit again.
+    pub fn free_disk(&self) {
+        *self.room.lock() = None;
+    }
+}
+
+/// The bytes of `len` at `offset` of `storage` that are holes or lie past its end: what a
+/// write there takes from the host file system.
+fn new_space(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<u64> {
+    let end = offset + len;
+    let file_len = storage.len()?;
+    let mut need = end.saturating_sub(file_len.max(offset));
+    let mut at = offset;
+    while at < end.min(file_len) {
+        let (kind, n) = storage.allocation(at, end.min(file_len) - at)?;
+        if matches!(kind, Allocation::Hole) {
+            need += n;
+        }
+        at += n.max(1);
+    }
+    Ok(need)
 }
 
 /// A storage that records what reaches the storage it wraps.
@@ -182,6 +225,16 @@ impl Storage for Recorder {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        {
+            let mut room = self.rec.room.lock();
+            if let Some(left) = *room {
+                let need = new_space(self.inner.as_ref(), offset, buf.len() as u64)?;
+                if need > left {
+                    return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+                }
+                *room = Some(left - need);
+            }
+        }
         self.inner.write_at(buf, offset)?;
         self.rec.push(Op::Write {
             file: self.file,
@@ -207,7 +260,16 @@ impl Storage for Recorder {
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut room = self.rec.room.lock();
+        let freed = match *room {
+            Some(_) => len - new_space(self.inner.as_ref(), offset, len)?,
+            None => 0,
+        };
         self.inner.punch_hole(offset, len)?;
+        if let Some(left) = *room {
+            *room = Some(left + freed);
+        }
+        drop(room);
         self.rec.push(Op::Punch {
             file: self.file,
             offset,

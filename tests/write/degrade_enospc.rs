@@ -295,6 +295,29 @@ fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
                     "control/status does not report the failed commit: {last:?}"
                 ));
             }
+            // ... and says which layer holds what, and what to do (issue 16 point 4).
+            let (top_name, base_name) = (top.display().to_string(), base.display().to_string());
+            for (what, needle) in [
+                (
+                    "that the top keeps its data",
+                    format!("{top_name} still holds all its data"),
+                ),
+                (
+                    "that live.raw is unchanged",
+                    "live.raw reads as before".to_string(),
+                ),
+                (
+                    "what the base holds",
+                    format!("{base_name} holds part of it"),
+                ),
+                ("what to do", "run the commit again".to_string()),
+            ] {
+                if !last.contains(&needle) {
+                    problems.push(format!(
+                        "control/status does not say {what} ({needle:?}): {last:?}"
+                    ));
+                }
+            }
             if m.snapshot_names() != names_before {
                 problems.push(format!(
                     "snapshots/ changed after a failed commit: {:?} -> {:?}",
@@ -469,4 +492,269 @@ fn convert_to_raw_elsewhere(image: &Path, scratch: &Path) -> std::path::PathBuf 
         out.to_str().unwrap(),
     ]);
     out
+}
+
+/// Deleting a snapshot is how users get out of a full disk (issue 16 point 4): on a file system
+/// without one free block, deleting a snapshot that is not the last in the table works, gives the space
+/// back, and leaves an image `qemu-img check` finds clean, without a leak. (`qemu-img snapshot
+/// -d` fails on the same disk: it rewrites a refcount block whose unwritten part needs space.)
+#[test]
+fn degrade_enospc_snapshot_delete_on_a_full_disk_frees_space() {
+    let small = SmallFs::new(24 * MIB);
+    let image = small.path().join("disk.qcow2");
+    create_qcow2(&image, 64 * MIB, "", None);
+    // "old" holds 4 MiB that nothing else uses (0x11 at 0..4M, overwritten since), and shares
+    // 4..8M with "later" and the live disk: its delete frees 4 MiB and must set COPIED there.
+    qemu_io(&image, &["write -P 0x11 0 8M"]);
+    qemu_img(&["snapshot", "-c", "old", image.to_str().unwrap()]);
+    qemu_io(&image, &["write -P 0x22 0 4M"]);
+    qemu_img(&["snapshot", "-c", "later", image.to_str().unwrap()]);
+    qemu_io(&image, &["write -P 0x33 8M 8M"]);
+    let seed = 0x5eed_0016;
+
+    let mut m = Mount::new(&image);
+    let mp = m.path().to_path_buf();
+    let ctx = mp.clone();
+    let context = move || format!("mount {}", ctx.display());
+    let mut problems = Vec::new();
+    let mut written: Vec<u64> = Vec::new();
+    let late = 40u64;
+    let mut fill = None;
+    with_watchdog(
+        &mp,
+        Duration::from_secs(60),
+        Duration::from_secs(150),
+        "snapshot delete on a full disk",
+        &context,
+        |progress| {
+            progress.tick();
+            let live = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(mp.join("live.raw"))
+                .unwrap();
+            // A filler takes what the image left, to the last block (the image was written by
+            // qemu-io, so no cluster the refcounts call free holds a host block: the delete
+            // finds no room at all for a new snapshot table).
+            fill = Some(fill_up(small.path()));
+            eprintln!("free before the delete: {} bytes", small.free_bytes());
+            match control(&mp, "delete", "old") {
+                Ok(()) => {}
+                Err(e) => problems.push(format!(
+                    "delete on a full disk: {}; status: {}",
+                    errno_name(e),
+                    status_text(&mp).lines().last().unwrap_or("")
+                )),
+            }
+            let free = small.free_bytes();
+            eprintln!("free after the delete: {} KiB", free / KIB);
+            if free < 3 * MIB {
+                problems.push(format!(
+                    "deleting a snapshot that alone held 4 MiB freed {} KiB",
+                    free / KIB
+                ));
+            }
+            if m.snapshot_names().contains("old.raw") {
+                problems.push("old.raw is still listed after its delete".into());
+            }
+            // The freed space takes new data.
+            match live
+                .write_all_at(&chunk_data(seed, late), late * CHUNK)
+                .and_then(|()| live.sync_all())
+            {
+                Ok(()) => written.push(late),
+                Err(e) => problems.push(format!(
+                    "a 1 MiB write to live.raw after the delete freed space: {e}"
+                )),
+            }
+        },
+    );
+    let (out, status) = m.snapfs_umount();
+    let log = m.stderr_text();
+    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
+        problems.push(format!(
+            "unmount: {:?} {}; server exit {status:?}",
+            out.status, out.stderr
+        ));
+    }
+    if !log.contains("emptying snapshot") {
+        problems.push("the delete did not need the in-place path: the disk was not full".into());
+    }
+    drop(m);
+    if let Some(fill) = fill {
+        fs::remove_file(fill).unwrap();
+    }
+    let c = qemu_check(&image);
+    eprintln!(
+        "qemu-img check after the delete: corruptions {}, leaks {}",
+        c.corruptions(),
+        c.leaks()
+    );
+    if c.corruptions() > 0 || c.check_errors() > 0 || c.leaks() > 0 || c.exit != Some(0) {
+        problems.push(format!(
+            "qemu-img check after a delete on a full disk: exit {:?}, {}\n{}",
+            c.exit,
+            c.stdout.trim(),
+            crate::common::write_support::qemu_check_text(&image)
+        ));
+    }
+    let names: Vec<String> = snapshots(&image).into_iter().map(|s| s.name).collect();
+    if names != ["later"] {
+        problems.push(format!("snapshots after the delete: {names:?}"));
+    }
+    // The live disk and the remaining snapshot read as written.
+    let scratch = workdir();
+    let raw = convert_to_raw_elsewhere(&image, scratch.path());
+    let f = File::open(&raw).unwrap();
+    let mut want = vec![0x22u8; 4 * MIB as usize];
+    want.resize(8 * MIB as usize, 0x11);
+    let mut got = vec![0u8; 16 * MIB as usize];
+    f.read_exact_at(&mut got, 0).unwrap();
+    if got[..8 * MIB as usize] != want[..] || got[8 * MIB as usize..].iter().any(|&b| b != 0x33) {
+        problems.push("live 0..16M changed".into());
+    }
+    for &i in &written {
+        let mut got = vec![0u8; CHUNK as usize];
+        f.read_exact_at(&mut got, i * CHUNK).unwrap();
+        if got != chunk_data(seed, i) {
+            problems.push(format!("live chunk {i} (fsynced) reads wrong"));
+        }
+    }
+    let later = scratch.path().join("later.raw");
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-l",
+        "snapshot.name=later",
+        "-O",
+        "raw",
+        image.to_str().unwrap(),
+        later.to_str().unwrap(),
+    ]);
+    let later_bytes = read_all(&later);
+    if later_bytes[..8 * MIB as usize] != want[..]
+        || later_bytes[8 * MIB as usize..].iter().any(|&b| b != 0)
+    {
+        problems.push("snapshot later changed".into());
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        server_log(log)
+    );
+}
+
+/// A pull (`pull`, and the delete of a layer, which pulls it into the layer above) that runs out
+/// of space in the top fails, changes nothing the disk reads, and leaves no residue: after a
+/// clean unmount `qemu-img check` of the top finds no leaked cluster (what the pull allocated is
+/// mapped, or given back), and the top still reads through its backing file as before
+/// (issue 16 point 4).
+#[test]
+fn degrade_enospc_during_pull_leaves_no_leak() {
+    let small = SmallFs::new(FS_SIZE);
+    let dir = workdir();
+    let base = dir.path().join("base.qcow2");
+    create_qcow2(&base, 128 * MIB, "", None);
+    // 80 MiB in the base: more than the small file system holds.
+    let cmds: Vec<String> = (0..10)
+        .map(|i| format!("write -P {} {} 8M", 0x50 + i, i * 8 * MIB + 256 * KIB))
+        .collect();
+    qemu_io_s(&base, &cmds);
+    let top = small.path().join("top.qcow2");
+    create_qcow2(&top, 128 * MIB, "", Some((base.to_str().unwrap(), "qcow2")));
+    qemu_io(&top, &["write -P 0x61 4M 1M", "write -P 0x62 100M 1M"]);
+    let scratch = workdir();
+    let oracle = convert_to_raw_elsewhere(&top, scratch.path());
+
+    let mut m = Mount::new(&top);
+    let mp = m.path().to_path_buf();
+    let ctx = mp.clone();
+    let context = move || format!("mount {}", ctx.display());
+    let mut problems = Vec::new();
+    with_watchdog(
+        &mp,
+        Duration::from_secs(60),
+        Duration::from_secs(150),
+        "pull into a full file system",
+        &context,
+        |progress| {
+            for (file, arg) in [("pull", ""), ("delete", "base")] {
+                progress.tick();
+                let r = control(&mp, file, arg);
+                let last = status_text(&mp).lines().last().unwrap_or("").to_string();
+                eprintln!("{file} {arg} into the small fs: {r:?}; status: {last}");
+                match r {
+                    Ok(()) => problems.push(format!(
+                        "{file} {arg}: 80 MiB pulled into a {} MiB file system",
+                        FS_SIZE / MIB
+                    )),
+                    Err(e) if e == libc::ENOSPC || e == libc::EIO => {}
+                    Err(e) => problems.push(format!(
+                        "{file} {arg} gave {}, ENOSPC or EIO expected",
+                        errno_name(e)
+                    )),
+                }
+                if !last.contains("error") {
+                    problems.push(format!(
+                        "control/status does not report the failed {file}: {last:?}"
+                    ));
+                }
+                let live = mp.join("live.raw");
+                if let Ok(f) = File::open(&live) {
+                    drop_file_cache(&f);
+                }
+                if let Err(e) = compare_files(&live, &oracle) {
+                    problems.push(format!("live.raw after the failed {file} {arg}: {e}"));
+                }
+            }
+        },
+    );
+    let (out, status) = m.snapfs_umount();
+    let log = m.stderr_text();
+    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
+        problems.push(format!(
+            "unmount: {:?} {}; server exit {status:?}",
+            out.status, out.stderr
+        ));
+    }
+    drop(m);
+    if let Err(e) = qemu_compare(&top, &oracle) {
+        problems.push(format!("after unmounting: {e}"));
+    }
+    let c = qemu_check(&top);
+    eprintln!(
+        "top after the failed pulls: corruptions {}, leaks {}, {} bytes",
+        c.corruptions(),
+        c.leaks(),
+        fs::metadata(&top).unwrap().len()
+    );
+    if c.corruptions() > 0 || c.check_errors() > 0 || c.leaks() > 0 || c.exit != Some(0) {
+        problems.push(format!(
+            "qemu-img check top after the failed pulls and a clean unmount: exit {:?}, {}",
+            c.exit,
+            c.stdout.trim()
+        ));
+    }
+    if backing_of(&top).as_deref() != Some(base.to_str().unwrap()) {
+        problems.push(format!(
+            "the top's backing file changed: {:?}",
+            backing_of(&top)
+        ));
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        server_log(log)
+    );
+}
+
+/// The backing file the header of `image` names.
+fn backing_of(image: &Path) -> Option<String> {
+    info_json(image)["backing-filename"]
+        .as_str()
+        .map(str::to_owned)
 }

@@ -246,6 +246,14 @@ impl Disk {
         self.ack();
     }
 
+    /// A clean unmount: live.raw flushed, then the bitmaps stored (`SnapFs::destroy`).
+    fn unmount_store(&mut self) {
+        self.view().flush().expect("flush");
+        self.chain.store_bitmaps().expect("store the bitmaps");
+        self.done.push("unmount (bitmaps stored)".into());
+        self.ack();
+    }
+
     /// A big-endian header field of `file` (in the work folder) as the engine left it.
     fn header_field(&self, file: &str, offset: usize) -> u64 {
         let bytes = std::fs::read(self.dir.path().join(file)).expect("read an image");
@@ -355,6 +363,46 @@ fn powercut_snapshots_and_cow() {
     d.random_write(8 * KIB, SECTOR);
     d.flush();
     assert_no_damage(&d.simulate("snapshots and copy-on-write", seed));
+}
+
+/// Deleting a snapshot on a full host disk (`snapshot_ops/delete.rs`): the new snapshot table
+/// finds no room, so the entry is emptied in place first, what the snapshot alone used is freed
+/// and punched, and the delete and the writes after it live in the space that gave back.
+#[test]
+fn powercut_snapshot_delete_on_a_full_disk() {
+    let seed = seed_for("powercut_snapshot_delete_on_a_full_disk");
+    let dir = new_dir();
+    let img = create(dir.path(), "disk.qcow2", "cluster_size=4096", MIB, None);
+    qemu_io_fill(&img, &[(0x11, 0, 512 * KIB)]);
+    let mut d = Disk::open(dir, "disk.qcow2", seed);
+    d.snapshot_create("old");
+    // "old" alone keeps what these overwrite; it shares the rest with "later" and the disk.
+    d.write(0, 128 * KIB);
+    for _ in 0..3 {
+        d.random_write(16 * KIB, SECTOR);
+    }
+    d.flush();
+    d.snapshot_create("later");
+    d.random_write(8 * KIB, SECTOR);
+    d.flush();
+    d.rec.fill_disk();
+    let from = d.rec.ops();
+    d.snapshot_delete("old");
+    let emptied = d.rec.writes_since(from).iter().any(|&(_, len)| len == 4);
+    assert!(
+        emptied,
+        "the delete found room for a new snapshot table: the full disk was not full"
+    );
+    // Writes into the space the delete gave back.
+    for _ in 0..2 {
+        d.random_write(8 * KIB, SECTOR);
+    }
+    d.flush();
+    d.rec.free_disk();
+    d.snapshot_delete("later");
+    d.random_write(8 * KIB, SECTOR);
+    d.flush();
+    assert_no_damage(&d.simulate("snapshot delete on a full disk", seed));
 }
 
 #[test]
@@ -480,4 +528,157 @@ fn powercut_chain_operations() {
     d.random_write(16 * KIB, SECTOR);
     d.flush();
     assert_no_damage(&d.simulate("chain operations", seed));
+}
+
+/// Commit into a smaller base: an inner layer commits into a base a tenth its size, which grows
+/// (its L1 table and size, `grow_locked`) before the data goes in; then the top commits into the
+/// grown base.
+#[test]
+fn powercut_commit_grows_the_base() {
+    const SIZE: u64 = 2 * MIB + 256 * KIB;
+    let seed = seed_for("powercut_commit_grows_the_base");
+    let dir = new_dir();
+    let base = create(
+        dir.path(),
+        "base.qcow2",
+        "cluster_size=4096",
+        256 * KIB,
+        None,
+    );
+    qemu_io_fill(&base, &[(0x13, 0, 128 * KIB)]);
+    let mid = create(
+        dir.path(),
+        "mid.qcow2",
+        "cluster_size=4096",
+        SIZE,
+        Some("base.qcow2"),
+    );
+    qemu_io_fill(&mid, &[(0x14, 2 * MIB, 128 * KIB)]);
+    let top = create(
+        dir.path(),
+        "top.qcow2",
+        "cluster_size=4096",
+        SIZE,
+        Some("mid.qcow2"),
+    );
+    qemu_io_fill(&top, &[(0x15, 64 * KIB, 64 * KIB)]);
+    let mut d = Disk::open(dir, "top.qcow2", seed);
+    for _ in 0..3 {
+        d.random_write(32 * KIB, SECTOR);
+    }
+    d.flush();
+    // mid into base (256 KiB): the base grows to two L1 entries (an L2 table maps 2 MiB).
+    d.commit(1);
+    d.random_write(32 * KIB, SECTOR);
+    d.flush();
+    d.commit(0);
+    d.random_write(16 * KIB, SECTOR);
+    d.flush();
+    let grown = d.header_field("base.qcow2", 24);
+    assert_eq!(grown, SIZE, "the commit did not grow the base");
+    assert_no_damage(&d.simulate("commit that grows the base", seed));
+}
+
+/// Extended L2 entries (subclusters): partial writes allocate subclusters, zero writes set their
+/// zero bits, and a snapshot makes the tables copy on write.
+#[test]
+fn powercut_extended_l2() {
+    let seed = seed_for("powercut_extended_l2");
+    let dir = new_dir();
+    let img = create(
+        dir.path(),
+        "disk.qcow2",
+        "extended_l2=on,cluster_size=16384",
+        MIB,
+        None,
+    );
+    qemu_io_fill(&img, &[(0x16, 0, 96 * KIB), (0x17, 512 * KIB, 5 * KIB)]);
+    let mut d = Disk::open(dir, "disk.qcow2", seed);
+    for round in 0..4 {
+        for _ in 0..3 {
+            d.random_write(12 * KIB, SECTOR);
+        }
+        let size = d.disk.len() as u64;
+        let len = d.rng.range(1, 24) * SECTOR;
+        let offset = d.rng.below((size - len) / SECTOR) * SECTOR;
+        d.zero(offset, len);
+        d.flush();
+        if round == 1 {
+            d.snapshot_create("s1");
+        }
+    }
+    d.snapshot_delete("s1");
+    d.random_write(12 * KIB, SECTOR);
+    d.flush();
+    assert_no_damage(&d.simulate("extended L2", seed));
+}
+
+/// Compressed clusters (written by `qemu-io write -c`) overwritten in part (the rest of the
+/// cluster copied from the decompressed data), whole, and zeroed, also while a snapshot shares
+/// them.
+#[test]
+fn powercut_compressed_overwrite() {
+    let seed = seed_for("powercut_compressed_overwrite");
+    let dir = new_dir();
+    let img = create(dir.path(), "disk.qcow2", "cluster_size=4096", MIB, None);
+    let mut cmd = Command::new("qemu-io");
+    for i in 0..64u64 {
+        cmd.arg("-c").arg(format!(
+            "write -c -P {} {} 4096",
+            0x20 + i % 16,
+            i * 8 * KIB
+        ));
+    }
+    run(cmd.arg(&img));
+    let mut d = Disk::open(dir, "disk.qcow2", seed);
+    for round in 0..4 {
+        for _ in 0..3 {
+            // Mostly inside the compressed half.
+            let len = d.rng.range(1, 16) * SECTOR;
+            let offset = d.rng.below((512 * KIB - len) / SECTOR) * SECTOR;
+            d.write(offset, len);
+        }
+        let offset = d.rng.below(64) * 8 * KIB;
+        d.zero(offset, 4 * KIB);
+        let whole = d.rng.below(64) * 8 * KIB;
+        d.write(whole, 4 * KIB);
+        d.flush();
+        if round == 1 {
+            d.snapshot_create("s1");
+        }
+    }
+    d.snapshot_delete("s1");
+    d.random_write(8 * KIB, SECTOR);
+    d.flush();
+    assert_no_damage(&d.simulate("compressed clusters overwritten", seed));
+}
+
+/// The persistent bitmaps: stored at unmount (new bitmap data, tables and directory, then the
+/// header extension, then the old ones freed), and made for a new overlay at external create.
+#[test]
+fn powercut_bitmap_store() {
+    let seed = seed_for("powercut_bitmap_store");
+    let dir = new_dir();
+    let img = create(dir.path(), "disk.qcow2", "cluster_size=4096", MIB, None);
+    qemu_io_fill(&img, &[(0x18, 0, 128 * KIB)]);
+    for name in ["b0", "b1"] {
+        qemu_img(&["bitmap", "--add", "-g", "4096", img.to_str().unwrap(), name]);
+    }
+    let mut d = Disk::open(dir, "disk.qcow2", seed);
+    for _ in 0..2 {
+        for _ in 0..3 {
+            d.random_write(32 * KIB, SECTOR);
+        }
+        d.flush();
+        d.unmount_store();
+    }
+    d.external("next.qcow2");
+    for _ in 0..3 {
+        d.random_write(16 * KIB, SECTOR);
+    }
+    d.flush();
+    d.unmount_store();
+    d.random_write(16 * KIB, SECTOR);
+    d.unmount_store();
+    assert_no_damage(&d.simulate("bitmap store", seed));
 }
