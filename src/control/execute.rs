@@ -35,14 +35,7 @@ impl Controller {
         label: &str,
         cx: &Context,
     ) -> Result<Effect, CommandError> {
-        if !self.writable {
-            return Err(CommandError::new(
-                libc::EROFS,
-                "the mount is read-only; remount read-write to change snapshots",
-            ));
-        }
-        // Every command changes the top image (its snapshots, its content, or its role).
-        self.require(&self.catalog.chain(), cx.caller, &[(0, WRITE)])?;
+        self.may_change(cx.caller)?;
         match command {
             Command::Create { name, description } => self.create(&name, description),
             Command::CreateExternal { name, file } => {
@@ -53,6 +46,45 @@ impl Controller {
             Command::Commit { layer } => self.commit(layer.as_deref(), label, cx),
             Command::Pull { base } => self.pull(base.as_deref(), label, cx),
         }
+    }
+
+    /// Refuses every command on a read-only mount, and to a caller who may not write the top
+    /// image: every command changes it (its snapshots, its content, or its role).
+    pub(super) fn may_change(&self, who: &Caller) -> Result<(), CommandError> {
+        if !self.writable {
+            return Err(CommandError::new(
+                libc::EROFS,
+                "the mount is read-only; remount read-write to change snapshots",
+            ));
+        }
+        self.require(&self.catalog.chain(), who, &[(0, WRITE)])
+    }
+
+    /// Undoes [`Controller::create_tag`] of `name` (a domain snapshot that another disk could not
+    /// take): the tag leaves the top image, its views go. Nothing was recorded in libvirt.
+    pub(super) fn remove_created_tag(&self, name: &str) -> Result<Effect, CommandError> {
+        let (key, entry) = self.find(name)?;
+        let (ViewKind::Internal, Some(id), 0) =
+            (entry.kind, entry.snapshot_id.clone(), entry.layer)
+        else {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!("{name:?} is not an internal snapshot of the top image"),
+            ));
+        };
+        let mut views = vec![(key, entry.clone())];
+        views.extend(self.catalog.siblings(key));
+        crate::ops::delete_internal(&self.catalog.chain(), 0, &id)?;
+        for (k, _) in &views {
+            self.catalog.remove(*k);
+        }
+        Ok(Effect {
+            removed: views
+                .iter()
+                .map(|(k, v)| (*k, v.file_name.clone()))
+                .collect(),
+            ..Effect::default()
+        })
     }
 
     /// Checks that `who` may do `want` to layer `index` of `chain`, for each `(index, want)`:
@@ -331,6 +363,19 @@ impl Controller {
     }
 
     fn create(&self, name: &str, description: Option<String>) -> Result<Effect, CommandError> {
+        let mut effect = self.create_tag(name, description.clone())?;
+        let top = self.catalog.chain().top().path().to_owned();
+        effect.detail = self.record_in_libvirt(name, description, &top, None);
+        Ok(effect)
+    }
+
+    /// Takes internal snapshot `name` of the top image and shows its view, recording nothing in
+    /// libvirt's folder.
+    pub(super) fn create_tag(
+        &self,
+        name: &str,
+        description: Option<String>,
+    ) -> Result<Effect, CommandError> {
         if !Catalog::is_valid_name(name) {
             return Err(CommandError::new(
                 libc::EINVAL,
@@ -350,14 +395,11 @@ impl Controller {
             ));
         }
         let snap = image.create_snapshot(name)?;
-        let (key, entry) = self.catalog.add_internal(&snap, description.clone())?;
-        let mut effect = Effect {
+        let (key, entry) = self.catalog.add_internal(&snap, description)?;
+        Ok(Effect {
             added: vec![(key, entry.file_name.clone())],
             ..Effect::default()
-        };
-        let top = chain.top().path().to_owned();
-        effect.detail = self.record_in_libvirt(name, description, &top, None);
-        Ok(effect)
+        })
     }
 
     fn revert(&self, name: &str, cx: &Context) -> Result<Effect, CommandError> {
