@@ -873,6 +873,13 @@ impl Mount {
         m
     }
 
+    /// `snapfs mount -f --domain NAME ARGS... NAME MP`: every disk of libvirt domain NAME.
+    pub fn domain(name: &str, args: &[&str]) -> Mount {
+        let mut all = vec!["--domain", name];
+        all.extend_from_slice(args);
+        Self::with_args(Path::new(name), &all)
+    }
+
     /// `snapfs mount ARGS... IMAGE MP` (no -f): must exit 0 once the mount is ready.
     pub fn background(image: &Path, args: &[&str]) -> Mount {
         let mut m = Self::prepare(image);
@@ -967,14 +974,15 @@ impl Mount {
                     );
                 }
             }
-            // snapshots/ is in every mount (live.raw is not, beside a running VM).
-            if is_mounted(&self.mp) && self.mp.join("snapshots").is_dir() {
+            // control/ is in every mount, a domain's too (live.raw is not, beside a running
+            // VM; snapshots/ is not at the top of a domain mount).
+            if is_mounted(&self.mp) && self.mp.join("control").join("status").is_file() {
                 return;
             }
             if start.elapsed() > Duration::from_secs(20) {
                 panic!(
                     "{what}: {} did not appear within 20 s (mounted: {})\n--- stderr ---\n{}",
-                    self.mp.join("snapshots").display(),
+                    self.mp.join("control/status").display(),
                     is_mounted(&self.mp),
                     self.stderr_text()
                 );
