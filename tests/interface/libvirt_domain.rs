@@ -242,6 +242,12 @@ fn domain_mount_without_a_daemon_writes_the_folder() {
             .contains("<active>0</active>")
     );
     daemon.restart();
+    // The state virsh wrote for its own internal snapshot of the shut-off domain.
+    let state = |name: &str| {
+        let xml = daemon.virsh(&["snapshot-dumpxml", "off", name]);
+        crate::common::libvirt_support::element_text(&xml, "state")
+    };
+    assert_eq!(state("by-snapfs"), state("by-virsh"));
     assert_eq!(
         names(&daemon.virsh(&["snapshot-list", "off", "--name"])),
         ["by-snapfs", "by-virsh"],
