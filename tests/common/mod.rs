@@ -909,13 +909,25 @@ impl Mount {
             m.mp.display(),
             out.stderr
         );
+        // A domain mount has no live.raw at the top; its control/ is there.
+        let ready = match args.contains(&"--domain") {
+            true => m.mp.join("control/status"),
+            false => m.live(),
+        };
         assert!(
-            m.live().exists(),
+            ready.exists(),
             "{} exited 0 but {} does not exist yet (the mount must be ready when it returns)",
             describe(&cmd),
-            m.live().display()
+            ready.display()
         );
         m
+    }
+
+    /// [`Mount::domain`] in the background (no -f): `snapfs mount --domain NAME ARGS... NAME MP`.
+    pub fn domain_background(name: &str, args: &[&str]) -> Mount {
+        let mut all = vec!["--domain", name];
+        all.extend_from_slice(args);
+        Self::background(Path::new(name), &all)
     }
 
     fn prepare(image: &Path) -> Mount {

@@ -110,7 +110,8 @@ fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
     define_two_disks_and_a_cdrom(&daemon, "two", &a, &b, &iso);
     let (a_at_snap, b_at_snap) = (qemu_content(&a, None), qemu_content(&b, None));
     {
-        let m = Mount::domain("two", &["-o", &domain_options(&daemon, "two", true)]);
+        // In the background: snapfs asked the daemon for the disks before it forked.
+        let m = Mount::domain_background("two", &["-o", &domain_options(&daemon, "two", true)]);
         assert_eq!(entries(m.path()), ["control", "vda", "vdb"]);
         assert_eq!(entries(&m.path().join("control")), ["create", "status"]);
         assert!(m.path().join("vda/live.raw").is_file());
