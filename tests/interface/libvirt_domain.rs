@@ -22,15 +22,22 @@ fn image(dir: &Path, name: &str, pattern: u8) -> PathBuf {
     img
 }
 
-/// Defines domain `name` with qcow2 disks `vda` = `a`, `vdb` = `b` and a read-only CD-ROM `sda`
-/// whose medium is `iso`, between them.
+/// Defines domain `name` with qcow2 disks `vda` = `a`, `vdb` = `b`, a read-only CD-ROM `sda`
+/// whose medium is `iso` between them, and a read-only qcow2 disk `vdc` (`ro.qcow2` beside `a`).
 fn define_two_disks_and_a_cdrom(daemon: &Libvirtd, name: &str, a: &Path, b: &Path, iso: &Path) {
     let two = domain_xml(name, &[("vda", a), ("vdb", b)]);
+    let read_only = a.with_file_name("ro.qcow2");
+    if !read_only.exists() {
+        create_qcow2(&read_only, DISK, "", None);
+    }
     let cdrom = format!(
         "    <disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n      \
          <source file='{}'/>\n      <target dev='sda' bus='sata'/>\n      <readonly/>\n    \
+         </disk>\n    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+         <source file='{}'/>\n      <target dev='vdc' bus='virtio'/>\n      <readonly/>\n    \
          </disk>\n",
-        iso.display()
+        iso.display(),
+        read_only.display()
     );
     // The CD-ROM between the two disks in the file given; libvirt keeps disks sorted by bus
     // (vda, vdb, sda) and pairs a snapshot's disks with the domain's by position: snapfs records
@@ -91,10 +98,10 @@ fn snapshot_disks(xml: &str) -> Vec<String> {
         .collect()
 }
 
-/// With libvirtd running: the domain's two qcow2 disks are `vda/` and `vdb/`, the CD-ROM is not
-/// mounted (control/status says why). A top-level create (a name with a space, through the
-/// wrapper; then a plain one) is one snapshot for virsh at once, with both disks internal and
-/// the CD-ROM `snapshot='no'`, and the tag in both images. A create that fails on `vdb` (the name
+/// With libvirtd running: the domain's two writable qcow2 disks are `vda/` and `vdb/`; the CD-ROM
+/// and the read-only disk are not mounted (control/status says why). A top-level create (a name
+/// with a space, through the wrapper; then a plain one) is one snapshot for virsh at once, with
+/// both disks internal and the other two `snapshot='no'`, and the tag in both images. A create that fails on `vdb` (the name
 /// is taken there) leaves neither a tag in `vda` nor any XML. virsh reverts both disks to it and
 /// deletes it from both images.
 #[test]
@@ -122,7 +129,8 @@ fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
         );
         let status = status_text(m.path());
         assert!(
-            status.contains("sda: not mounted: a cdrom"),
+            status.contains("sda: not mounted: a cdrom")
+                && status.contains("vdc: not mounted: read-only"),
             "control/status:\n{status}"
         );
 
@@ -151,7 +159,7 @@ fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
         let xml = daemon.virsh(&["snapshot-dumpxml", "two", "before upgrade"]);
         assert_eq!(
             snapshot_disks(&xml),
-            ["vda=internal", "vdb=internal", "sda=no"],
+            ["vda=internal", "vdb=internal", "vdc=no", "sda=no"],
             "{xml}"
         );
         assert!(xml.contains("<state>shutoff</state>"), "{xml}");
@@ -188,7 +196,7 @@ fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
         let dumped = daemon.virsh(&["snapshot-dumpxml", "two", "second"]);
         assert_eq!(
             snapshot_disks(&dumped),
-            ["vda=internal", "vdb=internal", "sda=no"]
+            ["vda=internal", "vdb=internal", "vdc=no", "sda=no"]
         );
     }
     // virsh acts on what snapfs recorded, on both disks.
@@ -234,7 +242,7 @@ fn domain_mount_without_a_daemon_writes_the_folder() {
     let xml = fs::read_to_string(dir.join("by-snapfs.xml")).unwrap();
     assert_eq!(
         snapshot_disks(&xml),
-        ["vda=internal", "vdb=internal", "sda=no"]
+        ["vda=internal", "vdb=internal", "vdc=no", "sda=no"]
     );
     assert!(xml.contains("<parent>\n    <name>by-virsh</name>"), "{xml}");
     assert!(
