@@ -57,7 +57,8 @@ pub enum Command {
                       With --domain NAME (-o domain=NAME), mount every disk of the libvirt \
                       domain NAME instead, each under MOUNTPOINT/TARGET/ (vda/, vdb/, ...: the \
                       disk's <target dev>) with libvirt metadata on; MOUNTPOINT/control/create \
-                      takes one libvirt snapshot of every mounted disk, all or none. The disks \
+                      takes one libvirt snapshot of every mounted disk, all or none, and \
+                      control/revert and control/delete act on every disk. The disks \
                       come from the running libvirtd (-o libvirt-uri=URI, default \
                       qemu:///system), else from /etc/libvirt/qemu/NAME.xml (-o \
                       libvirt-domain=FILE). Read-only disks, CD-ROMs, floppies, empty drives and \

@@ -1,5 +1,7 @@
 //! The commands of a domain mount (`snapfs mount --domain NAME`): `MOUNTPOINT/control/create`
-//! takes one libvirt snapshot of every mounted disk of the domain, all or none. Each disk's tag
+//! takes one libvirt snapshot of every mounted disk of the domain, all or none; `revert` and
+//! `delete` act on every disk and record once, as `virsh snapshot-revert` / `snapshot-delete`
+//! do. Each disk's tag
 //! is taken by that disk's own [`Controller`] (its checks, its catalog), then one
 //! `<domainsnapshot>` naming every disk is recorded, through the running libvirtd if there is one
 //! (libvirt 9.0 refuses, while it runs, an internal snapshot of one disk of a multi-disk domain:
@@ -11,8 +13,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::execute::Record;
 use super::status::StatusLog;
-use super::{Command, CommandError, CommandKind, Controller, Effect, LibvirtWrite, label, parse};
+use super::{
+    Command, CommandError, CommandKind, Context, Controller, Effect, LibvirtWrite, Target, label,
+    parse,
+};
 use crate::access::Caller;
 use crate::info::rfc3339;
 use crate::libvirt::{DiskSnapshotKind, DomainDefinition, DomainSnapshot, SnapshotDisk};
@@ -67,17 +73,28 @@ impl DomainController {
         self.status.text()
     }
 
-    /// Parses and runs a command written to the top-level `control/create` by `caller`. Returns
-    /// what changed in each disk's tree, in the order of [`DomainController::disks`].
-    pub fn create(&self, input: &[u8], caller: &Caller) -> Result<Vec<Effect>, CommandError> {
+    /// Parses and runs a command written to the top-level `control/KIND` (`create`, `revert` or
+    /// `delete`) by `caller`; `is_open[i]` tells whether a file of disk `i`'s tree is open.
+    /// Returns what changed in each disk's tree, in the order of [`DomainController::disks`].
+    pub fn run(
+        &self,
+        kind: CommandKind,
+        input: &[u8],
+        caller: &Caller,
+        is_open: &[&dyn Fn(Target) -> bool],
+    ) -> Result<Vec<Effect>, CommandError> {
         let _one_at_a_time = self.running.lock();
         let started = SystemTime::now();
-        let command = parse(CommandKind::Create, input);
-        let label = label(CommandKind::Create, &command);
-        let result = command.and_then(|c| self.create_everywhere(c, caller));
+        let command = parse(kind, input);
+        let label = label(kind, &command);
+        let result = command.and_then(|c| match c {
+            Command::Revert { name } => self.on_every_disk(&name, caller, is_open, Action::Revert),
+            Command::Delete { name } => self.on_every_disk(&name, caller, is_open, Action::Delete),
+            c => self.create_everywhere(c, caller),
+        });
         let outcome = match &result {
             Ok(_) => format!(
-                "ok ({})",
+                "ok (on {})",
                 self.disks
                     .iter()
                     .map(|d| d.target.as_str())
@@ -93,6 +110,78 @@ impl DomainController {
         }
         self.note(line);
         result
+    }
+
+    /// Reverts every disk to snapshot `name`, or deletes it from every disk, then records that
+    /// once in libvirt (its current snapshot moved, or its metadata gone). Every disk must have
+    /// the snapshot and pass its checks first; neither can be undone, so a disk that fails after
+    /// others succeeded is reported with the disks already done.
+    fn on_every_disk(
+        &self,
+        name: &str,
+        caller: &Caller,
+        is_open: &[&dyn Fn(Target) -> bool],
+        action: Action,
+    ) -> Result<Vec<Effect>, CommandError> {
+        if !self.writable {
+            return Err(CommandError::new(
+                libc::EROFS,
+                "the mount is read-only; remount read-write to change snapshots",
+            ));
+        }
+        let mut libvirt_name = None;
+        for disk in &self.disks {
+            disk.controller
+                .may_change(caller)
+                .map_err(|e| on_disk(&disk.target, e))?;
+            let (_, entry) = disk
+                .controller
+                .find(name)
+                .map_err(|e| on_disk(&disk.target, e))?;
+            libvirt_name = libvirt_name.or(entry.libvirt_name.clone());
+        }
+        let _held: Vec<_> = self.disks.iter().map(|d| d.controller.hold()).collect();
+        let mut effects = Vec::with_capacity(self.disks.len());
+        let label = format!("delete {}", super::quote_name(name));
+        for (i, disk) in self.disks.iter().enumerate() {
+            let never_open = |_: Target| false;
+            let cx = Context {
+                caller,
+                is_open: is_open.get(i).copied().unwrap_or(&never_open),
+            };
+            let done = match action {
+                Action::Revert => disk.controller.revert(name, &cx, Record::Not),
+                Action::Delete => disk.controller.delete(name, &label, &cx, Record::Not),
+            };
+            match done {
+                Ok(effect) => effects.push(effect),
+                Err(e) => {
+                    let done: Vec<&str> =
+                        self.disks[..i].iter().map(|d| d.target.as_str()).collect();
+                    let e = on_disk(&disk.target, e);
+                    return Err(match done.is_empty() {
+                        true => e,
+                        false => CommandError::new(
+                            e.errno,
+                            format!("{}; already done on {}", e.message, done.join(", ")),
+                        ),
+                    });
+                }
+            }
+        }
+        let first = &self.disks[0].controller;
+        match action {
+            Action::Revert => {
+                if let Some(problem) = first.make_current_in_libvirt(libvirt_name.as_deref()) {
+                    self.note(format!("{} {problem}", rfc3339(SystemTime::now())));
+                }
+            }
+            Action::Delete => first.forget_in_libvirt(libvirt_name.as_deref()),
+        }
+        for disk in &self.disks[1..] {
+            disk.controller.reload_metadata(&self.libvirt);
+        }
+        Ok(effects)
     }
 
     fn create_everywhere(
@@ -236,6 +325,13 @@ impl DomainController {
         }
         Ok(())
     }
+}
+
+/// What [`DomainController::on_every_disk`] does.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Revert,
+    Delete,
 }
 
 /// A command error with the disk it happened on in front.

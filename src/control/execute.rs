@@ -9,6 +9,14 @@ use crate::access::{self, Caller, READ, WRITE};
 use crate::catalog::{Catalog, ViewEntry, ViewKind};
 use crate::chain::Chain;
 
+/// Whether a command records what it did in libvirt's metadata itself, or leaves that to a
+/// domain-wide command that records once for every disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Record {
+    InLibvirt,
+    Not,
+}
+
 /// Who runs a command and how to ask whether a file is open.
 pub struct Context<'a> {
     pub caller: &'a Caller,
@@ -41,8 +49,8 @@ impl Controller {
             Command::CreateExternal { name, file } => {
                 self.create_external(&name, file.as_deref(), cx.caller)
             }
-            Command::Revert { name } => self.revert(&name, cx),
-            Command::Delete { name } => self.delete(&name, label, cx),
+            Command::Revert { name } => self.revert(&name, cx, Record::InLibvirt),
+            Command::Delete { name } => self.delete(&name, label, cx, Record::InLibvirt),
             Command::Commit { layer } => self.commit(layer.as_deref(), label, cx),
             Command::Pull { base } => self.pull(base.as_deref(), label, cx),
         }
@@ -356,7 +364,7 @@ impl Controller {
         Ok(effect)
     }
 
-    fn find(&self, name: &str) -> Result<(u64, Arc<ViewEntry>), CommandError> {
+    pub(super) fn find(&self, name: &str) -> Result<(u64, Arc<ViewEntry>), CommandError> {
         self.catalog
             .find_by_name(name)
             .ok_or_else(|| CommandError::new(libc::ENOENT, format!("no snapshot named {name:?}")))
@@ -402,7 +410,14 @@ impl Controller {
         })
     }
 
-    fn revert(&self, name: &str, cx: &Context) -> Result<Effect, CommandError> {
+    /// Reverts the live disk to snapshot `name`; with [`Record::InLibvirt`], `name` becomes
+    /// libvirt's current snapshot.
+    pub(super) fn revert(
+        &self,
+        name: &str,
+        cx: &Context,
+        record: Record,
+    ) -> Result<Effect, CommandError> {
         let is_open = cx.is_open;
         let (_, entry) = self.find(name)?;
         let live_open = || {
@@ -458,7 +473,9 @@ impl Controller {
             self.revert_in_layer(&entry, &id, cx)?
         };
         self.catalog.live().view.invalidate();
-        if let Some(problem) = self.make_current_in_libvirt(entry.libvirt_name.as_deref()) {
+        if record == Record::InLibvirt
+            && let Some(problem) = self.make_current_in_libvirt(entry.libvirt_name.as_deref())
+        {
             effect.detail = Some(match effect.detail.take() {
                 Some(d) => format!("{d}; {problem}"),
                 None => problem,
@@ -512,7 +529,14 @@ impl Controller {
         Ok(effect)
     }
 
-    fn delete(&self, name: &str, label: &str, cx: &Context) -> Result<Effect, CommandError> {
+    /// Deletes snapshot `name`; with [`Record::InLibvirt`], its libvirt metadata goes too.
+    pub(super) fn delete(
+        &self,
+        name: &str,
+        label: &str,
+        cx: &Context,
+        record: Record,
+    ) -> Result<Effect, CommandError> {
         let is_open = cx.is_open;
         let (key, entry) = self.find(name)?;
         if entry.kind == ViewKind::External {
@@ -533,7 +557,9 @@ impl Controller {
                 "{} left the chain; the file stays on disk",
                 entry.layer_path.display()
             ));
-            self.forget_in_libvirt(entry.libvirt_name.as_deref());
+            if record == Record::InLibvirt {
+                self.forget_in_libvirt(entry.libvirt_name.as_deref());
+            }
             return Ok(effect);
         }
         let (ViewKind::Internal, Some(id)) = (entry.kind, entry.snapshot_id.clone()) else {
@@ -564,7 +590,9 @@ impl Controller {
         for (k, _) in &views {
             self.catalog.remove(*k);
         }
-        self.forget_in_libvirt(entry.libvirt_name.as_deref());
+        if record == Record::InLibvirt {
+            self.forget_in_libvirt(entry.libvirt_name.as_deref());
+        }
         self.catalog.live().view.invalidate();
         Ok(Effect {
             removed: views

@@ -1,5 +1,5 @@
 //! The FUSE adapter of a domain mount (`snapfs mount --domain NAME`): one session whose root
-//! holds `control/` (`create`, `status`: one snapshot of every disk, see
+//! holds `control/` (`create`, `revert`, `delete`, `status`: one snapshot of every disk, see
 //! [`crate::control::DomainController`]) and one directory per mounted disk, named after its
 //! `<target dev>`, each the whole tree of a one-image mount ([`SnapFs`]).
 //!
@@ -25,7 +25,7 @@ use super::commands::{CommandQueue, Job};
 use super::nodes::TTL;
 use super::{SnapFs, caller};
 use crate::access::Caller;
-use crate::control::DomainController;
+use crate::control::{CommandKind, DomainController, Target};
 
 /// Disk trees start at `1 << DISK_SHIFT`: above every inode number a tree uses (its checkpoint
 /// files start at `1 << 56`), with room for 63 disks.
@@ -36,7 +36,19 @@ pub const MAX_DISKS: usize = (1 << (64 - DISK_SHIFT)) - 1;
 const ROOT: u64 = 1;
 const CONTROL_DIR: u64 = 2;
 const CREATE: u64 = 3;
-const STATUS: u64 = 4;
+const REVERT: u64 = 4;
+const DELETE: u64 = 5;
+const STATUS: u64 = 6;
+
+/// The command a top-level control file takes.
+fn command_kind(ino: u64) -> Option<CommandKind> {
+    match ino {
+        CREATE => Some(CommandKind::Create),
+        REVERT => Some(CommandKind::Revert),
+        DELETE => Some(CommandKind::Delete),
+        _ => None,
+    }
+}
 
 /// The inode base of disk `index`'s tree.
 pub fn disk_base(index: usize) -> u64 {
@@ -73,7 +85,7 @@ pub struct DomainFs {
     gid: u32,
     mtime: SystemTime,
     writable: bool,
-    /// Who opened each handle of `control/create` (a command runs with its opener's rights).
+    /// Who opened each handle of a command file (a command runs with its opener's rights).
     openers: Mutex<HashMap<u64, Caller>>,
     next_handle: Mutex<u64>,
     commands: Option<CommandQueue>,
@@ -104,7 +116,7 @@ impl DomainFs {
     fn top_attr(&self, ino: u64) -> Option<FileAttr> {
         let (kind, perm, size) = match ino {
             ROOT | CONTROL_DIR => (FileType::Directory, 0o555, 0),
-            CREATE => (
+            CREATE | REVERT | DELETE => (
                 FileType::RegularFile,
                 if self.writable { 0o200 } else { 0 },
                 0,
@@ -153,25 +165,45 @@ impl DomainFs {
                 .collect(),
             CONTROL_DIR => vec![
                 (CREATE, FileType::RegularFile, "create".to_owned()),
+                (REVERT, FileType::RegularFile, "revert".to_owned()),
+                (DELETE, FileType::RegularFile, "delete".to_owned()),
                 (STATUS, FileType::RegularFile, "status".to_owned()),
             ],
             _ => Vec::new(),
         }
     }
 
-    /// Hands a top-level create to the command thread; it replies when it has run and tells
+    /// Hands a top-level command to the command thread; it replies when it has run and tells
     /// each disk's tree what changed in it.
-    fn submit_create(&self, data: &[u8], who: Caller, reply: fuser::ReplyWrite) {
+    fn submit(&self, kind: CommandKind, data: &[u8], who: Caller, reply: fuser::ReplyWrite) {
         let written = data.len() as u32;
         let input = data.to_vec();
         let controller = self.controller.clone();
         let announcers: Vec<_> = self.disks.iter().map(|d| d.fs.announcer.clone()).collect();
-        let label = format!("create {}", String::from_utf8_lossy(&input).trim());
+        let handles: Vec<_> = self.disks.iter().map(|d| d.fs.handles.clone()).collect();
+        let label = format!(
+            "{} {}",
+            kind.file_name(),
+            String::from_utf8_lossy(&input).trim()
+        );
         let job: Job = Box::new(move |refused| {
             if let Some(errno) = refused {
                 return reply.error(errno);
             }
-            match controller.create(&input, &who) {
+            let checks: Vec<Box<dyn Fn(Target) -> bool>> = handles
+                .iter()
+                .map(|h| {
+                    let h = h.clone();
+                    Box::new(move |t| super::is_open_else_claim(&h, t))
+                        as Box<dyn Fn(Target) -> bool>
+                })
+                .collect();
+            let is_open: Vec<&dyn Fn(Target) -> bool> = checks.iter().map(|c| c.as_ref()).collect();
+            let result = controller.run(kind, &input, &who, &is_open);
+            for h in &handles {
+                h.lock().end_claims();
+            }
+            match result {
                 Ok(effects) => {
                     for (announcer, effect) in announcers.iter().zip(&effects) {
                         announcer.announce(effect);
@@ -179,7 +211,7 @@ impl DomainFs {
                     reply.written(written)
                 }
                 Err(e) => {
-                    log::warn!("control/create: {}", e.message);
+                    log::warn!("control/{}: {}", kind.file_name(), e.message);
                     reply.error(Errno::from_i32(e.errno))
                 }
             }
@@ -264,9 +296,9 @@ impl Filesystem for DomainFs {
         let reads = flags.acc_mode() != OpenAccMode::O_WRONLY;
         match top {
             ROOT | CONTROL_DIR => reply.error(Errno::EISDIR),
-            CREATE if reads => reply.error(Errno::EACCES),
-            CREATE if !self.writable => reply.error(Errno::EROFS),
-            CREATE => {
+            CREATE | REVERT | DELETE if reads => reply.error(Errno::EACCES),
+            CREATE | REVERT | DELETE if !self.writable => reply.error(Errno::EROFS),
+            CREATE | REVERT | DELETE => {
                 let handle = {
                     let mut next = self.next_handle.lock();
                     *next += 1;
@@ -365,9 +397,9 @@ impl Filesystem for DomainFs {
                 ),
                 Err(e) => reply.error(e),
             },
-            Route::Top(CREATE) => {
+            Route::Top(top) if let Some(kind) = command_kind(top) => {
                 let opener = self.openers.lock().get(&fh.0).cloned();
-                self.submit_create(data, opener.unwrap_or_else(|| caller(req)), reply);
+                self.submit(kind, data, opener.unwrap_or_else(|| caller(req)), reply);
             }
             Route::Top(_) => reply.error(Errno::EBADF),
         }
@@ -455,7 +487,7 @@ impl Filesystem for DomainFs {
         let only_truncate =
             mode.is_none() && uid.is_none() && gid.is_none() && atime.is_none() && mtime.is_none();
         match self.top_attr(top) {
-            Some(attr) if top == CREATE && only_truncate => reply.attr(&TTL, &attr),
+            Some(attr) if command_kind(top).is_some() && only_truncate => reply.attr(&TTL, &attr),
             Some(_) => reply.error(Errno::EPERM),
             None => reply.error(Errno::ENOENT),
         }
@@ -570,7 +602,7 @@ impl Filesystem for DomainFs {
                 // hold nothing of the images, whose rights each disk's command checks.
                 let want = super::access_want(mask);
                 let bits = (attr.perm >> 6) & 0o7;
-                if who.is_root() && top != CREATE || want & !bits == 0 {
+                if (who.is_root() && command_kind(top).is_none()) || want & !bits == 0 {
                     reply.ok();
                 } else {
                     reply.error(Errno::EACCES);

@@ -101,9 +101,10 @@ fn snapshot_disks(xml: &str) -> Vec<String> {
 /// With libvirtd running: the domain's two writable qcow2 disks are `vda/` and `vdb/`; the CD-ROM
 /// and the read-only disk are not mounted (control/status says why). A top-level create (a name
 /// with a space, through the wrapper; then a plain one) is one snapshot for virsh at once, with
-/// both disks internal and the other two `snapshot='no'`, and the tag in both images. A create that fails on `vdb` (the name
-/// is taken there) leaves neither a tag in `vda` nor any XML. virsh reverts both disks to it and
-/// deletes it from both images.
+/// both disks internal and the other two `snapshot='no'`, and the tag in both images. A create
+/// that fails on `vdb` (the name is taken there) leaves neither a tag in `vda` nor any XML. The
+/// top-level revert and delete act on both disks and move libvirt's current snapshot / drop its
+/// metadata; virsh reverts both disks to what snapfs recorded and deletes it from both images.
 #[test]
 fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
     let wd = workdir();
@@ -120,7 +121,10 @@ fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
         // In the background: snapfs asked the daemon for the disks before it forked.
         let m = Mount::domain_background("two", &["-o", &domain_options(&daemon, "two", true)]);
         assert_eq!(entries(m.path()), ["control", "vda", "vdb"]);
-        assert_eq!(entries(&m.path().join("control")), ["create", "status"]);
+        assert_eq!(
+            entries(&m.path().join("control")),
+            ["create", "delete", "revert", "status"]
+        );
         assert!(m.path().join("vda/live.raw").is_file());
         assert_eq!(
             fs::read(m.path().join("vdb/live.raw")).unwrap(),
@@ -198,6 +202,32 @@ fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
             snapshot_disks(&dumped),
             ["vda=internal", "vdb=internal", "vdc=no", "sda=no"]
         );
+
+        // The top-level revert and delete act on every disk and tell libvirt once.
+        for disk in ["vda", "vdb"] {
+            let live = fs::OpenOptions::new()
+                .write(true)
+                .open(m.path().join(disk).join("live.raw"))
+                .unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&live, &[0x77u8; 256 << 10], 0).unwrap();
+        }
+        control_ok(m.path(), "revert", "\"before upgrade\"");
+        assert!(fs::read(m.path().join("vda/live.raw")).unwrap() == a_at_snap);
+        assert!(fs::read(m.path().join("vdb/live.raw")).unwrap() == b_at_snap);
+        assert_eq!(
+            daemon.virsh(&["snapshot-current", "two", "--name"]).trim(),
+            "before upgrade"
+        );
+        control_ok(m.path(), "delete", "second");
+        assert_eq!(snapshot_tags(&a), ["before upgrade"]);
+        assert_eq!(snapshot_tags(&b), ["taken", "before upgrade"]);
+        assert_eq!(
+            names(&daemon.virsh(&["snapshot-list", "two", "--name"])),
+            ["before upgrade"]
+        );
+        // A name one disk lacks: refused before anything is done.
+        control_err(m.path(), "delete", "taken", libc::ENOENT);
+        assert_eq!(snapshot_tags(&b), ["taken", "before upgrade"]);
     }
     // virsh acts on what snapfs recorded, on both disks.
     qemu_io(&a, &["write -P 0x55 0 256k"]);
@@ -205,9 +235,6 @@ fn domain_mount_snapshots_every_disk_at_once_through_libvirtd() {
     daemon.virsh(&["snapshot-revert", "two", "before upgrade"]);
     assert!(qemu_content(&a, None) == a_at_snap, "vda not reverted");
     assert!(qemu_content(&b, None) == b_at_snap, "vdb not reverted");
-    daemon.virsh(&["snapshot-delete", "two", "second"]);
-    assert_eq!(snapshot_tags(&a), ["before upgrade"]);
-    assert_eq!(snapshot_tags(&b), ["taken", "before upgrade"]);
     daemon.virsh(&["snapshot-delete", "two", "before upgrade"]);
     assert!(snapshot_tags(&a).is_empty());
     assert_eq!(snapshot_tags(&b), ["taken"]);
