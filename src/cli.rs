@@ -54,6 +54,16 @@ pub enum Command {
     /// Mount the chain whose top (active) file is IMAGE.
     #[command(
         long_about = "Mount the chain whose top (active) file is IMAGE on MOUNTPOINT.\n\n\
+                      With --domain NAME (-o domain=NAME), mount every disk of the libvirt \
+                      domain NAME instead, each under MOUNTPOINT/TARGET/ (vda/, vdb/, ...: the \
+                      disk's <target dev>) with libvirt metadata on; MOUNTPOINT/control/create \
+                      takes one libvirt snapshot of every mounted disk, all or none, and \
+                      control/revert and control/delete act on every disk. The disks \
+                      come from the running libvirtd (-o libvirt-uri=URI, default \
+                      qemu:///system), else from /etc/libvirt/qemu/NAME.xml (-o \
+                      libvirt-domain=FILE). Read-only disks, CD-ROMs, floppies, empty drives and \
+                      network disks are not mounted; snapshots record them as snapshot='no', as \
+                      virsh does.\n\n\
                       Returns once the mount is ready and keeps serving it in the background \
                       (with -f, stays in the foreground until unmounted). SIGTERM, SIGINT and \
                       SIGHUP flush the live disk and unmount.",
@@ -63,6 +73,8 @@ pub enum Command {
                       snapfs mount -r -o allow_other,libvirt=/var/lib/libvirt/qemu/snapshot/vm vm.qcow2 /mnt/vm\n  \
                       snapfs mount --log /var/log/snapfs.log vm.qcow2 /mnt/vm\n  \
                       snapfs mount --force-share running-vm.qcow2 /mnt/vm\n  \
+                      snapfs mount --domain vm /mnt/vm\n  \
+                      echo before-upgrade > /mnt/vm/control/create\n  \
                       RUST_LOG=debug snapfs mount -f vm.qcow2 /mnt/vm\n\n\
                       Logging:\n\
                       With -f, log records go to standard error; in the background, to the file\n\
@@ -303,7 +315,8 @@ pub struct MountArgs {
     pub force_share: bool,
     /// Mount options, as mount(8) passes them (ro, rw, allow_other, allow_root,
     /// default_permissions, uid=N, gid=N, libvirt=DIR, libvirt-write, libvirt-domain=FILE,
-    /// libvirt-uri=URI, cache=SIZE, threads=N, direct_io, write_devices, force_share, log=FILE).
+    /// libvirt-uri=URI, domain=NAME, cache=SIZE, threads=N, direct_io, write_devices,
+    /// force_share, log=FILE).
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
     /// libvirt snapshot metadata folder.
@@ -323,12 +336,17 @@ pub struct MountArgs {
     /// Append log records to FILE instead of syslog when in the background (same as -o log=FILE).
     #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
     pub log: Option<PathBuf>,
-    /// The top (active) file of the chain.
+    /// Mount every disk of libvirt domain NAME, each under MOUNTPOINT/TARGET/ (same as
+    /// -o domain=NAME); IMAGE is then left out (or, for mount(8), any word: the domain's name).
+    #[arg(long, value_name = "NAME")]
+    pub domain: Option<String>,
+    /// The top (active) file of the chain (with --domain: the mount point, when MOUNTPOINT is
+    /// not given).
     #[arg(value_name = "IMAGE", value_hint = ValueHint::FilePath)]
     pub image: PathBuf,
     /// An existing directory to mount on.
     #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
-    pub mountpoint: PathBuf,
+    pub mountpoint: Option<PathBuf>,
 }
 
 impl MountArgs {

@@ -48,13 +48,15 @@ pub struct MountSettings {
     pub direct_io: bool,
     /// Read-only beside another process that writes the image (`--force-share`).
     pub force_share: bool,
+    /// Every disk of this libvirt domain (`--domain NAME`, `-o domain=NAME`).
+    pub domain: Option<String>,
 }
 
 impl MountSettings {
     pub fn from_args(args: &MountArgs) -> Result<Self, String> {
         let mut s = MountSettings {
             image: args.image.clone(),
-            mountpoint: args.mountpoint.clone(),
+            mountpoint: args.mountpoint.clone().unwrap_or_default(),
             foreground: args.foreground,
             read_only: args.read_only,
             acl: SessionACL::Owner,
@@ -70,6 +72,7 @@ impl MountSettings {
             write_devices: false,
             direct_io: args.direct_io,
             force_share: args.force_share,
+            domain: args.domain.clone(),
         };
         let mut read_write_asked = false;
         for opt in args.options.iter().flat_map(|o| o.split(',')) {
@@ -107,8 +110,18 @@ impl MountSettings {
                 "write_devices" => s.write_devices = true,
                 "direct_io" => s.direct_io = true,
                 "force_share" => s.force_share = true,
+                "domain" => s.domain = Some(need()?.to_owned()),
                 _ => return Err(format!("unknown mount option {opt:?}")),
             }
+        }
+        match (&s.domain, &args.mountpoint) {
+            // `snapfs mount --domain NAME MOUNTPOINT`; mount(8) passes a source word too.
+            (Some(_), None) => s.mountpoint = std::mem::take(&mut s.image),
+            (Some(_), Some(_)) => s.image = PathBuf::new(),
+            (None, None) => {
+                return Err("MOUNTPOINT is needed (snapfs mount IMAGE MOUNTPOINT)".into());
+            }
+            (None, Some(_)) => {}
         }
         if let Some(c) = &args.cache {
             s.cache = parse_size(c)?;
@@ -151,8 +164,56 @@ fn refusal(e: &Error, force_share: bool) -> String {
     )
 }
 
-/// Opens the chain, then mounts; returns when the file system is unmounted.
+/// Opens the chain (every disk's, with `--domain`), then mounts; returns when the file system is
+/// unmounted.
 pub fn mount(settings: MountSettings) -> Result<(), String> {
+    if settings.domain.is_some() {
+        return crate::domain_mount::mount(settings);
+    }
+    if !settings.mountpoint.is_dir() {
+        return Err(format!(
+            "mount point {} is not a directory",
+            settings.mountpoint.display()
+        ));
+    }
+    let disk = open_disk(&settings, 0)?;
+    let config = fuse_config(&settings, &disk.top.display().to_string(), !disk.writable);
+    run_session(disk.fs, &settings, &config, &[disk.notifier])
+}
+
+/// Forks into the background unless `-f`, then serves `fs` until unmounted.
+pub(crate) fn run_session(
+    fs: impl fuser::Filesystem,
+    settings: &MountSettings,
+    config: &Config,
+    notifiers: &[Arc<OnceLock<fuser::Notifier>>],
+) -> Result<(), String> {
+    let ready = if settings.foreground {
+        None
+    } else {
+        Some(daemonize()?)
+    };
+    let result = serve(fs, &settings.mountpoint, config, ready, notifiers);
+    if let Err(e) = &result {
+        log::error!("{e}");
+    }
+    result
+}
+
+/// One image chain opened and its tree built, ready to serve.
+pub(crate) struct OpenedDisk {
+    pub fs: SnapFs,
+    pub controller: Arc<Controller>,
+    pub notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// The top image.
+    pub top: PathBuf,
+    /// Whether live.raw (and the commands) may write.
+    pub writable: bool,
+}
+
+/// Opens the chain of `settings.image` and builds its tree, with inode numbers from `ino_base`
+/// up (see [`crate::fs::domain`]).
+pub(crate) fn open_disk(settings: &MountSettings, ino_base: u64) -> Result<OpenedDisk, String> {
     let caches = Caches::new(settings.cache);
     let writable = !settings.read_only;
     let options = OpenOptions {
@@ -200,22 +261,20 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
         image_mtime: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
         writable: catalog.live().view.is_writable(),
     };
-    if !settings.mountpoint.is_dir() {
-        return Err(format!(
-            "mount point {} is not a directory",
-            settings.mountpoint.display()
-        ));
-    }
     let libvirt_write = settings
         .libvirt
         .clone()
         .filter(|_| settings.libvirt_write)
         .map(|dir| {
-            crate::control::LibvirtWrite::new(
+            let mut lv = crate::control::LibvirtWrite::new(
                 dir,
                 settings.libvirt_domain.clone(),
                 settings.libvirt_uri.clone(),
-            )
+            );
+            if let Some(domain) = &settings.domain {
+                lv.domain = domain.clone();
+            }
+            lv
         });
     let controller = Arc::new(Controller::new(
         catalog.clone(),
@@ -248,31 +307,27 @@ pub fn mount(settings: MountSettings) -> Result<(), String> {
     };
     let fs = SnapFs::new(
         catalog,
-        controller,
+        controller.clone(),
         owner,
         devices,
         notifier.clone(),
         caching,
         settings.threads,
         Arc::new(sharing),
-    );
-    let config = fuse_config(&settings, chain.top().path(), !owner.writable);
-
-    let ready = if settings.foreground {
-        None
-    } else {
-        Some(daemonize()?)
-    };
-    let result = serve(fs, &settings.mountpoint, &config, ready, &notifier);
-    if let Err(e) = &result {
-        log::error!("{e}");
-    }
-    result
+    )
+    .with_ino_base(ino_base);
+    Ok(OpenedDisk {
+        fs,
+        controller,
+        notifier,
+        top: chain.top().path().to_owned(),
+        writable: owner.writable,
+    })
 }
 
-fn fuse_config(settings: &MountSettings, image: &Path, read_only: bool) -> Config {
+pub(crate) fn fuse_config(settings: &MountSettings, source: &str, read_only: bool) -> Config {
     let mut options = vec![
-        MountOption::FSName(image.display().to_string()),
+        MountOption::FSName(source.to_owned()),
         MountOption::Subtype("snapfs".into()),
         MountOption::NoDev,
         MountOption::NoSuid,
@@ -296,11 +351,11 @@ fn fuse_config(settings: &MountSettings, image: &Path, read_only: bool) -> Confi
 /// Mounts and serves. `ready` is the pipe to the waiting parent of a background mount: it learns
 /// that the mount is up (or why it failed) through it.
 fn serve(
-    fs: SnapFs,
+    fs: impl fuser::Filesystem,
     mountpoint: &Path,
     config: &Config,
     ready: Option<File>,
-    notifier: &OnceLock<fuser::Notifier>,
+    notifiers: &[Arc<OnceLock<fuser::Notifier>>],
 ) -> Result<(), String> {
     let signals = block_shutdown_signals();
     let session = match mount_fuse_snapfs(mountpoint, config) {
@@ -321,7 +376,9 @@ fn serve(
             return Err(msg);
         }
     };
-    let _ = notifier.set(session.notifier());
+    for notifier in notifiers {
+        let _ = notifier.set(session.notifier());
+    }
     raise_readahead(mountpoint);
     let mut unmounter = session.unmount_callable();
     let unmount_path = mountpoint.to_owned();

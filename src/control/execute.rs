@@ -9,6 +9,14 @@ use crate::access::{self, Caller, READ, WRITE};
 use crate::catalog::{Catalog, ViewEntry, ViewKind};
 use crate::chain::Chain;
 
+/// Whether a command records what it did in libvirt's metadata itself, or leaves that to a
+/// domain-wide command that records once for every disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Record {
+    InLibvirt,
+    Not,
+}
+
 /// Who runs a command and how to ask whether a file is open.
 pub struct Context<'a> {
     pub caller: &'a Caller,
@@ -35,24 +43,56 @@ impl Controller {
         label: &str,
         cx: &Context,
     ) -> Result<Effect, CommandError> {
+        self.may_change(cx.caller)?;
+        match command {
+            Command::Create { name, description } => self.create(&name, description),
+            Command::CreateExternal { name, file } => {
+                self.create_external(&name, file.as_deref(), cx.caller)
+            }
+            Command::Revert { name } => self.revert(&name, cx, Record::InLibvirt),
+            Command::Delete { name } => self.delete(&name, label, cx, Record::InLibvirt),
+            Command::Commit { layer } => self.commit(layer.as_deref(), label, cx),
+            Command::Pull { base } => self.pull(base.as_deref(), label, cx),
+        }
+    }
+
+    /// Refuses every command on a read-only mount, and to a caller who may not write the top
+    /// image: every command changes it (its snapshots, its content, or its role).
+    pub(super) fn may_change(&self, who: &Caller) -> Result<(), CommandError> {
         if !self.writable {
             return Err(CommandError::new(
                 libc::EROFS,
                 "the mount is read-only; remount read-write to change snapshots",
             ));
         }
-        // Every command changes the top image (its snapshots, its content, or its role).
-        self.require(&self.catalog.chain(), cx.caller, &[(0, WRITE)])?;
-        match command {
-            Command::Create { name, description } => self.create(&name, description),
-            Command::CreateExternal { name, file } => {
-                self.create_external(&name, file.as_deref(), cx.caller)
-            }
-            Command::Revert { name } => self.revert(&name, cx),
-            Command::Delete { name } => self.delete(&name, label, cx),
-            Command::Commit { layer } => self.commit(layer.as_deref(), label, cx),
-            Command::Pull { base } => self.pull(base.as_deref(), label, cx),
+        self.require(&self.catalog.chain(), who, &[(0, WRITE)])
+    }
+
+    /// Undoes [`Controller::create_tag`] of `name` (a domain snapshot that another disk could not
+    /// take): the tag leaves the top image, its views go. Nothing was recorded in libvirt.
+    pub(super) fn remove_created_tag(&self, name: &str) -> Result<Effect, CommandError> {
+        let (key, entry) = self.find(name)?;
+        let (ViewKind::Internal, Some(id), 0) =
+            (entry.kind, entry.snapshot_id.clone(), entry.layer)
+        else {
+            return Err(CommandError::new(
+                libc::EINVAL,
+                format!("{name:?} is not an internal snapshot of the top image"),
+            ));
+        };
+        let mut views = vec![(key, entry.clone())];
+        views.extend(self.catalog.siblings(key));
+        crate::ops::delete_internal(&self.catalog.chain(), 0, &id)?;
+        for (k, _) in &views {
+            self.catalog.remove(*k);
         }
+        Ok(Effect {
+            removed: views
+                .iter()
+                .map(|(k, v)| (*k, v.file_name.clone()))
+                .collect(),
+            ..Effect::default()
+        })
     }
 
     /// Checks that `who` may do `want` to layer `index` of `chain`, for each `(index, want)`:
@@ -324,13 +364,26 @@ impl Controller {
         Ok(effect)
     }
 
-    fn find(&self, name: &str) -> Result<(u64, Arc<ViewEntry>), CommandError> {
+    pub(super) fn find(&self, name: &str) -> Result<(u64, Arc<ViewEntry>), CommandError> {
         self.catalog
             .find_by_name(name)
             .ok_or_else(|| CommandError::new(libc::ENOENT, format!("no snapshot named {name:?}")))
     }
 
     fn create(&self, name: &str, description: Option<String>) -> Result<Effect, CommandError> {
+        let mut effect = self.create_tag(name, description.clone())?;
+        let top = self.catalog.chain().top().path().to_owned();
+        effect.detail = self.record_in_libvirt(name, description, &top, None);
+        Ok(effect)
+    }
+
+    /// Takes internal snapshot `name` of the top image and shows its view, recording nothing in
+    /// libvirt's folder.
+    pub(super) fn create_tag(
+        &self,
+        name: &str,
+        description: Option<String>,
+    ) -> Result<Effect, CommandError> {
         if !Catalog::is_valid_name(name) {
             return Err(CommandError::new(
                 libc::EINVAL,
@@ -350,17 +403,21 @@ impl Controller {
             ));
         }
         let snap = image.create_snapshot(name)?;
-        let (key, entry) = self.catalog.add_internal(&snap, description.clone())?;
-        let mut effect = Effect {
+        let (key, entry) = self.catalog.add_internal(&snap, description)?;
+        Ok(Effect {
             added: vec![(key, entry.file_name.clone())],
             ..Effect::default()
-        };
-        let top = chain.top().path().to_owned();
-        effect.detail = self.record_in_libvirt(name, description, &top, None);
-        Ok(effect)
+        })
     }
 
-    fn revert(&self, name: &str, cx: &Context) -> Result<Effect, CommandError> {
+    /// Reverts the live disk to snapshot `name`; with [`Record::InLibvirt`], `name` becomes
+    /// libvirt's current snapshot.
+    pub(super) fn revert(
+        &self,
+        name: &str,
+        cx: &Context,
+        record: Record,
+    ) -> Result<Effect, CommandError> {
         let is_open = cx.is_open;
         let (_, entry) = self.find(name)?;
         let live_open = || {
@@ -416,7 +473,9 @@ impl Controller {
             self.revert_in_layer(&entry, &id, cx)?
         };
         self.catalog.live().view.invalidate();
-        if let Some(problem) = self.make_current_in_libvirt(entry.libvirt_name.as_deref()) {
+        if record == Record::InLibvirt
+            && let Some(problem) = self.make_current_in_libvirt(entry.libvirt_name.as_deref())
+        {
             effect.detail = Some(match effect.detail.take() {
                 Some(d) => format!("{d}; {problem}"),
                 None => problem,
@@ -470,7 +529,14 @@ impl Controller {
         Ok(effect)
     }
 
-    fn delete(&self, name: &str, label: &str, cx: &Context) -> Result<Effect, CommandError> {
+    /// Deletes snapshot `name`; with [`Record::InLibvirt`], its libvirt metadata goes too.
+    pub(super) fn delete(
+        &self,
+        name: &str,
+        label: &str,
+        cx: &Context,
+        record: Record,
+    ) -> Result<Effect, CommandError> {
         let is_open = cx.is_open;
         let (key, entry) = self.find(name)?;
         if entry.kind == ViewKind::External {
@@ -491,7 +557,9 @@ impl Controller {
                 "{} left the chain; the file stays on disk",
                 entry.layer_path.display()
             ));
-            self.forget_in_libvirt(entry.libvirt_name.as_deref());
+            if record == Record::InLibvirt {
+                self.forget_in_libvirt(entry.libvirt_name.as_deref());
+            }
             return Ok(effect);
         }
         let (ViewKind::Internal, Some(id)) = (entry.kind, entry.snapshot_id.clone()) else {
@@ -522,7 +590,9 @@ impl Controller {
         for (k, _) in &views {
             self.catalog.remove(*k);
         }
-        self.forget_in_libvirt(entry.libvirt_name.as_deref());
+        if record == Record::InLibvirt {
+            self.forget_in_libvirt(entry.libvirt_name.as_deref());
+        }
         self.catalog.live().view.invalidate();
         Ok(Effect {
             removed: views

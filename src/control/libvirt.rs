@@ -45,7 +45,7 @@ impl LibvirtWrite {
     }
 
     /// The running daemon that knows the domain, if any.
-    fn daemon(&self) -> Option<Daemon> {
+    pub(super) fn daemon(&self) -> Option<Daemon> {
         Daemon::connect(&self.uri, &self.domain)
     }
 }
@@ -220,7 +220,7 @@ impl Controller {
     }
 
     /// Reads the folder again (after libvirtd wrote it) and applies it to the views.
-    fn reload_metadata(&self, lv: &LibvirtWrite) {
+    pub(super) fn reload_metadata(&self, lv: &LibvirtWrite) {
         let mut meta = Metadata::load(&lv.dir, &self.catalog.chain());
         meta.disk_name = meta.disk_name.or(self.catalog.metadata().disk_name);
         self.catalog.set_metadata(meta);

@@ -3,6 +3,7 @@
 //! `control/status` shows (`status`). No FUSE here: the file system passes the bytes and the
 //! caller in and gets an outcome (or an errno with a message) back.
 
+mod domain;
 mod execute;
 mod libvirt;
 mod parse;
@@ -17,6 +18,7 @@ use crate::access::{Caller, DeviceWrites};
 use crate::catalog::Catalog;
 use crate::info::rfc3339;
 
+pub use domain::{DomainController, MountedDisk};
 pub use execute::Context;
 pub use libvirt::{LibvirtWrite, default_domain_file};
 pub use parse::{Command, CommandKind, MAX_COMMAND_LEN, label, parse, quote_name};
@@ -93,6 +95,16 @@ impl Controller {
             running: Mutex::new(()),
             status: status::StatusLog::default(),
         }
+    }
+
+    /// Keeps every other command of this controller waiting while held: a domain-wide command
+    /// holds the controllers of all its disks.
+    pub(crate) fn hold(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.running.lock()
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     /// Adds a line to the status log (also used for reports such as unreadable metadata).

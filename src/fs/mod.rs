@@ -7,6 +7,7 @@ mod access;
 mod attrs;
 mod changes;
 mod commands;
+pub mod domain;
 mod errno;
 mod gate;
 mod handles;
@@ -61,6 +62,9 @@ pub struct SnapFs {
     sharing: Arc<Sharing>,
     /// The files of `changes/` and the lists their open handles read.
     changes: Arc<changes::ChangeFiles>,
+    /// Added to every inode number this tree tells the kernel: on a domain mount each disk's
+    /// tree has a range of its own (see [`domain`]); 0 on a mount of one image.
+    ino_base: u64,
 }
 
 /// How the kernel caches the contents of the disk files (live.raw and the snapshots).
@@ -129,6 +133,8 @@ struct Announcer {
     /// The names of `changes/` the kernel knows, to drop those of removed views.
     changes: Arc<changes::ChangeFiles>,
     catalog: Arc<Catalog>,
+    /// The tree's [`SnapFs::ino_base`].
+    ino_base: u64,
 }
 
 impl Announcer {
@@ -150,13 +156,14 @@ impl Announcer {
         let Some(notifier) = self.notifier.get() else {
             return;
         };
+        let base = self.ino_base;
         if effect.live_changed
-            && let Err(e) = notifier.inval_inode(INodeNo(nodes::LIVE), 0, 0)
+            && let Err(e) = notifier.inval_inode(INodeNo(base + nodes::LIVE), 0, 0)
         {
             log::debug!("invalidating live.raw: {e}");
         }
         for key in &effect.changed {
-            let _ = notifier.inval_inode(INodeNo(nodes::FIRST_SNAPSHOT + key), 0, 0);
+            let _ = notifier.inval_inode(INodeNo(base + nodes::FIRST_SNAPSHOT + key), 0, 0);
         }
         let names: Vec<(u64, String)> = effect
             .removed
@@ -177,14 +184,15 @@ impl Announcer {
         let (done, finished) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
             for (_, name) in names {
-                let _ = notifier.inval_entry(INodeNo(nodes::SNAPSHOTS_DIR), OsStr::new(&name));
+                let _ =
+                    notifier.inval_entry(INodeNo(base + nodes::SNAPSHOTS_DIR), OsStr::new(&name));
             }
             for name in changes.gone_names(&catalog) {
-                let _ = notifier.inval_entry(INodeNo(nodes::CHANGES_DIR), OsStr::new(&name));
+                let _ = notifier.inval_entry(INodeNo(base + nodes::CHANGES_DIR), OsStr::new(&name));
             }
-            let _ = notifier.inval_inode(INodeNo(nodes::SNAPSHOTS_DIR), 0, 0);
+            let _ = notifier.inval_inode(INodeNo(base + nodes::SNAPSHOTS_DIR), 0, 0);
             // changes/ lists pairs of these names.
-            let _ = notifier.inval_inode(INodeNo(nodes::CHANGES_DIR), 0, 0);
+            let _ = notifier.inval_inode(INodeNo(base + nodes::CHANGES_DIR), 0, 0);
             let _ = done.send(());
         });
         if self.worker_threads > 1 && finished.recv_timeout(TTL).is_err() {
@@ -252,12 +260,26 @@ impl SnapFs {
                 worker_threads,
                 changes: changes.clone(),
                 catalog: announcer_catalog,
+                ino_base: 0,
             },
             large_reads: gate::Gate::for_this_machine(),
             caching,
             sharing,
             changes,
+            ino_base: 0,
         }
+    }
+
+    /// What `stat` shows of this tree's root (a disk's directory on a domain mount).
+    pub(crate) fn root_attr(&self) -> Result<fuser::FileAttr, Errno> {
+        self.attr(Node::Root)
+    }
+
+    /// This tree with its inode numbers moved up by `base` (a disk of a domain mount).
+    pub fn with_ino_base(mut self, base: u64) -> Self {
+        self.ino_base = base;
+        self.announcer.ino_base = base;
+        self
     }
 
     /// Sends the data of a read. Large replies into the page cache pass the gate first: their
@@ -412,7 +434,9 @@ impl SnapFs {
             gid,
             perm,
         };
-        Ok(file_attr(node, &parts))
+        let mut attr = file_attr(node, &parts);
+        attr.ino = INodeNo(attr.ino.0 + self.ino_base);
+        Ok(attr)
     }
 
     /// Hands a command to the command thread; it replies to the writer when it has run.
@@ -927,7 +951,12 @@ impl Filesystem for SnapFs {
             ),
         }
         for (i, (node, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(node.ino()), (i + 1) as u64, node.kind(), name) {
+            // A disk tree's ".." is the domain mount's root.
+            let ino = match (self.ino_base, i, dir) {
+                (base, 1, Node::Root) if base != 0 => nodes::ROOT,
+                (base, _, _) => base + node.ino(),
+            };
+            if reply.add(INodeNo(ino), (i + 1) as u64, node.kind(), name) {
                 break;
             }
         }

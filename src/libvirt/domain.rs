@@ -72,7 +72,13 @@ impl DomainDefinition {
                 path: path.to_owned(),
             }
         })?;
-        let ((start, end), disks) = scan(&text, path)?;
+        Self::from_domain_text(&text, path)
+    }
+
+    /// The definition in `text`, a domain's XML as its file holds it or as libvirtd gives it
+    /// (`virDomainGetXMLDesc`); `source` names where it came from in errors.
+    pub fn from_domain_text(text: &str, source: &Path) -> Result<Self, LibvirtError> {
+        let ((start, end), disks) = scan(text, source)?;
         let element = &text[start..end];
         Ok(DomainDefinition {
             text: element.replace('\n', "\n  "),

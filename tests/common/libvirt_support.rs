@@ -995,3 +995,11 @@ pub fn fact_blocks(text: &str) -> BTreeMap<String, BTreeMap<String, String>> {
     }
     out
 }
+
+/// The text of the first `<NAME>` element of `xml`, trimmed (`None` if there is none).
+pub fn element_text(xml: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = start + xml[start..].find(&format!("</{name}>"))?;
+    Some(xml[start..end].trim().to_owned())
+}

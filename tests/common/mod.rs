@@ -873,6 +873,13 @@ impl Mount {
         m
     }
 
+    /// `snapfs mount -f --domain NAME ARGS... NAME MP`: every disk of libvirt domain NAME.
+    pub fn domain(name: &str, args: &[&str]) -> Mount {
+        let mut all = vec!["--domain", name];
+        all.extend_from_slice(args);
+        Self::with_args(Path::new(name), &all)
+    }
+
     /// `snapfs mount ARGS... IMAGE MP` (no -f): must exit 0 once the mount is ready.
     pub fn background(image: &Path, args: &[&str]) -> Mount {
         let mut m = Self::prepare(image);
@@ -902,13 +909,25 @@ impl Mount {
             m.mp.display(),
             out.stderr
         );
+        // A domain mount has no live.raw at the top; its control/ is there.
+        let ready = match args.contains(&"--domain") {
+            true => m.mp.join("control/status"),
+            false => m.live(),
+        };
         assert!(
-            m.live().exists(),
+            ready.exists(),
             "{} exited 0 but {} does not exist yet (the mount must be ready when it returns)",
             describe(&cmd),
-            m.live().display()
+            ready.display()
         );
         m
+    }
+
+    /// [`Mount::domain`] in the background (no -f): `snapfs mount --domain NAME ARGS... NAME MP`.
+    pub fn domain_background(name: &str, args: &[&str]) -> Mount {
+        let mut all = vec!["--domain", name];
+        all.extend_from_slice(args);
+        Self::background(Path::new(name), &all)
     }
 
     fn prepare(image: &Path) -> Mount {
@@ -967,14 +986,15 @@ impl Mount {
                     );
                 }
             }
-            // snapshots/ is in every mount (live.raw is not, beside a running VM).
-            if is_mounted(&self.mp) && self.mp.join("snapshots").is_dir() {
+            // control/ is in every mount, a domain's too (live.raw is not, beside a running
+            // VM; snapshots/ is not at the top of a domain mount).
+            if is_mounted(&self.mp) && self.mp.join("control").join("status").is_file() {
                 return;
             }
             if start.elapsed() > Duration::from_secs(20) {
                 panic!(
                     "{what}: {} did not appear within 20 s (mounted: {})\n--- stderr ---\n{}",
-                    self.mp.join("snapshots").display(),
+                    self.mp.join("control/status").display(),
                     is_mounted(&self.mp),
                     self.stderr_text()
                 );

@@ -549,6 +549,84 @@ fn fstab_entry() {
     cleanup.reaped();
 }
 
+/// An fstab line for a whole libvirt domain (`domain=NAME`; the source field is the domain's
+/// name): the domain file's two disks are `vda/` and `vdb/` under one mount, a top-level create
+/// takes the tag in both images and writes one snapshot file, `umount` ends it.
+#[test]
+fn fstab_entry_for_a_domain() {
+    let _helper = HelperInstall::new();
+    become_subreaper();
+    let dir = workdir();
+    let (a, b) = (dir.path().join("a.qcow2"), dir.path().join("b.qcow2"));
+    for img in [&a, &b] {
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
+    }
+    let domain_file = dir.path().join("vm.xml");
+    let disk = |img: &Path, dev: &str| {
+        format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='{dev}' bus='virtio'/></disk>",
+            img.display()
+        )
+    };
+    fs::write(
+        &domain_file,
+        format!(
+            "<domain type='kvm'>\n  <name>vm</name>\n  <devices>{}{}</devices>\n</domain>\n",
+            disk(&a, "vda"),
+            disk(&b, "vdb")
+        ),
+    )
+    .unwrap();
+    // libvirt's snapshot folder exists; the domain's own folder comes with its first snapshot.
+    fs::create_dir(dir.path().join("snapshot")).unwrap();
+    let snapshots = dir.path().join("snapshot/vm");
+    let mp = mountpoint(dir.path());
+    let mut cleanup = Cleanup::new(&mp);
+    let fstab = dir.path().join("fstab");
+    // No daemon answers at this URI: the disks come from the domain file.
+    let options = format!(
+        "domain=vm,libvirt={},libvirt-domain={},libvirt-uri=qemu:///system?socket={},noauto",
+        snapshots.display(),
+        domain_file.display(),
+        dir.path().join("no-libvirtd.sock").display()
+    );
+    fs::write(
+        &fstab,
+        format!("vm  {}  snapfs  {options}  0 0\n", mp.display()),
+    )
+    .unwrap();
+    ok(Command::new("mount").arg("--fstab").arg(&fstab).arg(&mp));
+    let pid = cleanup.mounted();
+    let mut top: Vec<String> = fs::read_dir(&mp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["control", "vda", "vdb"]);
+    fs::write(mp.join("control/create"), "s1").unwrap();
+    umount(&mp);
+    assert!(wait_unmounted(&mp, Duration::from_secs(10)));
+    expect_end(pid, Duration::from_secs(30), End::Exited(0));
+    cleanup.reaped();
+    for img in [&a, &b] {
+        let listed = ok(Command::new("qemu-img").args(["snapshot", "-l"]).arg(img));
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("s1")),
+            "{}: {listed}",
+            img.display()
+        );
+    }
+    let xml = fs::read_to_string(snapshots.join("s1.xml")).unwrap();
+    assert!(
+        xml.contains("<disk name='vda' snapshot='internal'/>")
+            && xml.contains("<disk name='vdb' snapshot='internal'/>"),
+        "{xml}"
+    );
+}
+
 fn signal_unmounts(signal: i32) {
     let _helper = HelperInstall::new();
     become_subreaper();

@@ -402,6 +402,14 @@ fn external_create_moves_the_domain_disk() {
         &spec,
     ]);
     assert_eq!(daemon.virsh(&["snapshot-parent", "ext", "e2"]).trim(), "e1");
+    // virsh's own disk-only snapshot of the shut-off domain has the state snapfs wrote for its
+    // external one (snapfs writes images only while no QEMU holds them: the domain is shut off).
+    let state = |name: &str| {
+        let xml = daemon.virsh(&["snapshot-dumpxml", "ext", name]);
+        crate::common::libvirt_support::element_text(&xml, "state")
+    };
+    assert_eq!(state("e1"), state("e2"));
+    assert_eq!(state("e1").as_deref(), Some("shutoff"));
     let backing = info_json(&second);
     assert_eq!(
         backing["backing-filename"].as_str(),

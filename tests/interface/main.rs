@@ -8,6 +8,7 @@ mod common;
 mod cli_help;
 mod cli_mount_helper;
 mod libvirt_changes;
+mod libvirt_domain;
 mod libvirt_folder;
 mod libvirt_info;
 mod libvirt_model;
