@@ -7,6 +7,7 @@ pub mod changes;
 pub mod checkpoints;
 pub mod cli;
 pub mod control;
+pub mod driver;
 pub mod error;
 pub mod folder;
 pub mod fs;
