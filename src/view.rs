@@ -281,8 +281,9 @@ pub enum Tables<'a> {
 }
 
 /// The chain walker: every read, `SEEK_DATA`/`SEEK_HOLE` answer and allocated size of a view
-/// comes from here. Walks `[offset, offset + len)` of layer `depth` through `table` (else the
-/// layer's active table), zeros past `limit`, and hands each run in order to `visit`; where the
+/// comes from here, and the change lists' resolution ([`resolve`]). Walks `[offset, offset +
+/// len)` of layer `depth` through `tables`, zeros past `limit`, and hands each run in order
+/// to `visit` (which may stop the walk); where the
 /// layer leaves a run to the layer below, the walk goes down for that run only, so that each
 /// layer's mapping is walked once (a walk run by run from the top went through every upper
 /// layer again for each run: 19 ms for the first `stat` of a 5-layer chain's `live.raw`).
