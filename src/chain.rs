@@ -125,6 +125,14 @@ impl Layer {
         }
     }
 
+    /// The layer's format driver: what the chain walker asks of it.
+    pub fn driver(&self) -> &dyn crate::driver::FormatDriver {
+        match self {
+            Layer::Qcow2(q) => q.as_ref(),
+            Layer::Raw(r) => r,
+        }
+    }
+
     /// The layer's storage: every read and write of the file's bytes goes through it.
     pub fn storage(&self) -> &dyn Storage {
         match self {

@@ -8,6 +8,7 @@ pub mod checkpoints;
 pub mod cli;
 pub mod control;
 pub mod domain_mount;
+pub mod driver;
 pub mod error;
 pub mod folder;
 pub mod fs;

@@ -26,11 +26,11 @@ pub mod pairs;
 use std::sync::Arc;
 
 use crate::chain::{Chain, Layer};
+use crate::driver::Stored;
 use crate::error::Result;
-use crate::qcow2::Mapping;
 use crate::qcow2::l1::L1Table;
-use crate::qcow2::storage::Allocation;
 use crate::view::View;
+use crate::view::{Piece, Tables, resolve};
 
 /// One range where TO may differ from FROM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -196,73 +196,31 @@ impl<'a> Side<'a> {
     }
 
     /// Where the bytes at `pos` come from, and for how many bytes (at most `max_len`) that
-    /// stays one run.
+    /// stays one run: the chain walker's answer ([`crate::view::resolve`]) through this side's
+    /// tables.
     fn resolve(&self, pos: u64, max_len: u64) -> Result<(Source, u64)> {
-        let mut depth = self.depth;
-        let mut limit = self.size;
-        let mut len = max_len;
-        loop {
-            if pos >= limit {
-                return Ok((Source::Zeros, len));
-            }
-            len = len.min(limit - pos);
-            let image = match self.chain.layers[depth].as_ref() {
-                Layer::Raw(raw) => {
-                    let (data, n) = raw_extent(raw, pos, len)?;
-                    let source = if data {
-                        Source::Raw { layer: depth }
-                    } else {
-                        Source::Zeros
-                    };
-                    return Ok((source, n));
-                }
-                Layer::Qcow2(image) => image,
-            };
-            let Some(l1) = self.table(depth) else {
-                return Ok((Source::Zeros, len));
-            };
-            match image.map(l1, pos, len)? {
-                Mapping::Data { host, len } => {
-                    return Ok((
-                        Source::Data {
-                            layer: depth,
-                            host: host.0,
-                        },
-                        len,
-                    ));
-                }
-                Mapping::Compressed { cluster, skip, len } => {
-                    return Ok((
-                        Source::Compressed {
-                            layer: depth,
-                            host: cluster.host.0,
-                            skip,
-                        },
-                        len,
-                    ));
-                }
-                Mapping::Zero { len } => return Ok((Source::Zeros, len)),
-                Mapping::Unallocated { len: n } => {
-                    len = n;
-                    depth += 1;
-                    match self.chain.layers.get(depth) {
-                        Some(below) => limit = below.virtual_size(),
-                        None => return Ok((Source::Zeros, len)),
-                    }
-                }
-            }
-        }
+        let tables = Tables::Fixed {
+            first: self.depth,
+            tables: &self.tables,
+        };
+        let (piece, len) = resolve(self.chain, self.depth, tables, self.size, pos, max_len)?;
+        let source = match piece {
+            Piece::Zeros => Source::Zeros,
+            Piece::Stored { layer, stored } => match stored {
+                Stored::Data { host } => Source::Data {
+                    layer,
+                    host: host.0,
+                },
+                Stored::Compressed { cluster, skip } => Source::Compressed {
+                    layer,
+                    host: cluster.host.0,
+                    skip,
+                },
+                Stored::Raw => Source::Raw { layer },
+            },
+        };
+        Ok((source, len))
     }
-}
-
-/// Whether a raw layer holds data at `pos` (its file system's `SEEK_DATA`), and for how many
-/// bytes (at most `max_len`). A hole reads zeros, as a zero cluster does.
-fn raw_extent(raw: &crate::chain::RawImage, pos: u64, max_len: u64) -> Result<(bool, u64)> {
-    let (allocation, len) = raw
-        .storage()
-        .allocation(pos, max_len)
-        .map_err(|e| crate::error::Error::io(format!("{}: lseek", raw.path.display()), e))?;
-    Ok((allocation == Allocation::Data, len.clamp(1, max_len)))
 }
 
 /// Where both sides read the range at `pos` through the same L2 table of the same layer (or

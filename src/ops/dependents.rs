@@ -4,14 +4,12 @@
 //! makes a lower layer the top's backing file) would change the snapshot's content. Such an
 //! operation is refused, naming the snapshots, and changes nothing.
 
-use std::sync::Arc;
-
 use crate::chain::{Chain, Layer};
+use crate::driver::{FormatDriver, LayerMap, Precision};
 use crate::error::{Error, Result};
 use crate::qcow2::snapshot::Snapshot;
 use crate::qcow2::vm_state::vm_state_range;
 use crate::qcow2::{Mapping, Qcow2Image};
-use crate::view::{Extent, StartTable, View};
 
 /// The internal snapshots of layer `owner` that read anything from layers `gone.start ..
 /// gone.end` (which would leave the chain, layer `gone.end` becoming `owner`'s backing file).
@@ -115,16 +113,10 @@ fn provides(
                 let m = image.map(&image.active_l1(), at, end - at)?;
                 (!matches!(m, Mapping::Unallocated { .. }), m.len())
             }
-            Layer::Raw(_) => {
+            Layer::Raw(raw) => {
                 // A raw layer is the bottom: its holes read as zeros with or without it.
-                let view = View::new(
-                    Arc::new(Chain::from_layers(vec![layer.clone()])),
-                    0,
-                    StartTable::Active,
-                    size,
-                );
-                let (extent, n) = view.extent_at(at, end - at)?;
-                (extent == Extent::Data, n)
+                let (map, n) = raw.map(None, at, end - at, Precision::Holes)?;
+                (matches!(map, LayerMap::Stored(_)), n)
             }
         };
         let n = n.clamp(1, end - at);

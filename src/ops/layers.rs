@@ -10,6 +10,7 @@ use super::{
     valid_bitmap_chains, without,
 };
 use crate::chain::{Chain, Layer};
+use crate::driver::{FormatDriver, LayerMap, Precision};
 use crate::error::{Error, Result};
 use crate::qcow2::Mapping;
 
@@ -113,17 +114,11 @@ fn source_runs(chain: &Chain, index: usize) -> Result<Vec<Run>> {
     match chain.layers[index].as_ref() {
         Layer::Qcow2(image) => allocated_runs(image),
         Layer::Raw(raw) => {
-            let view = crate::view::View::new(
-                Arc::new(Chain::from_layers(vec![chain.layers[index].clone()])),
-                0,
-                crate::view::StartTable::Active,
-                raw.size(),
-            );
             let mut runs = Vec::new();
             let mut pos = 0;
             while pos < raw.size() {
-                let (extent, len) = view.extent_at(pos, raw.size() - pos)?;
-                if extent == crate::view::Extent::Data {
+                let (map, len) = raw.map(None, pos, raw.size() - pos, Precision::Holes)?;
+                if let LayerMap::Stored(_) = map {
                     let mut at = pos;
                     while at < pos + len {
                         let n = super::STEP.min(pos + len - at);

@@ -16,9 +16,9 @@ use super::{
     valid_bitmap_chains,
 };
 use crate::chain::{Chain, Layer};
+use crate::driver::{FormatDriver, LayerMap, Precision};
 use crate::error::{Error, Result};
 use crate::qcow2::Mapping;
-use crate::view::{Extent, StartTable, View};
 
 /// Pulls layers `1 .. base` (`base`: the index of the layer that becomes the top's backing file;
 /// `None`: every layer, the top then stands alone) into the top. Returns the chain afterwards:
@@ -160,17 +160,11 @@ fn decided_below(
                 };
                 (decided, n)
             }
-            Layer::Raw(_) => {
+            Layer::Raw(raw) => {
                 // Always the bottom (until is past it): its holes read as zeros either way.
-                let view = View::new(
-                    Arc::new(Chain::from_layers(vec![layer.clone()])),
-                    0,
-                    StartTable::Active,
-                    size,
-                );
-                let (extent, n) = view.extent_at(at, end - at)?;
+                let (map, n) = raw.map(None, at, end - at, Precision::Holes)?;
                 (
-                    (extent == Extent::Data).then_some(false),
+                    matches!(map, LayerMap::Stored(_)).then_some(false),
                     n.clamp(1, end - at),
                 )
             }

@@ -9,7 +9,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::qcow2::error::{Error, Result};
-use crate::qcow2::header::{CompressionType, Header};
+use crate::qcow2::header::{CompressionType, Header, incompatible};
+use crate::qcow2::limits::{
+    L1_ENTRY_SIZE, REFTABLE_ENTRY_SIZE, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
+};
 use crate::qcow2::offsets::Geometry;
 use crate::qcow2::refcount::write_entry;
 use crate::qcow2::storage::{FileStorage, Storage};
@@ -26,9 +29,6 @@ pub fn plain_storage(file: File, path: &Path) -> Result<Box<dyn Storage>> {
         .map_err(|e| Error::io(format!("{}: cannot open", path.display()), e))
 }
 
-/// Refcount width of new images: QEMU's default of 16 bits.
-const REFCOUNT_ORDER: u32 = 4;
-
 /// What a new image looks like.
 #[derive(Debug, Clone)]
 pub struct NewImage {
@@ -37,6 +37,30 @@ pub struct NewImage {
     /// Backing file name as it is to be stored (relative to the new image's folder or absolute).
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+}
+
+/// The format variant of a new image, as `qemu-img create -o compat=...,extended_l2=...,
+/// refcount_bits=...` chooses it. Overlays are always the default (v3, standard L2 entries,
+/// 16-bit refcounts: QEMU's defaults); the engine's own tests build the other variants in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    /// 2 (`compat=0.10`) or 3 (`compat=1.1`).
+    pub version: u32,
+    /// Extended L2 entries (incompatible bit 4): 32 subclusters per cluster. Version 3 only.
+    pub extended_l2: bool,
+    /// log2 of the refcount width in bits (`refcount_bits` = 1 << order); 4 in version 2.
+    pub refcount_order: u32,
+}
+
+impl Default for Variant {
+    fn default() -> Self {
+        Variant {
+            version: 3,
+            extended_l2: false,
+            // QEMU's default of 16 bits.
+            refcount_order: 4,
+        }
+    }
 }
 
 /// Creates `path` (which must not exist) as an empty v3 qcow2 image, all or nothing (see
@@ -62,18 +86,25 @@ pub fn create_in(
     new: &NewImage,
     wrap: WrapNew,
 ) -> Result<Box<dyn Storage>> {
+    let image = layout(path, new, Variant::default())?;
+    create_whole(dir, name, path, &image, wrap)
+}
+
+/// The bytes of a new, empty image of `variant` (`path` names it in messages): the header, the
+/// refcount table, refcount blocks covering the metadata, then a zeroed L1 table.
+pub fn layout(path: &Path, new: &NewImage, variant: Variant) -> Result<Vec<u8>> {
     let cs = 1u64 << new.cluster_bits;
-    let geometry = Geometry::new(new.cluster_bits, false);
+    let geometry = Geometry::new(new.cluster_bits, variant.extended_l2);
     let l1_entries = geometry.l1_entries_for(new.size).max(1);
-    let l1_clusters = (l1_entries * 8).div_ceil(cs);
-    let per_block = (cs * 8) >> REFCOUNT_ORDER;
+    let l1_clusters = (l1_entries * L1_ENTRY_SIZE).div_ceil(cs);
+    let per_block = (cs * 8) >> variant.refcount_order;
     // Metadata clusters: header, reftable, refblocks, L1. The refblocks must cover all of them,
     // the reftable all refblocks: grow the counts until they settle.
     let (mut reftable_clusters, mut refblocks) = (1u64, 1u64);
     loop {
         let total = 1 + reftable_clusters + refblocks + l1_clusters;
         let need_blocks = total.div_ceil(per_block);
-        let need_table = (need_blocks * 8).div_ceil(cs);
+        let need_table = (need_blocks * REFTABLE_ENTRY_SIZE).div_ceil(cs);
         if need_blocks == refblocks && need_table == reftable_clusters {
             break;
         }
@@ -85,8 +116,9 @@ pub fn create_in(
     let l1_offset = refblocks_offset + refblocks * cs;
     let total_clusters = 1 + reftable_clusters + refblocks + l1_clusters;
 
+    let v3 = variant.version >= 3;
     let mut header = Header {
-        version: 3,
+        version: variant.version,
         backing_file_offset: 0,
         backing_file_size: 0,
         cluster_bits: new.cluster_bits,
@@ -98,11 +130,19 @@ pub fn create_in(
         refcount_table_clusters: reftable_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: 0,
+        incompatible_features: if variant.extended_l2 {
+            incompatible::EXTENDED_L2
+        } else {
+            0
+        },
         compatible_features: 0,
         autoclear_features: 0,
-        refcount_order: REFCOUNT_ORDER,
-        header_length: 112,
+        refcount_order: variant.refcount_order,
+        header_length: if v3 {
+            V3_HEADER_LENGTH
+        } else {
+            V2_HEADER_LENGTH
+        },
         compression_type: CompressionType::Deflate,
         unknown_header_bytes: Vec::new(),
         extensions: Vec::new(),
@@ -118,7 +158,7 @@ pub fn create_in(
     })?;
     image.resize((total_clusters * cs) as usize, 0);
     for b in 0..refblocks {
-        let entry = reftable_offset as usize + (b * 8) as usize;
+        let entry = (reftable_offset + b * REFTABLE_ENTRY_SIZE) as usize;
         image[entry..entry + 8].copy_from_slice(&(refblocks_offset + b * cs).to_be_bytes());
     }
     for cluster in 0..total_clusters {
@@ -128,11 +168,11 @@ pub fn create_in(
         write_entry(
             block_bytes,
             (cluster % per_block) as usize,
-            REFCOUNT_ORDER,
+            variant.refcount_order,
             1,
         );
     }
-    create_whole(dir, name, path, &image, wrap)
+    Ok(image)
 }
 
 /// Creates `path` holding `bytes`, all or nothing: the bytes are written (through the storage
