@@ -173,7 +173,7 @@ impl Qcow2Image {
                 &mut new_runs,
             )
             .map(|()| {
-                // Ordering: the fill is durable before the entries that map it are written.
+                // Ordering: while copying a layer's data, all of it is ordered like a fill.
                 self.before_l2_update(w)
             });
         if let Err(e) = mapped {
@@ -267,9 +267,9 @@ impl Qcow2Image {
                 );
             let fill = self.cow_fill(&run, guest, backing, old_reads_zero)?;
             // Ordering: the clusters come from a reservation whose refcounts (and the file
-            // length covering them) are already durable (rule 1); the data, copied-on-write
-            // fill included, is written before the L2 entries that map it, and a fill flushed
-            // before them (rule 2, before commit_l2).
+            // length covering them) are written; the entries that map them wait for the
+            // write-back, whose first flush makes those and the copied-on-write fill durable
+            // before the entries are written (rules 1 and 2).
             let (host, fresh) = self.allocate_data(w, count)?;
             new_runs.push((host, count));
             self.check_overlap(w, "new data cluster", host.0, run_len)?;

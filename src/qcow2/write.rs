@@ -10,17 +10,19 @@
 //! - `corrupt.rs`: marking the image corrupt (`qcow2_signal_corruption`);
 //! - `release.rs`: dropping the references of replaced entries (`qcow2_free_any_cluster`), deferred
 //!   to the next flush;
-//! - `ordering.rs`: what must be durable before what (the power-loss rules), the flushed
-//!   reservation data clusters come from, and the flush that settles deferred work;
+//! - `ordering.rs`: what must be durable before what (the power-loss rules), the reservation
+//!   data clusters come from, and the flush that settles deferred work;
+//! - `l2_writeback.rs`: changed L2 tables kept for the next flush (QEMU's write-back L2 cache);
 //! - `grow.rs`: growing the disk and its L1 table (`qcow2_grow_l1_table`);
 //! - `refcount.rs`: refcounts and allocation; `snapshot_ops.rs`: internal snapshot operations.
 //!
-//! Every metadata change is written at once, in QEMU's order, with a flush between dependent
-//! writes, so that a power cut (not only a killed process) leaves at most leaked clusters:
-//! - a cluster's refcount is raised and flushed before any L1/L2 entry points at it (data
-//!   clusters come from a flushed reservation);
-//! - copied-on-write data is flushed before the L2 entry that maps it; a new L2 table is written
-//!   and flushed before the L1 entry that points at it;
+//! Metadata reaches the file in QEMU's order, so that a power cut (not only a killed process)
+//! leaves at most leaked clusters:
+//! - a cluster's refcount is raised before any L1/L2 entry points at it (data clusters come from
+//!   a reservation) and is durable before that entry is written: changed L2 tables wait in
+//!   memory (`l2_writeback.rs`) and are written at the next flush, right after a flush of what
+//!   they depend on (refcounts, the file length, copied-on-write data);
+//! - a new L2 table is written and flushed before the L1 entry that points at it;
 //! - a refcount is lowered only after the entry that referenced the cluster is durably gone (the
 //!   references are dropped at the next flush).
 //!
