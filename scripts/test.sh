@@ -32,7 +32,7 @@ threads=${SNAPFS_TEST_THREADS:-4}
 failed=()
 
 section "shellcheck"
-if shellcheck -x scripts/*.sh .ci/run mount-helper/mount.snapfs mount-helper/umount.fuse.snapfs; then
+if shellcheck -x scripts/*.sh .ci/run mount-helper/mount.snapfs mount-helper/umount.fuse.snapfs mount-helper/umount.fuse; then
     echo "ok"
 else
     failed+=(shellcheck)

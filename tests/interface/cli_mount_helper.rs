@@ -25,6 +25,8 @@ use crate::common::{
 
 const HELPER: &str = "/sbin/mount.snapfs";
 const UMOUNT_HELPER: &str = "/sbin/umount.fuse.snapfs";
+/// What umount(8) as root runs for every FUSE mount (it takes the type from statfs: "fuse").
+const UMOUNT_FUSE_HELPER: &str = "/sbin/umount.fuse";
 const HELPER_LOCK: &str = "/tmp/snapfs-test-mount-helper.lock";
 
 // ---------------------------------------------------------------------------------------------
@@ -57,6 +59,7 @@ impl HelperInstall {
         for (name, sbin) in [
             ("mount.snapfs", HELPER),
             ("umount.fuse.snapfs", UMOUNT_HELPER),
+            ("umount.fuse", UMOUNT_FUSE_HELPER),
         ] {
             let helper = bin.path().join(name);
             let source = Path::new(env!("CARGO_MANIFEST_DIR"))
