@@ -119,13 +119,19 @@ impl Qcow2Image {
     ///
     /// On an error the tables not yet written stay unwritten (readers keep seeing them).
     pub(super) fn write_back_l2(&self, w: &mut Writer) -> Result<()> {
-        let pending = self.unwritten_l2.pending();
-        if pending.is_empty() {
+        if self.unwritten_l2.is_empty() {
             return Ok(());
         }
         if w.order.entries_wait_for_flush() {
-            self.barrier(w)?;
+            // Writes the tables too, once the flush is done.
+            return self.barrier(w);
         }
+        self.write_unwritten_l2(w)
+    }
+
+    /// Writes the unwritten tables, for a caller that made what they depend on durable.
+    pub(super) fn write_unwritten_l2(&self, _w: &mut Writer) -> Result<()> {
+        let pending = self.unwritten_l2.pending();
         let words = self.geometry.l2_entry_words();
         for (offset, table, (first, last)) in pending {
             let bytes: Vec<u8> = table[first * words..(last + 1) * words]

@@ -113,11 +113,18 @@ impl Qcow2Image {
             .map_err(|e| Error::io(format!("{}: flush", self.path.display()), e))
     }
 
-    /// Flushes, for a write that depends on everything written before it.
+    /// Flushes, for a write that depends on everything written before it: the reservation's
+    /// counts are written first (they stay in memory until something depends on them), and the
+    /// L2 tables that wait are written right after (what they depend on is durable now), so
+    /// that counts on disk are soon followed by the entries that name their clusters (a killed
+    /// process leaks at most what was reserved between the two).
     pub(super) fn barrier(&self, w: &mut Writer) -> Result<()> {
+        w.refcounts
+            .write_unwritten(self.storage())
+            .map_err(self.refcount_err())?;
         self.sync()?;
         w.order.prerequisites_unflushed = false;
-        Ok(())
+        self.write_unwritten_l2(w)
     }
 
     /// Whether a flush would still settle something (L2 tables waiting to be written, deferred
@@ -125,7 +132,10 @@ impl Qcow2Image {
     /// before it is let go, since nothing else flushes a backing layer (unmount flushes the
     /// top).
     pub fn has_unsettled(&self, w: &Writer) -> bool {
-        !w.order.deferred.is_empty() || w.order.reserved.is_some() || !self.unwritten_l2.is_empty()
+        !w.order.deferred.is_empty()
+            || w.order.reserved.is_some()
+            || !self.unwritten_l2.is_empty()
+            || w.refcounts.has_unwritten()
     }
 
     /// `count` contiguous clusters for guest data, with refcounts already durable (rule 1), and
@@ -152,9 +162,11 @@ impl Qcow2Image {
             .next_reservation
             .clamp(FIRST_RESERVATION, max)
             .max(count);
+        // The counts stay in memory until the first flush that something depends on
+        // (`barrier`): a process killed before then leaves neither them nor the entries.
         let first = w
             .refcounts
-            .allocate(self.storage(), size)
+            .allocate_unwritten(self.storage(), size)
             .map_err(self.refcount_err())?;
         if let Err(e) = self.cover(w, first, size) {
             // Nothing points at the run: a failed reservation gives its clusters back.
@@ -257,10 +269,16 @@ impl Qcow2Image {
     /// nothing, as QEMU's does not). The next reservation keeps its size: a stream of writes
     /// with a flush every few of them does not start small each time.
     pub fn flush_writes_locked(&self, w: &mut Writer) -> Result<()> {
+        // The unused part goes back first, so that its counts (still in memory, or zeroed with
+        // the others) never reach the file between the two flushes.
+        self.return_reservation(w)?;
         self.write_back_l2(w)?;
         self.barrier(w)?;
         self.drop_deferred(w)?;
-        self.return_reservation(w)
+        // Leak-only writes (nothing names those clusters): no flush needed.
+        w.refcounts
+            .write_unwritten(self.storage())
+            .map_err(self.refcount_err())
     }
 
     /// Makes everything written so far durable and settles the write side (the end of a

@@ -27,7 +27,7 @@
 //! into a free cluster that some existing block can count, or into its own range, where it counts
 //! itself; either way its own refcount is on disk before the table points at it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 
 use lru::LruCache;
@@ -103,8 +103,19 @@ pub struct Refcounts {
     table_capacity: u64,
     /// Refcount blocks by where they lie.
     blocks: LruCache<HostOffset, Vec<u8>>,
+    /// Byte ranges of cached blocks changed in memory and not yet written (the counts of a data
+    /// reservation, [`Refcounts::allocate_unwritten`]): written before the block leaves the
+    /// cache and by [`Refcounts::write_unwritten`].
+    unwritten: BTreeMap<HostOffset, (usize, usize)>,
     /// No free cluster lies below this one.
     free_hint: HostCluster,
+}
+
+/// When [`Refcounts::set_run`] writes what it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Now,
+    Later,
 }
 
 fn io_err(offset: HostOffset) -> impl FnOnce(std::io::Error) -> RefcountError {
@@ -192,6 +203,7 @@ impl Refcounts {
                     .unwrap_or(std::num::NonZeroUsize::MIN),
             ),
             free_hint: HostCluster(0),
+            unwritten: BTreeMap::new(),
         })
     }
 
@@ -278,6 +290,7 @@ impl Refcounts {
                     offset: offset.0,
                     reason: e.to_string(),
                 })?;
+            self.make_room(storage)?;
             self.blocks.put(offset, data);
         }
         self.blocks
@@ -366,6 +379,24 @@ impl Refcounts {
 
     /// Allocates `count` contiguous clusters with refcount 1; returns the host offset of the first.
     pub fn allocate(&mut self, storage: &dyn Storage, count: u64) -> Result<HostOffset> {
+        self.allocate_run(storage, count, Write::Now)
+    }
+
+    /// [`Refcounts::allocate`] whose counts stay in memory until [`Refcounts::write_unwritten`]
+    /// (or until their block leaves the cache): for data clusters that nothing names until
+    /// entries are written after that (`ordering.rs`), so that a process killed before then
+    /// leaves the file with neither the counts nor the entries (nothing leaks), as QEMU's
+    /// write-back refcount cache does. New refcount blocks the run needs are written at once.
+    pub fn allocate_unwritten(&mut self, storage: &dyn Storage, count: u64) -> Result<HostOffset> {
+        self.allocate_run(storage, count, Write::Later)
+    }
+
+    fn allocate_run(
+        &mut self,
+        storage: &dyn Storage,
+        count: u64,
+        write: Write,
+    ) -> Result<HostOffset> {
         'search: loop {
             let (first, first_free) = self.find_free_run(storage, count)?;
             let run = first.0..first.0 + count;
@@ -388,7 +419,7 @@ impl Refcounts {
                     }
                 }
             }
-            self.set_run(storage, first, count, 1)?;
+            self.set_run(storage, first, count, 1, write)?;
             self.free_hint = if first_free < first {
                 first_free
             } else {
@@ -440,6 +471,7 @@ impl Refcounts {
         first: HostCluster,
         count: u64,
         value: u64,
+        write: Write,
     ) -> Result<()> {
         let order = self.order;
         let end = first.0 + count;
@@ -455,8 +487,18 @@ impl Refcounts {
                 let (s, len) = write_entry(data, i + n, order, value);
                 stop = stop.max(s + len);
             }
-            let bytes = data[start..stop].to_vec();
-            write_all(storage, &bytes, HostOffset(block.0 + start as u64))?;
+            match write {
+                Write::Now => {
+                    let bytes = data[start..stop].to_vec();
+                    write_all(storage, &bytes, HostOffset(block.0 + start as u64))?;
+                }
+                Write::Later => {
+                    self.unwritten
+                        .entry(block)
+                        .and_modify(|(a, b)| (*a, *b) = ((*a).min(start), (*b).max(stop)))
+                        .or_insert((start, stop));
+                }
+            }
             cluster = cluster.plus(in_block);
         }
         if value == 0 {
@@ -465,8 +507,10 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Gives back `count` clusters from host `offset` that [`Refcounts::allocate`] handed out
-    /// and nothing names (each has refcount 1): their counts go to 0 in one write per block.
+    /// Gives back `count` clusters from host `offset` that [`Refcounts::allocate_unwritten`]
+    /// handed out and nothing names (each has refcount 1): their counts go to 0 in memory, to
+    /// be written with the other unwritten counts (nothing names them: the write needs no
+    /// order, and changes nothing if their raised counts were never written).
     pub fn give_back(
         &mut self,
         storage: &dyn Storage,
@@ -474,7 +518,7 @@ impl Refcounts {
         count: u64,
     ) -> Result<()> {
         let first = self.cluster_of(offset);
-        self.set_run(storage, first, count, 0)
+        self.set_run(storage, first, count, 0, Write::Later)
     }
 
     /// Drops one reference to each of `count` clusters from host `offset`.
@@ -618,8 +662,50 @@ impl Refcounts {
                 HostOffset(self.table_offset.0 + index as u64 * REFTABLE_ENTRY_SIZE),
             )?;
         }
+        self.make_room(storage)?;
         self.blocks.put(offset, data);
         Ok(offset)
+    }
+
+    /// Before a block enters a full cache: the one it evicts is written first if it holds
+    /// unwritten counts (evicted unwritten, they would be lost).
+    fn make_room(&mut self, storage: &dyn Storage) -> Result<()> {
+        if self.blocks.len() < self.blocks.cap().get() {
+            return Ok(());
+        }
+        let Some((&offset, data)) = self.blocks.peek_lru() else {
+            return Ok(());
+        };
+        if let Some(&(start, end)) = self.unwritten.get(&offset) {
+            write_all(
+                storage,
+                &data[start..end],
+                HostOffset(offset.0 + start as u64),
+            )?;
+            self.unwritten.remove(&offset);
+        }
+        Ok(())
+    }
+
+    /// Writes every count changed in memory and not yet written
+    /// ([`Refcounts::allocate_unwritten`], [`Refcounts::give_back`]).
+    pub fn write_unwritten(&mut self, storage: &dyn Storage) -> Result<()> {
+        while let Some((&offset, &(start, end))) = self.unwritten.iter().next() {
+            if let Some(data) = self.blocks.peek(&offset) {
+                write_all(
+                    storage,
+                    &data[start..end],
+                    HostOffset(offset.0 + start as u64),
+                )?;
+            }
+            self.unwritten.remove(&offset);
+        }
+        Ok(())
+    }
+
+    /// Whether counts wait to be written.
+    pub fn has_unwritten(&self) -> bool {
+        !self.unwritten.is_empty()
     }
 }
 
