@@ -8,7 +8,9 @@
 //!
 //! 1. **A refcount is raised, and flushed, before any L1/L2 entry that points at its cluster is
 //!    written.** Data clusters come from a *reservation*: a run of clusters whose refcounts are
-//!    set to 1, with the file extended over the run (an entry naming a cluster past the end of
+//!    set to 1 (in memory until the flush below: `Refcounts::allocate_unwritten`, so that a
+//!    killed process leaves neither the counts nor the entries), with the file extended over
+//!    the run (an entry naming a cluster past the end of
 //!    the file is an error to `qemu-img check`, and the data write that would extend the file
 //!    is not ordered before the entry), before any of them is handed out. The L2 entries that
 //!    name them are not written at once: they wait in memory for the next write-back
