@@ -23,6 +23,16 @@ pub enum StartTable {
     Snapshot(Arc<L1Table>),
 }
 
+/// What a read put in its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filled {
+    /// The view's bytes.
+    Bytes,
+    /// Nothing: every byte of the range reads as zeros (the buffer is as it was), which the walk
+    /// found on its way, so that a caller can answer from zeros it already has.
+    Zeros,
+}
+
 /// Whether a range holds data or reads as zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extent {
@@ -93,20 +103,7 @@ impl View {
 
     /// Reads what the layers below this view's layer show (for copy-on-write).
     fn read_below(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match self.chain.layers.get(self.layer + 1) {
-            Some(below) => read_layer(
-                &self.chain,
-                self.layer + 1,
-                None,
-                below.virtual_size(),
-                buf,
-                offset,
-            ),
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
+        read_chain(&self.chain, self.layer + 1, buf, offset)
     }
 
     /// Writes `data` at `offset` of the live disk.
@@ -187,6 +184,17 @@ impl View {
 
     /// Fills `buf` with the view's bytes at `offset`; bytes past the end read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.read_unless_zeros(buf, offset)? == Filled::Zeros {
+            buf.fill(0);
+        }
+        Ok(())
+    }
+
+    /// Reads the view's bytes at `offset` into `buf` in one walk of the chain, unless the whole
+    /// range reads as zeros: then `buf` is left alone and [`Filled::Zeros`] says so. The walk
+    /// that reads is the one that tells holes (a hole check before the read walked twice).
+    /// Raw layers count as data here: telling their holes costs an `lseek`.
+    pub fn read_unless_zeros(&self, buf: &mut [u8], offset: u64) -> Result<Filled> {
         let l1 = self.start_l1();
         read_layer(
             &self.chain,
@@ -361,15 +369,19 @@ fn walk(
 /// Reads guest bytes as layer `depth` of `chain` shows them in its active state (through the
 /// layers below it), zeros past its end.
 pub fn read_chain(chain: &Chain, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
-    match chain.layers.get(depth) {
-        Some(layer) => read_layer(chain, depth, None, layer.virtual_size(), buf, offset),
-        None => {
-            buf.fill(0);
-            Ok(())
-        }
+    let filled = match chain.layers.get(depth) {
+        Some(layer) => read_layer(chain, depth, None, layer.virtual_size(), buf, offset)?,
+        None => Filled::Zeros,
+    };
+    if filled == Filled::Zeros {
+        buf.fill(0);
     }
+    Ok(())
 }
 
+/// Reads `buf.len()` bytes at `offset` of layer `depth`. Zeros are written into `buf` only
+/// once a stored run shows that the buffer is the answer: a range of zeros throughout leaves
+/// it untouched ([`Filled::Zeros`]).
 fn read_layer(
     chain: &Chain,
     depth: usize,
@@ -377,16 +389,23 @@ fn read_layer(
     limit: u64,
     buf: &mut [u8],
     offset: u64,
-) -> Result<()> {
+) -> Result<Filled> {
     let len = buf.len() as u64;
+    let mut filled = Filled::Zeros;
     let mut visit = |piece: Piece, pos: u64, n: u64| {
         let at = (pos - offset) as usize;
-        let chunk = &mut buf[at..at + n as usize];
         match piece {
             Piece::Stored { layer, stored } => {
+                if filled == Filled::Zeros {
+                    // The zeros the walk passed so far, all before this run.
+                    buf[..at].fill(0);
+                    filled = Filled::Bytes;
+                }
+                let chunk = &mut buf[at..at + n as usize];
                 chain.layers[layer].driver().read_run(stored, chunk, pos)?
             }
-            Piece::Zeros => chunk.fill(0),
+            Piece::Zeros if filled == Filled::Bytes => buf[at..at + n as usize].fill(0),
+            Piece::Zeros => {}
         }
         Ok(Flow::Continue)
     };
@@ -400,8 +419,8 @@ fn read_layer(
         len,
         Precision::Read,
         &mut visit,
-    )
-    .map(|_| ())
+    )?;
+    Ok(filled)
 }
 
 fn extent_layer(

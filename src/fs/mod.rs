@@ -9,6 +9,7 @@ mod changes;
 mod commands;
 pub mod domain;
 mod errno;
+mod files;
 mod gate;
 mod handles;
 mod nodes;
@@ -36,7 +37,6 @@ use attrs::{AttrParts, file_attr};
 use commands::CommandQueue;
 use handles::Handles;
 use nodes::{Node, TTL};
-use zeros::{HOLE_CHECK_MIN, zeros};
 
 /// Largest request we ask the kernel for (reads and writes): 1 MiB, FUSE's `max_pages` of 256.
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -346,21 +346,13 @@ impl SnapFs {
         size: u32,
         reply: ReplyData,
     ) {
-        let live = self.catalog.live();
-        let disk = live.view.size();
-        let end = offset.saturating_add(u64::from(size)).min(disk);
-        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
-        let mut at = offset;
-        while let Some(start) = checkpoint.next_dirty(at, end) {
-            let stop = checkpoint.next_clean(start, end);
-            let range = (start - offset) as usize..(stop - offset) as usize;
-            if let Err(e) = live.view.read_at(&mut buf[range], start) {
-                log::error!("checkpoint {}: read at {start:#x}: {e}", checkpoint.name);
-                return reply.error(errno(&e));
+        match files::read_marked(checkpoint, &self.catalog.live().view, offset, size) {
+            Ok(bytes) => self.reply_read(reply, &bytes),
+            Err(e) => {
+                log::error!("checkpoint {}: read at {offset:#x}: {e}", checkpoint.name);
+                reply.error(errno(&e));
             }
-            at = stop;
         }
-        self.reply_read(reply, &buf);
     }
 
     /// The permissions of every file of the chain, read now.
@@ -609,39 +601,19 @@ impl Filesystem for SnapFs {
             // ESTALE makes the kernel look the name up again (and find a newer view, if any).
             Err(_) => return reply.error(Errno::ESTALE),
         };
-        let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        let wants_read = flags.acc_mode() != OpenAccMode::O_WRONLY;
-        let open_flags = match node {
-            Node::Change(ino) => return self.open_change(req, ino, wants_write, reply),
-            Node::Root
-            | Node::SnapshotsDir
-            | Node::ControlDir
-            | Node::CheckpointsDir
-            | Node::ChangesDir => {
-                return reply.error(Errno::EISDIR);
-            }
-            Node::Checkpoint { .. } if wants_write => return reply.error(Errno::EACCES),
-            // Its bytes and its holes follow the live disk: nothing may be cached.
-            Node::Checkpoint { .. } => FopenFlags::FOPEN_DIRECT_IO,
-            Node::Live if wants_write && !self.catalog.live().view.is_writable() => {
-                return reply.error(Errno::EROFS);
-            }
-            Node::Snapshot(_) if wants_write => return reply.error(Errno::EACCES),
-            Node::Live | Node::Snapshot(_) if self.caching == DataCaching::Bypass => {
-                FopenFlags::FOPEN_DIRECT_IO
-            }
-            // Every change of the live disk goes through the kernel (or is announced to it), so
-            // its page cache stays valid across opens.
-            Node::Live => FopenFlags::FOPEN_KEEP_CACHE,
-            // Each write to a command file is one command: no caching, no merging.
-            Node::Command(_) if wants_read => return reply.error(Errno::EACCES),
-            Node::Command(_) => FopenFlags::FOPEN_DIRECT_IO,
-            Node::Status | Node::InfoJson if wants_write => return reply.error(Errno::EACCES),
-            Node::Status | Node::InfoJson => FopenFlags::FOPEN_DIRECT_IO,
-            // Snapshot files never change while they exist: keep their pages across opens.
-            Node::Snapshot(_) => FopenFlags::FOPEN_KEEP_CACHE,
+        let wants = files::Wants {
+            read: flags.acc_mode() != OpenAccMode::O_WRONLY,
+            write: flags.acc_mode() != OpenAccMode::O_RDONLY,
         };
-        let want = if wants_read { READ } else { 0 } | if wants_write { WRITE } else { 0 };
+        if let Node::Change(ino) = node {
+            return self.open_change(req, ino, wants.write, reply);
+        }
+        let live_writable = self.catalog.live().view.is_writable();
+        let open_flags = match files::open_flags(node, wants, live_writable, self.caching) {
+            Ok(flags) => flags,
+            Err(e) => return reply.error(e),
+        };
+        let want = if wants.read { READ } else { 0 } | if wants.write { WRITE } else { 0 };
         let who = caller(req);
         if !access::allows(self.guard(node), &self.layer_perms(), &who, want) {
             return reply.error(Errno::EACCES);
@@ -701,36 +673,20 @@ impl Filesystem for SnapFs {
             _ => None,
         };
         if let Some(text) = text {
-            let start = (offset as usize).min(text.len());
-            let end = start.saturating_add(size as usize).min(text.len());
-            return reply.data(&text[start..end]);
+            return reply.data(files::text_at(&text, offset, size));
         }
         let Some(entry) = node.view(&self.catalog) else {
             return reply.error(Errno::EISDIR);
         };
-        let view = &entry.view;
-        let len = view.size().saturating_sub(offset).min(size as u64) as usize;
-        if len >= HOLE_CHECK_MIN && len <= zeros().len() {
-            // An error here is left to the read below, which reports it.
-            if let Ok((crate::view::Extent::Hole, hole)) = view.extent_at(offset, len as u64)
-                && hole >= len as u64
-            {
-                return self.reply_read(reply, &zeros()[..len]);
-            }
-        }
-        READ_BUF.with_borrow_mut(|buf| {
-            // Every byte is overwritten by the read, so a reused buffer needs no clearing.
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            match view.read_at(&mut buf[..len], offset) {
-                Ok(()) => self.reply_read(reply, &buf[..len]),
+        READ_BUF.with_borrow_mut(
+            |buf| match files::read_view(&entry.view, offset, size, buf) {
+                Ok(data) => self.reply_read(reply, data),
                 Err(e) => {
-                    log::error!("{}: read {len} bytes at {offset:#x}: {e}", entry.file_name);
+                    log::error!("{}: read {size} bytes at {offset:#x}: {e}", entry.file_name);
                     reply.error(errno(&e));
                 }
-            }
-        });
+            },
+        );
     }
 
     fn write(
@@ -757,15 +713,13 @@ impl Filesystem for SnapFs {
             Ok(_) => return reply.error(Errno::EBADF),
             Err(e) => return reply.error(e),
         }
-        let written = self.on_live(|view| {
-            let size = view.size();
-            if offset >= size && !data.is_empty() {
-                return Ok(None);
-            }
-            // A write that runs past the end is cut short, as a block device does.
-            let len = (size - offset).min(data.len() as u64) as usize;
-            view.write_at(&data[..len], offset).map(|()| Some(len))
-        });
+        let written =
+            self.on_live(
+                |view| match files::write_len(view.size(), offset, data.len()) {
+                    Some(len) => view.write_at(&data[..len], offset).map(|()| Some(len)),
+                    None => Ok(None),
+                },
+            );
         match written {
             Ok(Some(len)) => reply.written(len as u32),
             Ok(None) => reply.error(Errno::ENOSPC),
@@ -848,10 +802,7 @@ impl Filesystem for SnapFs {
             }
             match node {
                 Node::Live => {
-                    let grown = self.on_live(|view| match new_size == view.size() {
-                        true => Ok(()),
-                        false => view.grow(new_size),
-                    });
+                    let grown = self.on_live(|view| files::resize(view, new_size));
                     if let Err(e) = grown {
                         log::warn!("live.raw: resize to {new_size}: {e}");
                         return reply.error(errno(&e));
@@ -882,23 +833,11 @@ impl Filesystem for SnapFs {
         if ino.0 != nodes::LIVE {
             return reply.error(Errno::EOPNOTSUPP);
         }
-        let known =
-            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
-        if mode & !known != 0 {
-            return reply.error(Errno::EOPNOTSUPP);
-        }
-        let zeroing = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0;
-        let end = offset.saturating_add(length);
-        let result = self.on_live(|view| {
-            if zeroing {
-                view.zero_range(offset, length)
-            } else if end <= view.size() || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
-                // Plain preallocation inside the disk: every block already exists.
-                Ok(())
-            } else {
-                view.grow(end.next_multiple_of(512))
-            }
-        });
+        let fallocate = match files::Fallocate::from_mode(mode) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let result = self.on_live(|view| fallocate.apply(view, offset, length));
         match result {
             Ok(()) => reply.ok(),
             Err(e) => {
@@ -1043,12 +982,11 @@ impl Filesystem for SnapFs {
         let Some(entry) = self.node(ino).ok().and_then(|n| n.view(&self.catalog)) else {
             return reply.error(Errno::EINVAL);
         };
-        let found = match whence {
-            libc::SEEK_DATA => entry.view.seek_data(offset),
-            libc::SEEK_HOLE => entry.view.seek_hole(offset),
-            _ => return reply.error(Errno::EINVAL),
+        let seek = match files::Seek::from_whence(whence) {
+            Ok(seek) => seek,
+            Err(e) => return reply.error(e),
         };
-        match found {
+        match seek.in_view(&entry.view, offset) {
             Ok(Some(pos)) => reply.offset(pos as i64),
             Ok(None) => reply.error(Errno::ENXIO),
             Err(e) => {
@@ -1067,19 +1005,13 @@ impl SnapFs {
             return reply.error(Errno::ENOENT);
         };
         let disk = self.catalog.live().view.size();
-        let (json, size) = match node {
-            Node::Checkpoint { json: true, .. } => (true, checkpoint.json(disk).len() as u64),
-            _ => (false, disk),
+        let (marks, size): (Option<&dyn files::Marks>, u64) = match node {
+            Node::Checkpoint { json: true, .. } => (None, checkpoint.json(disk).len() as u64),
+            _ => (Some(&checkpoint), disk),
         };
-        if offset >= size {
-            return reply.error(Errno::ENXIO);
-        }
-        let found = match (whence, json) {
-            (libc::SEEK_DATA, true) => Some(offset),
-            (libc::SEEK_HOLE, true) => Some(size),
-            (libc::SEEK_DATA, false) => checkpoint.next_dirty(offset, size),
-            (libc::SEEK_HOLE, false) => Some(checkpoint.next_clean(offset, size)),
-            _ => return reply.error(Errno::EINVAL),
+        let found = match files::Seek::from_whence(whence) {
+            Ok(seek) => seek.in_marks(marks, offset, size),
+            Err(e) => return reply.error(e),
         };
         match found {
             Some(pos) => reply.offset(pos as i64),

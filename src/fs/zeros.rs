@@ -76,10 +76,6 @@ fn map_repeated_zeros(len: usize) -> std::io::Result<&'static [u8]> {
     }
 }
 
-/// Reads at least this long ask first whether they lie in a hole (a mapping walk, cheap next to
-/// copying the bytes); shorter ones just read.
-pub const HOLE_CHECK_MIN: usize = 64 << 10;
-
 #[cfg(test)]
 mod tests {
     use super::*;
