@@ -583,7 +583,7 @@ impl Filesystem for DomainFs {
                 Ok(fs) => fs.listxattr(req, INodeNo(ino), size, reply),
                 Err(e) => reply.error(e),
             },
-            Route::Top(_) => super::reply_xattr(reply, size, &[]),
+            Route::Top(_) => super::xattrs::reply(reply, size, &[]),
         }
     }
 

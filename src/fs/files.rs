@@ -222,7 +222,7 @@ pub fn read_marked(marks: &dyn Marks, live: &View, offset: u64, size: u32) -> Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::path::Path;
     use std::sync::Arc;
 
@@ -237,7 +237,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     /// The live view of a new empty 4 MiB image with 64 KiB clusters, in memory.
-    fn live_disk() -> View {
+    pub(in crate::fs) fn memory_disk() -> View {
         let path = Path::new("/memory/disk.qcow2");
         let new = NewImage {
             size: 4 * MIB,
@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_read_of_a_hole_answers_from_the_shared_zeros_and_a_read_of_data_from_the_buffer() {
-        let disk = live_disk();
+        let disk = memory_disk();
         disk.write_at(&[7u8; 4096], MIB + 8192).expect("writing");
         let mut buf = vec![0xeeu8; 16];
         let hole = read_view(&disk, 0, 128 << 10, &mut buf).expect("reading a hole");
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_read_stops_at_the_end_of_the_disk() {
-        let disk = live_disk();
+        let disk = memory_disk();
         disk.write_at(&[1u8; 512], 4 * MIB - 512).expect("writing");
         let mut buf = Vec::new();
         let end = read_view(&disk, 4 * MIB - 512, 4096, &mut buf).expect("reading");
@@ -312,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_zeroed_range_reads_as_a_hole_again() {
-        let disk = live_disk();
+        let disk = memory_disk();
         disk.write_at(&[3u8; 65536], 0).expect("writing");
         let zero = Fallocate::from_mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
             .expect("a known mode");
@@ -326,7 +326,7 @@ mod tests {
 
     #[test]
     fn fallocate_grows_to_whole_sectors_unless_told_to_keep_the_size() {
-        let disk = live_disk();
+        let disk = memory_disk();
         let keep = Fallocate::from_mode(libc::FALLOC_FL_KEEP_SIZE).expect("a known mode");
         keep.apply(&disk, 4 * MIB, 1000).expect("keeping the size");
         assert_eq!(disk.size(), 4 * MIB);
@@ -346,7 +346,7 @@ mod tests {
 
     #[test]
     fn truncate_grows_keeps_or_refuses_to_shrink() {
-        let disk = live_disk();
+        let disk = memory_disk();
         resize(&disk, 4 * MIB).expect("the same size");
         resize(&disk, 8 * MIB).expect("growing");
         assert_eq!(disk.size(), 8 * MIB);
@@ -395,7 +395,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_file_shows_the_disk_where_it_marks_and_zeros_elsewhere() {
-        let disk = live_disk();
+        let disk = memory_disk();
         disk.write_at(&[5u8; 8192], 0).expect("writing");
         let marks = Ranges(vec![(4096, 6144), (MIB, MIB + 512)]);
         let bytes = read_marked(&marks, &disk, 0, 8192).expect("reading");

@@ -13,6 +13,7 @@ mod files;
 mod gate;
 mod handles;
 mod nodes;
+mod xattrs;
 mod zeros;
 
 use std::cell::RefCell;
@@ -476,43 +477,9 @@ impl SnapFs {
     }
 
     fn xattrs(&self, entry: &ViewEntry) -> Vec<(&'static str, String)> {
-        let consistency = self
-            .sharing
-            .consistency(entry.view.chain(), entry.view.layer_index());
-        let mut list = vec![
-            ("user.snapfs.kind", entry.kind.as_str().to_owned()),
-            ("user.snapfs.consistency", consistency.as_str().to_owned()),
-            ("user.snapfs.id", entry.id.clone()),
-            ("user.snapfs.layer", entry.layer_path.display().to_string()),
-            ("user.snapfs.vm-state-size", entry.vm_state_size.to_string()),
-        ];
-        if let Some(t) = entry.created.filter(|t| *t >= std::time::UNIX_EPOCH) {
-            list.push(("user.snapfs.created", info::rfc3339(t)));
-        }
-        if let Some(p) = &entry.parent {
-            list.push(("user.snapfs.parent", p.clone()));
-        }
-        if let Some(d) = &entry.description {
-            list.push(("user.snapfs.description", d.clone()));
-        }
-        if let Some(state) = &entry.state {
-            list.push(("user.snapfs.state", state.clone()));
-        }
-        if entry.libvirt_name.is_some() {
-            list.push(("user.snapfs.current", entry.current.to_string()));
-        }
-        list
-    }
-}
-
-/// Answers an xattr request: the size when `size` is 0, ERANGE when the buffer is too small.
-fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
-    if size == 0 {
-        reply.size(data.len() as u32);
-    } else if (size as usize) < data.len() {
-        reply.error(Errno::ERANGE);
-    } else {
-        reply.data(data);
+        let from = entry.view.layer_index();
+        let consistency = self.sharing.consistency(entry.view.chain(), from);
+        xattrs::of_view(entry, consistency)
     }
 }
 
@@ -913,7 +880,7 @@ impl Filesystem for SnapFs {
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         // Only our own names exist; the kernel's own questions (security.capability, ACLs)
         // are answered without building the list.
-        if !name.as_encoded_bytes().starts_with(b"user.snapfs.") {
+        if !name.as_encoded_bytes().starts_with(xattrs::PREFIX) {
             return reply.error(Errno::NO_XATTR);
         }
         let Ok(node) = self.node(ino) else {
@@ -931,7 +898,7 @@ impl Filesystem for SnapFs {
             .into_iter()
             .find(|(n, _)| OsStr::new(n) == name)
         {
-            Some((_, value)) => reply_xattr(reply, size, value.as_bytes()),
+            Some((_, value)) => xattrs::reply(reply, size, value.as_bytes()),
             None => reply.error(Errno::NO_XATTR),
         }
     }
@@ -942,12 +909,9 @@ impl Filesystem for SnapFs {
             && self.allows(req, node, READ)
             && let Some(entry) = node.view(&self.catalog)
         {
-            for (name, _) in self.xattrs(&entry) {
-                names.extend_from_slice(name.as_bytes());
-                names.push(0);
-            }
+            names = xattrs::names(&self.xattrs(&entry));
         }
-        reply_xattr(reply, size, &names);
+        xattrs::reply(reply, size, &names);
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
