@@ -10,8 +10,46 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use fuser::Errno;
+use fuser::{Errno, ReplyWrite};
 use parking_lot::Mutex;
+
+use crate::control::{CommandError, CommandKind};
+
+/// Queues the command `input` written to `control/KIND` and answers that write once `run` has
+/// run it: with the bytes written, or with the errno of its failure, of a refusal to queue it,
+/// or of the mount going away first. `queue` is `None` until the mount serves.
+pub fn submit_write(
+    queue: Option<&CommandQueue>,
+    kind: CommandKind,
+    input: Vec<u8>,
+    reply: ReplyWrite,
+    run: impl FnOnce(&[u8]) -> Result<(), CommandError> + Send + 'static,
+) {
+    let label = format!(
+        "{} {}",
+        kind.file_name(),
+        String::from_utf8_lossy(&input).trim()
+    );
+    let job: Job = Box::new(move |refused| {
+        if let Some(errno) = refused {
+            return reply.error(errno);
+        }
+        match run(&input) {
+            Ok(()) => reply.written(input.len() as u32),
+            Err(e) => {
+                log::warn!("control/{}: {}", kind.file_name(), e.message);
+                reply.error(Errno::from_i32(e.errno))
+            }
+        }
+    });
+    let Some(queue) = queue else {
+        return job(Some(Errno::ENOTCONN));
+    };
+    if let Err((errno, job)) = queue.submit(label, job) {
+        log::warn!("control/{}: not queued: {errno:?}", kind.file_name());
+        job(Some(errno));
+    }
+}
 
 /// Commands that may wait at once; more are refused (EAGAIN) rather than held in memory.
 pub const MAX_WAITING: usize = 64;

@@ -21,7 +21,7 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
-use super::commands::{CommandQueue, Job};
+use super::commands::{self, CommandQueue};
 use super::nodes::TTL;
 use super::{SnapFs, caller};
 use crate::access::Caller;
@@ -176,20 +176,10 @@ impl DomainFs {
     /// Hands a top-level command to the command thread; it replies when it has run and tells
     /// each disk's tree what changed in it.
     fn submit(&self, kind: CommandKind, data: &[u8], who: Caller, reply: fuser::ReplyWrite) {
-        let written = data.len() as u32;
-        let input = data.to_vec();
         let controller = self.controller.clone();
         let announcers: Vec<_> = self.disks.iter().map(|d| d.fs.announcer.clone()).collect();
         let handles: Vec<_> = self.disks.iter().map(|d| d.fs.handles.clone()).collect();
-        let label = format!(
-            "{} {}",
-            kind.file_name(),
-            String::from_utf8_lossy(&input).trim()
-        );
-        let job: Job = Box::new(move |refused| {
-            if let Some(errno) = refused {
-                return reply.error(errno);
-            }
+        let run = move |input: &[u8]| {
             let checks: Vec<Box<dyn Fn(Target) -> bool>> = handles
                 .iter()
                 .map(|h| {
@@ -199,29 +189,16 @@ impl DomainFs {
                 })
                 .collect();
             let is_open: Vec<&dyn Fn(Target) -> bool> = checks.iter().map(|c| c.as_ref()).collect();
-            let result = controller.run(kind, &input, &who, &is_open);
+            let result = controller.run(kind, input, &who, &is_open);
             for h in &handles {
                 h.lock().end_claims();
             }
-            match result {
-                Ok(effects) => {
-                    for (announcer, effect) in announcers.iter().zip(&effects) {
-                        announcer.announce(effect);
-                    }
-                    reply.written(written)
-                }
-                Err(e) => {
-                    log::warn!("control/{}: {}", kind.file_name(), e.message);
-                    reply.error(Errno::from_i32(e.errno))
-                }
+            for (announcer, effect) in announcers.iter().zip(&result?) {
+                announcer.announce(effect);
             }
-        });
-        let Some(commands) = &self.commands else {
-            return job(Some(Errno::ENOTCONN));
+            Ok(())
         };
-        if let Err((errno, job)) = commands.submit(label, job) {
-            job(Some(errno));
-        }
+        commands::submit_write(self.commands.as_ref(), kind, data.to_vec(), reply, run);
     }
 }
 

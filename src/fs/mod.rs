@@ -440,40 +440,16 @@ impl SnapFs {
         who: Caller,
         reply: fuser::ReplyWrite,
     ) {
-        let written = data.len() as u32;
-        let input = data.to_vec();
         let controller = self.controller.clone();
         let handles = self.handles.clone();
         let announcer = self.announcer.clone();
-        let label = format!(
-            "{} {}",
-            kind.file_name(),
-            String::from_utf8_lossy(&input).trim()
-        );
-        let job: commands::Job = Box::new(move |refused| {
-            if let Some(errno) = refused {
-                return reply.error(errno);
-            }
-            let result = controller.run(kind, &input, &who, &|t| is_open_else_claim(&handles, t));
+        let run = move |input: &[u8]| {
+            let result = controller.run(kind, input, &who, &|t| is_open_else_claim(&handles, t));
             handles.lock().end_claims();
-            match result {
-                Ok(effect) => {
-                    announcer.announce(&effect);
-                    reply.written(written)
-                }
-                Err(e) => {
-                    log::warn!("control/{}: {}", kind.file_name(), e.message);
-                    reply.error(Errno::from_i32(e.errno))
-                }
-            }
-        });
-        let Some(commands) = &self.commands else {
-            return job(Some(Errno::ENOTCONN));
+            announcer.announce(&result?);
+            Ok(())
         };
-        if let Err((errno, job)) = commands.submit(label, job) {
-            log::warn!("control/{}: not queued: {errno:?}", kind.file_name());
-            job(Some(errno));
-        }
+        commands::submit_write(self.commands.as_ref(), kind, data.to_vec(), reply, run);
     }
 
     fn xattrs(&self, entry: &ViewEntry) -> Vec<(&'static str, String)> {
