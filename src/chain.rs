@@ -395,6 +395,39 @@ impl Chain {
         first
     }
 
+    /// libvirt's rule for a bitmap chain (`qemuBlockBitmapChainIsValid`), below layer `index`:
+    /// the layers that have a bitmap of the name follow each other right under it (once a
+    /// layer lacks it, a raw layer included, none further down has it), and each of them has
+    /// it usable. `lookup` says what one qcow2 layer has: `Ok(None)` no bitmap of the name,
+    /// `Ok(Some(_))` a usable one, `Err(reason)` one that is not (disabled, inconsistent).
+    /// Returns what `lookup` found, top first, or why the chain is not valid.
+    pub fn bitmap_chain_below<T>(
+        &self,
+        index: usize,
+        mut lookup: impl FnMut(&Qcow2Image) -> std::result::Result<Option<T>, String>,
+    ) -> std::result::Result<Vec<T>, String> {
+        let mut found = Vec::new();
+        let mut ended = false;
+        for layer in self.layers.iter().skip(index + 1) {
+            let Layer::Qcow2(image) = layer.as_ref() else {
+                ended = true;
+                continue;
+            };
+            match lookup(image)? {
+                None => ended = true,
+                Some(_) if ended => {
+                    return Err(format!(
+                        "{} has the bitmap, but a layer above it lacks it (a gap in the bitmap \
+                         chain)",
+                        image.path().display()
+                    ));
+                }
+                Some(bitmap) => found.push(bitmap),
+            }
+        }
+        Ok(found)
+    }
+
     /// The top image (a chain's top is always qcow2: [`Chain::open`] refuses anything else).
     pub fn top_image(&self) -> &Qcow2Image {
         match self.layers[0].as_ref() {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use crate::chain::{Chain, Layer};
+use crate::chain::Chain;
 use crate::qcow2::Qcow2Image;
 use crate::qcow2::bitmap::DirtyBitmap;
 
@@ -70,7 +70,7 @@ pub fn list(chain: &Chain) -> (Vec<Checkpoint>, Vec<Unlisted>) {
         };
         let mut bits = vec![first];
         if b.recording {
-            match chain_below(chain, name.as_bytes()) {
+            match chain.bitmap_chain_below(0, |image| bitmap_of(image, name.as_bytes())) {
                 Ok(below) => bits.extend(below),
                 Err(reason) => {
                     unlisted.push(Unlisted { name, reason });
@@ -90,30 +90,6 @@ pub fn find(chain: &Chain, name: &str) -> Option<Checkpoint> {
 
 fn is_file_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
-}
-
-/// The bitmaps named `name` in the layers below the top, while the chain goes on; an error if
-/// the chain is not valid (libvirt's rules 2 and 3: no gap, every one recording and consistent).
-fn chain_below(chain: &Chain, name: &[u8]) -> Result<Vec<Arc<RwLock<DirtyBitmap>>>, String> {
-    let mut bits = Vec::new();
-    let mut ended = false;
-    for layer in &chain.layers[1..] {
-        let Layer::Qcow2(image) = layer.as_ref() else {
-            ended = true;
-            continue;
-        };
-        match bitmap_of(image, name)? {
-            None => ended = true,
-            Some(_) if ended => {
-                return Err(format!(
-                    "{} has the bitmap, but a layer above it lacks it (a gap in the bitmap chain)",
-                    image.path().display()
-                ));
-            }
-            Some(b) => bits.push(b),
-        }
-    }
-    Ok(bits)
 }
 
 /// Bitmap `name` of `image` if it has one; an error if it has one that is not recording and

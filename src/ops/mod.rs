@@ -291,30 +291,24 @@ impl<'a> LayerWriter<'a> {
 }
 
 /// The bitmaps of layer `index` whose chain is valid as libvirt counts it
-/// (`qemuBlockBitmapChainIsValid`): the bitmap is recording and consistent in layer `index`,
-/// and every layer below that has a bitmap of that name has it recording and consistent, with no
-/// gap (once a layer lacks it, none further down has it).
+/// ([`Chain::bitmap_chain_below`]): recording and consistent in layer `index` and in every
+/// layer below that continues its chain.
 fn valid_bitmap_chains(chain: &Chain, index: usize) -> Vec<RecordingBitmap> {
     let Some(Layer::Qcow2(image)) = chain.layers.get(index).map(|l| l.as_ref()) else {
         return Vec::new();
     };
     let mut valid = image.recording_bitmaps();
     valid.retain(|b| {
-        let mut ended = false;
-        for layer in &chain.layers[index + 1..] {
-            let Layer::Qcow2(below) = layer.as_ref() else {
-                ended = true;
-                continue;
-            };
+        let below = chain.bitmap_chain_below(index, |below| {
             if !below.has_bitmap(&b.name) {
-                ended = true;
-                continue;
+                Ok(None)
+            } else if below.recording_bitmaps().iter().any(|r| r.name == b.name) {
+                Ok(Some(()))
+            } else {
+                Err("not recording or not consistent".into())
             }
-            if ended || !below.recording_bitmaps().iter().any(|r| r.name == b.name) {
-                return false;
-            }
-        }
-        true
+        });
+        below.is_ok()
     });
     valid
 }
