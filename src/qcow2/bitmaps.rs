@@ -57,6 +57,35 @@ pub(super) struct State {
     pub(super) changed: bool,
 }
 
+impl State {
+    /// The byte ranges the bitmaps occupy in the file, for the overlap index: the directory,
+    /// every bitmap table, and the data clusters of the tables snapfs loaded (those of a bitmap
+    /// it could not load are not known; QEMU's own check covers the directory alone).
+    pub(super) fn stored_ranges(&self, cluster_size: u64) -> Vec<(u64, u64)> {
+        let mut ranges = Vec::new();
+        if let Some(extension) = &self.extension {
+            ranges.push((extension.directory_offset, extension.directory_size));
+        }
+        for entry in self
+            .directory
+            .entries
+            .iter()
+            .filter(|e| e.table_offset != 0)
+        {
+            let len = u64::from(entry.table_size) * 8;
+            ranges.push((entry.table_offset, len));
+        }
+        for t in &self.tracked {
+            for e in &t.table {
+                if let TableEntry::Data(at) = e {
+                    ranges.push((at.0, cluster_size));
+                }
+            }
+        }
+        ranges
+    }
+}
+
 pub(super) struct Tracked {
     pub(super) role: Role,
     pub(super) flags_at_open: Flags,
@@ -399,6 +428,7 @@ impl Qcow2Image {
                             .map_err(&refcount_err)?;
                         let mut cluster = bytes.to_vec();
                         cluster.resize(cs as usize, 0);
+                        self.check_overlap(w, "bitmap data", at.0, cs)?;
                         self.write_file(&cluster, at.0, "bitmap data")?;
                         TableEntry::Data(at)
                     }
@@ -411,6 +441,7 @@ impl Qcow2Image {
                 .refcounts
                 .allocate(self.storage(), clusters)
                 .map_err(&refcount_err)?;
+            self.check_overlap(w, "bitmap table", at.0, bytes.len() as u64)?;
             self.write_file(&bytes, at.0, "bitmap table")?;
             if entry.table_offset != 0 {
                 old_tables.push((entry.table_offset, entry.table_size, t.table.clone()));
@@ -426,6 +457,7 @@ impl Qcow2Image {
             .refcounts
             .allocate(self.storage(), dir_clusters)
             .map_err(&refcount_err)?;
+        self.check_overlap(w, "bitmap directory", dir_at.0, bytes.len() as u64)?;
         self.write_file(&bytes, dir_at.0, "bitmap directory")?;
         // Data, tables and directory durable before the header points at them.
         self.sync()?;
@@ -466,6 +498,7 @@ impl Qcow2Image {
             state.tracked[index].table = table;
             state.tracked[index].modified = false;
         }
+        w.reindex_bitmaps(&state.stored_ranges(cs), &g);
         // The next change sets in_use again.
         w.before_first_change = true;
         log::info!(

@@ -8,6 +8,9 @@
 //! table and the snapshot L1 tables, by host cluster; the refcount table and blocks are asked of
 //! the refcounts themselves (they move and multiply on their own). As in QEMU's default
 //! (`overlap-check=cached`), the inactive L2 tables (those of snapshots only) are not indexed.
+//! The persistent bitmaps' clusters are: their directory (as QEMU's `bitmap-directory` check),
+//! and beyond QEMU their tables and the data clusters of the bitmaps snapfs loaded, all
+//! re-indexed whenever the bitmaps are stored to new clusters.
 
 use crate::qcow2::error::{Error, Result};
 use crate::qcow2::image::Qcow2Image;
@@ -24,6 +27,8 @@ pub(super) enum MetadataKind {
     ActiveL2,
     SnapshotTable,
     SnapshotL1,
+    /// The persistent bitmaps' directory, tables and data.
+    Bitmap,
 }
 
 impl Writer {
@@ -62,6 +67,23 @@ impl Writer {
                     u64::from(s.l1_size) * L1_ENTRY_SIZE,
                     MetadataKind::SnapshotL1,
                 );
+            }
+        }
+        if let Some(Ok(bitmaps)) = image.bitmaps.get() {
+            for (offset, len) in bitmaps.state.lock().stored_ranges(cs) {
+                add(offset, len, MetadataKind::Bitmap);
+            }
+        }
+    }
+
+    /// Indexes the clusters the persistent bitmaps occupy now (`ranges`, as bytes), in place
+    /// of those indexed before (a store moved them).
+    pub(super) fn reindex_bitmaps(&mut self, ranges: &[(u64, u64)], geometry: &Geometry) {
+        self.metadata
+            .retain(|_, kind| *kind != MetadataKind::Bitmap);
+        for &(offset, len) in ranges {
+            for c in geometry.clusters_touched(offset, len) {
+                self.metadata.insert(c, MetadataKind::Bitmap);
             }
         }
     }
@@ -123,5 +145,115 @@ impl Qcow2Image {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::qcow2::bitmap::DirtyBitmap;
+    use crate::qcow2::bitmap_chain::RecordingBitmap;
+    use crate::qcow2::create::{NewImage, Variant, layout};
+    use crate::qcow2::offsets::HostOffset;
+    use crate::qcow2::storage::MemoryStorage;
+    use crate::qcow2::{Caches, OpenOptions};
+
+    const MIB: u64 = 1 << 20;
+    const NOTHING_BELOW: &dyn Fn(&mut [u8], u64) -> Result<()> = &|buf, _| {
+        buf.fill(0);
+        Ok(())
+    };
+
+    /// A new 4 MiB image with 64 KiB clusters in memory, written at 0, with a recording bitmap
+    /// that marks a write at 1 MiB, stored (directory, table and one data cluster).
+    fn image_with_a_stored_bitmap() -> Qcow2Image {
+        let path = Path::new("/memory/disk.qcow2");
+        let new = NewImage {
+            size: 4 * MIB,
+            cluster_bits: 16,
+            backing_file: None,
+            backing_format: None,
+        };
+        let variant = Variant {
+            version: 3,
+            extended_l2: false,
+            refcount_order: 4,
+        };
+        let bytes = layout(path, &new, variant).expect("laying out the image");
+        let options = OpenOptions {
+            writable: true,
+            lock: false,
+            share: false,
+        };
+        let storage = Box::new(MemoryStorage::new(bytes));
+        let image = Qcow2Image::from_storage(path, storage, Caches::new(MIB), options)
+            .expect("opening the image");
+        image
+            .write_at(&[1u8; 65536], 0, NOTHING_BELOW)
+            .expect("writing");
+        let bitmap = RecordingBitmap {
+            name: b"b1".to_vec(),
+            bitmap: DirtyBitmap::new(4 * MIB, 16).expect("a bitmap"),
+        };
+        image.add_bitmaps_like(&[bitmap]).expect("adding a bitmap");
+        image
+            .write_at(&[2u8; 4096], MIB, NOTHING_BELOW)
+            .expect("writing");
+        image.store_bitmaps().expect("storing the bitmaps");
+        image
+    }
+
+    fn bitmap_ranges(image: &Qcow2Image) -> Vec<(u64, u64)> {
+        let Some(Ok(bitmaps)) = image.bitmaps.get() else {
+            panic!("the bitmaps are loaded");
+        };
+        bitmaps
+            .state
+            .lock()
+            .stored_ranges(image.geometry.cluster_size())
+    }
+
+    /// A write of data or new metadata that would land on a bitmap's directory, table or data
+    /// is stopped (as QEMU stops one on the directory), and the clusters of the bitmaps as
+    /// stored before the last store are no longer protected once they are free.
+    #[test]
+    fn writes_onto_the_bitmaps_clusters_are_stopped_and_the_index_follows_a_store() {
+        let image = image_with_a_stored_bitmap();
+        let first = bitmap_ranges(&image);
+        // Directory, table and the data cluster of the marked range.
+        assert_eq!(first.len(), 3, "{first:x?}");
+        image
+            .write_at(&[3u8; 4096], 2 * MIB, NOTHING_BELOW)
+            .expect("writing");
+        image.store_bitmaps().expect("storing again");
+        let now = bitmap_ranges(&image);
+        assert_ne!(first, now, "a store writes new clusters");
+        let g = image.geometry;
+        let clusters: std::collections::HashSet<HostCluster> = now
+            .iter()
+            .flat_map(|&(offset, len)| g.clusters_touched(offset, len))
+            .collect();
+        let mut w = image.writer().expect("the write side");
+        let freed = first
+            .iter()
+            .filter(|(offset, _)| !clusters.contains(&g.cluster_of(HostOffset(*offset))));
+        for &(offset, _) in freed {
+            // Freed by the store: the index let go of it. (No refcount claims it either.)
+            image
+                .check_overlap(&mut w, "a test write", offset, 512)
+                .expect("a freed cluster of the old bitmaps is not metadata");
+        }
+        for (offset, len) in now {
+            let stopped = image.check_overlap(&mut w, "a test write", offset, len.min(512));
+            match stopped {
+                Err(Error::Overlap { metadata, .. }) => {
+                    assert!(metadata.starts_with("Bitmap metadata"), "{metadata}")
+                }
+                other => panic!("a write at {offset:#x} onto the bitmaps: {other:?}"),
+            }
+        }
     }
 }
