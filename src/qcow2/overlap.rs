@@ -151,7 +151,6 @@ impl Qcow2Image {
 #[cfg(test)]
 mod tests {
     use std::path::Path;
-    use std::sync::Arc;
 
     use super::*;
     use crate::qcow2::bitmap::DirtyBitmap;
