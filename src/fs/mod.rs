@@ -518,17 +518,17 @@ impl Filesystem for SnapFs {
             if child == Node::Live && self.live_hidden() {
                 return Err(Errno::ENOENT);
             }
-            self.attr(child)
+            Ok((child.ttl(), self.attr(child)?))
         });
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((ttl, attr)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.node(ino).and_then(|n| self.attr(n)) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+        match self.node(ino).and_then(|n| Ok((n.ttl(), self.attr(n)?))) {
+            Ok((ttl, attr)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -757,7 +757,7 @@ impl Filesystem for SnapFs {
             }
         }
         match self.attr(node) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(&node.ttl(), &attr),
             Err(e) => reply.error(e),
         }
     }

@@ -210,3 +210,15 @@ impl Node {
 /// How long the kernel may keep names and attributes. Changes made through control commands are
 /// announced to the kernel, so a longer time would be safe; one second bounds any missed case.
 pub const TTL: Duration = Duration::from_secs(1);
+
+impl Node {
+    /// How long the kernel may keep this node's name and attributes. A checkpoint file's size
+    /// and `st_blocks` follow every write to the live disk (each marks its bitmaps), which
+    /// nothing announces, so they are asked for afresh each time; the rest keeps [`TTL`].
+    pub fn ttl(self) -> Duration {
+        match self {
+            Node::Checkpoint { .. } => Duration::ZERO,
+            _ => TTL,
+        }
+    }
+}
