@@ -550,6 +550,9 @@ impl Controller {
                 )?;
             }
             self.refuse_if_open(&self.views_of_layer(entry.layer), is_open)?;
+            if record == Record::InLibvirt {
+                self.refuse_partial_delete(entry.libvirt_name.as_deref())?;
+            }
             let report = self.reporter(label);
             let new_chain = crate::ops::pull_into_above(&chain, entry.layer, &report)?;
             let mut effect = self.switch_chain(new_chain)?;
@@ -585,6 +588,9 @@ impl Controller {
                     open.file_name
                 ),
             ));
+        }
+        if record == Record::InLibvirt {
+            self.refuse_partial_delete(entry.libvirt_name.as_deref())?;
         }
         crate::ops::delete_internal(&chain, entry.layer, &id)?;
         for (k, _) in &views {

@@ -329,6 +329,78 @@ impl Controller {
         })
     }
 
+    /// With `-o libvirt-write`, refuses a delete of snapshot `name` here when libvirt records
+    /// it for other disks of the domain too: libvirt has one record for all of them (`virsh
+    /// snapshot-delete` deletes every disk's part), and removing it for this disk's delete
+    /// would leave the other disks' snapshots without it, unseen by virsh and in the way of the
+    /// next snapshot of that name.
+    pub(super) fn refuse_partial_delete(&self, name: Option<&str>) -> Result<(), CommandError> {
+        let (Some(lv), Some(name)) = (self.libvirt.as_ref(), name) else {
+            return Ok(());
+        };
+        let meta = self.catalog.metadata();
+        let Some(snapshot) = meta.snapshots.get(name) else {
+            return Ok(());
+        };
+        let others = self.other_disks_of(snapshot, meta.disk_name.as_deref());
+        if others.is_empty() {
+            return Ok(());
+        }
+        Err(CommandError::new(
+            libc::EBUSY,
+            format!(
+                "libvirt records snapshot {name:?} of domain {} for disk(s) {} too; delete it for \
+                 every disk at once: `virsh snapshot-delete {} {name:?}`, or \
+                 control/delete at the top of `snapfs mount --domain {}`",
+                lv.domain,
+                others.join(", "),
+                lv.domain,
+                lv.domain
+            ),
+        ))
+    }
+
+    /// The disks other than this chain's that `snapshot` holds a snapshot of (internal or
+    /// external). This chain's disk is the one whose source in the snapshot's domain
+    /// definition is a file of the chain, else `known` (what the metadata says); if neither
+    /// tells, a snapshot of one disk is taken as this one's.
+    fn other_disks_of(&self, snapshot: &DomainSnapshot, known: Option<&str>) -> Vec<String> {
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        let chain = self.catalog.chain();
+        let files: Vec<PathBuf> = chain.layers.iter().map(|l| canonical(l.path())).collect();
+        let from_definition = snapshot
+            .domain
+            .as_deref()
+            .and_then(|text| DomainDefinition::from_domain_text(text, &snapshot.source_file).ok())
+            .and_then(|definition| {
+                definition.disks.into_iter().find(|d| {
+                    d.source
+                        .as_deref()
+                        .is_some_and(|source| files.contains(&canonical(source)))
+                })
+            })
+            .map(|d| d.target);
+        let taken: Vec<&SnapshotDisk> = snapshot
+            .disks
+            .iter()
+            .filter(|d| {
+                matches!(
+                    d.snapshot,
+                    DiskSnapshotKind::Internal | DiskSnapshotKind::External
+                )
+            })
+            .collect();
+        match from_definition.as_deref().or(known) {
+            Some(this) => taken
+                .iter()
+                .filter(|d| d.name != this)
+                .map(|d| d.name.clone())
+                .collect(),
+            None if taken.len() > 1 => taken.iter().map(|d| d.name.clone()).collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// With `-o libvirt-write`, removes the XML of a deleted snapshot the way libvirt does: its
     /// children take its parent, and if it was current, its parent becomes current.
     pub(super) fn forget_in_libvirt(&self, name: Option<&str>) {

@@ -263,6 +263,15 @@ fn domain_mount_without_a_daemon_writes_the_folder() {
     {
         let m = Mount::domain("off", &["-o", &domain_options(&daemon, "off", false)]);
         assert!(m.path().join("vda/snapshots/by-virsh.raw").is_file());
+        // One disk's delete of a snapshot libvirt records for both would drop vdb's record too.
+        control_err(&m.path().join("vda"), "delete", "by-virsh", libc::EBUSY);
+        let status = status_text(&m.path().join("vda"));
+        assert!(
+            status.contains("for disk(s) vdb too") && status.contains("virsh snapshot-delete"),
+            "vda/control/status:\n{status}"
+        );
+        assert_eq!(snapshot_tags(&a), ["by-virsh"]);
+        assert!(daemon.snapshot_dir("off").join("by-virsh.xml").is_file());
         control_ok(m.path(), "create", "by-snapfs");
     }
     let dir = daemon.snapshot_dir("off");
