@@ -51,12 +51,17 @@ struct NewState {
     l1_offset: u64,
     l1_declared: u64,
     l1_entries: Vec<L1Entry>,
-    /// Where the snapshot table is (0 when there is none) and how many bytes it takes.
-    snapshots_offset: u64,
-    snapshots_len: u64,
-    snapshots: Arc<Vec<Snapshot>>,
+    snapshot_table: SnapshotTable,
     /// L2 tables written for the active state, to hand to readers.
     copies: Vec<(HostOffset, L2Table)>,
+}
+
+/// A snapshot table as a state has it: where it is (0 when there is none), how many bytes it
+/// takes, and its snapshots.
+struct SnapshotTable {
+    offset: u64,
+    len: u64,
+    snapshots: Arc<Vec<Snapshot>>,
 }
 
 impl Qcow2Image {
@@ -130,8 +135,8 @@ impl Qcow2Image {
             l1_offset: state.l1_offset,
             refcount_table_offset,
             refcount_table_clusters,
-            snapshots: state.snapshots.len() as u32,
-            snapshots_offset: state.snapshots_offset,
+            snapshots: state.snapshot_table.snapshots.len() as u32,
+            snapshots_offset: state.snapshot_table.offset,
         };
         self.write_header(fields, "header (switch to the new state)")
     }
@@ -160,14 +165,19 @@ impl Qcow2Image {
             clusters(state.l1_declared * L1_ENTRY_SIZE),
             MetadataKind::ActiveL1,
         );
-        if state.snapshots_len > 0 {
+        let SnapshotTable {
+            offset: snapshots_offset,
+            len: snapshots_len,
+            snapshots,
+        } = state.snapshot_table;
+        if snapshots_len > 0 {
             w.add_metadata(
-                at(state.snapshots_offset),
-                clusters(state.snapshots_len),
+                at(snapshots_offset),
+                clusters(snapshots_len),
                 MetadataKind::SnapshotTable,
             );
         }
-        for s in state.snapshots.iter() {
+        for s in snapshots.iter() {
             w.add_metadata(
                 at(s.l1_table_offset),
                 clusters(u64::from(s.l1_size) * L1_ENTRY_SIZE),
@@ -177,9 +187,9 @@ impl Qcow2Image {
         let table = L1Table::from_entries(state.l1_entries, state.l1_declared);
         w.reindex_active_l2(&table, &g);
         w.l1_offset = state.l1_offset;
-        w.snapshot_table = (state.snapshots_offset, state.snapshots_len);
+        w.snapshot_table = (snapshots_offset, snapshots_len);
         *self.active_l1.write() = Arc::new(table);
-        *self.snapshots.write() = state.snapshots;
+        *self.snapshots.write() = snapshots;
         self.size.store(state.size, Ordering::Release);
     }
 
@@ -367,6 +377,41 @@ impl Qcow2Image {
         l1.iter().map(L1Entry::l2_offset).collect()
     }
 
+    /// The snapshot table as it stands, for a state that keeps it.
+    fn current_snapshot_table(&self, w: &Writer) -> SnapshotTable {
+        let (offset, len) = w.snapshot_table;
+        SnapshotTable {
+            offset,
+            len,
+            snapshots: self.snapshots(),
+        }
+    }
+
+    /// The state of an operation that changes the active tables only: the L2 tables of
+    /// `offsets` settled with the new refcounts (see [`Self::settle_active_tables`]), their L1
+    /// entries with COPIED flags, placed in an L1 table of `declared` entries by `place_l1`
+    /// (which returns its offset), beside `snapshot_table`.
+    fn active_state(
+        &self,
+        tx: &mut Shadow,
+        (size, declared): (u64, u64),
+        offsets: &mut TableOffsets,
+        snapshot_table: SnapshotTable,
+        place_l1: impl FnOnce(&mut Shadow, &[L1Entry]) -> Result<u64>,
+    ) -> Result<NewState> {
+        let copies = self.settle_active_tables(tx, offsets)?;
+        let l1_entries = self.with_copied_flags(tx, offsets)?;
+        let l1_offset = place_l1(tx, &l1_entries)?;
+        Ok(NewState {
+            size,
+            l1_offset,
+            l1_declared: declared,
+            l1_entries,
+            snapshot_table,
+            copies,
+        })
+    }
+
     /// Creates an internal snapshot of the active state named `name`; returns it.
     pub fn create_snapshot(&self, name: &str) -> Result<Snapshot> {
         let mut w = self.writer()?;
@@ -433,16 +478,17 @@ impl Qcow2Image {
             let l1_offset = self.replace_active_l1(tx, (old_l1_offset, &l1), &entries, declared)?;
             let mut table = existing.as_ref().clone();
             table.push(snap.clone());
-            let (snapshots_offset, snapshots_len) =
-                self.replace_snapshot_table(tx, old_table, &table)?;
+            let (offset, len) = self.replace_snapshot_table(tx, old_table, &table)?;
             let state = NewState {
                 size,
                 l1_offset,
                 l1_declared: declared,
                 l1_entries: entries,
-                snapshots_offset,
-                snapshots_len,
-                snapshots: Arc::new(table),
+                snapshot_table: SnapshotTable {
+                    offset,
+                    len,
+                    snapshots: Arc::new(table),
+                },
                 copies,
             };
             Ok((state, snap))
@@ -458,8 +504,7 @@ impl Qcow2Image {
         let size = self.snapshot_size(&snap);
         let old = self.active_l1();
         let old_l1_offset = w.l1_offset;
-        let (snapshots_offset, snapshots_len) = w.snapshot_table;
-        let snapshots = self.snapshots();
+        let snapshot_table = self.current_snapshot_table(&w);
         // The active table never shrinks and must hold the whole snapshot table.
         let needed = (snap.l1_size as u64).max(self.geometry.l1_entries_for(size));
         let declared = old.declared_len().max(needed);
@@ -474,19 +519,13 @@ impl Qcow2Image {
             self.release_range(tx, old_l1_offset, old.declared_len() * L1_ENTRY_SIZE)?;
             let mut offsets = Self::table_offsets(&sn_l1);
             offsets.truncate(declared as usize);
-            let copies = self.settle_active_tables(tx, &mut offsets)?;
-            let entries = self.with_copied_flags(tx, &offsets)?;
-            let l1_offset = self.write_new_l1(tx, &entries, declared, "active L1 table")?;
-            let state = NewState {
-                size,
-                l1_offset,
-                l1_declared: declared,
-                l1_entries: entries,
-                snapshots_offset,
-                snapshots_len,
-                snapshots,
-                copies,
-            };
+            let state = self.active_state(
+                tx,
+                (size, declared),
+                &mut offsets,
+                snapshot_table,
+                |tx, entries| self.write_new_l1(tx, entries, declared, "active L1 table"),
+            )?;
             Ok((state, ()))
         })?;
         self.bitmaps_reverted(old_size, size, &changed)
@@ -510,8 +549,7 @@ impl Qcow2Image {
         let old = self.active_l1();
         let declared = old.declared_len();
         let old_l1_offset = w.l1_offset;
-        let (snapshots_offset, snapshots_len) = w.snapshot_table;
-        let snapshots = self.snapshots();
+        let snapshot_table = self.current_snapshot_table(w);
         let size = self.virtual_size();
         self.transact(w, |tx| {
             let mut deltas = Deltas::new();
@@ -524,9 +562,7 @@ impl Qcow2Image {
                 l1_offset,
                 l1_declared: declared,
                 l1_entries: Vec::new(),
-                snapshots_offset,
-                snapshots_len,
-                snapshots,
+                snapshot_table,
                 copies: Vec::new(),
             };
             Ok((state, ()))

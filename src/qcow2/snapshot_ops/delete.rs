@@ -38,7 +38,7 @@
 
 use std::sync::Arc;
 
-use super::{Deltas, NewState};
+use super::Deltas;
 use crate::qcow2::error::{Error, Result};
 use crate::qcow2::header::FieldWrite;
 use crate::qcow2::image::Qcow2Image;
@@ -369,25 +369,18 @@ impl Qcow2Image {
         let l1 = self.active_l1();
         let declared = l1.declared_len();
         let old_l1_offset = w.l1_offset;
-        let (snapshots_offset, snapshots_len) = w.snapshot_table;
-        let snapshots = self.snapshots();
+        let snapshot_table = self.current_snapshot_table(w);
         let size = self.virtual_size();
         self.transact(w, |tx| {
             self.apply_deltas(tx, to_one)?;
             let mut offsets = Self::table_offsets(&l1);
-            let copies = self.settle_active_tables(tx, &mut offsets)?;
-            let entries = self.with_copied_flags(tx, &offsets)?;
-            let l1_offset = self.replace_active_l1(tx, (old_l1_offset, &l1), &entries, declared)?;
-            let state = NewState {
-                size,
-                l1_offset,
-                l1_declared: declared,
-                l1_entries: entries,
-                snapshots_offset,
-                snapshots_len,
-                snapshots,
-                copies,
-            };
+            let state = self.active_state(
+                tx,
+                (size, declared),
+                &mut offsets,
+                snapshot_table,
+                |tx, entries| self.replace_active_l1(tx, (old_l1_offset, &l1), entries, declared),
+            )?;
             Ok((state, ()))
         })
     }
