@@ -14,10 +14,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::execute::Record;
-use super::status::StatusLog;
+use super::status::{LoggedCommand, StatusLog};
 use super::{
-    Command, CommandError, CommandKind, Context, Controller, Effect, LibvirtWrite, Target, label,
-    parse,
+    Command, CommandError, CommandKind, Context, Controller, Effect, LibvirtWrite, Target,
 };
 use crate::access::Caller;
 use crate::info::rfc3339;
@@ -84,31 +83,19 @@ impl DomainController {
         is_open: &[&dyn Fn(Target) -> bool],
     ) -> Result<Vec<Effect>, CommandError> {
         let _one_at_a_time = self.running.lock();
-        let started = SystemTime::now();
-        let command = parse(kind, input);
-        let label = label(kind, &command);
+        let (command, logged) = LoggedCommand::parse(kind, input);
         let result = command.and_then(|c| match c {
             Command::Revert { name } => self.on_every_disk(&name, caller, is_open, Action::Revert),
             Command::Delete { name } => self.on_every_disk(&name, caller, is_open, Action::Delete),
             c => self.create_everywhere(c, caller),
         });
-        let outcome = match &result {
-            Ok(_) => format!(
-                "ok (on {})",
-                self.disks
-                    .iter()
-                    .map(|d| d.target.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            Err(e) => format!("error: {}", e.message),
-        };
-        let line = format!("{} {label}: {outcome}", rfc3339(started));
+        let targets: Vec<&str> = self.disks.iter().map(|d| d.target.as_str()).collect();
+        let on = format!("on {}", targets.join(", "));
+        let outcome = result.as_ref().map(|_| Some(on.as_str()));
         for disk in &self.disks {
-            disk.controller
-                .note(format!("{} {label} (domain): {outcome}", rfc3339(started)));
+            disk.controller.note(logged.line(" (domain)", outcome));
         }
-        self.note(line);
+        self.note(logged.line("", outcome));
         result
     }
 

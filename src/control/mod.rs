@@ -10,17 +10,17 @@ mod parse;
 mod status;
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
 use crate::access::{Caller, DeviceWrites};
 use crate::catalog::Catalog;
-use crate::info::rfc3339;
+use status::LoggedCommand;
 
 pub use domain::{DomainController, MountedDisk};
 pub use execute::Context;
 pub use libvirt::{LibvirtWrite, default_domain_file};
+
 pub use parse::{Command, CommandKind, MAX_COMMAND_LEN, label, parse, quote_name};
 
 /// A refused or failed command: the errno the writer gets and the message `status` shows.
@@ -127,21 +127,11 @@ impl Controller {
         is_open: &dyn Fn(Target) -> bool,
     ) -> Result<Effect, CommandError> {
         let _one_at_a_time = self.running.lock();
-        let started = SystemTime::now();
-        let command = parse(kind, input);
-        let label = label(kind, &command);
+        let (command, logged) = LoggedCommand::parse(kind, input);
         let context = Context { caller, is_open };
-        let result = command.and_then(|c| self.execute(c, &label, &context));
+        let result = command.and_then(|c| self.execute(c, logged.label(), &context));
         self.status.set_progress(None);
-        let outcome = match &result {
-            Ok(Effect {
-                detail: Some(detail),
-                ..
-            }) => format!("ok ({detail})"),
-            Ok(_) => "ok".to_owned(),
-            Err(e) => format!("error: {}", e.message),
-        };
-        self.note(format!("{} {label}: {outcome}", rfc3339(started)));
+        self.note(logged.line("", result.as_ref().map(|e| e.detail.as_deref())));
         result
     }
 }
