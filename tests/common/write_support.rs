@@ -667,6 +667,41 @@ pub fn server_log(stderr: String) -> String {
     }
 }
 
+/// What a watchdog names when the mount at `mp` hangs.
+pub fn mount_context(mp: &Path) -> impl Fn() -> String + use<> {
+    let mp = mp.to_path_buf();
+    move || format!("mount {}", mp.display())
+}
+
+/// Unmounts `m` with `snapfs umount` and waits for its server: an unmount or a server exit that
+/// fails, or a panic of the server, is one of the `problems`. Returns the server's stderr.
+pub fn umount_noting_problems(m: &mut super::Mount, problems: &mut Vec<String>) -> String {
+    let (out, status) = m.snapfs_umount();
+    let log = m.stderr_text();
+    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
+        problems.push(format!(
+            "unmount: {:?} {}; server exit {status:?}",
+            out.status, out.stderr
+        ));
+    }
+    if log.contains("panicked") {
+        problems.push("the server panicked".into());
+    }
+    log
+}
+
+/// Panics listing the `problems` a test collected, with the server's stderr (`log`), unless
+/// there are none.
+pub fn assert_no_problems(problems: &[String], log: String) {
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n- {}\n{}",
+        problems.len(),
+        problems.join("\n- "),
+        server_log(log)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Loop devices, kernel mounts
 // ---------------------------------------------------------------------------------------------

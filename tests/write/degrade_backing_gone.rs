@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use crate::common::snapshot_support::{control, errno_name, status_text};
 use crate::common::stress_support::*;
-use crate::common::write_support::{check_problems, qemu_compare, server_log, with_watchdog};
+use crate::common::write_support::{
+    assert_no_problems, check_problems, mount_context, qemu_compare, umount_noting_problems,
+    with_watchdog,
+};
 use crate::common::*;
 
 const DISK: u64 = 8 * MIB;
@@ -68,8 +71,7 @@ fn degrade_backing_file_removed_while_mounted() {
 
     let mut m = Mount::new(&top);
     let mp = m.path().to_path_buf();
-    let ctx = mp.clone();
-    let context = move || format!("mount {}", ctx.display());
+    let context = mount_context(&mp);
     let mut problems = Vec::new();
     let mut live_model = views[0].1.clone();
     with_watchdog(
@@ -170,17 +172,7 @@ fn degrade_backing_file_removed_while_mounted() {
             }
         },
     );
-    let (out, status) = m.snapfs_umount();
-    let log = m.stderr_text();
-    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
-        problems.push(format!(
-            "unmount: {:?} {}; server exit {status:?}",
-            out.status, out.stderr
-        ));
-    }
-    if log.contains("panicked") {
-        problems.push("the server panicked".into());
-    }
+    let log = umount_noting_problems(&mut m, &mut problems);
     drop(m);
     // The name back: both images consistent, the live disk equal to the model.
     fs::rename(&kept, &base).unwrap();
@@ -194,11 +186,5 @@ fn degrade_backing_file_removed_while_mounted() {
     if let Err(e) = qemu_compare(&top, &model) {
         problems.push(format!("after unmounting: {e}"));
     }
-    assert!(
-        problems.is_empty(),
-        "{} problem(s):\n- {}\n{}",
-        problems.len(),
-        problems.join("\n- "),
-        server_log(log)
-    );
+    assert_no_problems(&problems, log);
 }

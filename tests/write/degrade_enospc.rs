@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use crate::common::snapshot_support::{control, errno_name, status_text};
 use crate::common::stress_support::*;
-use crate::common::write_support::{Rng, qemu_check, qemu_compare, server_log, with_watchdog};
+use crate::common::write_support::{
+    Rng, assert_no_problems, check_problems, mount_context, qemu_check, qemu_compare,
+    umount_noting_problems, with_watchdog,
+};
 use crate::common::*;
 
 const FS_SIZE: u64 = 64 * MIB;
@@ -50,8 +53,7 @@ fn degrade_enospc_on_write_fails_cleanly_and_recovers() {
 
     let mut m = Mount::new(&image);
     let mp = m.path().to_path_buf();
-    let ctx = mp.clone();
-    let context = move || format!("mount {}", ctx.display());
+    let context = mount_context(&mp);
     let mut problems = Vec::new();
     // Chunk index -> whether its write returned success.
     let mut written: Vec<u64> = Vec::new();
@@ -172,34 +174,13 @@ fn degrade_enospc_on_write_fails_cleanly_and_recovers() {
         synced.len(),
         failed_errno.map(errno_name)
     );
-    let (out, status) = m.snapfs_umount();
-    let log = m.stderr_text();
-    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
-        problems.push(format!(
-            "unmount: {:?} {}; server exit {status:?}",
-            out.status, out.stderr
-        ));
-    }
-    if log.contains("panicked") {
-        problems.push("the server panicked".into());
-    }
+    let log = umount_noting_problems(&mut m, &mut problems);
     drop(m);
 
-    let c = qemu_check(&image);
-    eprintln!(
-        "qemu-img check after ENOSPC: corruptions {}, leaks {}, check-errors {}",
-        c.corruptions(),
-        c.leaks(),
-        c.check_errors()
-    );
     // A clean unmount after ENOSPC leaks nothing (issue 16 point 4): a failed allocation gives
     // its clusters back.
-    if c.corruptions() > 0 || c.check_errors() > 0 || c.leaks() > 0 || c.exit != Some(0) {
-        problems.push(format!(
-            "qemu-img check after ENOSPC and a clean unmount: exit {:?}, {}",
-            c.exit,
-            c.stdout.trim()
-        ));
+    if let Some(p) = check_problems(&image, false) {
+        problems.push(format!("after ENOSPC and a clean unmount: {p}"));
     }
     let info = info_json(&image);
     if info["format-specific"]["data"]["corrupt"].as_bool() == Some(true) {
@@ -208,15 +189,7 @@ fn degrade_enospc_on_write_fails_cleanly_and_recovers() {
     // Every write that returned success is in the image (a clean unmount flushed them).
     // (Converted to the roomy file system: the small one has no space for it.)
     let scratch = workdir();
-    let raw = scratch.path().join("disk.raw");
-    qemu_img(&[
-        "convert",
-        "-U",
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
+    let raw = convert_to_raw_elsewhere(&image, scratch.path());
     let f = File::open(&raw).unwrap();
     for i in written.iter().copied().chain(late_chunk) {
         let mut got = vec![0u8; CHUNK as usize];
@@ -230,13 +203,7 @@ fn degrade_enospc_on_write_fails_cleanly_and_recovers() {
     }
     drop(f);
     fs::remove_file(&raw).ok();
-    assert!(
-        problems.is_empty(),
-        "{} problem(s):\n- {}\n{}",
-        problems.len(),
-        problems.join("\n- "),
-        server_log(log)
-    );
+    assert_no_problems(&problems, log);
 }
 
 #[test]
@@ -264,8 +231,7 @@ fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
 
     let mut m = Mount::new(&top);
     let mp = m.path().to_path_buf();
-    let ctx = mp.clone();
-    let context = move || format!("mount {}", ctx.display());
+    let context = mount_context(&mp);
     let names_before = m.snapshot_names();
     let mut problems = Vec::new();
     with_watchdog(
@@ -275,26 +241,7 @@ fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
         "commit into a full file system",
         &context,
         |_| {
-            let r = control(&mp, "commit", "");
-            let status = status_text(&mp);
-            let last = status.lines().last().unwrap_or("").to_string();
-            eprintln!("commit into the small fs: {r:?}; status: {last}");
-            match r {
-                Ok(()) => problems.push(format!(
-                    "commit of 80 MiB into a file system with {} MiB free succeeded",
-                    free / MIB
-                )),
-                Err(e) if e == libc::ENOSPC || e == libc::EIO => {}
-                Err(e) => problems.push(format!(
-                    "commit gave {}, ENOSPC or EIO expected",
-                    errno_name(e)
-                )),
-            }
-            if !(last.contains("commit") && last.contains("error")) {
-                problems.push(format!(
-                    "control/status does not report the failed commit: {last:?}"
-                ));
-            }
+            let last = refused_for_lack_of_space(&mp, "commit", "", &mut problems);
             // ... and says which layer holds what, and what to do (issue 16 point 4).
             let (top_name, base_name) = (top.display().to_string(), base.display().to_string());
             for (what, needle) in [
@@ -339,17 +286,7 @@ fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
             }
         },
     );
-    let (out, status) = m.snapfs_umount();
-    let log = m.stderr_text();
-    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
-        problems.push(format!(
-            "unmount: {:?} {}; server exit {status:?}",
-            out.status, out.stderr
-        ));
-    }
-    if log.contains("panicked") {
-        problems.push("the server panicked".into());
-    }
+    let log = umount_noting_problems(&mut m, &mut problems);
     drop(m);
     // Live content: the oracle plus the 4 KiB written afterwards.
     {
@@ -359,38 +296,49 @@ fn degrade_enospc_during_commit_fails_and_changes_no_view_of_live() {
     if let Err(e) = qemu_compare(&top, &oracle) {
         problems.push(format!("after unmounting: {e}"));
     }
-    let ct = qemu_check(&top);
-    if ct.corruptions() > 0 || ct.check_errors() > 0 || ct.exit != Some(0) {
-        problems.push(format!(
-            "qemu-img check top: exit {:?}, {}",
-            ct.exit,
-            ct.stdout.trim()
-        ));
-    }
-    let cb = qemu_check(&base);
     eprintln!(
-        "base after the failed commit: corruptions {}, leaks {}, {} bytes (was {})",
-        cb.corruptions(),
-        cb.leaks(),
+        "base after the failed commit: {} bytes (was {})",
         fs::metadata(&base).unwrap().len(),
         base_before.len()
     );
     // A failed commit leaves no residue in the base (issue 16 point 4): what it allocated there
     // is given back or mapped, never leaked.
-    if cb.corruptions() > 0 || cb.check_errors() > 0 || cb.leaks() > 0 || cb.exit != Some(0) {
+    for image in [&top, &base] {
+        if let Some(p) = check_problems(image, false) {
+            problems.push(format!("after the failed commit and a clean unmount: {p}"));
+        }
+    }
+    assert_no_problems(&problems, log);
+}
+
+/// Writes `arg` to `control/FILE` of the mount at `mp`, a command that needs more space than the
+/// file system under the image it writes has: it must fail with ENOSPC (or EIO) and say so in
+/// `control/status`. Returns the status line.
+fn refused_for_lack_of_space(
+    mp: &Path,
+    file: &str,
+    arg: &str,
+    problems: &mut Vec<String>,
+) -> String {
+    let r = control(mp, file, arg);
+    let last = status_text(mp).lines().last().unwrap_or("").to_string();
+    eprintln!("{file} {arg} needing more space than there is: {r:?}; status: {last}");
+    match r {
+        Ok(()) => problems.push(format!(
+            "{file} {arg} succeeded, needing more space than the file system has"
+        )),
+        Err(e) if e == libc::ENOSPC || e == libc::EIO => {}
+        Err(e) => problems.push(format!(
+            "{file} {arg} gave {}, ENOSPC or EIO expected",
+            errno_name(e)
+        )),
+    }
+    if !(last.contains(file) && last.contains("error")) {
         problems.push(format!(
-            "qemu-img check base after the failed commit and a clean unmount: exit {:?}, {}",
-            cb.exit,
-            cb.stdout.trim()
+            "control/status does not report the failed {file} {arg}: {last:?}"
         ));
     }
-    assert!(
-        problems.is_empty(),
-        "{} problem(s):\n- {}\n{}",
-        problems.len(),
-        problems.join("\n- "),
-        server_log(log)
-    );
+    last
 }
 
 /// Fills the file system at `dir` with a file of zeros until a write fails; returns its path.
@@ -445,14 +393,9 @@ fn degrade_enospc_refused_create_leaves_refcounts_unchanged() {
             "a refused create is listed"
         );
     }
-    let (out, status) = m.snapfs_umount();
-    assert!(
-        out.status.is_some_and(|s| s.success()) && status.is_some_and(|s| s.success()),
-        "unmount: {:?} {}; server exit {status:?}\n{}",
-        out.status,
-        out.stderr,
-        server_log(m.stderr_text())
-    );
+    let mut problems = Vec::new();
+    let log = umount_noting_problems(&mut m, &mut problems);
+    assert_no_problems(&problems, log);
     drop(m);
     let c = qemu_check(&image);
     assert!(
@@ -514,8 +457,7 @@ fn degrade_enospc_snapshot_delete_on_a_full_disk_frees_space() {
 
     let mut m = Mount::new(&image);
     let mp = m.path().to_path_buf();
-    let ctx = mp.clone();
-    let context = move || format!("mount {}", ctx.display());
+    let context = mount_context(&mp);
     let mut problems = Vec::new();
     let mut written: Vec<u64> = Vec::new();
     let late = 40u64;
@@ -569,14 +511,7 @@ fn degrade_enospc_snapshot_delete_on_a_full_disk_frees_space() {
             }
         },
     );
-    let (out, status) = m.snapfs_umount();
-    let log = m.stderr_text();
-    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
-        problems.push(format!(
-            "unmount: {:?} {}; server exit {status:?}",
-            out.status, out.stderr
-        ));
-    }
+    let log = umount_noting_problems(&mut m, &mut problems);
     if !log.contains("emptying snapshot") {
         problems.push("the delete did not need the in-place path: the disk was not full".into());
     }
@@ -584,19 +519,8 @@ fn degrade_enospc_snapshot_delete_on_a_full_disk_frees_space() {
     if let Some(fill) = fill {
         fs::remove_file(fill).unwrap();
     }
-    let c = qemu_check(&image);
-    eprintln!(
-        "qemu-img check after the delete: corruptions {}, leaks {}",
-        c.corruptions(),
-        c.leaks()
-    );
-    if c.corruptions() > 0 || c.check_errors() > 0 || c.leaks() > 0 || c.exit != Some(0) {
-        problems.push(format!(
-            "qemu-img check after a delete on a full disk: exit {:?}, {}\n{}",
-            c.exit,
-            c.stdout.trim(),
-            crate::common::write_support::qemu_check_text(&image)
-        ));
+    if let Some(p) = check_problems(&image, false) {
+        problems.push(format!("after a delete on a full disk: {p}"));
     }
     let names: Vec<String> = snapshots(&image).into_iter().map(|s| s.name).collect();
     if names != ["later"] {
@@ -637,13 +561,7 @@ fn degrade_enospc_snapshot_delete_on_a_full_disk_frees_space() {
     {
         problems.push("snapshot later changed".into());
     }
-    assert!(
-        problems.is_empty(),
-        "{} problem(s):\n- {}\n{}",
-        problems.len(),
-        problems.join("\n- "),
-        server_log(log)
-    );
+    assert_no_problems(&problems, log);
 }
 
 /// A pull (`pull`, and the delete of a layer, which pulls it into the layer above) that runs out
@@ -670,8 +588,7 @@ fn degrade_enospc_during_pull_leaves_no_leak() {
 
     let mut m = Mount::new(&top);
     let mp = m.path().to_path_buf();
-    let ctx = mp.clone();
-    let context = move || format!("mount {}", ctx.display());
+    let context = mount_context(&mp);
     let mut problems = Vec::new();
     with_watchdog(
         &mp,
@@ -682,25 +599,7 @@ fn degrade_enospc_during_pull_leaves_no_leak() {
         |progress| {
             for (file, arg) in [("pull", ""), ("delete", "base")] {
                 progress.tick();
-                let r = control(&mp, file, arg);
-                let last = status_text(&mp).lines().last().unwrap_or("").to_string();
-                eprintln!("{file} {arg} into the small fs: {r:?}; status: {last}");
-                match r {
-                    Ok(()) => problems.push(format!(
-                        "{file} {arg}: 80 MiB pulled into a {} MiB file system",
-                        FS_SIZE / MIB
-                    )),
-                    Err(e) if e == libc::ENOSPC || e == libc::EIO => {}
-                    Err(e) => problems.push(format!(
-                        "{file} {arg} gave {}, ENOSPC or EIO expected",
-                        errno_name(e)
-                    )),
-                }
-                if !last.contains("error") {
-                    problems.push(format!(
-                        "control/status does not report the failed {file}: {last:?}"
-                    ));
-                }
+                refused_for_lack_of_space(&mp, file, arg, &mut problems);
                 let live = mp.join("live.raw");
                 if let Ok(f) = File::open(&live) {
                     drop_file_cache(&f);
@@ -711,31 +610,13 @@ fn degrade_enospc_during_pull_leaves_no_leak() {
             }
         },
     );
-    let (out, status) = m.snapfs_umount();
-    let log = m.stderr_text();
-    if out.status.is_none_or(|s| !s.success()) || status.is_none_or(|s| !s.success()) {
-        problems.push(format!(
-            "unmount: {:?} {}; server exit {status:?}",
-            out.status, out.stderr
-        ));
-    }
+    let log = umount_noting_problems(&mut m, &mut problems);
     drop(m);
     if let Err(e) = qemu_compare(&top, &oracle) {
         problems.push(format!("after unmounting: {e}"));
     }
-    let c = qemu_check(&top);
-    eprintln!(
-        "top after the failed pulls: corruptions {}, leaks {}, {} bytes",
-        c.corruptions(),
-        c.leaks(),
-        fs::metadata(&top).unwrap().len()
-    );
-    if c.corruptions() > 0 || c.check_errors() > 0 || c.leaks() > 0 || c.exit != Some(0) {
-        problems.push(format!(
-            "qemu-img check top after the failed pulls and a clean unmount: exit {:?}, {}",
-            c.exit,
-            c.stdout.trim()
-        ));
+    if let Some(p) = check_problems(&top, false) {
+        problems.push(format!("after the failed pulls and a clean unmount: {p}"));
     }
     if backing_of(&top).as_deref() != Some(base.to_str().unwrap()) {
         problems.push(format!(
@@ -743,13 +624,7 @@ fn degrade_enospc_during_pull_leaves_no_leak() {
             backing_of(&top)
         ));
     }
-    assert!(
-        problems.is_empty(),
-        "{} problem(s):\n- {}\n{}",
-        problems.len(),
-        problems.join("\n- "),
-        server_log(log)
-    );
+    assert_no_problems(&problems, log);
 }
 
 /// The backing file the header of `image` names.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::common::hostile_support::{COMPRESSED, Layout, OFFSET_MASK};
 use crate::common::stress_support::*;
-use crate::common::write_support::{server_log, with_watchdog};
+use crate::common::write_support::{assert_no_problems, mount_context, with_watchdog};
 use crate::common::*;
 
 const DISK: u64 = 8 * MIB;
@@ -152,8 +152,7 @@ fn degrade_image_shrinks_under_a_read_only_mount() {
     let mp = m.path().to_path_buf();
     let live = mp.join("live.raw");
     let s1 = mp.join("snapshots").join("s1.raw");
-    let ctx_mp = mp.clone();
-    let context = move || format!("mount {}", ctx_mp.display());
+    let context = mount_context(&mp);
     let mut problems = Vec::new();
     with_watchdog(
         &mp,
@@ -215,11 +214,5 @@ fn degrade_image_shrinks_under_a_read_only_mount() {
     }
     drop(m);
     assert_eq!(fs::metadata(&image).unwrap().len(), half, "image length");
-    assert!(
-        problems.is_empty(),
-        "{} problem(s):\n- {}\n{}",
-        problems.len(),
-        problems.join("\n- "),
-        server_log(log)
-    );
+    assert_no_problems(&problems, log);
 }

@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use crate::common::snapshot_support::{control, errno_name, status_text};
 use crate::common::stress_support::*;
 use crate::common::write_support::{
-    Geometry, Progress, Rng, check_problems, random_data, random_extent, seed_for, server_log,
-    with_watchdog,
+    Geometry, Progress, Rng, check_problems, mount_context, random_data, random_extent, seed_for,
+    server_log, with_watchdog,
 };
 use crate::common::*;
 
@@ -435,8 +435,7 @@ fn stress_readers_writer_and_snapshot_commands_at_once() {
         stats: Stats::default(),
     };
     let started = Instant::now();
-    let stderr_path = mp.clone();
-    let context = move || format!("mount {}", stderr_path.display());
+    let context = mount_context(&mp);
     with_watchdog(
         &mp,
         Duration::from_secs(60),
@@ -600,10 +599,7 @@ fn stress_reused_snapshot_name_shows_the_new_snapshot_at_once() {
     create_qcow2(&image, 8 * MIB, "", None);
     let m = Mount::new(&image);
     let mp = m.path().to_path_buf();
-    let context = {
-        let mp = mp.clone();
-        move || format!("mount {}", mp.display())
-    };
+    let context = mount_context(&mp);
     let rounds = 40u64;
     with_watchdog(
         &mp,
