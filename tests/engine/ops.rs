@@ -1,8 +1,49 @@
-//! The guest operations the properties generate, and where they land on a given geometry.
+//! The guest operations the properties generate, where they land on a given geometry, and the
+//! runner that tries a property on every geometry.
+
+use std::fmt::Debug;
 
 use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::support::Shape;
+use crate::support::{SHAPES, Shape};
+
+/// Checks a property on every geometry of [`SHAPES`]: `run` gets the shape, the seed of a raw
+/// backing layer's content (with `with_base`; else none) and a sequence drawn from `ops`, and
+/// says what went wrong. `cases` sequences a geometry (fewer on the largest clusters, see
+/// [`Shape::cases`]); each geometry's time goes to stderr; a failure panics with proptest's
+/// smallest failing sequence.
+pub fn on_every_shape<O: Clone + Debug>(
+    cases: u32,
+    with_base: bool,
+    ops: impl Strategy<Value = Vec<O>>,
+    run: impl Fn(Shape, Option<u64>, &[O]) -> Result<(), String>,
+) {
+    for shape in SHAPES {
+        let started = std::time::Instant::now();
+        let mut runner = TestRunner::new(Config {
+            cases: shape.cases(cases),
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let base = if with_base {
+            any::<u64>().prop_map(Some).boxed()
+        } else {
+            Just(None).boxed()
+        };
+        let result = runner.run(&(base, &ops), |(base, ops)| {
+            run(shape, base, &ops).map_err(TestCaseError::fail)
+        });
+        if let Err(e) = result {
+            panic!("{shape:?}: {e}");
+        }
+        eprintln!(
+            "{shape:?}: {} cases in {:.1?}",
+            shape.cases(cases),
+            started.elapsed()
+        );
+    }
+}
 
 /// How a generated range is aligned: to the byte, the sector, the subcluster (the cluster
 /// without extended L2) or the cluster, so that partial and whole units both come up often.

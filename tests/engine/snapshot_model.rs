@@ -9,10 +9,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::ops::{Fill, Span, base_content, fill, span};
-use crate::support::{MemChain, SHAPES, Shape, check_view};
+use crate::ops::{Fill, Span, base_content, fill, on_every_shape, span};
+use crate::support::{MemChain, Shape, check_view};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -159,31 +158,8 @@ fn run(shape: Shape, base: Option<u64>, ops: &[Op]) -> Result<(), String> {
 }
 
 fn property(with_base: bool) {
-    for shape in SHAPES {
-        let started = std::time::Instant::now();
-        let mut runner = TestRunner::new(Config {
-            cases: shape.cases(CASES),
-            failure_persistence: None,
-            ..Config::default()
-        });
-        let base = if with_base {
-            any::<u64>().prop_map(Some).boxed()
-        } else {
-            Just(None).boxed()
-        };
-        let strategy = (base, proptest::collection::vec(op(), 1..50));
-        let result = runner.run(&strategy, |(base, ops)| {
-            run(shape, base, &ops).map_err(TestCaseError::fail)
-        });
-        if let Err(e) = result {
-            panic!("{shape:?}: {e}");
-        }
-        eprintln!(
-            "{shape:?}: {} cases in {:.1?}",
-            shape.cases(CASES),
-            started.elapsed()
-        );
-    }
+    let ops = proptest::collection::vec(op(), 1..50);
+    on_every_shape(CASES, with_base, ops, run);
 }
 
 #[test]

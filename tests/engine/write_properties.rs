@@ -1,14 +1,13 @@
-//! Write properties of the engine, on every geometry of [`SHAPES`], with and without a raw
+//! Write properties of the engine, on every geometry of [`SHAPES`](crate::support::SHAPES), with and without a raw
 //! backing layer: any sequence of writes, discards (the range made to read as zeros, clusters
 //! released) and flushes reads back as a plain byte array would, through the live view, its
 //! data/hole map and its allocated size; after a flush the image's bytes pass the refcount and
 //! COPIED check of [`check_image`], and the image opened afresh from them reads the same.
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
-use crate::ops::{Fill, Span, base_content, fill, span};
-use crate::support::{MemChain, SHAPES, Shape, check_image, check_view};
+use crate::ops::{Fill, Span, base_content, fill, on_every_shape, span};
+use crate::support::{MemChain, Shape, check_image, check_view};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -63,31 +62,8 @@ fn run(shape: Shape, base: Option<u64>, ops: &[Op]) -> Result<(), String> {
 }
 
 fn property(with_base: bool) {
-    for shape in SHAPES {
-        let started = std::time::Instant::now();
-        let mut runner = TestRunner::new(Config {
-            cases: shape.cases(CASES),
-            failure_persistence: None,
-            ..Config::default()
-        });
-        let base = if with_base {
-            any::<u64>().prop_map(Some).boxed()
-        } else {
-            Just(None).boxed()
-        };
-        let strategy = (base, proptest::collection::vec(op(), 1..40));
-        let result = runner.run(&strategy, |(base, ops)| {
-            run(shape, base, &ops).map_err(TestCaseError::fail)
-        });
-        if let Err(e) = result {
-            panic!("{shape:?}: {e}");
-        }
-        eprintln!(
-            "{shape:?}: {} cases in {:.1?}",
-            shape.cases(CASES),
-            started.elapsed()
-        );
-    }
+    let ops = proptest::collection::vec(op(), 1..40);
+    on_every_shape(CASES, with_base, ops, run);
 }
 
 #[test]
