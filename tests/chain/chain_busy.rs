@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::chain_support::*;
@@ -129,6 +130,55 @@ fn delete_refused_while_the_layer_view_is_open() {
     ok_after_close(m.path(), "delete", "mid");
     assert_outcome_ok(m.path(), "delete mid");
     assert!(!m.snapshot_names().contains("mid.raw"));
+}
+
+/// What QEMU says when it opens `image` itself, without `-U` (so that any lock snapfs still
+/// holds on it refuses it): a reader (`qemu-img info`) and a writer (`qemu-io` opens read-write
+/// and takes QEMU's "write" lock, which snapfs's lock on a backing file does not share).
+/// `None` when both got in.
+fn qemu_refuses(image: &Path) -> Option<String> {
+    let info = run_status(Command::new("qemu-img").arg("info").arg(image));
+    let writer = run_status(Command::new("qemu-io").args(["-c", "flush"]).arg(image));
+    let refused: Vec<String> = [("qemu-img info", info), ("qemu-io (read-write)", writer)]
+        .into_iter()
+        .filter(|(_, out)| !out.status.success())
+        .map(|(what, out)| format!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        .collect();
+    (!refused.is_empty()).then(|| refused.join("; "))
+}
+
+/// A layer that leaves the chain leaves snapfs: after `delete mid`, QEMU opens sub/mid.qcow2
+/// again (reader and writer: no lock of snapfs is left on it) while the mount stays up. A
+/// change file opened before the delete still reads through the chain it was opened on, so the
+/// file is let go once that last reader is closed (the kernel tells snapfs of a close
+/// asynchronously: up to 5 s).
+#[test]
+fn a_deleted_layer_is_unlocked_once_no_reader_uses_it() {
+    let (w, top) = setup();
+    let mid = w.path().join("sub").join("mid.qcow2");
+    let m = Mount::new(&top);
+    // A reader of the old chain: base..live reads live.raw's view, which reads through mid.
+    let mut reader = File::open(m.path().join("changes").join("base..live.raw")).unwrap();
+    let mut head = [0u8; 4096];
+    std::io::Read::read_exact(&mut reader, &mut head).unwrap();
+    control_ok(m.path(), "delete", "mid");
+    assert_outcome_ok(m.path(), "delete mid");
+    drop(reader);
+    let t0 = Instant::now();
+    while let Some(refused) = qemu_refuses(&mid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{} left the chain and nothing reads it any more, yet QEMU is kept out of it: \
+             {refused}",
+            mid.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(is_mounted(m.path()), "the mount went away");
+    assert!(
+        !m.snapshot_names().contains("mid.raw"),
+        "mid.raw is still listed after its delete"
+    );
 }
 
 /// `pull`: the top's snapshot t1 reads through every layer, so any pull that drops a layer is
