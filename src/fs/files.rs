@@ -223,42 +223,19 @@ pub fn read_marked(marks: &dyn Marks, live: &View, offset: u64, size: u32) -> Re
 
 #[cfg(test)]
 pub(super) mod tests {
-    use std::path::Path;
     use std::sync::Arc;
 
     use super::*;
     use crate::chain::{Chain, Layer};
     use crate::control::CommandKind;
-    use crate::qcow2::create::{NewImage, Variant, layout};
-    use crate::qcow2::storage::MemoryStorage;
-    use crate::qcow2::{Caches, OpenOptions, Qcow2Image};
+    use crate::qcow2::testing::memory_image;
     use crate::view::StartTable;
 
     const MIB: u64 = 1 << 20;
 
     /// The live view of a new empty 4 MiB image with 64 KiB clusters, in memory.
     pub(in crate::fs) fn memory_disk() -> View {
-        let path = Path::new("/memory/disk.qcow2");
-        let new = NewImage {
-            size: 4 * MIB,
-            cluster_bits: 16,
-            backing_file: None,
-            backing_format: None,
-        };
-        let variant = Variant {
-            version: 3,
-            extended_l2: false,
-            refcount_order: 4,
-        };
-        let bytes = layout(path, &new, variant).expect("laying out the image");
-        let options = OpenOptions {
-            writable: true,
-            lock: false,
-            share: false,
-        };
-        let storage = Box::new(MemoryStorage::new(bytes));
-        let image = Qcow2Image::from_storage(path, storage, Caches::new(MIB), options)
-            .expect("opening the image");
+        let image = memory_image(4 * MIB);
         let chain = Arc::new(Chain::from_layers(vec![Arc::new(Layer::Qcow2(Box::new(
             image,
         )))]));

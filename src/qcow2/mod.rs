@@ -29,6 +29,8 @@ mod release;
 pub mod snapshot;
 pub mod snapshot_ops;
 pub mod storage;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vm_state;
 pub mod write;
 mod write_behind;

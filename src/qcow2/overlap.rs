@@ -150,15 +150,12 @@ impl Qcow2Image {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use super::*;
     use crate::qcow2::bitmap::DirtyBitmap;
     use crate::qcow2::bitmap_chain::RecordingBitmap;
-    use crate::qcow2::create::{NewImage, Variant, layout};
     use crate::qcow2::offsets::HostOffset;
-    use crate::qcow2::storage::MemoryStorage;
-    use crate::qcow2::{Caches, OpenOptions};
+    use crate::qcow2::testing::memory_image;
 
     const MIB: u64 = 1 << 20;
     const NOTHING_BELOW: &dyn Fn(&mut [u8], u64) -> Result<()> = &|buf, _| {
@@ -169,27 +166,7 @@ mod tests {
     /// A new 4 MiB image with 64 KiB clusters in memory, written at 0, with a recording bitmap
     /// that marks a write at 1 MiB, stored (directory, table and one data cluster).
     fn image_with_a_stored_bitmap() -> Qcow2Image {
-        let path = Path::new("/memory/disk.qcow2");
-        let new = NewImage {
-            size: 4 * MIB,
-            cluster_bits: 16,
-            backing_file: None,
-            backing_format: None,
-        };
-        let variant = Variant {
-            version: 3,
-            extended_l2: false,
-            refcount_order: 4,
-        };
-        let bytes = layout(path, &new, variant).expect("laying out the image");
-        let options = OpenOptions {
-            writable: true,
-            lock: false,
-            share: false,
-        };
-        let storage = Box::new(MemoryStorage::new(bytes));
-        let image = Qcow2Image::from_storage(path, storage, Caches::new(MIB), options)
-            .expect("opening the image");
+        let image = memory_image(4 * MIB);
         image
             .write_at(&[1u8; 65536], 0, NOTHING_BELOW)
             .expect("writing");
